@@ -1,0 +1,1 @@
+"""Management JSON API blueprints (``/control/v1/*``) and operator endpoints (``/healthz``, ``/readyz``)."""

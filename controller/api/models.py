@@ -1,0 +1,119 @@
+"""``/control/v1``: the catalog and live state of models, load/unload/switch, logs, and state events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Blueprint, Response, current_app, request
+
+from controller.api.sse import SSE_HEADERS, sse_stream
+from controller.errors import BadRequest
+from controller.lifecycle.supervisor import Supervisor
+from controller.observability import EventBus
+from proxy.asgi import parse_json_object
+from proxy.keepalive import DurationError, parse_keep_alive
+
+blueprint = Blueprint("control_models", __name__, url_prefix="/control/v1")
+
+MAX_LOG_LINES = 2000
+
+
+def _supervisor() -> Supervisor:
+    supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
+    return supervisor
+
+
+async def _json_body() -> dict[str, Any]:
+    raw = await request.get_data()
+    body = raw if isinstance(raw, bytes) else raw.encode()
+    return parse_json_object(body) if body.strip() else {}
+
+
+@blueprint.get("/models")
+async def list_models() -> dict[str, Any]:
+    supervisor = _supervisor()
+    entries = await supervisor.catalog.refresh()
+    return {"models": [supervisor.status(entry) for entry in entries]}
+
+
+@blueprint.get("/models/<name>")
+async def get_model(name: str) -> dict[str, Any]:
+    supervisor = _supervisor()
+    return supervisor.status(await supervisor.catalog.lookup(name))
+
+
+@blueprint.post("/models/<name>/load")
+async def load_model(name: str) -> dict[str, Any]:
+    """Load a model and wait until it is ready; ``{"exclusive": true}`` unloads the others (a switch)."""
+    body = await _json_body()
+    exclusive = body.get("exclusive", False)
+    if not isinstance(exclusive, bool):
+        raise BadRequest("'exclusive' must be true or false")
+    keep_alive = None
+    if "keep_alive" in body:
+        try:
+            keep_alive = parse_keep_alive(body["keep_alive"])
+        except DurationError as exc:
+            raise BadRequest(f"keep_alive: {exc}") from None
+    supervisor = _supervisor()
+    entry = await supervisor.catalog.lookup(name)
+    await supervisor.load(entry.name, exclusive=exclusive, keep_alive=keep_alive)
+    return supervisor.status(entry)
+
+
+@blueprint.post("/models/<name>/unload")
+async def unload_model(name: str) -> dict[str, Any]:
+    """Unload once in-flight requests have finished; returns the stopped model."""
+    supervisor = _supervisor()
+    entry = await supervisor.catalog.lookup(name)
+    await supervisor.unload(entry.name)
+    return supervisor.status(entry)
+
+
+def _tail_count() -> int:
+    raw = request.args.get("tail", "200")
+    if not raw.isdigit():
+        raise BadRequest("'tail' must be a whole number of lines")
+    return min(int(raw), MAX_LOG_LINES)
+
+
+@blueprint.get("/models/<name>/logs")
+async def model_logs(name: str) -> Response | dict[str, Any]:
+    """The last lines of the model's llama-server log; ``?follow=1`` streams new lines as SSE."""
+    supervisor = _supervisor()
+    entry = await supervisor.catalog.lookup(name)
+    count = _tail_count()
+    if request.args.get("follow") not in ("1", "true"):
+        return {"model": entry.name, "lines": supervisor.logbook.tail(entry.key, count)}
+    logbook = supervisor.logbook
+
+    async def stream() -> AsyncIterator[bytes]:
+        with logbook.subscription(entry.key) as queue:
+            for line in logbook.tail(entry.key, count):
+                yield f"data: {json.dumps(line)}\n\n".encode()
+            async for event in sse_stream(queue):
+                yield event
+
+    response = Response(stream(), headers=SSE_HEADERS)
+    response.timeout = None
+    return response
+
+
+@blueprint.get("/events")
+async def events() -> Response:
+    """Model state changes as server-sent events (``{"type": "model_state", ...}``)."""
+    bus: EventBus = current_app.extensions["llamacontroller.events"]
+
+    async def stream() -> AsyncIterator[bytes]:
+        with bus.subscription() as queue:
+            yield b": connected\n\n"
+            with contextlib.suppress(GeneratorExit):
+                async for event in sse_stream(queue):
+                    yield event
+
+    response = Response(stream(), headers=SSE_HEADERS)
+    response.timeout = None
+    return response

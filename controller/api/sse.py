@@ -1,0 +1,24 @@
+"""Server-sent events from a queue, with a heartbeat comment so idle proxies keep the stream open."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+HEARTBEAT_SECONDS = 15.0
+
+
+async def sse_stream(queue: asyncio.Queue[Any], encode: Callable[[Any], str] = json.dumps) -> AsyncIterator[bytes]:
+    """Yield ``data:`` events for each queue item, and ``: ping`` when nothing happened for a while."""
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+        except TimeoutError:
+            yield b": ping\n\n"
+            continue
+        yield f"data: {encode(item)}\n\n".encode()
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,105 @@
+"""``create_app(config)``: the Quart app with the gateway in front, the supervisor behind, errors in JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable
+from functools import cache
+from typing import Any, cast
+
+from quart import Quart
+from werkzeug.exceptions import HTTPException
+
+from controller import __version__
+from controller.api import health, models
+from controller.catalog import Catalog
+from controller.config import Config
+from controller.errors import BackendStartFailed, LlamaControllerError
+from controller.lifecycle.health import HttpProbe
+from controller.lifecycle.model import Probe
+from controller.lifecycle.supervisor import Supervisor
+from controller.observability import EventBus
+from controller.runtime.base import Runtime
+from controller.runtime.logs import LogBook
+from controller.runtime.process import ProcessRuntime
+from controller.settings import find_llama_server, supported_flags
+from proxy.app import Gateway
+from proxy.asgi import ASGIApp
+from proxy.dialects import control_error, describe
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    config: Config,
+    *,
+    runtime: Runtime | None = None,
+    probe: Probe | None = None,
+    binary: Callable[[], str] | None = None,
+    on_ready: Callable[[Quart], None] | None = None,
+) -> Quart:
+    """Build the whole application; ``runtime``/``probe``/``binary`` are for tests (a fake runtime)."""
+    app = Quart("controller")
+    app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    logbook = LogBook()
+    events = EventBus()
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    runtime = runtime or ProcessRuntime(config.data_dir, logbook)
+    http_probe = HttpProbe() if probe is None else None
+    find_binary = binary or cache(lambda: find_llama_server(config.llama_server.binary))
+    supervisor = Supervisor(
+        config,
+        runtime,
+        Catalog(config),
+        logbook,
+        probe or http_probe,  # type: ignore[arg-type]
+        events.publish,
+        find_binary,
+    )
+    gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes)
+    app.asgi_app = cast(Any, gateway)  # type: ignore[method-assign]  # gateway: hot path; Quart: the rest
+    app.extensions["llamacontroller.config"] = config
+    app.extensions["llamacontroller.supervisor"] = supervisor
+    app.extensions["llamacontroller.events"] = events
+    app.extensions["llamacontroller.gateway"] = gateway
+    app.register_blueprint(health.blueprint)
+    app.register_blueprint(models.blueprint)
+    _register_error_handlers(app)
+
+    @app.while_serving
+    async def lifespan() -> AsyncGenerator[None, None]:
+        try:
+            binary_path = await asyncio.to_thread(find_binary)
+            supervisor.set_flags(await asyncio.to_thread(supported_flags, binary_path))
+        except BackendStartFailed as exc:
+            log.error("%s", exc.message)
+        await supervisor.start()
+        log.info("LlamaController %s ready: %d model(s) in the catalog", __version__, len(supervisor.catalog.entries()))
+        if on_ready is not None:
+            on_ready(app)
+        yield
+        await supervisor.close()
+        await gateway.close()
+        if http_probe is not None:
+            await http_probe.close()
+
+    return app
+
+
+def _register_error_handlers(app: Quart) -> None:
+    @app.errorhandler(LlamaControllerError)
+    async def our_error(exc: LlamaControllerError) -> tuple[dict[str, Any], int]:
+        return control_error(exc.message, exc.code), exc.status
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
+        status = exc.code or 500
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return control_error(exc.description or exc.name or "error", code), status
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> tuple[dict[str, Any], int]:
+        status, message, code = describe(exc)
+        return control_error(message, code), status

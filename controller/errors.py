@@ -1,0 +1,139 @@
+"""The one exception tree of LlamaController.
+
+Every error a client can see is one of these; each class names its HTTP status and a stable ``code``.
+Third-party exceptions (aiohttp, OS, subprocess) are translated at the boundary and chained with ``from``.
+
+    LlamaControllerError                 500  internal
+    ├── ConfigError                      --   config file or env override is invalid (CLI exit 2)
+    ├── ClientError                      400  the caller's request is wrong
+    │   ├── BadRequest                   400  malformed JSON, missing or mistyped field
+    │   ├── InvalidModelName             400  name fails the strict name pattern
+    │   ├── InvalidModelFile             400  the model's file is missing or not GGUF
+    │   ├── ModelNotFound                404  no model of that name in the catalog
+    │   ├── NotFound                     404  unknown route
+    │   ├── MethodNotAllowed             405  known route, wrong method
+    │   └── PayloadTooLarge              413  body over the configured limit
+    ├── Unavailable                      503  the server cannot take this request now
+    │   ├── QueueFull                    503  the model's bounded queue is full
+    │   ├── NoCapacity                   503  nothing may be evicted to make room (all pinned)
+    │   ├── ShuttingDown                 503  the controller is stopping
+    │   └── ModelStopping                503  the model was unloaded while the request waited
+    ├── BackendError                     502  the llama-server backend failed us
+    │   ├── BackendStartFailed           502  it exited or was refused while starting
+    │   ├── BackendCrashed               502  it died while serving (the in-flight request ends here)
+    │   └── UpstreamError                502  connection refused/reset, bad reply
+    ├── StartupTimeout                   504  it did not become healthy within startup_timeout
+    └── InvalidTransition                500  a lifecycle bug: a transition the state table forbids
+"""
+
+from __future__ import annotations
+
+
+class LlamaControllerError(Exception):
+    """Base of every error raised on purpose by this project."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(LlamaControllerError):
+    """Raised when the config file or an env override does not validate; ``problems`` lists each field."""
+
+    code = "config_error"
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class ClientError(LlamaControllerError):
+    status = 400
+    code = "bad_request"
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class InvalidModelName(ClientError):
+    code = "invalid_model_name"
+
+
+class InvalidModelFile(ClientError):
+    code = "invalid_model_file"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, name: str) -> None:
+        # Ollama's exact wording: clients match on it.
+        super().__init__(f"model '{name}' not found")
+        self.name = name
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class Unavailable(LlamaControllerError):
+    status = 503
+    code = "unavailable"
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+
+class NoCapacity(Unavailable):
+    code = "no_capacity"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+
+
+class ModelStopping(Unavailable):
+    code = "model_stopping"
+
+
+class BackendError(LlamaControllerError):
+    status = 502
+    code = "backend_error"
+
+
+class BackendStartFailed(BackendError):
+    code = "backend_start_failed"
+
+
+class BackendCrashed(BackendError):
+    code = "backend_crashed"
+
+
+class UpstreamError(BackendError):
+    code = "upstream_error"
+
+
+class StartupTimeout(LlamaControllerError):
+    status = 504
+    code = "startup_timeout"
+
+
+class InvalidTransition(LlamaControllerError):
+    code = "invalid_transition"

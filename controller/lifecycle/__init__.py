@@ -1,0 +1,1 @@
+"""Model lifecycle: states, the pure eviction policy, one owner task per model, the supervisor."""

@@ -1,0 +1,45 @@
+"""Logging set-up and the event bus (state changes, fanned out to SSE subscribers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_SUBSCRIBER_BACKLOG = 256
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Hypercorn's own access log duplicates ours (which knows the model).
+    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+
+
+class EventBus:
+    """Publish never blocks: a subscriber that falls behind loses its oldest events, not the server."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(event)
+
+    @contextmanager
+    def subscription(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        """A queue that receives every event published while the block runs."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=_SUBSCRIBER_BACKLOG)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)

@@ -1,0 +1,125 @@
+"""An in-memory runtime for unit and HTTP tests of the lifecycle (like ``httpx.MockTransport``).
+
+Behaviour per model is scripted with ``FakeBehaviour``: how long loading takes, whether the start
+fails, whether the backend ever becomes healthy. ``crash(model)`` makes a running backend exit.
+Its ``probe`` stands in for the HTTP health check. Every feature is also proven against the real
+llama-server in ``tests/integration``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+
+from controller.errors import BackendStartFailed
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec
+
+
+@dataclass
+class FakeBehaviour:
+    ready_after: float = 0.0  # seconds from start until /health says 200
+    fail_start: str | None = None  # runtime.start raises BackendStartFailed with this message
+    exit_while_loading: int | None = None  # the process exits with this code before becoming ready
+    never_ready: bool = False
+
+
+@dataclass
+class _Running:
+    backend: Backend
+    spec: LaunchSpec
+    started: float
+    exited: asyncio.Future[ExitInfo]
+    healthy: bool = True
+
+
+@dataclass
+class FakeRuntime:
+    behaviours: dict[str, FakeBehaviour] = field(default_factory=dict)
+    leftovers: list[Backend] = field(default_factory=list)  # what list_managed reports at start
+    name: str = "fake"
+
+    def __post_init__(self) -> None:
+        self.starts: list[LaunchSpec] = []
+        self.stops: list[str] = []
+        self.running: dict[str, _Running] = {}
+        self._ids = itertools.count(1)
+
+    def behaviour(self, model: str) -> FakeBehaviour:
+        return self.behaviours.get(model, FakeBehaviour())
+
+    async def start(self, spec: LaunchSpec) -> Backend:
+        self.starts.append(spec)
+        behaviour = self.behaviour(spec.model)
+        await asyncio.sleep(0)
+        if behaviour.fail_start:
+            raise BackendStartFailed(behaviour.fail_start)
+        handle = f"fake-{next(self._ids)}"
+        backend = Backend(
+            spec.model, f"http://fake.invalid/{handle}", handle, spec.spec_hash, time.time(), labels=dict(spec.labels)
+        )
+        exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self.running[handle] = _Running(backend, spec, time.monotonic(), exited)
+        if behaviour.exit_while_loading is not None:
+            code = behaviour.exit_while_loading
+            asyncio.get_running_loop().call_later(
+                min(behaviour.ready_after, 0.01) or 0.01, self._exit, handle, code, f"exited with code {code}"
+            )
+        return backend
+
+    def _exit(self, handle: str, code: int | None, reason: str) -> None:
+        running = self.running.pop(handle, None)
+        if running is not None and not running.exited.done():
+            running.exited.set_result(ExitInfo(code, reason))
+
+    async def stop(self, backend: Backend, timeout: float) -> None:
+        self.stops.append(backend.handle)
+        self._exit(backend.handle, 0, "stopped")
+        await asyncio.sleep(0)
+
+    async def wait_exit(self, backend: Backend) -> ExitInfo:
+        running = self.running.get(backend.handle)
+        if running is None:
+            return ExitInfo(None, "not running")
+        return await asyncio.shield(running.exited)
+
+    async def list_managed(self) -> list[Backend]:
+        found = []
+        for leftover in self.leftovers:
+            backend = replace(leftover, adopted=True)
+            exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+            spec = LaunchSpec(backend.model, ())
+            self.running[backend.handle] = _Running(backend, spec, time.monotonic(), exited)
+            found.append(backend)
+        self.leftovers = []
+        return found
+
+    async def close(self) -> None:
+        return None
+
+    # ---------------------------------------------------------------- test controls
+
+    def crash(self, model: str, code: int = -9) -> None:
+        """Make the running backend of ``model`` exit as if killed."""
+        for handle, running in list(self.running.items()):
+            if running.backend.model == model:
+                self._exit(handle, code, f"llama-server was killed (code {code})")
+
+    def hang(self, model: str) -> None:
+        """Make the backend of ``model`` stop answering health checks while its process lives on."""
+        for running in self.running.values():
+            if running.backend.model == model:
+                running.healthy = False
+
+    def alive(self, model: str) -> list[Backend]:
+        return [r.backend for r in self.running.values() if r.backend.model == model]
+
+    async def probe(self, backend: Backend, timeout: float) -> bool:
+        running = self.running.get(backend.handle)
+        if running is None or not running.healthy:
+            return False
+        behaviour = self.behaviour(backend.model)
+        if behaviour.never_ready or behaviour.exit_while_loading is not None:
+            return False
+        return time.monotonic() - running.started >= behaviour.ready_after

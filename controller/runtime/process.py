@@ -1,0 +1,315 @@
+"""Process runtime: each backend is a ``llama-server`` child on 127.0.0.1 with a free port.
+
+Why it looks like this:
+- The child gets its own session (process group), so a Ctrl-C on the controller does not reach it
+  and a stop can signal the whole group (SIGTERM, then SIGKILL after the timeout).
+- stdout/stderr go straight into a log file, not a pipe: a backend must survive a controller that dies
+  (a broken pipe would kill it) so that the next controller can adopt it. A tail task feeds the file
+  into the per-model ring buffer.
+- A pid file (JSON) records pid, start time, port, model and spec hash. The start time (from
+  /proc/<pid>/stat) guards against pid reuse: a pid whose start time differs is not ours.
+- An adopted process is not our child, so its exit is watched through a pidfd (falling back to polling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from controller.errors import BackendStartFailed
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec
+from controller.runtime.logs import LogBook
+
+log = logging.getLogger(__name__)
+
+_TAIL_INTERVAL = 0.2
+_POLL_INTERVAL = 0.1
+_ROTATE_BYTES = 8 * 2**20
+_HIDDEN_ENV_PREFIX = "LLAMACONTROLLER_"  # the controller's own settings never leak into a backend
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    pid: int
+    start_ticks: int
+    port: int
+    model: str
+    spec_hash: str
+    started_at: float
+    log_path: str
+    url: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields and fields[0] == "Z":  # a zombie has exited; only its parent's wait() remains
+        return None
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+class _FileTail:
+    """Feeds new lines of a log file into the LogBook, polling (cheap: one read per interval)."""
+
+    def __init__(self, path: Path, offset: int, model: str, logbook: LogBook) -> None:
+        self._path, self._offset, self._model, self._logbook = path, offset, model, logbook
+        self._partial = b""
+        self._task = asyncio.create_task(self._run(), name=f"log-tail:{model}")
+
+    def read_new(self) -> None:
+        try:
+            with self._path.open("rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return
+        if not data:
+            return
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._logbook.append(self._model, line.decode("utf-8", "replace").rstrip("\r"))
+
+    async def _run(self) -> None:
+        while True:
+            self.read_new()
+            await asyncio.sleep(_TAIL_INTERVAL)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.read_new()
+        if self._partial:
+            self._logbook.append(self._model, self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+
+
+class ProcessRuntime:
+    """Runs llama-server as local processes; see the module docstring for the why."""
+
+    name = "process"
+
+    def __init__(self, state_dir: Path, logbook: LogBook, host: str = "127.0.0.1") -> None:
+        self._run_dir = state_dir / "run"
+        self._log_dir = state_dir / "logs"
+        self._host = host
+        self._logbook = logbook
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._records: dict[str, PidRecord] = {}
+        self._tails: dict[str, _FileTail] = {}
+        for folder in (self._run_dir, self._log_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def log_path(self, model: str) -> Path:
+        return self._log_dir / f"{model}.log"
+
+    def _pid_path(self, model: str) -> Path:
+        return self._run_dir / f"{model}.json"
+
+    async def start(self, spec: LaunchSpec) -> Backend:
+        port = free_port(self._host)
+        argv = [*spec.argv, "--host", self._host, "--port", str(port)]
+        log_path = self.log_path(spec.model)
+        if log_path.exists() and log_path.stat().st_size > _ROTATE_BYTES:
+            log_path.replace(log_path.with_suffix(".log.1"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIX)}
+        env.update(spec.env)
+        with log_path.open("ab") as log_file:
+            offset = log_file.tell()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                    env=env,
+                )
+            except OSError as exc:
+                raise BackendStartFailed(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+        record = PidRecord(
+            pid=proc.pid,
+            start_ticks=process_start_ticks(proc.pid) or 0,
+            port=port,
+            model=spec.model,
+            spec_hash=spec.spec_hash,
+            started_at=time.time(),
+            log_path=str(log_path),
+            url=f"http://{self._host}:{port}",
+            labels=dict(spec.labels),
+        )
+        self._write_pid_file(record)
+        handle = str(proc.pid)
+        self._children[handle] = proc
+        self._records[handle] = record
+        self._logbook.append(spec.model, f"[llamacontroller] started pid {proc.pid} on port {port}")
+        self._tails[handle] = _FileTail(log_path, offset, spec.model, self._logbook)
+        log.info("started llama-server for %s: pid %d, port %d", spec.model, proc.pid, port)
+        return self._backend(record, adopted=False)
+
+    def _backend(self, record: PidRecord, adopted: bool) -> Backend:
+        return Backend(
+            model=record.model,
+            url=record.url,
+            handle=str(record.pid),
+            spec_hash=record.spec_hash,
+            started_at=record.started_at,
+            adopted=adopted,
+            labels=record.labels,
+        )
+
+    def _write_pid_file(self, record: PidRecord) -> None:
+        path = self._pid_path(record.model)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(record)))
+        temporary.replace(path)  # atomic: a crash never leaves half a pid file
+
+    def _remove_pid_file(self, record: PidRecord) -> None:
+        path = self._pid_path(record.model)
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == record.pid:
+                path.unlink()
+
+    def _is_ours(self, record: PidRecord) -> bool:
+        ticks = process_start_ticks(record.pid)
+        return ticks is not None and (record.start_ticks == 0 or ticks == record.start_ticks)
+
+    async def wait_exit(self, backend: Backend) -> ExitInfo:
+        proc = self._children.get(backend.handle)
+        code: int | None
+        if proc is not None:
+            code = await proc.wait()
+        else:
+            record = self._records.get(backend.handle)
+            if record is not None:
+                await self._wait_foreign_exit(record)
+            code = None
+        await self._forget(backend.handle)
+        if code is None:
+            return ExitInfo(code=None, reason="llama-server exited")
+        if code < 0:
+            return ExitInfo(code=code, reason=f"llama-server was killed by {signal.Signals(-code).name}")
+        return ExitInfo(code=code, reason=f"llama-server exited with code {code}")
+
+    async def _wait_foreign_exit(self, record: PidRecord) -> None:
+        """Wait for a process that is not our child: pidfd where the kernel has it, else polling."""
+        try:
+            pidfd = os.pidfd_open(record.pid)
+        except (OSError, AttributeError):
+            while self._is_ours(record):  # noqa: ASYNC110 - no event exists for a foreign pid
+                await asyncio.sleep(_POLL_INTERVAL)
+            return
+        try:
+            if not self._is_ours(record):  # exited (or reused) between the check and the open
+                return
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(pidfd, readable)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+
+    async def _forget(self, handle: str) -> None:
+        tail = self._tails.pop(handle, None)
+        if tail is not None:
+            await tail.close()
+        record = self._records.pop(handle, None)
+        self._children.pop(handle, None)
+        if record is not None:
+            self._remove_pid_file(record)
+
+    async def stop(self, backend: Backend, timeout: float) -> None:
+        record = self._records.get(backend.handle)
+        if record is None:
+            return
+        proc = self._children.get(backend.handle)
+        if proc is None and not self._is_ours(record):
+            await self._forget(backend.handle)
+            return
+        self._signal(record.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self._wait_gone(record, proc), timeout)
+        except TimeoutError:
+            log.warning("llama-server for %s ignored SIGTERM for %.0fs; killing it", record.model, timeout)
+            self._signal(record.pid, signal.SIGKILL)
+            await self._wait_gone(record, proc)
+        await self._forget(backend.handle)
+
+    async def _wait_gone(self, record: PidRecord, proc: asyncio.subprocess.Process | None) -> None:
+        if proc is not None:
+            await proc.wait()
+        else:
+            await self._wait_foreign_exit(record)
+
+    @staticmethod
+    def _signal(pid: int, signum: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signum)  # the whole group: llama-server's own helpers too
+            else:
+                os.kill(pid, signum)
+
+    def _read_pid_files(self) -> list[tuple[PidRecord, int]]:
+        """Live records and the log offset to resume tailing from; stale or broken files are removed."""
+        live: list[tuple[PidRecord, int]] = []
+        for path in sorted(self._run_dir.glob("*.json")):
+            try:
+                record = PidRecord(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                log.warning("removing unreadable pid file %s", path)
+                path.unlink(missing_ok=True)
+                continue
+            if str(record.pid) not in self._records and not self._is_ours(record):
+                log.info("pid file for %s names a process that is gone; removing it", record.model)
+                path.unlink(missing_ok=True)
+                continue
+            log_path = Path(record.log_path)
+            offset = max(0, log_path.stat().st_size - 64 * 1024) if log_path.exists() else 0
+            live.append((record, offset))
+        return live
+
+    async def list_managed(self) -> list[Backend]:
+        found: list[Backend] = []
+        for record, offset in await asyncio.to_thread(self._read_pid_files):
+            handle = str(record.pid)
+            if handle not in self._records:
+                self._records[handle] = record
+                self._tails[handle] = _FileTail(Path(record.log_path), offset, record.model, self._logbook)
+            found.append(self._backend(record, adopted=handle not in self._children))
+        return found
+
+    async def close(self) -> None:
+        for handle in list(self._tails):
+            tail = self._tails.pop(handle)
+            await tail.close()

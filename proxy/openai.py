@@ -1,0 +1,47 @@
+"""OpenAI-compatible ``/v1/*``: route by the body's ``model``, load on demand, pass through unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.errors import BadRequest
+from proxy.asgi import Receive, Scope, Send, parse_json_object, read_body, run_until_disconnect, send_json
+from proxy.directory import ModelDirectory, ModelInfo
+from proxy.forward import forward
+from proxy.upstream import Upstream
+
+PASSTHROUGH_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+
+def model_object(info: ModelInfo) -> dict[str, Any]:
+    return {"id": info.name, "object": "model", "created": int(info.modified_at), "owned_by": "llamacontroller"}
+
+
+class OpenAIRoutes:
+    def __init__(self, directory: ModelDirectory, upstream: Upstream, max_body: int) -> None:
+        self._directory = directory
+        self._upstream = upstream
+        self._max_body = max_body
+
+    async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> str | None:
+        """POST /v1/chat/completions, /v1/completions, /v1/embeddings; returns the model name."""
+        body = await read_body(scope, receive, self._max_body)
+        request = parse_json_object(body)
+        name = request.get("model")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("'model' is required and must be a string")
+        path: str = scope["path"]
+
+        async def work() -> None:
+            async with self._directory.lease(name, embeddings=path == "/v1/embeddings") as lease:
+                await forward(self._upstream, send, "POST", lease.url + path, body)
+
+        await run_until_disconnect(receive, work())
+        return name
+
+    async def list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        models = await self._directory.models()
+        await send_json(send, 200, {"object": "list", "data": [model_object(m) for m in models]})
+
+    async def get_model(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        await send_json(send, 200, model_object(await self._directory.model(name)))

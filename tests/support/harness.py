@@ -1,0 +1,42 @@
+"""Build a Supervisor over the FakeRuntime (unit/HTTP tests) with real tiny GGUF files in a temp dir."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from controller.catalog import Catalog
+from controller.config import Config, validate_config
+from controller.lifecycle.supervisor import Supervisor
+from controller.runtime.fake import FakeRuntime
+from controller.runtime.logs import LogBook
+
+
+def fake_config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, Any]], **sections: Any) -> Config:
+    """A config whose models are copies of the tiny GGUF named after each model."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir(exist_ok=True)
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, settings in models.items():
+        target = models_dir / f"{name.replace(':', '-')}.gguf"
+        if not target.exists():
+            shutil.copy(tiny_model, target)
+        resolved[name] = {"path": str(target), **settings}
+    raw: dict[str, Any] = {
+        "server": {"data_dir": str(tmp_path / "data")},
+        "models_dir": str(tmp_path / "empty-models-dir"),
+        "models": resolved,
+        **sections,
+    }
+    return validate_config(raw)
+
+
+def fake_supervisor(config: Config, runtime: FakeRuntime | None = None) -> tuple[Supervisor, FakeRuntime]:
+    runtime = runtime or FakeRuntime()
+    events: list[dict[str, Any]] = []
+    supervisor = Supervisor(
+        config, runtime, Catalog(config), LogBook(), runtime.probe, events.append, lambda: "/usr/bin/llama-server"
+    )
+    supervisor.events = events  # type: ignore[attr-defined]
+    return supervisor, runtime

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from controller.config import Config, apply_env_overrides, load_config, substitute_env, validate_config
+from controller.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+
+
+def problems(raw: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        validate_config(raw)
+    return caught.value.problems
+
+
+def test_config_defaults_live_in_one_place() -> None:
+    config = validate_config({})
+    assert config.server.listen == "127.0.0.1:11434"
+    assert config.runtime.kind == "process"
+    assert config.scheduling.max_loaded_models == 1
+    assert config.defaults.keep_alive == 300.0
+    assert config.models == {}
+
+
+def test_config_error_names_field_path_and_fix() -> None:
+    found = problems({"models": {"gemma3:270m": {"path": "g.gguf", "ctx_size": 0}}})
+    assert found == ['models."gemma3:270m".ctx_size: must be > 0']
+
+
+def test_config_unknown_field_suggests_the_right_one() -> None:
+    found = problems({"defaults": {"ctx_sise": 10}})
+    assert found == ["defaults.ctx_sise: unknown field; did you mean 'ctx_size'?"]
+    found = problems({"models": {"m": {"path": "x", "pinnned": True}}})
+    assert found == ["models.m.pinnned: unknown field; did you mean 'pinned'?"]
+
+
+def test_config_reports_every_problem_at_once() -> None:
+    found = problems({"server": {"listen": "nope"}, "scheduling": {"max_loaded_models": 0}})
+    assert len(found) == 2
+    assert any(p.startswith("server.listen: must be \"host:port\"") for p in found)
+    assert "scheduling.max_loaded_models: must be > 0" in found
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "x;rm -rf", "a b", "", "m" * 101, "bad:..tag"])
+def test_config_rejects_bad_model_names(name: str) -> None:
+    found = problems({"models": {name: {"path": "x.gguf"}}})
+    assert len(found) == 1 and "models" in found[0]
+
+
+def test_config_rejects_duplicate_aliases() -> None:
+    found = problems(
+        {"models": {"a": {"path": "a.gguf", "aliases": ["shared"]}, "b": {"path": "b.gguf", "aliases": ["Shared"]}}}
+    )
+    assert found == ['models."b".aliases: "Shared" is already used by "a"; names must be unique']
+
+
+def test_config_pinned_models_must_fit() -> None:
+    found = problems({"models": {"a": {"path": "a", "pinned": True}, "b": {"path": "b", "pinned": True}}})
+    assert found[0].startswith("scheduling.max_loaded_models: 2 models are pinned")
+
+
+def test_config_durations_accept_seconds_and_go_strings() -> None:
+    config = validate_config(
+        {"defaults": {"keep_alive": "1h30m", "startup_timeout": 90}, "models": {"m": {"path": "m", "keep_alive": -1}}}
+    )
+    assert config.defaults.keep_alive == 5400.0
+    assert config.defaults.startup_timeout == 90.0
+    assert math.isinf(config.models["m"].keep_alive or 0)
+    assert problems({"defaults": {"keep_alive": "5"}}) == [
+        'defaults.keep_alive: time: missing unit in duration "5"; write seconds, a duration like "5m", or -1 for forever'
+    ]
+
+
+def test_config_gpu_memory_budget_parses_sizes() -> None:
+    config = validate_config({"scheduling": {"gpu_memory": {"0": "24GiB", "1": 1000}}})
+    assert config.scheduling.gpu_memory == {"0": 24 * 2**30, "1": 1000}
+
+
+def test_config_env_substitution_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("models_dir: ${MODELS:-models}\nmodels:\n  m:\n    path: ${HOME_DIR}/m.gguf\n")
+    env = {"HOME_DIR": "/srv", "LLAMACONTROLLER_SERVER__LISTEN": "0.0.0.0:9999",
+           "LLAMACONTROLLER_SCHEDULING__MAX_LOADED_MODELS": "3"}
+    config = load_config(path, env)
+    assert config.server.listen == "0.0.0.0:9999"
+    assert config.scheduling.max_loaded_models == 3
+    assert config.models["m"].path == Path("/srv/m.gguf")
+    assert config.models_dir == tmp_path / "models"  # relative to the file
+
+
+def test_config_unset_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        substitute_env({"x": "${NOPE}"}, {})
+    assert caught.value.problems == ["${NOPE}: not set; export it or write ${NOPE:-default}"]
+
+
+def test_config_env_overrides_ignore_foreign_keys() -> None:
+    merged = apply_env_overrides({}, {"LLAMACONTROLLER_CONFIG": "x", "LLAMACONTROLLER_LOG_LEVEL": "debug", "PATH": "/"})
+    assert merged == {}
+
+
+def test_config_invalid_yaml_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  a: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(path, {})
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_config_every_example_in_config_dir_validates(path: Path) -> None:
+    config = load_config(path, {})
+    assert isinstance(config, Config)
+
+
+def test_config_dir_has_examples() -> None:
+    assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")), "config/ must hold at least one example"

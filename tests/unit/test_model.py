@@ -1,0 +1,257 @@
+"""ManagedModel's state machine against the FakeRuntime: one start, crashes, expiry, drains, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from controller.errors import (
+    BackendCrashed,
+    BackendStartFailed,
+    ModelStopping,
+    QueueFull,
+    ShuttingDown,
+    StartupTimeout,
+)
+from controller.lifecycle.model import ManagedModel, ModelPolicy, Requirements, backoff_delay
+from controller.lifecycle.state import State
+from controller.runtime.base import LaunchSpec
+from controller.runtime.fake import FakeBehaviour, FakeRuntime
+from controller.runtime.logs import LogBook
+
+NAME = "m:latest"
+
+
+class Harness:
+    def __init__(self, policy: ModelPolicy, behaviour: FakeBehaviour | None = None) -> None:
+        self.runtime = FakeRuntime({NAME: behaviour or FakeBehaviour()})
+        self.events: list[dict[str, Any]] = []
+        self.logbook = LogBook()
+        self.model = ManagedModel(
+            NAME, policy, self.runtime, self.spec, self.runtime.probe, self.logbook, self.events.append
+        )
+
+    @staticmethod
+    def spec(requirements: Requirements) -> LaunchSpec:
+        flags = ("--embeddings",) if requirements.embeddings else ()
+        return LaunchSpec(NAME, ("llama-server", *flags))
+
+    def states(self) -> list[str]:
+        return [e["state"] for e in self.events]
+
+    async def wait_state(self, state: State, timeout: float = 2.0) -> None:
+        async def poll() -> None:
+            while self.model.state is not state:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(poll(), timeout)
+
+    async def lease(self, keep_alive: float | None = None) -> None:
+        """Take and release one request's lease, as the supervisor would."""
+        self.model.admit_request()
+        try:
+            backend = await self.model.ensure_ready()
+            await self.model.acquire_slot()
+            assert self.model.take_lease(backend)
+        finally:
+            self.model.leave_queue()
+        self.model.release(keep_alive)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    made = Harness(ModelPolicy(keep_alive=60, health_interval=0.05))
+    yield made
+    await made.model.close()
+
+
+def make(**policy: Any) -> Harness:
+    behaviour = policy.pop("behaviour", None)
+    return Harness(ModelPolicy(**{"health_interval": 0.05, **policy}), behaviour)
+
+
+async def test_model_concurrent_ensure_ready_starts_exactly_once(harness: Harness) -> None:
+    harness.runtime.behaviours[NAME] = FakeBehaviour(ready_after=0.05)
+    backends = await asyncio.gather(*(harness.model.ensure_ready() for _ in range(20)))
+    assert len({b.handle for b in backends}) == 1
+    assert len(harness.runtime.starts) == 1
+    assert harness.states() == ["starting", "ready"]
+
+
+async def test_model_start_failure_reaches_every_waiter(harness: Harness) -> None:
+    harness.runtime.behaviours[NAME] = FakeBehaviour(fail_start="no such file")
+    results = await asyncio.gather(*(harness.model.ensure_ready() for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, BackendStartFailed) for r in results)
+    assert harness.model.state is State.FAILED
+    assert harness.model.snapshot()["error"] == "no such file"
+
+
+async def test_model_exit_while_loading_reports_the_log_line(harness: Harness) -> None:
+    harness.runtime.behaviours[NAME] = FakeBehaviour(exit_while_loading=1)
+    harness.logbook.append(NAME, "llama_model_load: error loading model: bad magic")
+    with pytest.raises(BackendStartFailed, match="exited with code 1: llama_model_load: error loading model"):
+        await harness.model.ensure_ready()
+
+
+async def test_model_startup_timeout_kills_the_backend() -> None:
+    h = make(startup_timeout=0.1, behaviour=FakeBehaviour(never_ready=True))
+    with pytest.raises(StartupTimeout, match="did not become ready within 0.1s"):
+        await h.model.ensure_ready()
+    assert h.runtime.stops and not h.runtime.running
+    await h.model.close()
+
+
+async def test_model_crash_while_ready_fails_fast_and_restarts_on_demand(harness: Harness) -> None:
+    first = await harness.model.ensure_ready()
+    harness.runtime.crash(NAME)
+    await harness.wait_state(State.FAILED, timeout=1.0)
+    assert isinstance(harness.model.last_error, BackendCrashed)
+    second = await harness.model.ensure_ready()
+    assert second.handle != first.handle
+    assert harness.states() == ["starting", "ready", "failed", "starting", "ready"]
+
+
+async def test_model_repeated_failures_back_off() -> None:
+    h = make(behaviour=FakeBehaviour(fail_start="broken"))
+    for _ in range(2):
+        with pytest.raises(BackendStartFailed):
+            await h.model.ensure_ready()
+    # Two failures in a row: the third attempt is refused at once until the backoff passes.
+    starts = len(h.runtime.starts)
+    with pytest.raises(BackendStartFailed):
+        await h.model.ensure_ready()
+    assert len(h.runtime.starts) == starts
+    await h.model.close()
+
+
+def test_model_backoff_delay_grows_and_caps() -> None:
+    assert [backoff_delay(n) for n in range(1, 9)] == [0, 1, 2, 4, 8, 16, 30, 30]
+
+
+async def test_model_keep_alive_expiry_unloads() -> None:
+    h = make(keep_alive=60)
+    await h.lease(keep_alive=0.1)
+    assert h.model.state is State.READY
+    assert h.model.expires_at() is not None
+    await h.wait_state(State.STOPPED, timeout=1.0)
+    assert h.runtime.stops
+    await h.model.close()
+
+
+async def test_model_keep_alive_zero_unloads_after_the_request() -> None:
+    h = make()
+    await h.lease(keep_alive=0)
+    await h.wait_state(State.STOPPED, timeout=0.5)
+    await h.model.close()
+
+
+async def test_model_keep_alive_forever_never_expires() -> None:
+    h = make(keep_alive=0.05)
+    await h.lease(keep_alive=float("inf"))
+    await asyncio.sleep(0.2)
+    assert h.model.state is State.READY and h.model.expires_at() is None
+    await h.model.close()
+
+
+async def test_model_busy_model_does_not_expire_until_drained() -> None:
+    h = make(keep_alive=0.05)
+    backend = await h.model.ensure_ready()
+    await h.model.acquire_slot()
+    assert h.model.take_lease(backend)
+    await asyncio.sleep(0.2)
+    assert h.model.state is State.READY  # in flight: the expiry does not apply
+    h.model.release(0.05)
+    await h.wait_state(State.STOPPED, timeout=1.0)
+    await h.model.close()
+
+
+async def test_model_stop_waits_for_in_flight_requests(harness: Harness) -> None:
+    backend = await harness.model.ensure_ready()
+    await harness.model.acquire_slot()
+    assert harness.model.take_lease(backend)
+    stopping = asyncio.create_task(harness.model.request_stop())
+    await asyncio.sleep(0.1)
+    assert not stopping.done() and harness.model.state is State.READY
+    assert not harness.model.take_lease(backend)  # no new requests once a stop is asked for
+    harness.model.release(None)
+    await asyncio.wait_for(stopping, 1.0)
+    assert harness.model.state is State.STOPPED
+
+
+async def test_model_ensure_ready_during_stop_raises_model_stopping(harness: Harness) -> None:
+    backend = await harness.model.ensure_ready()
+    await harness.model.acquire_slot()
+    assert harness.model.take_lease(backend)
+    stopping = asyncio.create_task(harness.model.request_stop())
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(harness.model.ensure_ready())
+    harness.model.release(None)
+    await stopping
+    with pytest.raises(ModelStopping):
+        await waiting
+
+
+async def test_model_stop_during_start_aborts_it() -> None:
+    h = make(behaviour=FakeBehaviour(ready_after=5))
+    waiter = asyncio.create_task(h.model.ensure_ready())
+    await h.wait_state(State.STARTING)
+    await asyncio.wait_for(h.model.request_stop(), 1.0)
+    with pytest.raises(ModelStopping):
+        await waiter
+    assert h.model.state is State.STOPPED and not h.runtime.running
+    await h.model.close()
+
+
+async def test_model_hung_backend_is_killed_by_liveness(harness: Harness) -> None:
+    await harness.model.ensure_ready()
+    harness.runtime.hang(NAME)
+    await harness.wait_state(State.FAILED, timeout=2.0)
+    assert "health check failed" in (harness.model.snapshot()["error"] or "")
+    assert not harness.runtime.running
+
+
+async def test_model_pinned_restarts_by_itself_after_a_crash() -> None:
+    h = make(pinned=True)
+    first = await h.model.ensure_ready()
+    h.runtime.crash(NAME)
+    await asyncio.sleep(0.05)
+    await h.wait_state(State.READY)
+    assert h.states() == ["starting", "ready", "failed", "starting", "ready"]
+    assert h.model.backend is not None and h.model.backend.handle != first.handle
+    await h.model.close()
+
+
+async def test_model_new_requirements_restart_after_drain(harness: Harness) -> None:
+    plain = await harness.model.ensure_ready()
+    embedding = await harness.model.ensure_ready(Requirements(embeddings=True))
+    assert embedding.handle != plain.handle
+    assert harness.runtime.starts[-1].argv == ("llama-server", "--embeddings")
+    again = await harness.model.ensure_ready()  # embeddings still there: no restart for a chat request
+    assert again.handle == embedding.handle
+
+
+async def test_model_queue_full_is_refused() -> None:
+    h = make(max_concurrent=1, queue_depth=1)
+    backend = await h.model.ensure_ready()
+    h.model.admit_request()
+    await h.model.acquire_slot()
+    assert h.model.take_lease(backend)
+    h.model.leave_queue()
+    h.model.admit_request()  # one may wait
+    with pytest.raises(QueueFull, match="1 requests running and 1 queued"):
+        h.model.admit_request()
+    await h.model.close()
+
+
+async def test_model_close_stops_the_backend_and_rejects_waiters() -> None:
+    h = make(behaviour=FakeBehaviour(ready_after=5))
+    waiter = asyncio.create_task(h.model.ensure_ready())
+    await h.wait_state(State.STARTING)
+    await h.model.close()
+    with pytest.raises(ShuttingDown):
+        await waiter
+    with pytest.raises(ShuttingDown):
+        await h.model.ensure_ready()
