@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support.tinymodel import write_tiny_model
@@ -11,3 +13,26 @@ from tests.support.tinymodel import write_tiny_model
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (random-weights) llama GGUF, ~0.5 MB, written once per test session."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by their folder, so `-m "not integration"` selects the fast suite."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphaned_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole session, no llama-server started for these tests may still run."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    leaked = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if cmdline and "llama-server" in cmdline[0] and any(base in part for part in cmdline):
+            leaked.append(proc)
+            proc.terminate()  # by pid: only processes this session started (their paths are under its temp dir)
+    psutil.wait_procs(leaked, timeout=10)
+    assert not leaked, f"orphaned llama-server processes: {[p.pid for p in leaked]}"

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from controller.errors import (
 )
 from controller.lifecycle.state import ALLOWED, OCCUPYING, State, check_transition
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
-from controller.runtime.logs import LogBook
+from controller.runtime.logs import START_MARKER, LogBook
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,22 @@ SpecFactory = Callable[[Requirements], LaunchSpec]
 Publish = Callable[[dict[str, Any]], None]
 
 
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([A-Z]) ")
+
+
+def log_hint(lines: list[str]) -> str:
+    """``": <first error line>"`` from llama-server's log since the last start marker, or ``""``."""
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith(START_MARKER):
+            lines = lines[index + 1 :]
+            break
+    errors = [line for line in lines if (m := _LOG_PREFIX.match(line)) and m.group(1) == "E"]
+    errors = errors or [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    chosen = errors[0] if errors else (lines[-1] if lines else "")
+    chosen = _LOG_PREFIX.sub("", chosen).strip()
+    return f": {chosen[:300]}" if chosen else ""
+
+
 def backoff_delay(failures: int) -> float:
     """Seconds before the next start after ``failures`` consecutive failures: 0, 0, 1, 2, 4, ... 30."""
     return 0.0 if failures <= 1 else min(2.0 ** (failures - 2), MAX_BACKOFF)
@@ -106,8 +123,10 @@ class ManagedModel:
         probe: Probe,
         logbook: LogBook,
         publish: Publish,
+        label: str | None = None,
     ) -> None:
         self.name = name
+        self.label = label or name  # the catalog's spelling, for messages
         self.policy = policy
         self._runtime = runtime
         self._make_spec = make_spec
@@ -211,7 +230,7 @@ class ManagedModel:
             raise ShuttingDown("the server is shutting down")
         if self._stop_requested:
             await self._wait_stopped()
-            raise ModelStopping(f"model '{self.name}' was unloaded while the request waited")
+            raise ModelStopping(f"model '{self.label}' was unloaded while the request waited")
         backend = self._backend
         if self._state is State.READY and backend is not None and requirements.satisfied_by(self._running_requirements):
             return backend
@@ -245,7 +264,7 @@ class ManagedModel:
         """Count a new request for this model; refuse it when the bounded queue is full (503)."""
         if self._in_flight + self._queued >= self.policy.max_concurrent + self.policy.queue_depth:
             raise QueueFull(
-                f"server busy: model '{self.name}' has {self._in_flight} requests running and "
+                f"server busy: model '{self.label}' has {self._in_flight} requests running and "
                 f"{self._queued} queued (max_concurrent {self.policy.max_concurrent}, "
                 f"queue_depth {self.policy.queue_depth}); try again later"
             )
@@ -352,7 +371,7 @@ class ManagedModel:
                 await self._runtime.stop(self._backend, self.policy.stop_timeout)
         self._stop_liveness()
         if self._state is not State.FAILED and State.FAILED in ALLOWED[self._state]:
-            self._fail(LlamaControllerError(f"model '{self.name}': internal error, see the server log"), 0.0)
+            self._fail(LlamaControllerError(f"model '{self.label}': internal error, see the server log"), 0.0)
         await asyncio.sleep(1.0)
 
     async def _step(self) -> None:
@@ -402,7 +421,7 @@ class ManagedModel:
                 await self._kill(backend, gone)
                 self._fail(
                     StartupTimeout(
-                        f"model '{self.name}' did not become ready within {self.policy.startup_timeout:g}s "
+                        f"model '{self.label}' did not become ready within {self.policy.startup_timeout:g}s "
                         "(defaults.startup_timeout)"
                     ),
                     ran_for=0.0,
@@ -427,15 +446,11 @@ class ManagedModel:
         self._ready_waiters.clear()
 
     def _start_error(self, exit_info: ExitInfo) -> BackendStartFailed:
-        return BackendStartFailed(f"model '{self.name}' failed to load: {exit_info.reason}{self._log_hint()}")
+        return BackendStartFailed(f"model '{self.label}' failed to load: {exit_info.reason}{self._log_hint()}")
 
     def _log_hint(self) -> str:
-        lines = [line for line in self._logbook.tail(self.name, 40) if not line.startswith("[llamacontroller]")]
-        for line in reversed(lines):
-            lowered = line.lower()
-            if "error" in lowered or "failed" in lowered or "invalid" in lowered:
-                return f": {line.strip()[:300]}"
-        return f": {lines[-1].strip()[:300]}" if lines else ""
+        """The backend's own first error line since its last start (the cause, not the aftermath)."""
+        return log_hint(self._logbook.tail(self.name, 200))
 
     def _fail(self, error: LlamaControllerError, ran_for: float) -> None:
         """Record a failed start or a crash; waiters get the error; backoff before the next start."""
@@ -462,7 +477,7 @@ class ManagedModel:
             reason = self._unhealthy or info.reason
             self._stop_liveness()
             self._fail(
-                BackendCrashed(f"model '{self.name}' backend stopped unexpectedly: {reason}{self._log_hint()}"),
+                BackendCrashed(f"model '{self.label}' backend stopped unexpectedly: {reason}{self._log_hint()}"),
                 ran_for=time.monotonic() - self._ready_since,
             )
             return
@@ -502,7 +517,7 @@ class ManagedModel:
         self._reserved = False
         self._expires_at = None
         self._requirements = Requirements()
-        self._reject_ready(ModelStopping(f"model '{self.name}' was unloaded while the request waited"))
+        self._reject_ready(ModelStopping(f"model '{self.label}' was unloaded while the request waited"))
         self._resolve_stopped()
 
     def _resolve_stopped(self) -> None:

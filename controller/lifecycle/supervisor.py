@@ -170,6 +170,7 @@ class Supervisor:
                 self._probe,
                 self.logbook,
                 self._publish,
+                label=entry.name,
             )
             self._models[entry.key] = model
         return model

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 DEFAULT_CAPACITY = 2000
+START_MARKER = "[llamacontroller] started"  # written before each backend start, so its own lines can be told apart
 _FOLLOWER_BACKLOG = 1000
 
 

@@ -20,13 +20,14 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from controller.errors import BackendStartFailed
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec
-from controller.runtime.logs import LogBook
+from controller.runtime.logs import START_MARKER, LogBook
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class ProcessRuntime:
         self._log_dir = state_dir / "logs"
         self._host = host
         self._logbook = logbook
-        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._records: dict[str, PidRecord] = {}
         self._tails: dict[str, _FileTail] = {}
         for folder in (self._run_dir, self._log_dir):
@@ -140,12 +141,15 @@ class ProcessRuntime:
         with log_path.open("ab") as log_file:
             offset = log_file.tell()
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
+                # Popen, not the event loop's subprocess: uvloop ignores close_fds, and Hypercorn marks its
+                # listening socket inheritable, so a backend would otherwise hold the controller's port.
+                proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec takes ~1 ms; see above
+                    argv,
+                    stdin=subprocess.DEVNULL,
                     stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    close_fds=True,
                     env=env,
                 )
             except OSError as exc:
@@ -165,7 +169,7 @@ class ProcessRuntime:
         handle = str(proc.pid)
         self._children[handle] = proc
         self._records[handle] = record
-        self._logbook.append(spec.model, f"[llamacontroller] started pid {proc.pid} on port {port}")
+        self._logbook.append(spec.model, f"{START_MARKER} pid {proc.pid} on port {port}")
         self._tails[handle] = _FileTail(log_path, offset, spec.model, self._logbook)
         log.info("started llama-server for %s: pid %d, port %d", spec.model, proc.pid, port)
         return self._backend(record, adopted=False)
@@ -199,14 +203,10 @@ class ProcessRuntime:
 
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         proc = self._children.get(backend.handle)
-        code: int | None
-        if proc is not None:
-            code = await proc.wait()
-        else:
-            record = self._records.get(backend.handle)
-            if record is not None:
-                await self._wait_foreign_exit(record)
-            code = None
+        record = self._records.get(backend.handle)
+        if record is not None:
+            await self._wait_gone(record, proc)
+        code = proc.returncode if proc is not None else None
         await self._forget(backend.handle)
         if code is None:
             return ExitInfo(code=None, reason="llama-server exited")
@@ -214,16 +214,23 @@ class ProcessRuntime:
             return ExitInfo(code=code, reason=f"llama-server was killed by {signal.Signals(-code).name}")
         return ExitInfo(code=code, reason=f"llama-server exited with code {code}")
 
-    async def _wait_foreign_exit(self, record: PidRecord) -> None:
-        """Wait for a process that is not our child: pidfd where the kernel has it, else polling."""
+    async def _wait_gone(self, record: PidRecord, proc: subprocess.Popen[bytes] | None) -> None:
+        """Return once the process has exited (and, for our own child, has been reaped).
+
+        A pidfd where the kernel has one (it works for adopted processes too, which are not our
+        children); otherwise a thread blocked in wait() for a child, or polling for anything else.
+        """
         try:
             pidfd = os.pidfd_open(record.pid)
         except (OSError, AttributeError):
+            if proc is not None:
+                await asyncio.to_thread(proc.wait)
+                return
             while self._is_ours(record):  # noqa: ASYNC110 - no event exists for a foreign pid
                 await asyncio.sleep(_POLL_INTERVAL)
             return
         try:
-            if not self._is_ours(record):  # exited (or reused) between the check and the open
+            if proc is None and not self._is_ours(record):  # exited (or reused) before the open
                 return
             loop = asyncio.get_running_loop()
             exited: asyncio.Future[None] = loop.create_future()
@@ -239,6 +246,8 @@ class ProcessRuntime:
                 loop.remove_reader(pidfd)
         finally:
             os.close(pidfd)
+        if proc is not None:
+            proc.wait()  # reaps the zombie; returns at once since the pidfd said it exited
 
     async def _forget(self, handle: str) -> None:
         tail = self._tails.pop(handle, None)
@@ -265,12 +274,6 @@ class ProcessRuntime:
             self._signal(record.pid, signal.SIGKILL)
             await self._wait_gone(record, proc)
         await self._forget(backend.handle)
-
-    async def _wait_gone(self, record: PidRecord, proc: asyncio.subprocess.Process | None) -> None:
-        if proc is not None:
-            await proc.wait()
-        else:
-            await self._wait_foreign_exit(record)
 
     @staticmethod
     def _signal(pid: int, signum: signal.Signals) -> None:

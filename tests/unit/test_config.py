@@ -41,7 +41,7 @@ def test_config_unknown_field_suggests_the_right_one() -> None:
 def test_config_reports_every_problem_at_once() -> None:
     found = problems({"server": {"listen": "nope"}, "scheduling": {"max_loaded_models": 0}})
     assert len(found) == 2
-    assert any(p.startswith("server.listen: must be \"host:port\"") for p in found)
+    assert any(p.startswith('server.listen: must be "host:port"') for p in found)
     assert "scheduling.max_loaded_models: must be > 0" in found
 
 
@@ -71,7 +71,8 @@ def test_config_durations_accept_seconds_and_go_strings() -> None:
     assert config.defaults.startup_timeout == 90.0
     assert math.isinf(config.models["m"].keep_alive or 0)
     assert problems({"defaults": {"keep_alive": "5"}}) == [
-        'defaults.keep_alive: time: missing unit in duration "5"; write seconds, a duration like "5m", or -1 for forever'
+        'defaults.keep_alive: time: missing unit in duration "5"; '
+        'write seconds, a duration like "5m", or -1 for forever'
     ]
 
 
@@ -83,8 +84,11 @@ def test_config_gpu_memory_budget_parses_sizes() -> None:
 def test_config_env_substitution_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("models_dir: ${MODELS:-models}\nmodels:\n  m:\n    path: ${HOME_DIR}/m.gguf\n")
-    env = {"HOME_DIR": "/srv", "LLAMACONTROLLER_SERVER__LISTEN": "0.0.0.0:9999",
-           "LLAMACONTROLLER_SCHEDULING__MAX_LOADED_MODELS": "3"}
+    env = {
+        "HOME_DIR": "/srv",
+        "LLAMACONTROLLER_SERVER__LISTEN": "0.0.0.0:9999",
+        "LLAMACONTROLLER_SCHEDULING__MAX_LOADED_MODELS": "3",
+    }
     config = load_config(path, env)
     assert config.server.listen == "0.0.0.0:9999"
     assert config.scheduling.max_loaded_models == 3

@@ -45,8 +45,9 @@ def test_gguf_meta_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.integers(min_value=4, max_value=6000), noise=st.binary(min_size=0, max_size=64))
-def test_gguf_meta_truncated_or_corrupt_headers_never_crash(tmp_path: Path, tiny_model: Path, cut: int,
-                                                            noise: bytes) -> None:
+def test_gguf_meta_truncated_or_corrupt_headers_never_crash(
+    tmp_path: Path, tiny_model: Path, cut: int, noise: bytes
+) -> None:
     path = tmp_path / "cut.gguf"
     path.write_bytes(tiny_model.read_bytes()[:cut] + noise)
     try:

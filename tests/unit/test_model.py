@@ -98,7 +98,7 @@ async def test_model_exit_while_loading_reports_the_log_line(harness: Harness) -
 
 async def test_model_startup_timeout_kills_the_backend() -> None:
     h = make(startup_timeout=0.1, behaviour=FakeBehaviour(never_ready=True))
-    with pytest.raises(StartupTimeout, match="did not become ready within 0.1s"):
+    with pytest.raises(StartupTimeout, match=r"did not become ready within 0\.1s"):
         await h.model.ensure_ready()
     assert h.runtime.stops and not h.runtime.running
     await h.model.close()

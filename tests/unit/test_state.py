@@ -25,8 +25,13 @@ def test_state_allowed_transitions(old: State, new: State) -> None:
 
 @pytest.mark.parametrize(
     ("old", "new"),
-    [(State.STOPPED, State.READY), (State.READY, State.STARTING), (State.STOPPED, State.STOPPING),
-     (State.READY, State.READY), (State.FAILED, State.READY)],
+    [
+        (State.STOPPED, State.READY),
+        (State.READY, State.STARTING),
+        (State.STOPPED, State.STOPPING),
+        (State.READY, State.READY),
+        (State.FAILED, State.READY),
+    ],
 )
 def test_state_illegal_transitions_raise(old: State, new: State) -> None:
     with pytest.raises(InvalidTransition, match=f"{old} → {new}"):

@@ -91,7 +91,7 @@ async def test_supervisor_pinned_model_is_never_evicted(tmp_path: Path, tiny_mod
 
 async def test_supervisor_exclusive_load_switches(tmp_path: Path, tiny_model: Path) -> None:
     cfg = config(tmp_path, tiny_model, scheduling={"max_loaded_models": 3})
-    supervisor, runtime = fake_supervisor(cfg)
+    supervisor, _ = fake_supervisor(cfg)
     await supervisor.start()
     await supervisor.load("a")
     await supervisor.load("b")
@@ -103,7 +103,7 @@ async def test_supervisor_exclusive_load_switches(tmp_path: Path, tiny_model: Pa
 
 
 async def test_supervisor_unload_stops_and_frees_the_slot(tmp_path: Path, tiny_model: Path) -> None:
-    supervisor, runtime = fake_supervisor(config(tmp_path, tiny_model))
+    supervisor, _ = fake_supervisor(config(tmp_path, tiny_model))
     await supervisor.start()
     await supervisor.load("a")
     await supervisor.unload("a")
