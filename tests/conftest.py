@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.support.server import STRICT_ENV
 from tests.support.tinymodel import write_tiny_model
 
 
@@ -36,3 +38,14 @@ def no_orphaned_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
             proc.terminate()  # by pid: only processes this session started (their paths are under its temp dir)
     psutil.wait_procs(leaked, timeout=10)
     assert not leaked, f"orphaned llama-server processes: {[p.pid for p in leaked]}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI (strict mode) a skipped test is a failure: CI provides every dependency."""
+    if not os.environ.get(STRICT_ENV):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        print(f"\n{len(skipped)} test(s) skipped but {STRICT_ENV} is set: failing the run")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -266,3 +266,25 @@ async def test_real_broken_gguf_fails_to_load_with_the_reason(
         assert "error" in message.partition("code 1: ")[2]
         assert (await state(running.client, "cut"))["state"] == "failed"
         assert (await running.client.post("/v1/chat/completions", json={"model": "a", **CHAT})).status_code == 200
+
+
+async def test_real_client_disconnect_cancels_the_generation(tmp_path: Path, tiny_models: Models) -> None:
+    models = tiny_models("a")
+    async with running_app(real_config(tmp_path, models)) as running:
+        client = running.client
+        long_request = {"model": "a", "prompt": "hi", "max_tokens": 200000, "ignore_eos": True, "stream": True}
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as leaving:
+            async with leaving.stream("POST", "/v1/completions", json=long_request) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # leave after the first token: the connection closes with this block
+        deadline = time.monotonic() + 3
+        while True:
+            slots = (await client.get("/llama/a/slots")).json()
+            busy = [s for s in slots if s["is_processing"]]
+            in_flight = (await state(client, "a"))["in_flight"]
+            if (not busy and in_flight == 0) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert busy == [], "llama-server still generates for a client that left"
+        assert in_flight == 0

@@ -1,0 +1,31 @@
+# One entry point. `make serve` runs the embedded default on a real model; `make test` runs everything.
+VENV := .venv/bin
+
+.PHONY: serve test test-fast lint fix bench install install-test
+
+install:
+	scripts/bootstrap.sh demo
+
+install-test:
+	scripts/bootstrap.sh demo,test
+
+serve: install
+	$(VENV)/llamacontroller serve $(ARGS)
+
+test: install-test lint
+	LLAMACONTROLLER_TESTS_STRICT=$${LLAMACONTROLLER_TESTS_STRICT:-} $(VENV)/python -m pytest tests $(ARGS)
+
+test-fast: install-test
+	$(VENV)/python -m pytest tests/unit tests/http $(ARGS)
+
+lint: install-test
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy
+
+fix: install-test
+	$(VENV)/ruff check --fix .
+	$(VENV)/ruff format .
+
+bench: install-test
+	$(VENV)/python -m tests.bench.bench_lifecycle --gemma $(ARGS)

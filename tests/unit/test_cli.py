@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+
+
+def test_cli_config_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(CONFIG_DIR / "llamacontroller.example.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "OK (2 model(s) configured)" in out
+    assert "warning: model file not found" in out  # the example points at files this machine lacks
+
+
+def test_cli_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('models:\n  "gemma3:270m":\n    path: g.gguf\n    ctx_size: 0\nserver:\n  lisen: x\n')
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert 'models."gemma3:270m".ctx_size: must be > 0' in err
+    assert "server.lisen: unknown field; did you mean 'listen'?" in err
+
+
+def test_cli_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(tmp_path / "absent.yaml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_cli_serve_refuses_a_bad_listen_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--data-dir", str(tmp_path), "--listen", "nowhere"]) == 2
+    assert "server.listen" in capsys.readouterr().err
+
+
+def test_cli_serve_without_llama_server_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"llama_server:\n  binary: {tmp_path / 'no-such-binary'}\nmodels_dir: {tmp_path}\n")
+    assert main(["serve", "--config", str(config), "--data-dir", str(tmp_path)]) == 2
+    assert "is not an executable file" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""House rules that are easy to break by accident: documented routes, the proxy boundary, no shells."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from controller.config import validate_config
+from proxy.openai import PASSTHROUGH_PATHS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def documented_paths() -> set[str]:
+    text = (ROOT / "docs" / "api.md").read_text()
+    return set(re.findall(r"`(/[^`\s]*)`", text))
+
+
+def test_rules_every_control_route_is_documented(tmp_path: Path) -> None:
+    from controller.app import create_app
+    from controller.runtime.fake import FakeRuntime
+
+    runtime = FakeRuntime()
+    config = validate_config({"server": {"data_dir": str(tmp_path)}, "models_dir": str(tmp_path)})
+    app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "llama-server")
+    routes = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    missing = {route for route in routes if route not in documented_paths()}
+    assert not missing, f"routes missing from docs/api.md: {sorted(missing)}"
+
+
+def test_rules_every_gateway_route_is_documented() -> None:
+    gateway = set(PASSTHROUGH_PATHS) | {"/v1/models", "/v1/models/<name>", "/llama/<name>/<path>"}
+    missing = gateway - documented_paths()
+    assert not missing, f"gateway routes missing from docs/api.md: {sorted(missing)}"
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+    return modules
+
+
+def test_rules_proxy_reaches_the_controller_only_through_its_errors() -> None:
+    for path in (ROOT / "proxy").rglob("*.py"):
+        foreign = {m for m in imported_modules(path) if m.startswith("controller") and m != "controller.errors"}
+        assert not foreign, f"{path.relative_to(ROOT)} imports controller internals: {sorted(foreign)}"
+
+
+def test_rules_no_shell_strings_in_product_code() -> None:
+    for package in ("controller", "proxy"):
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            assert "shell=True" not in text and "os.system(" not in text and "os.popen(" not in text, path
