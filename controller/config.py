@@ -125,6 +125,7 @@ class ModelConfig(_Strict):
     max_concurrent: int | None = Field(default=None, gt=0)
     queue_depth: int | None = Field(default=None, ge=0)
     embeddings: bool = False
+    mmproj: Path | None = None  # multimodal projector: passed as --mmproj, makes the model accept images
     memory: ByteSize | None = None
 
     @field_validator("aliases")
@@ -337,7 +338,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return path if path.is_absolute() else (base / path)
 
     server = config.server.model_copy(update={"data_dir": resolve(config.server.data_dir)})
-    models = {name: m.model_copy(update={"path": resolve(m.path)}) for name, m in config.models.items()}
+    models = {
+        name: m.model_copy(update={"path": resolve(m.path), "mmproj": resolve(m.mmproj) if m.mmproj else None})
+        for name, m in config.models.items()
+    }
     models_dir = resolve(config.models_dir) if config.models_dir else None
     return config.model_copy(update={"server": server, "models": models, "models_dir": models_dir})
 

@@ -21,7 +21,8 @@ Third-party exceptions (aiohttp, OS, subprocess) are translated at the boundary 
     ├── BackendError                     502  the llama-server backend failed us
     │   ├── BackendStartFailed           502  it exited or was refused while starting
     │   ├── BackendCrashed               502  it died while serving (the in-flight request ends here)
-    │   └── UpstreamError                502  connection refused/reset, bad reply
+    │   ├── UpstreamError                502  connection refused/reset, bad reply
+    │   └── UpstreamRefused              4xx/5xx  llama-server's own error status (e.g. prompt too long)
     ├── StartupTimeout                   504  it did not become healthy within startup_timeout
     └── InvalidTransition                500  a lifecycle bug: a transition the state table forbids
 """
@@ -128,6 +129,16 @@ class BackendCrashed(BackendError):
 
 class UpstreamError(BackendError):
     code = "upstream_error"
+
+
+class UpstreamRefused(BackendError):
+    """llama-server answered with an error status of its own; the client gets that status and message."""
+
+    code = "upstream_refused"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StartupTimeout(LlamaControllerError):

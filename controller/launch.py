@@ -86,16 +86,32 @@ def build_launch_spec(
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
     if n_gpu_layers is not None:
         argv += ["--n-gpu-layers", str(n_gpu_layers)]
+    if model and model.mmproj:
+        argv += ["--mmproj", str(model.mmproj)]
     if requirements.embeddings or (model and model.embeddings):
         argv.append("--embeddings")
         if entry.metadata is None or entry.metadata.pooling_type is None:
             argv += ["--pooling", "mean"]  # without it /v1/embeddings answers 400 on chat models
-    argv += [*config.defaults.args, *(model.args if model else [])]
-    labels = {"embeddings": str(int(requirements.embeddings)), "ctx_size": str(requirements.ctx_size or "")}
+    extra = [*config.defaults.args, *(model.args if model else [])]
+    meta = entry.metadata
+    if meta and not meta.chat_template and meta.architecture.startswith("gemma") and "--chat-template" not in extra:
+        # Gemma GGUFs often ship without a template; llama-server would fall back to ChatML, which Gemma
+        # does not know. Its built-in "gemma" template is the model's own format.
+        argv += ["--chat-template", "gemma"]
+    argv += extra
+    labels = {
+        "embeddings": str(int(requirements.embeddings)),
+        "ctx_size": str(requirements.ctx_size or ""),
+        "ctx_requested": str(int(requirements.ctx_requested)),
+    }
     return LaunchSpec(model=entry.key, argv=tuple(argv), env=env, fingerprint=entry.fingerprint, labels=labels)
 
 
 def requirements_from_labels(labels: Mapping[str, str]) -> Requirements:
     """Inverse of the labels written above: what an adopted backend was started for."""
     ctx = labels.get("ctx_size", "")
-    return Requirements(embeddings=labels.get("embeddings") == "1", ctx_size=int(ctx) if ctx.isdigit() else None)
+    return Requirements(
+        embeddings=labels.get("embeddings") == "1",
+        ctx_size=int(ctx) if ctx.isdigit() else None,
+        ctx_requested=labels.get("ctx_requested") == "1",
+    )

@@ -1,8 +1,8 @@
 """The gateway: a raw ASGI router in front of the controller's Quart app.
 
-Hot-path routes (``/v1/*``, ``/llama/*``) are answered here without a framework; every other request
-goes to ``fallback`` (the Quart app: control API, health, UI). Errors leave in the caller's dialect.
-One access-log line per request: method, path, model, status, latency.
+The Ollama surface (``/`` and ``/api/*``), OpenAI's ``/v1/*`` and the native ``/llama/*`` are answered here
+without a framework; every other request goes to ``fallback`` (the Quart app: control API, health, UI).
+Errors leave in the caller's dialect. One access-log line per request: method, path, model, status, latency.
 """
 
 from __future__ import annotations
@@ -10,31 +10,50 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from controller.errors import MethodNotAllowed, NotFound
 from proxy.asgi import ASGIApp, Message, Receive, Scope, Send, send_json
-from proxy.dialects import describe, openai_error
+from proxy.dialects import describe, ollama_error, openai_error
 from proxy.directory import ModelDirectory
 from proxy.native import PREFIX as NATIVE_PREFIX
 from proxy.native import NativeRoutes
+from proxy.ollama.routes import OllamaRoutes
 from proxy.openai import PASSTHROUGH_PATHS, OpenAIRoutes
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("llamacontroller.access")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[str | None]]
+ErrorBody = Callable[[int, str, str], dict[str, Any]]
+
+
+def _ollama_body(status: int, message: str, code: str) -> dict[str, Any]:
+    return ollama_error(message)
+
+
+@dataclass(frozen=True)
+class Route:
+    methods: frozenset[str]
+    handler: Handler
+    error_body: ErrorBody
 
 
 class _Tracking:
-    """Wraps ``send`` to remember the status and whether the response has started."""
+    """Wraps ``send`` to remember the status (for the access log and the error path) and to drop
+    the body of HEAD responses."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, head: bool) -> None:
         self._send = send
+        self._head = head
         self.status = 0
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = int(message["status"])
+        elif self._head and message["type"] == "http.response.body":
+            message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
         await self._send(message)
 
 
@@ -51,53 +70,84 @@ class Gateway:
         self.upstream = upstream or Upstream()
         self.openai = OpenAIRoutes(directory, self.upstream, max_body)
         self.native = NativeRoutes(directory, self.upstream, max_body)
+        self.ollama = OllamaRoutes(directory, self.upstream, max_body)
+        self.routes = self._route_table()
+
+    def _route_table(self) -> dict[str, Route]:
+        def ollama(methods: str, handler: Callable[[Scope, Receive, Send], Awaitable[Any]]) -> Route:
+            return Route(frozenset(methods.split()), handler, _ollama_body)
+
+        o = self.ollama
+        table = {
+            "/": ollama("GET HEAD", o.root),
+            "/api/version": ollama("GET HEAD", o.version),
+            "/api/tags": ollama("GET HEAD", o.tags),
+            "/api/ps": ollama("GET HEAD", o.ps),
+            "/api/show": ollama("POST", o.show),
+            "/api/generate": ollama("POST", o.generate),
+            "/api/chat": ollama("POST", o.chat),
+            "/api/embed": ollama("POST", o.embed),
+            "/api/embeddings": ollama("POST", o.embeddings),
+        }
+        for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"):
+            table[path] = ollama("GET HEAD POST PUT DELETE", o.management)
+        for path in PASSTHROUGH_PATHS:
+            table[path] = Route(frozenset({"POST"}), self.openai.passthrough, openai_error)
+        table["/v1/models"] = Route(frozenset({"GET", "HEAD"}), self.openai.list_models, openai_error)
+        return table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.fallback(scope, receive, send)
             return
         path: str = scope["path"]
-        if path.startswith("/v1/"):
-            await self._handle(scope, receive, send, self._openai_route)
-        elif path.startswith(NATIVE_PREFIX):
-            await self._handle(scope, receive, send, self.native.passthrough)
-        else:
+        route = self.routes.get(path)
+        if route is None:
+            route = self._prefix_route(path)
+        if route is None:
             await self.fallback(scope, receive, send)
+            return
+        await self._handle(scope, receive, send, route)
 
-    async def _openai_route(self, scope: Scope, receive: Receive, send: Send) -> str | None:
-        path: str = scope["path"]
-        method: str = scope["method"]
-        if path in PASSTHROUGH_PATHS:
-            if method != "POST":
-                raise MethodNotAllowed(f"{method} is not allowed on {path}; use POST")
-            return await self.openai.passthrough(scope, receive, send)
-        if path == "/v1/models" or path.startswith("/v1/models/"):
-            if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(f"{method} is not allowed on {path}; use GET")
-            name = path[len("/v1/models/") :] if path != "/v1/models" else ""
-            if name:
-                await self.openai.get_model(scope, receive, send, name)
-                return name
-            await self.openai.list_models(scope, receive, send)
-            return None
-        raise NotFound(f"no such endpoint: {path}")
+    def _prefix_route(self, path: str) -> Route | None:
+        if path.startswith("/v1/models/"):
+            return Route(frozenset({"GET", "HEAD"}), self.openai.get_model, openai_error)
+        if path.startswith(NATIVE_PREFIX):
+            methods = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+            return Route(methods, self.native.passthrough, openai_error)
+        if path.startswith("/api/blobs/"):
+            return Route(frozenset({"GET", "HEAD", "POST"}), self.ollama.management, _ollama_body)
+        if path.startswith("/api/"):
+            return Route(frozenset(), self._not_found, _ollama_body)
+        if path.startswith("/v1/"):
+            return Route(frozenset(), self._not_found, openai_error)
+        return None
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, handler: Handler) -> None:
+    @staticmethod
+    async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotFound(f"no such endpoint: {scope['path']}")
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         started = time.perf_counter()
-        tracking = _Tracking(send)
+        method: str = scope["method"]
+        tracking = _Tracking(send, head=method == "HEAD")
         model: str | None = None
         try:
+            if route.methods and method not in route.methods:
+                allowed = ", ".join(sorted(route.methods))
+                raise MethodNotAllowed(f"{method} is not allowed on {scope['path']}; use {allowed}")
+            handler = route.handler if route.methods else self._not_found
             model = await handler(scope, receive, tracking)
         except Exception as exc:
             if tracking.status:  # the response began: nothing more can be said in it
-                access_log.warning("error after response start: %s", exc)
+                access_log.warning("error after the response began: %s", exc)
             else:
                 status, message, code = describe(exc)
-                await send_json(tracking, status, openai_error(status, message, code))
+                await send_json(tracking, status, route.error_body(status, message, code))
         finally:
             access_log.info(
                 "%s %s model=%s status=%s %.1fms",
-                scope["method"],
+                method,
                 scope["path"],
                 model or "-",
                 tracking.status or "-",

@@ -38,10 +38,14 @@ class ModelInfo:
     state: str
     expires_at: float | None
     loaded_context_length: int | None  # what the running backend was started with
+    context_size: int  # tokens per request the model is configured for
+    loadable: bool = True  # false when the file is missing or not GGUF
     error: str | None = None
     capabilities: tuple[str, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; long arrays as []
     chat_template: str | None = None
+    license: str | None = None
+    gpu_offload: bool = False  # the backend was asked to put layers on a GPU
 
 
 class ModelDirectory(Protocol):

@@ -43,5 +43,8 @@ class OpenAIRoutes:
         models = await self._directory.models()
         await send_json(send, 200, {"object": "list", "data": [model_object(m) for m in models]})
 
-    async def get_model(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+    async def get_model(self, scope: Scope, receive: Receive, send: Send) -> str:
+        """GET /v1/models/<name>."""
+        name: str = scope["path"][len("/v1/models/") :]
         await send_json(send, 200, model_object(await self._directory.model(name)))
+        return name

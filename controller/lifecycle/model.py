@@ -60,11 +60,16 @@ class Requirements:
     """What a request needs from the running backend beyond the model itself (load-time flags)."""
 
     embeddings: bool = False
-    ctx_size: int | None = None
+    ctx_size: int | None = None  # the effective context per request (see Supervisor._effective)
+    ctx_requested: bool = False  # a request asked for it (num_ctx), rather than the config
 
     def merge(self, other: Requirements) -> Requirements:
         ctx = max(filter(None, (self.ctx_size, other.ctx_size)), default=None)
-        return Requirements(embeddings=self.embeddings or other.embeddings, ctx_size=ctx)
+        return Requirements(
+            embeddings=self.embeddings or other.embeddings,
+            ctx_size=ctx,
+            ctx_requested=self.ctx_requested or other.ctx_requested,
+        )
 
     def satisfied_by(self, running: Requirements) -> bool:
         if self.embeddings and not running.embeddings:

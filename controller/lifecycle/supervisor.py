@@ -51,8 +51,10 @@ def capabilities(entry: CatalogEntry) -> tuple[str, ...]:
         caps.append("tools")
     if "<think>" in template or "enable_thinking" in template or "reasoning_content" in template:
         caps.append("thinking")
-    if meta.has_vision:
+    if meta.has_vision or (entry.config and entry.config.mmproj):
         caps.append("vision")
+    if any(key in meta.values for key in ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id")):
+        caps.append("insert")
     return tuple(caps)
 
 
@@ -115,7 +117,7 @@ class Supervisor:
             entry = self.catalog.get(backend.model)
             reason = await self._adoption_refusal(backend, entry, adopted)
             if reason is None and entry is not None:
-                requirements = requirements_from_labels(backend.labels)
+                requirements = self._effective(entry, requirements_from_labels(backend.labels))
                 await self._model(entry).adopt(backend, requirements)
                 adopted += 1
                 log.info("adopted running backend for %s (pid/handle %s)", entry.name, backend.handle)
@@ -129,7 +131,7 @@ class Supervisor:
         if adopted >= self.config.scheduling.max_loaded_models:
             return "max_loaded_models is already reached"
         try:
-            expected = self._spec(entry, requirements_from_labels(backend.labels))
+            expected = self._spec(entry, self._effective(entry, requirements_from_labels(backend.labels)))
         except BackendStartFailed as exc:
             return exc.message
         if expected.spec_hash != backend.spec_hash:
@@ -148,6 +150,17 @@ class Supervisor:
         await self.runtime.close()
 
     # ------------------------------------------------------------------ models
+
+    def _effective(self, entry: CatalogEntry, wanted: Requirements) -> Requirements:
+        """Requirements with the context the backend would really get (configured, raised by a request's
+        num_ctx, capped at what the model was trained for), so that comparisons are between real sizes:
+        a request for less than the backend runs with, or for more than the model supports, restarts
+        nothing. A context the config chose (not a request) is taken from the current config, so a
+        backend left by a run with another config is not adopted."""
+        embeddings = wanted.embeddings or bool(entry.config and entry.config.embeddings)
+        asked = wanted.ctx_size if wanted.ctx_requested else None
+        ctx = context_size(entry, self.config, Requirements(embeddings, asked))
+        return Requirements(embeddings, ctx, wanted.ctx_requested)
 
     def _spec(self, entry: CatalogEntry, requirements: Requirements) -> LaunchSpec:
         return build_launch_spec(entry, self.config, self._binary(), requirements, self._flags)
@@ -232,8 +245,9 @@ class Supervisor:
         entry = await self.catalog.lookup(name)
         entry.require_loadable()
         model = self._model(entry)
-        base = Requirements(embeddings=bool(entry.config and entry.config.embeddings))
-        requirements = base.merge(Requirements(embeddings=embeddings, ctx_size=ctx_size))
+        requirements = self._effective(
+            entry, Requirements(embeddings=embeddings, ctx_size=ctx_size, ctx_requested=ctx_size is not None)
+        )
         model.admit_request()
         try:
             while True:
@@ -274,6 +288,13 @@ class Supervisor:
         loaded_ctx: int | None = None
         if model is not None and model.backend is not None:
             loaded_ctx = context_size(entry, self.config, model.requirements)
+        metadata: dict[str, Any] = {}
+        if meta is not None:
+            metadata = {**meta.values, **{key: [] for key in meta.array_lengths}}
+        layers = entry.config.n_gpu_layers if entry.config else None
+        if layers is None:
+            layers = self.config.defaults.n_gpu_layers
+        gpus = entry.config.gpus if entry.config else "all"
         return ModelInfo(
             name=entry.name,
             aliases=entry.aliases,
@@ -287,10 +308,14 @@ class Supervisor:
             state=snapshot["state"] if snapshot else "stopped",
             expires_at=snapshot["expires_at"] if snapshot else None,
             loaded_context_length=loaded_ctx,
+            context_size=context_size(entry, self.config, Requirements()),
+            loadable=entry.error is None,
             error=entry.error or (snapshot["error"] if snapshot else None),
             capabilities=capabilities(entry),
-            metadata=dict(meta.values) if meta else {},
+            metadata=metadata,
             chat_template=meta.chat_template if meta else None,
+            license=str(meta.values["general.license"]) if meta and "general.license" in meta.values else None,
+            gpu_offload=gpus != "none" and bool(layers),
         )
 
     async def models(self) -> list[ModelInfo]:

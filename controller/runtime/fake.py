@@ -16,6 +16,9 @@ from dataclasses import dataclass, field, replace
 from controller.errors import BackendStartFailed
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec
 
+# Port 1 on loopback refuses at once: a request that reaches a fake backend fails fast with UpstreamError.
+UNREACHABLE = "http://127.0.0.1:1"
+
 
 @dataclass
 class FakeBehaviour:
@@ -57,7 +60,7 @@ class FakeRuntime:
             raise BackendStartFailed(behaviour.fail_start)
         handle = f"fake-{next(self._ids)}"
         backend = Backend(
-            spec.model, f"http://fake.invalid/{handle}", handle, spec.spec_hash, time.time(), labels=dict(spec.labels)
+            spec.model, f"{UNREACHABLE}/{handle}", handle, spec.spec_hash, time.time(), labels=dict(spec.labels)
         )
         exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self.running[handle] = _Running(backend, spec, time.monotonic(), exited)

@@ -52,7 +52,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tiny_model(path: Path, seed: int = 0, name: str = "tiny") -> Path:
+# A Hermes-style template (tools listed in the system turn, calls inside <tool_call> tags): llama-server
+# recognises the format, so it can parse and grammar-constrain tool calls even from random weights.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    '</tools>\nCall a function with <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\n'
+    "{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{% for call in message.tool_calls %}<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_model(path: Path, seed: int = 0, name: str = "tiny", chat_template: str = CHAT_TEMPLATE) -> Path:
     """Write the model to ``path`` (parent folders created) and return the path."""
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +104,7 @@ def write_tiny_model(path: Path, seed: int = 0, name: str = "tiny") -> Path:
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def tensor(name: str, *shape: int) -> None:
         writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))

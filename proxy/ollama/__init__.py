@@ -1,0 +1,1 @@
+"""Ollama API surface of the gateway: request validation, conversion to llama-server, NDJSON streaming."""

