@@ -28,4 +28,5 @@ fix: install-test
 	$(VENV)/ruff format .
 
 bench: install-test
-	$(VENV)/python -m tests.bench.bench_lifecycle --gemma $(ARGS)
+	$(VENV)/python -m tests.bench.bench_lifecycle --gemma
+	$(VENV)/python -m tests.bench.bench_gateway --gemma $(ARGS)

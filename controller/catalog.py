@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _DISCOVERY_DEPTH = 2  # models_dir/*.gguf and models_dir/<folder>/*.gguf
 _RESCAN_INTERVAL = 1.0  # an unknown name triggers at most one disk scan per second
+_RESOLVED_CACHE = 1024  # distinct spellings remembered (bounded: names come from clients)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Catalog:
         self._config = config
         self._entries: dict[str, CatalogEntry] = {}
         self._aliases: dict[str, str] = {}
+        self._resolved: dict[str, CatalogEntry] = {}
         self._metadata_cache: dict[tuple[str, int, int], GgufMetadata | str] = {}
         self._last_scan = 0.0
         self._scan_lock = asyncio.Lock()
@@ -90,18 +92,28 @@ class Catalog:
         async with self._scan_lock:
             entries = await asyncio.to_thread(self._scan)
             self._entries = {entry.key: entry for entry in entries}
+            self._resolved = {}
             self._aliases = {canonical(alias): entry.key for entry in entries for alias in entry.aliases}
             self._last_scan = time.monotonic()
             return self.entries()
 
     def _find(self, name: str) -> CatalogEntry | None:
-        key = canonical(name)
-        return self._entries.get(key) or self._entries.get(self._aliases.get(key, ""))
+        """By name or alias; the spelling → entry map is memoised (names arrive on every request)."""
+        entry = self._resolved.get(name)
+        if entry is None:
+            key = canonical(name)
+            entry = self._entries.get(key) or self._entries.get(self._aliases.get(key, ""))
+            if entry is not None and len(self._resolved) < _RESOLVED_CACHE:
+                self._resolved[name] = entry
+        return entry
 
     async def lookup(self, name: str) -> CatalogEntry:
         """Find a model by name or alias (case-insensitive, ``:latest`` implied); rescan once if unknown."""
         if not isinstance(name, str):
             raise InvalidModelName("model name must be a string")
+        entry = self._resolved.get(name)
+        if entry is not None:
+            return entry  # a spelling seen before: already validated and found
         validate_model_name(name)
         entry = self._find(name)
         if entry is None and time.monotonic() - self._last_scan >= _RESCAN_INTERVAL:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,57 +79,42 @@ def _banner(config: Config) -> None:
     print(f"  try: curl http://{shown_host}:{port}/v1/models", flush=True)
 
 
-async def _serve(config: Config) -> None:
-    import hypercorn.asyncio
-    from hypercorn.config import Config as HypercornConfig
-
-    from controller.app import create_app
+def _announce(app: object) -> None:
     from controller.lifecycle.supervisor import Supervisor
 
-    def announce(app: object) -> None:
-        supervisor: Supervisor = app.extensions["llamacontroller.supervisor"]  # type: ignore[attr-defined]
-        for entry in supervisor.catalog.entries():
-            meta = entry.metadata
-            facts = [meta.architecture, meta.file_type or "?"] if meta else []
-            summary = entry.error or ", ".join([*facts, f"{entry.size / 1e6:.0f} MB"])
-            print(f"  serving {entry.name} ({summary})", flush=True)
-
-    app = create_app(config, on_ready=announce)
-    hc = HypercornConfig()
-    hc.bind = [config.server.listen]
-    hc.accesslog = None
-    hc.keep_alive_timeout = 75
-    hc.graceful_timeout = config.runtime.stop_timeout
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await hypercorn.asyncio.serve(app, hc, shutdown_trigger=stop.wait)
+    supervisor: Supervisor = app.extensions["llamacontroller.supervisor"]  # type: ignore[attr-defined]
+    for entry in supervisor.catalog.entries():
+        meta = entry.metadata
+        facts = [meta.architecture, meta.file_type or "?"] if meta else []
+        summary = entry.error or ", ".join([*facts, f"{entry.size / 1e6:.0f} MB"])
+        print(f"  serving {entry.name} ({summary})", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controller.observability import configure_logging
+    from controller.server import bind, uvicorn_server
 
     configure_logging(args.log_level)
     try:
         config = _apply_overrides(load_config(_config_path(args.config)), args)
         config = with_demo_model(config)
-        _banner(config)
+        sock = bind(config.server.listen)
     except ConfigError as exc:
         _print_config_error(exc)
         return 2
-    except BackendStartFailed as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    try:
-        import uvloop
-
-        uvloop.run(_serve(config))
     except OSError as exc:
         print(f"error: cannot listen on {config.server.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        pass
+    try:
+        _banner(config)
+    except BackendStartFailed as exc:
+        sock.close()
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    from controller.app import create_app
+
+    # uvicorn handles SIGINT/SIGTERM: a graceful stop runs the app's shutdown, which stops every backend.
+    uvicorn_server(create_app(config, on_ready=_announce), config).run(sockets=[sock])
     return 0
 
 

@@ -1,7 +1,7 @@
 """The one exception tree of LlamaController.
 
 Every error a client can see is one of these; each class names its HTTP status and a stable ``code``.
-Third-party exceptions (aiohttp, OS, subprocess) are translated at the boundary and chained with ``from``.
+Third-party and OS exceptions (sockets, subprocess) are translated at the boundary and chained with ``from``.
 
     LlamaControllerError                 500  internal
     ├── ConfigError                      --   config file or env override is invalid (CLI exit 2)

@@ -18,8 +18,6 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Hypercorn's own access log duplicates ours (which knows the model).
-    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
 
 
 class EventBus:

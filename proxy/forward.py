@@ -10,6 +10,7 @@ from proxy.dialects import openai_error
 from proxy.upstream import Upstream
 
 _FORWARDED_RESPONSE_HEADERS = (b"content-type", b"content-length")
+_WHOLE = 1 << 20  # a non-streamed answer up to this size is relayed in one piece
 
 
 async def forward(
@@ -32,12 +33,15 @@ async def forward(
                 for name, value in response.raw_headers
                 if name.lower() in _FORWARDED_RESPONSE_HEADERS
             ]
-            event_stream = response.headers.get("Content-Type", "").startswith("text/event-stream")
+            event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
             if event_stream:
                 headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             started = True
-            async for chunk in response.content.iter_any():
+            if not event_stream and response.content_length is not None and response.content_length <= _WHOLE:
+                await send({"type": "http.response.body", "body": await response.read()})  # one write
+                return response.status
+            async for chunk in response.iter_chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return response.status

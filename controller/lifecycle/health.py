@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import aiohttp
+import asyncio
 
+from controller.errors import UpstreamError
 from controller.runtime.base import Backend
+from proxy.upstream import Upstream
 
 
 class HttpProbe:
-    """One shared keep-alive session for every probe: a poll every 20 ms must cost next to nothing."""
+    """Probes share the gateway's keep-alive client: a poll every 20 ms while loading must cost nothing."""
 
-    def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, upstream: Upstream | None = None) -> None:
+        self._upstream = upstream or Upstream()
 
     async def __call__(self, backend: Backend, timeout: float) -> bool:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None), auto_decompress=False
-            )
         try:
-            async with self._session.get(
-                f"{backend.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as response:
-                await response.read()
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            async with asyncio.timeout(timeout):
+                async with self._upstream.request("GET", f"{backend.url}/health", None) as response:
+                    await response.read()
+                    return response.status == 200
+        except (UpstreamError, TimeoutError):
             return False
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._upstream.close()

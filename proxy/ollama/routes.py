@@ -58,6 +58,15 @@ def _require(info: ModelInfo, capability: str, message: str) -> None:
         raise BadRequest(message)
 
 
+def _needs_capabilities(request: Common) -> bool:
+    """Whether the request uses anything a model may lack (most do not: skip the lookup then)."""
+    if request.think not in (None, False):
+        return True
+    if isinstance(request, ChatRequest):
+        return bool(request.tools) or any(message.images for message in request.messages)
+    return isinstance(request, GenerateRequest) and bool(request.images or request.suffix)
+
+
 def _check_capabilities(request: Common, info: ModelInfo, name: str) -> None:
     if isinstance(request, ChatRequest):
         if request.tools:
@@ -73,6 +82,13 @@ def _check_capabilities(request: Common, info: ModelInfo, name: str) -> None:
             raise BadRequest("raw mode does not support images")
     if request.think is not None and request.think is not False:
         _require(info, "thinking", f'"{name}" does not support thinking')
+
+
+def _json_or_error(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except json.JSONDecodeError:
+        return {"error": {"message": "the model's backend sent an unreadable answer"}}
 
 
 def _upstream_error_message(payload: bytes) -> str:
@@ -197,7 +213,8 @@ class OllamaRoutes:
         if empty:
             await run_until_disconnect(receive, self._load_only(send, request, kind))
             return
-        _check_capabilities(request, await self._directory.model(request.model), request.model)
+        if _needs_capabilities(request):
+            _check_capabilities(request, await self._directory.model(request.model), request.model)
         accumulator = Accumulator(model=request.model, kind=kind, streaming=request.stream)
 
         async def work() -> None:
@@ -211,26 +228,32 @@ class OllamaRoutes:
     async def _relay(
         self, send: Send, lease: Lease, path: str, body: dict[str, Any], accumulator: Accumulator, started: float
     ) -> None:
-        """Stream the backend's SSE through the accumulator; errors after the first byte become a last line."""
+        """Relay the backend's answer through the accumulator; errors after the first byte become a last line.
+
+        A ``stream: false`` request asks the backend for one JSON answer, not SSE: llama-server closes the
+        connection after every stream, while a plain answer keeps it alive for the next request.
+        """
         streaming = accumulator.streaming
         began = False
         parser = SSEParser()
         try:
             async with self._upstream.request(
-                "POST", lease.url + path, _encode(body), {"Content-Type": "application/json"}
+                "POST", lease.url + path, _encode({**body, "stream": streaming}), {"Content-Type": "application/json"}
             ) as response:
                 if response.status >= 400:
                     raise UpstreamRefused(response.status, _upstream_error_message(await response.read()))
-                if streaming:
+                if not streaming:
+                    accumulator.feed(_json_or_error(await response.read()))
+                else:
                     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", NDJSON)]})
                     began = True
-                async for chunk in response.content.iter_any():
-                    for event in parser.feed(chunk):
+                    async for chunk in response.iter_chunks():
+                        for event in parser.feed(chunk):
+                            for out in accumulator.feed(event):
+                                await _send_line(send, out)
+                    for event in parser.close():
                         for out in accumulator.feed(event):
                             await _send_line(send, out)
-                for event in parser.close():
-                    for out in accumulator.feed(event):
-                        await _send_line(send, out)
         except UpstreamError as exc:
             if not began:
                 raise

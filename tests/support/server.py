@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import hypercorn.asyncio
 import psutil
 import pytest
 import yaml
-from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from controller.app import create_app
@@ -27,6 +25,7 @@ from controller.config import Config, validate_config
 from controller.errors import BackendStartFailed
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.process import free_port
+from controller.server import bind, uvicorn_server
 from controller.settings import find_llama_server
 
 STRICT_ENV = "LLAMACONTROLLER_TESTS_STRICT"  # set by .ci/run: a missing dependency fails instead of skipping
@@ -79,16 +78,14 @@ class RunningApp:
 
 @asynccontextmanager
 async def running_app(config: Config | dict[str, Any]) -> AsyncIterator[RunningApp]:
-    """The whole app on a real socket, served by Hypercorn in this event loop."""
+    """The whole app on a real socket, served by uvicorn (as `serve` does) in this event loop."""
     if isinstance(config, dict):
         config = validate_config(config)
     app = create_app(config)
-    hc = HypercornConfig()
-    hc.bind = [config.server.listen]
-    hc.accesslog = None
-    hc.graceful_timeout = 5
-    shutdown = asyncio.Event()
-    task = asyncio.create_task(hypercorn.asyncio.serve(app, hc, shutdown_trigger=shutdown.wait))  # type: ignore[arg-type]
+    sock = bind(config.server.listen)
+    server = uvicorn_server(app, config)
+    server.config.loop = "none"  # the test's event loop
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     url = f"http://{config.server.listen}"
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         deadline = time.monotonic() + 20
@@ -104,8 +101,9 @@ async def running_app(config: Config | dict[str, Any]) -> AsyncIterator[RunningA
         try:
             yield RunningApp(url, app, client)
         finally:
-            shutdown.set()
+            server.should_exit = True
             await asyncio.wait_for(task, 30)
+            sock.close()
 
 
 def backend_processes(model_file: Path) -> list[psutil.Process]:
