@@ -16,19 +16,17 @@ import asyncio
 import json
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from controller.runtime.process import free_port
 from proxy.ollama.convert import chat_body
 from proxy.ollama.requests import parse_chat
+from tests.support.server import serve_subprocess
 from tests.support.tinymodel import write_tiny_model
 
 
@@ -94,7 +92,7 @@ class RawClient:
         close = headers.get(b"connection", b"").lower() == b"close"
         if b"content-length" in headers:
             return head, self._read_exactly(int(headers[b"content-length"])), close
-        chunks = []
+        chunks: list[bytes] = []
         while True:  # chunked
             size = int(self._read_until(b"\r\n"), 16)
             chunk = self._read_exactly(size + 2)[:-2]
@@ -225,20 +223,8 @@ def main() -> None:
             "scheduling": {"max_loaded_models": 2},
             "models": models,
         }
-        (root / "c.yaml").write_text(yaml.safe_dump(config))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "controller", "serve", "--config", str(root / "c.yaml")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        gateway = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{gateway}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.05)
+        with serve_subprocess(config, root) as served:
+            gateway = served.url
             backend = httpx.post(f"{gateway}/control/v1/models/tiny/load", timeout=60).json()["backend_url"]
             rows = latency(port, int(backend.rsplit(":", 1)[1]), args.requests)
             print(f"\nadded latency, non-streaming, max_tokens 1, {args.requests} interleaved requests per target (ms)")
@@ -259,9 +245,6 @@ def main() -> None:
             print(f"{'path':<36}{'direct':>10}{'gateway':>10}{'ratio':>9}")
             for r in streams:
                 print(f"{r['label']:<36}{r['direct']:>10.0f}{r['gateway']:>10.0f}{r['ratio']:>9.1%}")
-        finally:
-            process.terminate()
-            process.wait(30)
 
 
 if __name__ == "__main__":
