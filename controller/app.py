@@ -12,7 +12,11 @@ from quart import Quart
 from werkzeug.exceptions import HTTPException
 
 from controller import __version__
-from controller.api import health, models
+from controller.api import admin, health, models
+from controller.auth import views as auth_views
+from controller.auth.asgi import AuthMiddleware
+from controller.auth.secrets import load_or_create_key
+from controller.auth.service import AuthService
 from controller.catalog import Catalog
 from controller.config import Config
 from controller.errors import BackendStartFailed, LlamaControllerError
@@ -24,6 +28,7 @@ from controller.runtime.base import Runtime
 from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
 from controller.settings import find_llama_server, supported_flags
+from controller.store import make_store
 from proxy.app import Gateway
 from proxy.asgi import ASGIApp
 from proxy.dialects import control_error, describe
@@ -59,13 +64,25 @@ def create_app(
         find_binary,
     )
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes)
-    app.asgi_app = cast(Any, gateway)  # type: ignore[method-assign]  # gateway: hot path; Quart: the rest
+    store, ephemeral = make_store(config)
+    auth = AuthService(
+        config.auth,
+        store,
+        ephemeral,
+        load_or_create_key(config.secrets_dir / "identity.key"),
+        load_or_create_key(config.secrets_dir / "session.key"),
+    )
+    # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
+    app.asgi_app = cast(Any, AuthMiddleware(gateway, auth))  # type: ignore[method-assign]
+    app.extensions["llamacontroller.auth"] = auth
     app.extensions["llamacontroller.config"] = config
     app.extensions["llamacontroller.supervisor"] = supervisor
     app.extensions["llamacontroller.events"] = events
     app.extensions["llamacontroller.gateway"] = gateway
     app.register_blueprint(health.blueprint)
     app.register_blueprint(models.blueprint)
+    app.register_blueprint(admin.blueprint)
+    app.register_blueprint(auth_views.blueprint)
     _register_error_handlers(app)
 
     @app.while_serving
@@ -75,6 +92,17 @@ def create_app(
             supervisor.set_flags(await asyncio.to_thread(supported_flags, binary_path))
         except BackendStartFailed as exc:
             log.error("%s", exc.message)
+        await store.open()
+        if config.auth.enabled:
+            password = await auth.ensure_first_admin()
+            if password is not None:  # printed once, to the console only: never logged
+                print(
+                    f"\n  created user 'admin' with password: {password}\n"
+                    "  (shown once; change it with: llamacontroller user passwd admin)\n",
+                    flush=True,
+                )
+        else:
+            log.warning("authentication is DISABLED (auth.enabled: false): anyone who can connect is admin")
         await supervisor.start()
         log.info("LlamaController %s ready: %d model(s) in the catalog", __version__, len(supervisor.catalog.entries()))
         if on_ready is not None:
@@ -82,6 +110,8 @@ def create_app(
         yield
         await supervisor.close()
         await gateway.close()
+        await ephemeral.close()
+        await store.close()
         if http_probe is not None:
             await http_probe.close()
 

@@ -145,6 +145,22 @@ class SchedulingConfig(_Strict):
     gpu_memory: dict[str, ByteSize] = Field(default_factory=dict)
 
 
+class StoreConfig(_Strict):
+    kind: Literal["sqlite", "redis"] = "sqlite"
+    path: Path | None = None  # sqlite file; default <data_dir>/llamacontroller.db
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+class AuthConfig(_Strict):
+    enabled: bool = True  # off only for a throwaway loopback setup: then anyone who can connect is admin
+    identity_ttl: Seconds = 30.0  # lifetime of the signed identity header that the edge forwards
+    session_ttl: Seconds = 12 * 3600.0
+    token_cache_ttl: Seconds = 5.0  # a revocation takes effect within this long
+    login_max_failures: int = Field(default=5, gt=0)
+    login_window: Seconds = 900.0
+    secrets_dir: Path | None = None  # identity-signing and session keys; default <data_dir>/secrets
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models_dir: Path | None = None
@@ -152,6 +168,8 @@ class Config(_Strict):
     llama_server: LlamaServerConfig = Field(default_factory=LlamaServerConfig)
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("models")
@@ -171,6 +189,14 @@ class Config(_Strict):
     @property
     def resolved_models_dir(self) -> Path:
         return (self.models_dir or self.data_dir / "models").expanduser()
+
+    @property
+    def store_path(self) -> Path:
+        return (self.store.path or self.data_dir / "llamacontroller.db").expanduser()
+
+    @property
+    def secrets_dir(self) -> Path:
+        return (self.auth.secrets_dir or self.data_dir / "secrets").expanduser()
 
 
 # ---------------------------------------------------------------- pipeline
@@ -320,6 +346,12 @@ def _check_cross_fields(config: Config) -> None:
                     f'models."{name}".aliases: "{alias}" is already used by "{owners[key]}"; names must be unique'
                 )
             owners.setdefault(key, name)
+    host = config.server.listen.rpartition(":")[0].strip("[]")
+    if not config.auth.enabled and host not in ("127.0.0.1", "localhost", "::1"):
+        problems.append(
+            "auth.enabled: authentication may only be turned off on a loopback address "
+            f"(server.listen is {config.server.listen})"
+        )
     pinned = [name for name, model in config.models.items() if model.pinned]
     if len(pinned) > config.scheduling.max_loaded_models:
         problems.append(

@@ -10,9 +10,14 @@ Third-party and OS exceptions (sockets, subprocess) are translated at the bounda
     │   ├── InvalidModelName             400  name fails the strict name pattern
     │   ├── InvalidModelFile             400  the model's file is missing or not GGUF
     │   ├── ModelNotFound                404  no model of that name in the catalog
-    │   ├── NotFound                     404  unknown route
+    │   ├── NotFound                     404  unknown route or record
     │   ├── MethodNotAllowed             405  known route, wrong method
+    │   ├── Conflict                     409  the record exists already (user name)
     │   └── PayloadTooLarge              413  body over the configured limit
+    ├── AuthError                        401  who is asking could not be established
+    │   ├── Unauthenticated              401  missing, malformed, unknown, expired or revoked credentials
+    │   ├── Forbidden                    403  known caller without the scope, model or CSRF token needed
+    │   └── RateLimited                  429  over the token's requests per minute, or login throttled
     ├── Unavailable                      503  the server cannot take this request now
     │   ├── QueueFull                    503  the model's bounded queue is full
     │   ├── NoCapacity                   503  nothing may be evicted to make room (all pinned)
@@ -88,9 +93,37 @@ class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
 
 
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
+
+
+class AuthError(LlamaControllerError):
+    status = 401
+    code = "unauthenticated"
+
+
+class Unauthenticated(AuthError):
+    pass
+
+
+class Forbidden(AuthError):
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(AuthError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(LlamaControllerError):

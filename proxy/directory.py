@@ -7,7 +7,7 @@ Errors crossing this boundary are the ones in ``controller.errors`` (the shared 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,6 +48,10 @@ class ModelInfo:
     gpu_offload: bool = False  # the backend was asked to put layers on a GPU
 
 
+Allowed = Callable[[str], bool]  # may the caller use the model of this catalog name?
+ALLOW_MODEL_KEY = "llamacontroller.allow_model"  # where the auth layer leaves the predicate in the ASGI scope
+
+
 class ModelDirectory(Protocol):
     def lease(
         self,
@@ -56,14 +60,47 @@ class ModelDirectory(Protocol):
         keep_alive: float | None = None,
         embeddings: bool = False,
         ctx_size: int | None = None,
+        allowed: Allowed | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
-        """Wait until ``name`` is ready (loading it if needed) and hold it while the block runs."""
+        """Wait until ``name`` is ready (loading it if needed) and hold it while the block runs.
 
-    async def unload(self, name: str) -> None:
+        ``allowed`` is checked against the resolved catalog name (so an alias cannot get around a
+        token's model allow-list); a refusal raises Forbidden."""
+
+    async def unload(self, name: str, allowed: Allowed | None = None) -> None:
         """Stop the model once its in-flight requests have finished."""
 
     async def models(self) -> Sequence[ModelInfo]:
         """Every model in the catalog, loaded or not."""
 
+    async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
+        """One model by name or alias; raise ModelNotFound / InvalidModelName / Forbidden."""
+
+
+class Restricted:
+    """The directory as one caller sees it: only the models its credentials allow."""
+
+    def __init__(self, inner: ModelDirectory, allowed: Allowed | None) -> None:
+        self._inner = inner
+        self._allowed = allowed
+
+    @classmethod
+    def for_scope(cls, inner: ModelDirectory, scope: MutableMapping[str, Any]) -> Restricted:
+        return cls(inner, scope.get(ALLOW_MODEL_KEY))
+
+    def lease(
+        self, name: str, *, keep_alive: float | None = None, embeddings: bool = False, ctx_size: int | None = None
+    ) -> AbstractAsyncContextManager[Lease]:
+        return self._inner.lease(
+            name, keep_alive=keep_alive, embeddings=embeddings, ctx_size=ctx_size, allowed=self._allowed
+        )
+
+    async def unload(self, name: str) -> None:
+        await self._inner.unload(name, self._allowed)
+
+    async def models(self) -> list[ModelInfo]:
+        models = await self._inner.models()
+        return [m for m in models if self._allowed is None or self._allowed(m.name)]
+
     async def model(self, name: str) -> ModelInfo:
-        """One model by name or alias; raise ModelNotFound / InvalidModelName."""
+        return await self._inner.model(name, self._allowed)

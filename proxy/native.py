@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from controller.errors import NotFound
 from proxy.asgi import Receive, Scope, Send, header, read_body, run_until_disconnect
-from proxy.directory import ModelDirectory
+from proxy.directory import ModelDirectory, Restricted
 from proxy.forward import forward
 from proxy.upstream import Upstream
 
@@ -35,7 +35,7 @@ class NativeRoutes:
         method: str = scope["method"]
 
         async def work() -> None:
-            async with self._directory.lease(name) as lease:
+            async with Restricted.for_scope(self._directory, scope).lease(name) as lease:
                 await forward(self._upstream, send, method, lease.url + target, body or None, content_type)
 
         await run_until_disconnect(receive, work())

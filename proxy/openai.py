@@ -6,7 +6,7 @@ from typing import Any
 
 from controller.errors import BadRequest
 from proxy.asgi import Receive, Scope, Send, parse_json_object, read_body, run_until_disconnect, send_json
-from proxy.directory import ModelDirectory, ModelInfo
+from proxy.directory import ModelDirectory, ModelInfo, Restricted
 from proxy.forward import forward
 from proxy.upstream import Upstream
 
@@ -33,18 +33,19 @@ class OpenAIRoutes:
         path: str = scope["path"]
 
         async def work() -> None:
-            async with self._directory.lease(name, embeddings=path == "/v1/embeddings") as lease:
+            directory = Restricted.for_scope(self._directory, scope)
+            async with directory.lease(name, embeddings=path == "/v1/embeddings") as lease:
                 await forward(self._upstream, send, "POST", lease.url + path, body)
 
         await run_until_disconnect(receive, work())
         return name
 
     async def list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        models = await self._directory.models()
+        models = await Restricted.for_scope(self._directory, scope).models()
         await send_json(send, 200, {"object": "list", "data": [model_object(m) for m in models]})
 
     async def get_model(self, scope: Scope, receive: Receive, send: Send) -> str:
         """GET /v1/models/<name>."""
         name: str = scope["path"][len("/v1/models/") :]
-        await send_json(send, 200, model_object(await self._directory.model(name)))
+        await send_json(send, 200, model_object(await Restricted.for_scope(self._directory, scope).model(name)))
         return name

@@ -17,7 +17,7 @@ from typing import Any
 
 from controller.catalog import Catalog, CatalogEntry
 from controller.config import Config
-from controller.errors import BackendStartFailed, ModelStopping, NoCapacity, ShuttingDown
+from controller.errors import BackendStartFailed, Forbidden, ModelStopping, NoCapacity, ShuttingDown
 from controller.launch import (
     build_launch_spec,
     context_size,
@@ -30,7 +30,7 @@ from controller.lifecycle.model import ManagedModel, Probe, Publish, Requirement
 from controller.lifecycle.policy import Limits, Loaded, Refuse, Target, choose_victims
 from controller.runtime.base import Backend, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
-from proxy.directory import Lease, ModelInfo
+from proxy.directory import Allowed, Lease, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +237,13 @@ class Supervisor:
         embeddings: bool = False,
         ctx_size: int | None = None,
         exclusive: bool = False,
+        allowed: Allowed | None = None,
     ) -> AsyncIterator[Lease]:
         """Hold a ready backend for ``name`` for the duration of the block (see ModelDirectory)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         started = time.monotonic()
-        entry = await self.catalog.lookup(name)
+        entry = await self._lookup(name, allowed)
         entry.require_loadable()
         model = self._model(entry)
         requirements = self._effective(
@@ -273,8 +274,14 @@ class Supervisor:
             model_name = lease.model
         return await self.model(model_name)
 
-    async def unload(self, name: str) -> None:
+    async def _lookup(self, name: str, allowed: Allowed | None) -> CatalogEntry:
         entry = await self.catalog.lookup(name)
+        if allowed is not None and not allowed(entry.name):
+            raise Forbidden(f"these credentials may not use model '{name}'")
+        return entry
+
+    async def unload(self, name: str, allowed: Allowed | None = None) -> None:
+        entry = await self._lookup(name, allowed)
         model = self._models.get(entry.key)
         if model is not None:
             await model.request_stop()
@@ -322,8 +329,8 @@ class Supervisor:
         await self.catalog.refresh()
         return [self._info(entry) for entry in self.catalog.entries()]
 
-    async def model(self, name: str) -> ModelInfo:
-        return self._info(await self.catalog.lookup(name))
+    async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
+        return self._info(await self._lookup(name, allowed))
 
     def status(self, entry: CatalogEntry) -> dict[str, Any]:
         """The control API's view of one model: catalog facts plus live state."""

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from controller.errors import BadRequest, UpstreamError, UpstreamRefused
 from proxy.asgi import Receive, Scope, Send, header, parse_json_object, read_body, run_until_disconnect, send_json
-from proxy.directory import Lease, ModelDirectory, ModelInfo
+from proxy.directory import Lease, ModelDirectory, ModelInfo, Restricted
 from proxy.ollama import info as render
 from proxy.ollama.convert import chat_body, generate_chat_body, native_body
 from proxy.ollama.requests import (
@@ -133,14 +133,14 @@ class OllamaRoutes:
         await send_json(send, 200, {"version": OLLAMA_VERSION})
 
     async def tags(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, render.tags(await self._directory.models()))
+        await send_json(send, 200, render.tags(await self._for(scope).models()))
 
     async def ps(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, render.ps(await self._directory.models()))
+        await send_json(send, 200, render.ps(await self._for(scope).models()))
 
     async def show(self, scope: Scope, receive: Receive, send: Send) -> str:
         request = parse_show(await self._json(scope, receive))
-        await send_json(send, 200, render.show(await self._directory.model(request.model)))
+        await send_json(send, 200, render.show(await self._for(scope).model(request.model)))
         return request.model
 
     async def management(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -150,22 +150,27 @@ class OllamaRoutes:
 
     # ------------------------------------------------------------------ load / unload
 
-    async def _unload(self, name: str) -> None:
+    def _for(self, scope: Scope) -> Restricted:
+        """The directory limited to the models this caller's credentials allow."""
+        return Restricted.for_scope(self._directory, scope)
+
+    @staticmethod
+    async def _unload(directory: Restricted, name: str) -> None:
         """keep_alive 0 with nothing to do: unload, waiting a little for in-flight requests to finish."""
-        task = asyncio.ensure_future(self._directory.unload(name))
+        task = asyncio.ensure_future(directory.unload(name))
         done, _ = await asyncio.wait({task}, timeout=_UNLOAD_WAIT)
         if task in done:
             task.result()
 
-    async def _load_only(self, send: Send, request: Common, kind: Literal["chat", "generate"]) -> None:
+    async def _load_only(
+        self, directory: Restricted, send: Send, request: Common, kind: Literal["chat", "generate"]
+    ) -> None:
         """An empty prompt or message list: load (or with keep_alive 0, unload) and say so."""
         if request.keep_alive == 0:
-            await self._unload(request.model)
+            await self._unload(directory, request.model)
             reply = load_chunk(request.model, kind, "unload")
         else:
-            async with self._directory.lease(
-                request.model, keep_alive=request.keep_alive, ctx_size=request.options.num_ctx
-            ):
+            async with directory.lease(request.model, keep_alive=request.keep_alive, ctx_size=request.options.num_ctx):
                 reply = load_chunk(request.model, kind, "load")
         await self._reply(send, request.stream, reply)
 
@@ -210,15 +215,16 @@ class OllamaRoutes:
             empty = not request.messages
         else:
             empty = isinstance(request, GenerateRequest) and not (request.prompt or request.suffix)
+        directory = self._for(scope)
         if empty:
-            await run_until_disconnect(receive, self._load_only(send, request, kind))
+            await run_until_disconnect(receive, self._load_only(directory, send, request, kind))
             return
         if _needs_capabilities(request):
-            _check_capabilities(request, await self._directory.model(request.model), request.model)
+            _check_capabilities(request, await directory.model(request.model), request.model)
         accumulator = Accumulator(model=request.model, kind=kind, streaming=request.stream)
 
         async def work() -> None:
-            async with self._directory.lease(
+            async with directory.lease(
                 request.model, keep_alive=request.keep_alive, ctx_size=request.options.num_ctx
             ) as lease:
                 await self._relay(send, lease, path, body, accumulator, started)
@@ -276,7 +282,7 @@ class OllamaRoutes:
     async def embed(self, scope: Scope, receive: Receive, send: Send) -> str:
         started = time.perf_counter()
         request = parse_embed(await self._json(scope, receive))
-        result = await self._embeddings(request, started)
+        result = await self._embeddings(self._for(scope), request, started)
         vectors = [_normalise(v, request.dimensions) for v in result["vectors"]]
         reply: dict[str, Any] = {"model": request.model, "embeddings": vectors}
         if vectors:
@@ -287,15 +293,15 @@ class OllamaRoutes:
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> str:
         """Legacy shape ``{"embedding": [...]}``, not re-normalised (llama-server's own L2 output)."""
         request = parse_embeddings(await self._json(scope, receive))
-        result = await self._embeddings(request, time.perf_counter())
+        result = await self._embeddings(self._for(scope), request, time.perf_counter())
         await send_json(send, 200, {"embedding": result["vectors"][0] if result["vectors"] else []})
         return request.model
 
-    async def _embeddings(self, request: EmbedRequest, started: float) -> dict[str, Any]:
+    async def _embeddings(self, directory: Restricted, request: EmbedRequest, started: float) -> dict[str, Any]:
         if not request.inputs and request.keep_alive == 0:
-            await self._unload(request.model)
+            await self._unload(directory, request.model)
             return {"vectors": []}
-        async with self._directory.lease(request.model, keep_alive=request.keep_alive, embeddings=True) as lease:
+        async with directory.lease(request.model, keep_alive=request.keep_alive, embeddings=True) as lease:
             if not request.inputs:
                 return {"vectors": []}
             body = _encode({"input": list(request.inputs), "encoding_format": "float"})

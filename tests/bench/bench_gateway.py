@@ -33,8 +33,9 @@ from tests.support.tinymodel import write_tiny_model
 class RawClient:
     """Minimal HTTP/1.1 keep-alive client: one sendall per request, reconnects when the server closes."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None) -> None:
         self.address = (host, port)
+        self.extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.sock: socket.socket | None = None
         self.buffer = b""
 
@@ -48,7 +49,7 @@ class RawClient:
         if self.sock is None:
             self.sock = self._connect()
         request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: application/json\r\n{self.extra}"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         started = time.perf_counter()
@@ -106,7 +107,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def latency(gateway_port: int, backend_port: int, requests: int) -> list[dict[str, Any]]:
+def latency(gateway_port: int, backend_port: int, requests: int, token: str) -> list[dict[str, Any]]:
     openai_body = json.dumps(
         {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
     ).encode()
@@ -127,7 +128,8 @@ def latency(gateway_port: int, backend_port: int, requests: int) -> list[dict[st
     ]
     results = []
     for label, path, body, direct_body in cases:
-        direct, gateway = RawClient("127.0.0.1", backend_port), RawClient("127.0.0.1", gateway_port)
+        direct = RawClient("127.0.0.1", backend_port)
+        gateway = RawClient("127.0.0.1", gateway_port, {"Authorization": f"Bearer {token}"})
         for _ in range(20):  # warm-up: connections, prompt cache
             direct.post("/v1/chat/completions", direct_body)
             gateway.post(path, body)
@@ -151,8 +153,11 @@ def latency(gateway_port: int, backend_port: int, requests: int) -> list[dict[st
     return results
 
 
-async def stream_tokens(url: str, body: dict[str, Any], ollama: bool) -> int:
-    async with httpx.AsyncClient(timeout=300) as client, client.stream("POST", url, json=body) as response:
+async def stream_tokens(url: str, body: dict[str, Any], ollama: bool, headers: dict[str, str]) -> int:
+    async with (
+        httpx.AsyncClient(timeout=300, headers=headers) as client,
+        client.stream("POST", url, json=body) as response,
+    ):
         tokens = 0
         async for line in response.aiter_lines():
             if ollama and line:
@@ -167,13 +172,15 @@ async def stream_tokens(url: str, body: dict[str, Any], ollama: bool) -> int:
     return tokens
 
 
-async def throughput(url: str, body: dict[str, Any], ollama: bool, streams: int = 4) -> float:
+async def throughput(url: str, body: dict[str, Any], ollama: bool, headers: dict[str, str], streams: int = 4) -> float:
     started = time.perf_counter()
-    counts = await asyncio.gather(*(stream_tokens(url, body, ollama) for _ in range(streams)))
+    counts = await asyncio.gather(*(stream_tokens(url, body, ollama, headers) for _ in range(streams)))
     return sum(counts) / (time.perf_counter() - started)
 
 
-def streaming(gateway: str, backend: str, model: str, tokens: int, rounds: int) -> list[dict[str, Any]]:
+def streaming(
+    gateway: str, backend: str, model: str, tokens: int, rounds: int, auth: dict[str, str]
+) -> list[dict[str, Any]]:
     """Each gateway path against its own direct baseline: the identical upstream request, interleaved."""
     prompt = [{"role": "user", "content": "Tell me a long story."}]
     v1 = {"model": model, "messages": prompt, "max_tokens": tokens, "ignore_eos": True, "stream": True}
@@ -184,13 +191,10 @@ def streaming(gateway: str, backend: str, model: str, tokens: int, rounds: int) 
         "options": {"num_predict": tokens, "temperature": 0, "seed": 1},
     }
     translated = chat_body(parse_chat(api))
+    direct_url = f"{backend}/v1/chat/completions"
     pairs = [
-        (
-            "/v1 passthrough",
-            (f"{backend}/v1/chat/completions", v1, False),
-            (f"{gateway}/v1/chat/completions", v1, False),
-        ),
-        ("/api/chat NDJSON", (f"{backend}/v1/chat/completions", translated, False), (f"{gateway}/api/chat", api, True)),
+        ("/v1 passthrough", (direct_url, v1, False, {}), (f"{gateway}/v1/chat/completions", v1, False, auth)),
+        ("/api/chat NDJSON", (direct_url, translated, False, {}), (f"{gateway}/api/chat", api, True, auth)),
     ]
     rows = []
     for label, direct_case, gateway_case in pairs:
@@ -225,8 +229,8 @@ def main() -> None:
         }
         with serve_subprocess(config, root) as served:
             gateway = served.url
-            backend = httpx.post(f"{gateway}/control/v1/models/tiny/load", timeout=60).json()["backend_url"]
-            rows = latency(port, int(backend.rsplit(":", 1)[1]), args.requests)
+            backend = served.http.post("/control/v1/models/tiny/load", timeout=60).json()["backend_url"]
+            rows = latency(port, int(backend.rsplit(":", 1)[1]), args.requests, served.token)
             print(f"\nadded latency, non-streaming, max_tokens 1, {args.requests} interleaved requests per target (ms)")
             print(
                 f"{'path':<32}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'direct p99':>12}{'gw p99':>9}"
@@ -237,10 +241,10 @@ def main() -> None:
                     f"{r['label']:<32}{r['direct_p50']:>11.2f}{r['gateway_p50']:>9.2f}{r['added_p50']:>11.2f}"
                     f"{r['direct_p99']:>12.2f}{r['gateway_p99']:>9.2f}{r['added_p99']:>11.2f}"
                 )
-            streams = streaming(gateway, backend, "tiny", 2000, 5)
+            streams = streaming(gateway, backend, "tiny", 2000, 5, served.headers)
             if args.gemma:
-                gemma_backend = httpx.post(f"{gateway}/control/v1/models/gemma3:270m/load", timeout=120).json()
-                streams += streaming(gateway, gemma_backend["backend_url"], "gemma3:270m", 64, 3)
+                gemma_backend = served.http.post("/control/v1/models/gemma3:270m/load", timeout=120).json()
+                streams += streaming(gateway, gemma_backend["backend_url"], "gemma3:270m", 64, 3, served.headers)
             print("\nstreaming, 4 concurrent streams, tokens/s (median of interleaved rounds)")
             print(f"{'path':<36}{'direct':>10}{'gateway':>10}{'ratio':>9}")
             for r in streams:

@@ -73,18 +73,18 @@ def server(tmp_path_factory: pytest.TempPathFactory, gemma_file: Path, tiny_mode
 
 @pytest.fixture
 def client(server: ServeProcess) -> Iterator[ollama.Client]:
-    with ollama.Client(host=server.url, timeout=120) as made:
+    with ollama.Client(host=server.url, timeout=120, headers=server.headers) as made:
         yield made
 
 
 def test_ollama_root_version_and_redirect(server: ServeProcess) -> None:
-    root = httpx.get(server.url + "/")
+    root = server.http.get("/")
     assert root.status_code == 200 and root.text == "Ollama is running"
-    assert httpx.head(server.url + "/").status_code == 200
-    assert httpx.get(server.url + "/api/version").json()["version"].count(".") == 2
-    browser = httpx.get(server.url + "/", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert server.http.head("/").status_code == 200
+    assert server.http.get("/api/version").json()["version"].count(".") == 2
+    browser = server.http.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
     assert browser.status_code == 302 and browser.headers["location"] == "/ui/"
-    wrong = httpx.post(server.url + "/api/tags")
+    wrong = server.http.post("/api/tags")
     assert wrong.status_code == 405 and "error" in wrong.json()
 
 
@@ -202,9 +202,9 @@ def test_ollama_tool_history_reaches_a_tools_model(client: ollama.Client) -> Non
 
 def test_ollama_num_ctx_restarts_only_when_larger(client: ollama.Client, server: ServeProcess) -> None:
     client.chat("tiny", messages=[{"role": "user", "content": "hi"}], options={"num_ctx": 1024, "num_predict": 2})
-    before = httpx.get(f"{server.url}/control/v1/models/tiny").json()
+    before = server.http.get("/control/v1/models/tiny").json()
     client.chat("tiny", messages=[{"role": "user", "content": "hi"}], options={"num_ctx": 2048, "num_predict": 2})
-    after = httpx.get(f"{server.url}/control/v1/models/tiny").json()
+    after = server.http.get("/control/v1/models/tiny").json()
     assert after["starts"] == before["starts"], "the running context (2048) already covers it"
     ps = {m.model: m for m in client.ps().models}
     assert ps["tiny:latest"].context_length == 2048
@@ -223,7 +223,7 @@ def test_ollama_embeddings(client: ollama.Client) -> None:
 
 
 def test_ollama_embed_rejects_wrong_input_types(server: ServeProcess) -> None:
-    response = httpx.post(f"{server.url}/api/embed", json={"model": GEMMA, "input": [1, 2]})
+    response = server.http.post("/api/embed", json={"model": GEMMA, "input": [1, 2]})
     assert response.status_code == 400 and response.json() == {"error": "invalid input type"}
 
 
@@ -276,13 +276,13 @@ def test_ollama_model_management_is_refused(client: ollama.Client, call: str) ->
 def test_ollama_blobs_are_refused(server: ServeProcess) -> None:
     digest = "sha256:" + "0" * 64
     for method in ("HEAD", "POST"):
-        response = httpx.request(method, f"{server.url}/api/blobs/{digest}", content=b"x")
+        response = server.http.request(method, f"/api/blobs/{digest}", content=b"x")
         assert response.status_code == 403
 
 
 def test_ollama_async_client(server: ServeProcess) -> None:
     async def scenario() -> None:
-        async with ollama.AsyncClient(host=server.url, timeout=120) as client:
+        async with ollama.AsyncClient(host=server.url, timeout=120, headers=server.headers) as client:
             await exercise(client)
 
     async def exercise(client: ollama.AsyncClient) -> None:
@@ -309,7 +309,7 @@ def test_ollama_tokens_stream_before_generation_ends(server: ServeProcess) -> No
     body = {"model": GEMMA, "prompt": "Tell me a long story about a cat.", "options": {"num_predict": 48}}
     arrivals: list[float] = []
     lines: list[dict[str, Any]] = []
-    with httpx.stream("POST", f"{server.url}/api/generate", json=body, timeout=60) as response:
+    with server.http.stream("POST", "/api/generate", json=body, timeout=60) as response:
         assert response.headers["content-type"] == "application/x-ndjson"
         for line in response.iter_lines():
             arrivals.append(time.perf_counter())
@@ -321,13 +321,26 @@ def test_ollama_tokens_stream_before_generation_ends(server: ServeProcess) -> No
 
 def test_ollama_client_disconnect_frees_the_slot(server: ServeProcess) -> None:
     body = {"model": "tiny", "prompt": "hi", "options": {"num_predict": 100000}}
-    with httpx.stream("POST", f"{server.url}/api/generate", json=body, timeout=30) as response:
+    with server.http.stream("POST", "/api/generate", json=body, timeout=30) as response:
         next(response.iter_lines())
     deadline = time.monotonic() + 3
     busy: list[Any] = []
     while time.monotonic() < deadline:
-        busy = [s for s in httpx.get(f"{server.url}/llama/tiny/slots").json() if s["is_processing"]]
+        busy = [s for s in server.http.get("/llama/tiny/slots").json() if s["is_processing"]]
         if not busy:
             break
         time.sleep(0.05)
     assert busy == []
+
+
+def test_ollama_client_without_credentials_gets_a_clean_401(server: ServeProcess) -> None:
+    with ollama.Client(host=server.url) as anonymous:
+        with pytest.raises(ollama.ResponseError) as refused:
+            anonymous.list()
+    assert refused.value.status_code == 401
+    assert refused.value.error == "authentication required: send 'Authorization: Bearer <API token>'"
+    with ollama.Client(host=server.url, headers={"Authorization": "Bearer lc_0000000000000000_" + "x" * 43}) as wrong:
+        with pytest.raises(ollama.ResponseError) as invalid:
+            wrong.chat(GEMMA, messages=[{"role": "user", "content": "hi"}])
+    assert invalid.value.status_code == 401 and invalid.value.error == "invalid API token"
+    assert httpx.get(server.url + "/").text == "Ollama is running"  # the liveness probe stays open

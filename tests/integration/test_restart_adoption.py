@@ -8,22 +8,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
-from tests.support.server import backend_processes, real_config, serve_subprocess
+from tests.support.server import ServeProcess, backend_processes, real_config, serve_subprocess
 
 Models = Callable[..., dict[str, dict[str, Any]]]
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-def status(url: str, name: str) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"{url}/control/v1/models/{name}", timeout=10).json()
+def status(served: ServeProcess, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = served.http.get(f"/control/v1/models/{name}", timeout=10).json()
     return body
 
 
-def chat(url: str, name: str) -> int:
-    return httpx.post(f"{url}/v1/chat/completions", json={"model": name, **CHAT}, timeout=60).status_code
+def chat(served: ServeProcess, name: str) -> int:
+    return served.http.post("/v1/chat/completions", json={"model": name, **CHAT}, timeout=60).status_code
 
 
 def test_restart_adopts_backends_kept_on_exit(tmp_path: Path, tiny_models: Models) -> None:
@@ -31,16 +30,16 @@ def test_restart_adopts_backends_kept_on_exit(tmp_path: Path, tiny_models: Model
     model_file = Path(models["a"]["path"])
     config = real_config(tmp_path, models, runtime={"keep_backends_on_exit": True})
     with serve_subprocess(config, tmp_path, "first") as first:
-        assert chat(first.url, "a") == 200
-        pid = int(status(first.url, "a")["handle"])
+        assert chat(first, "a") == 200
+        pid = int(status(first, "a")["handle"])
     assert [p.pid for p in backend_processes(model_file)] == [pid], "the backend outlived its controller"
 
     with serve_subprocess(config, tmp_path, "second") as second:
-        adopted = status(second.url, "a")
+        adopted = status(second, "a")
         assert adopted["state"] == "ready" and adopted["adopted"] is True and int(adopted["handle"]) == pid
-        assert chat(second.url, "a") == 200
+        assert chat(second, "a") == 200
         assert [p.pid for p in backend_processes(model_file)] == [pid]
-        assert httpx.post(f"{second.url}/control/v1/models/a/unload", timeout=30).json()["state"] == "stopped"
+        assert second.http.post("/control/v1/models/a/unload", timeout=30).json()["state"] == "stopped"
         assert backend_processes(model_file) == []
 
 
@@ -49,15 +48,15 @@ def test_killed_controller_leaves_nothing_behind_after_the_next_run(tmp_path: Pa
     model_file = Path(models["a"]["path"])
     config = real_config(tmp_path, models)
     with serve_subprocess(config, tmp_path, "first") as first:
-        assert chat(first.url, "a") == 200
-        pid = int(status(first.url, "a")["handle"])
+        assert chat(first, "a") == 200
+        pid = int(status(first, "a")["handle"])
         first.process.send_signal(signal.SIGKILL)  # no chance to clean up
         first.process.wait()
     assert psutil.pid_exists(pid)
 
     with serve_subprocess(config, tmp_path, "second") as second:
-        assert status(second.url, "a")["state"] == "ready", "the left-over backend is adopted, not duplicated"
-        assert chat(second.url, "a") == 200
+        assert status(second, "a")["state"] == "ready", "the left-over backend is adopted, not duplicated"
+        assert chat(second, "a") == 200
         assert [p.pid for p in backend_processes(model_file)] == [pid]
     assert backend_processes(model_file) == [], "a clean stop stops what was adopted too"
 
@@ -67,14 +66,14 @@ def test_changed_config_removes_the_stale_backend(tmp_path: Path, tiny_models: M
     model_file = Path(models["a"]["path"])
     config = real_config(tmp_path, models, runtime={"keep_backends_on_exit": True})
     with serve_subprocess(config, tmp_path, "first") as first:
-        assert chat(first.url, "a") == 200
-        old_pid = int(status(first.url, "a")["handle"])
+        assert chat(first, "a") == 200
+        old_pid = int(status(first, "a")["handle"])
 
     models["a"]["ctx_size"] = 512  # another command line: the old backend must not be adopted
     with serve_subprocess(config, tmp_path, "second") as second:
         assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
-        assert status(second.url, "a")["state"] == "stopped"
-        assert chat(second.url, "a") == 200
+        assert status(second, "a")["state"] == "stopped"
+        assert chat(second, "a") == 200
         live = backend_processes(model_file)
         assert len(live) == 1 and live[0].pid != old_pid
         assert "--ctx-size" in live[0].cmdline() and "1024" in live[0].cmdline()  # 512 x 2 slots

@@ -28,7 +28,7 @@ def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) ->
         assert "serving gemma3:270m (gemma3, Q4_K_M, 253 MB)" in output
         assert (tmp_path / "data" / "models" / "gemma-3-270m-q4_k_m.gguf").stat().st_size == 253113024
 
-        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=served.token, max_retries=0)
         assert [m.id for m in client.models.list()] == ["gemma3:270m"]
         reply = client.chat.completions.create(
             model="gemma3:270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
@@ -44,3 +44,7 @@ def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) ->
         with pytest.raises(openai.NotFoundError) as missing:
             client.chat.completions.create(model="llama9:1t", messages=[{"role": "user", "content": "x"}])
         assert "model 'llama9:1t' not found" in str(missing.value)
+        anonymous = openai.OpenAI(base_url=f"{served.url}/v1", api_key="not-a-token", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            anonymous.models.list()
+        assert "malformed API token" in str(refused.value)

@@ -27,6 +27,8 @@ def fake_config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, An
         "server": {"data_dir": str(tmp_path / "data")},
         "models_dir": str(tmp_path / "empty-models-dir"),
         "models": resolved,
+        # These tests are about the lifecycle and the gateway; tests/http/test_security.py is about auth.
+        "auth": {"enabled": False},
         **sections,
     }
     return validate_config(raw)

@@ -21,12 +21,14 @@ import yaml
 from quart import Quart
 
 from controller.app import create_app
+from controller.auth.service import AuthService
 from controller.config import Config, validate_config
 from controller.errors import BackendStartFailed
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.process import free_port
 from controller.server import bind, uvicorn_server
 from controller.settings import find_llama_server
+from controller.store import make_store
 
 STRICT_ENV = "LLAMACONTROLLER_TESTS_STRICT"  # set by .ci/run: a missing dependency fails instead of skipping
 
@@ -64,11 +66,30 @@ def real_config(tmp_path: Path, models: dict[str, dict[str, Any]], **sections: A
     return raw
 
 
+async def provision_token(config: Config, scopes: tuple[str, ...] = ("admin",), user: str = "tester") -> str:
+    """Create (once) an admin user and a new API token in the config's store; return the token."""
+    store, ephemeral = make_store(config)
+    await store.open()
+    try:
+        service = AuthService(config.auth, store, ephemeral, b"k" * 32, b"s" * 32)
+        if await store.get_user(user) is None:
+            await service.add_user(user, "tester-password", "admin", "tests")
+        token, _ = await service.create_token(user, "tests", list(scopes), [], None, None, "tests")
+        return token
+    finally:
+        await store.close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 @dataclass
 class RunningApp:
     url: str
     app: Quart
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # authenticated as an admin
+    token: str
 
     @property
     def supervisor(self) -> Supervisor:
@@ -81,13 +102,14 @@ async def running_app(config: Config | dict[str, Any]) -> AsyncIterator[RunningA
     """The whole app on a real socket, served by uvicorn (as `serve` does) in this event loop."""
     if isinstance(config, dict):
         config = validate_config(config)
+    token = await provision_token(config)
     app = create_app(config)
     sock = bind(config.server.listen)
     server = uvicorn_server(app, config)
     server.config.loop = "none"  # the test's event loop
     task = asyncio.create_task(server.serve(sockets=[sock]))
     url = f"http://{config.server.listen}"
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(token)) as client:
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -99,7 +121,7 @@ async def running_app(config: Config | dict[str, Any]) -> AsyncIterator[RunningA
                 raise RuntimeError("the app did not become ready")
             await asyncio.sleep(0.02)
         try:
-            yield RunningApp(url, app, client)
+            yield RunningApp(url, app, client, token)
         finally:
             server.should_exit = True
             await asyncio.wait_for(task, 30)
@@ -121,6 +143,12 @@ class ServeProcess:
     process: subprocess.Popen[str]
     url: str
     log_path: Path
+    token: str
+    http: httpx.Client  # authenticated as an admin
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.token)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -131,6 +159,7 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
     """`llamacontroller serve --config ...` as a real process; stopped with SIGTERM (or already killed)."""
     config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    token = asyncio.run(provision_token(validate_config(config)))
     log_path = tmp_path / f"{name}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -140,7 +169,7 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
             text=True,
         )
     url = f"http://{config['server']['listen']}"
-    served = ServeProcess(process, url, log_path)
+    served = ServeProcess(process, url, log_path, token, httpx.Client(base_url=url, headers=bearer(token), timeout=120))
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -154,6 +183,7 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
             time.sleep(0.05)
         yield served
     finally:
+        served.http.close()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:

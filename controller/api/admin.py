@@ -1,0 +1,119 @@
+"""``/control/v1/tokens``, ``/control/v1/users``, ``/control/v1/audit``: the admin's JSON API."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from quart import Blueprint, current_app, request
+
+from controller.auth.asgi import identity_of
+from controller.auth.service import AuthService
+from controller.errors import BadRequest
+from controller.store.base import User
+
+blueprint = Blueprint("control_admin", __name__, url_prefix="/control/v1")
+
+
+def _service() -> AuthService:
+    service: AuthService = current_app.extensions["llamacontroller.auth"]
+    return service
+
+
+def _actor() -> str:
+    return identity_of(request.scope).subject
+
+
+async def _body() -> dict[str, Any]:
+    data = await request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _user(user: User) -> dict[str, Any]:
+    return {"name": user.name, "role": user.role, "disabled": user.disabled, "created_at": user.created_at}
+
+
+def _strings(data: dict[str, Any], name: str) -> list[str]:
+    value = data.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise BadRequest(f"'{name}' must be a list of strings")
+    return value
+
+
+@blueprint.get("/tokens")
+async def list_tokens() -> dict[str, Any]:
+    return {"tokens": [token.public() for token in await _service().store.list_tokens()]}
+
+
+@blueprint.post("/tokens")
+async def create_token() -> tuple[dict[str, Any], int]:
+    """The secret is in this answer only: store it now."""
+    data = await _body()
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("'name' is required")
+    expires = data.get("expires")
+    if expires is not None and not isinstance(expires, str | int | float):
+        raise BadRequest("'expires' must be like \"30d\" or a number of seconds")
+    rpm = data.get("rpm")
+    if rpm is not None and (not isinstance(rpm, int) or isinstance(rpm, bool)):
+        raise BadRequest("'rpm' must be a whole number")
+    owner = data.get("owner", _actor())
+    if not isinstance(owner, str):
+        raise BadRequest("'owner' must be a user name")
+    token, record = await _service().create_token(
+        owner, name, _strings(data, "scopes") or ["inference"], _strings(data, "models"), expires, rpm, _actor()
+    )
+    return {"token": token, **record.public()}, 201
+
+
+@blueprint.delete("/tokens/<token_id>")
+async def revoke_token(token_id: str) -> dict[str, Any]:
+    return (await _service().revoke_token(token_id, _actor())).public()
+
+
+@blueprint.get("/users")
+async def list_users() -> dict[str, Any]:
+    return {"users": [_user(user) for user in await _service().store.list_users()]}
+
+
+@blueprint.post("/users")
+async def add_user() -> tuple[dict[str, Any], int]:
+    data = await _body()
+    role = data.get("role", "user")
+    if role not in ("admin", "user"):
+        raise BadRequest("'role' must be admin or user")
+    if not isinstance(data.get("name"), str) or not isinstance(data.get("password"), str):
+        raise BadRequest("'name' and 'password' are required")
+    user = await _service().add_user(data["name"], data["password"], role, _actor())
+    return _user(user), 201
+
+
+@blueprint.post("/users/<name>/password")
+async def set_password(name: str) -> dict[str, Any]:
+    data = await _body()
+    if not isinstance(data.get("password"), str):
+        raise BadRequest("'password' is required")
+    await _service().set_password(name, data["password"], _actor())
+    return {"name": name, "password_changed": True}
+
+
+@blueprint.post("/users/<name>/disable")
+async def disable_user(name: str) -> dict[str, Any]:
+    return _user(await _service().set_disabled(name, True, _actor()))
+
+
+@blueprint.post("/users/<name>/enable")
+async def enable_user(name: str) -> dict[str, Any]:
+    return _user(await _service().set_disabled(name, False, _actor()))
+
+
+@blueprint.get("/audit")
+async def audit() -> dict[str, Any]:
+    raw = request.args.get("limit", "100")
+    if not raw.isdigit():
+        raise BadRequest("'limit' must be a whole number")
+    events = await _service().store.list_audit(min(int(raw), 1000))
+    return {"events": [asdict(event) for event in events]}

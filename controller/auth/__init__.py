@@ -1,0 +1,1 @@
+"""Authentication and authorisation: identities, credentials, the auth layer, sign-in views."""

@@ -1,0 +1,81 @@
+"""The authentication layer in front of everything: identity in, or an error in the caller's dialect.
+
+It sets ``scope["llamacontroller.identity"]`` for the control API and
+``scope["llamacontroller.allow_model"]`` (a predicate) for the gateway, which knows the model only
+once it has read the body.
+"""
+
+from __future__ import annotations
+
+import math
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+from controller.auth.identity import OPEN, Identity, required_scope
+from controller.auth.service import AuthService, Request
+from controller.errors import AuthError, RateLimited
+from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
+from proxy.dialects import control_error, ollama_error, openai_error
+from proxy.directory import ALLOW_MODEL_KEY
+
+IDENTITY_KEY = "llamacontroller.identity"
+
+
+def error_body(path: str, status: int, message: str, code: str) -> dict[str, Any]:
+    """Ollama clients get ``{"error": "..."}``, OpenAI clients OpenAI's shape, the rest the control shape."""
+    if path == "/" or path.startswith(("/api/", "/auth/verify")):
+        return ollama_error(message)
+    if path.startswith(("/v1/", "/llama/")):
+        return openai_error(status, message, code)
+    return control_error(message, code)
+
+
+def auth_headers(exc: AuthError) -> list[tuple[bytes, bytes]]:
+    if isinstance(exc, RateLimited):
+        return [(b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode())]
+    if exc.status == 401:
+        return [(b"www-authenticate", b'Bearer realm="llamacontroller"')]
+    return []
+
+
+def identity_of(scope: Any) -> Identity:
+    """The identity the middleware attached to this request's scope."""
+    identity: Identity = scope[IDENTITY_KEY]
+    return identity
+
+
+def request_of(scope: Any, path: str | None = None, method: str | None = None) -> Request:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+    cookies: dict[str, str] = {}
+    if "cookie" in headers:
+        try:
+            cookies = {k: m.value for k, m in SimpleCookie(headers["cookie"]).items()}
+        except CookieError:
+            cookies = {}
+    client = scope.get("client") or ("", 0)
+    return Request(method or scope["method"], path or scope["path"], headers, str(client[0]), cookies)
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, service: AuthService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        needed = required_scope(scope["method"], path)
+        if needed is not OPEN:
+            try:
+                identity = await self.service.authenticate(request_of(scope))
+                self.service.authorize(identity, needed)
+            except AuthError as exc:
+                await send_json(
+                    send, exc.status, error_body(path, exc.status, exc.message, exc.code), auth_headers(exc)
+                )
+                return
+            scope[IDENTITY_KEY] = identity
+            scope[ALLOW_MODEL_KEY] = identity.allows_model
+        await self.app(scope, receive, send)

@@ -1,0 +1,58 @@
+"""Who is asking, and what a path requires (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from fnmatch import fnmatchcase
+from typing import Literal
+
+
+class Scope(StrEnum):
+    INFERENCE = "inference"
+    MODELS = "models:manage"
+    ADMIN = "admin"  # implies every other scope
+    METRICS = "metrics"
+
+
+ALL_SCOPES = frozenset(Scope)
+OPEN = None  # required_scope() for paths anyone may call
+AUTHENTICATED = ""  # required_scope() for paths any known caller may use, whatever its scopes
+ROLE_SCOPES: dict[str, frozenset[str]] = {"admin": frozenset({Scope.ADMIN}), "user": frozenset({Scope.INFERENCE})}
+
+
+@dataclass(frozen=True)
+class Identity:
+    subject: str  # the user name
+    via: Literal["token", "session", "edge", "anonymous"]
+    scopes: frozenset[str]
+    models: tuple[str, ...] = ()  # glob allow-list; () allows every model
+    token_id: str | None = None
+    session_hash: str | None = None
+    rpm: int | None = None
+
+    def has(self, scope: str) -> bool:
+        return scope == AUTHENTICATED or Scope.ADMIN in self.scopes or scope in self.scopes
+
+    def allows_model(self, name: str) -> bool:
+        """Globs match the catalog name, case-insensitively (``gemma3*``, ``llama3.2:3b``)."""
+        if not self.models:
+            return True
+        lowered = name.lower()
+        candidates = {lowered, lowered if ":" in lowered else f"{lowered}:latest"}
+        return any(fnmatchcase(candidate, glob.lower()) for glob in self.models for candidate in candidates)
+
+
+def required_scope(method: str, path: str) -> str | None:
+    """The scope a request needs; ``OPEN`` for the few paths that need none. Unknown paths need admin."""
+    if path in ("/healthz", "/readyz", "/") or path in ("/auth/login", "/auth/verify"):
+        return OPEN
+    if path.startswith(("/api/", "/v1/", "/llama/")):
+        return Scope.INFERENCE
+    if path.startswith(("/control/v1/models", "/control/v1/events")):
+        return Scope.MODELS
+    if path == "/metrics":
+        return Scope.METRICS
+    if path in ("/auth/logout", "/auth/session"):
+        return AUTHENTICATED
+    return Scope.ADMIN

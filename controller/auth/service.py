@@ -1,0 +1,351 @@
+"""``AuthService.authenticate()``: the one function that turns a request's credentials into an Identity.
+
+Two callers, one function: ``GET /auth/verify`` (Caddy's forward_auth, which then copies our signed
+identity header onto the proxied request) and the app itself for requests that arrive directly. A request
+carrying the identity header must carry a valid one — signed by us, unexpired, bound to this method and
+path, and never seen before (one-time nonce) — so skipping the edge or replaying a header gains nothing.
+
+Credentials, in order: the signed identity header; an API token as ``Authorization: Bearer``, ``x-api-key``
+or the password of ``Authorization: Basic`` (clients differ); the web session cookie (plus a CSRF token
+for state-changing requests). Token lookups are cached for ``token_cache_ttl`` seconds, so a revocation
+takes effect within seconds, across replicas too (they share the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controller.auth.identity import ROLE_SCOPES, Identity, Scope
+from controller.auth.secrets import (
+    digest,
+    hash_password,
+    new_token,
+    parse_expiry,
+    parse_token,
+    same,
+    sign_claims,
+    verify_claims,
+    verify_password,
+)
+from controller.config import AuthConfig
+from controller.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthenticated
+from controller.names import validate_model_name
+from controller.store.base import AuditEvent, Ephemeral, Role, SessionRecord, Store, TokenRecord, User
+
+log = logging.getLogger(__name__)
+
+IDENTITY_HEADER = "x-llamacontroller-identity"
+SESSION_COOKIE = "lc_session"
+CSRF_HEADER = "x-csrf-token"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_TOUCH_EVERY = 60.0  # last-used time is written at most once a minute per token
+_CACHE_LIMIT = 10_000
+_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass
+class _Cached:
+    token: TokenRecord | None
+    owner: User | None
+    fetched: float
+
+
+@dataclass(frozen=True)
+class Request:
+    """What authentication needs to know about a request."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]  # lower-case names
+    client: str
+    cookies: Mapping[str, str]
+
+
+def validate_user_name(name: str) -> str:
+    if not isinstance(name, str) or _USER_NAME.fullmatch(name) is None:
+        raise BadRequest(f"invalid user name {name!r}: letters, digits, '.', '_' and '-', at most 64")
+    return name
+
+
+class AuthService:
+    def __init__(
+        self,
+        settings: AuthConfig,
+        store: Store,
+        ephemeral: Ephemeral,
+        identity_key: bytes,
+        session_key: bytes,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.ephemeral = ephemeral
+        self._identity_key = identity_key
+        self._session_key = session_key
+        self._cache: dict[str, _Cached] = {}
+        self._touched: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ authenticate
+
+    async def authenticate(self, request: Request) -> Identity:
+        """The caller's identity, or Unauthenticated / RateLimited / Forbidden (CSRF)."""
+        if not self.settings.enabled:
+            return Identity("anonymous", "anonymous", frozenset({Scope.ADMIN}))
+        signed = request.headers.get(IDENTITY_HEADER)
+        if signed is not None:
+            return await self._from_identity_header(signed, request.method, request.path)
+        token = self._presented_token(request.headers)
+        if token is not None:
+            return await self._from_token(token)
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie:
+            return await self._from_session(cookie, request)
+        raise Unauthenticated("authentication required: send 'Authorization: Bearer <API token>'")
+
+    def authorize(self, identity: Identity, scope: str) -> None:
+        if not identity.has(scope):
+            raise Forbidden(f"this {identity.via} lacks the '{scope}' scope")
+
+    @staticmethod
+    def _presented_token(headers: Mapping[str, str]) -> str | None:
+        authorization = headers.get("authorization", "")
+        kind, _, value = authorization.partition(" ")
+        if kind.lower() == "bearer" and value.strip():
+            return value.strip()
+        if kind.lower() == "basic" and value.strip():
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                raise Unauthenticated("malformed Basic credentials") from None
+            return decoded.partition(":")[2] or decoded
+        if authorization:
+            raise Unauthenticated("unsupported Authorization scheme: use 'Bearer <API token>'")
+        api_key = headers.get("x-api-key", "").strip()
+        return api_key or None
+
+    async def _lookup(self, token_id: str) -> _Cached:
+        now = time.monotonic()
+        cached = self._cache.get(token_id)
+        if cached is not None and now - cached.fetched < self.settings.token_cache_ttl:
+            return cached
+        token = await self.store.get_token(token_id)
+        owner = await self.store.get_user(token.owner) if token else None
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        cached = self._cache[token_id] = _Cached(token, owner, now)
+        return cached
+
+    async def _from_token(self, presented: str) -> Identity:
+        parsed = parse_token(presented)
+        if parsed is None:
+            raise Unauthenticated("malformed API token: tokens look like lc_<id>_<secret>")
+        token_id, secret = parsed
+        cached = await self._lookup(token_id)
+        token, owner = cached.token, cached.owner
+        # Compare even for unknown ids, so the answer takes as long either way.
+        matches = same(digest(secret), token.secret_hash if token else digest(secrets.token_urlsafe(32)))
+        if token is None or not matches:
+            raise Unauthenticated("invalid API token")
+        if token.revoked:
+            raise Unauthenticated("this API token has been revoked")
+        if token.expires_at is not None and token.expires_at <= time.time():
+            raise Unauthenticated("this API token has expired")
+        if owner is None or owner.disabled:
+            raise Unauthenticated("the owner of this API token is disabled")
+        if token.rpm:
+            wait = await self.ephemeral.take(f"token:{token.id}", token.rpm)
+            if wait > 0:
+                raise RateLimited(f"rate limit of {token.rpm} requests per minute reached", wait)
+        self._touch(token.id)
+        scopes = frozenset(token.scopes)
+        if owner.role != "admin":
+            scopes -= {Scope.ADMIN}  # a token never gives more than its owner has
+        return Identity(owner.name, "token", scopes, token.models, token_id=token.id, rpm=token.rpm)
+
+    def _touch(self, token_id: str) -> None:
+        now = time.time()
+        if now - self._touched.get(token_id, 0.0) < _TOUCH_EVERY:
+            return
+        self._touched[token_id] = now
+        task = asyncio.ensure_future(self._quietly(self.store.touch_token(token_id, now)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _quietly(work: Any) -> None:
+        try:
+            await work
+        except Exception as exc:  # a failed last-used update must not fail the request
+            log.warning("could not record token use: %s", exc.__class__.__name__)
+
+    async def _from_session(self, cookie: str, request: Request) -> Identity:
+        session = await self.store.get_session(digest(cookie))
+        if session is None:
+            raise Unauthenticated("session expired or signed out: sign in again")
+        user = await self.store.get_user(session.user)
+        if user is None or user.disabled:
+            raise Unauthenticated("this account is disabled")
+        if request.method in UNSAFE_METHODS:
+            presented = request.headers.get(CSRF_HEADER, "")
+            if not presented or not same(presented, self.csrf_token(cookie)):
+                raise Forbidden("missing or wrong CSRF token (X-CSRF-Token)")
+        return Identity(user.name, "session", ROLE_SCOPES[user.role], session_hash=session.id_hash)
+
+    # ------------------------------------------------------------------ the edge's signed identity
+
+    def sign_identity(self, identity: Identity, method: str, path: str) -> str:
+        claims = {
+            "sub": identity.subject,
+            "via": identity.via,
+            "scp": sorted(identity.scopes),
+            "mdl": list(identity.models),
+            "tid": identity.token_id,
+            "exp": time.time() + self.settings.identity_ttl,
+            "m": method,
+            "p": path,
+        }
+        return sign_claims(self._identity_key, claims)
+
+    async def _from_identity_header(self, value: str, method: str, path: str) -> Identity:
+        signed = verify_claims(self._identity_key, value)
+        if signed is None:
+            raise Unauthenticated("invalid identity header")
+        claims = signed.claims
+        if not isinstance(claims.get("exp"), int | float) or claims["exp"] <= time.time():
+            raise Unauthenticated("expired identity header")
+        if claims.get("m") != method or claims.get("p") != path:
+            raise Unauthenticated("identity header was issued for another request")
+        if not await self.ephemeral.claim_nonce(signed.nonce, self.settings.identity_ttl + 5):
+            raise Unauthenticated("identity header was already used")
+        return Identity(
+            str(claims["sub"]),
+            "edge",
+            frozenset(claims.get("scp") or ()),
+            tuple(claims.get("mdl") or ()),
+            token_id=claims.get("tid"),
+        )
+
+    # ------------------------------------------------------------------ sessions
+
+    def csrf_token(self, cookie: str) -> str:
+        return hmac.new(self._session_key, cookie.encode(), hashlib.sha256).hexdigest()
+
+    async def login(self, username: str, password: str, client: str) -> tuple[str, User]:
+        """Check the password (throttled per user and address) and open a new session: (cookie, user)."""
+        key = f"login:{username}:{client}"
+        if await self.ephemeral.failures(key) >= self.settings.login_max_failures:
+            raise RateLimited("too many failed sign-ins: wait and try again", self.settings.login_window)
+        user = await self.store.get_user(username) if username else None
+        if not verify_password(password, user.password_hash if user else None) or user is None or user.disabled:
+            await self.ephemeral.add_failure(key, self.settings.login_window)
+            await self._audit("login_failed", username, username, {"client": client})
+            raise Unauthenticated("invalid user name or password")
+        await self.ephemeral.clear_failures(key)
+        cookie = secrets.token_urlsafe(32)  # always new: a session id chosen before sign-in is never reused
+        now = time.time()
+        await self.store.add_session(SessionRecord(digest(cookie), user.name, now, now + self.settings.session_ttl))
+        await self._audit("login", user.name, user.name, {"client": client})
+        return cookie, user
+
+    async def logout(self, identity: Identity) -> None:
+        if identity.session_hash:
+            await self.store.delete_session(identity.session_hash)
+            await self._audit("logout", identity.subject, identity.subject)
+
+    # ------------------------------------------------------------------ users and tokens
+
+    async def _audit(self, action: str, actor: str, target: str, detail: dict[str, Any] | None = None) -> None:
+        await self.store.add_audit(AuditEvent(time.time(), action, actor, target, detail or {}))
+
+    async def add_user(self, name: str, password: str, role: Role, actor: str) -> User:
+        validate_user_name(name)
+        if len(password) < 8:
+            raise BadRequest("passwords need at least 8 characters")
+        user = User(name, hash_password(password), role, False, time.time())
+        await self.store.add_user(user)
+        await self._audit("user_added", actor, name, {"role": role})
+        return user
+
+    async def set_password(self, name: str, password: str, actor: str) -> None:
+        if len(password) < 8:
+            raise BadRequest("passwords need at least 8 characters")
+        await self.store.update_user(name, password_hash=hash_password(password))
+        await self.store.delete_user_sessions(name)
+        await self._audit("password_changed", actor, name)
+
+    async def set_disabled(self, name: str, disabled: bool, actor: str) -> User:
+        user = await self.store.update_user(name, disabled=disabled)
+        if disabled:
+            await self.store.delete_user_sessions(name)
+        self._cache.clear()
+        await self._audit("user_disabled" if disabled else "user_enabled", actor, name)
+        return user
+
+    async def ensure_first_admin(self) -> str | None:
+        """With no users at all, create ``admin`` with a random password and return it (to print once)."""
+        if await self.store.list_users():
+            return None
+        password = secrets.token_urlsafe(12)
+        await self.add_user("admin", password, "admin", "first start")
+        return password
+
+    async def create_token(
+        self,
+        owner: str,
+        name: str,
+        scopes: list[str],
+        models: list[str],
+        expires: str | float | None,
+        rpm: int | None,
+        actor: str,
+    ) -> tuple[str, TokenRecord]:
+        """Returns (the secret token, shown once; its record)."""
+        user = await self.store.get_user(owner)
+        if user is None:
+            raise NotFound(f"user '{owner}' not found")
+        unknown = [scope for scope in scopes if scope not in {s.value for s in Scope}]
+        if unknown or not scopes:
+            raise BadRequest(f"scopes must be some of {[s.value for s in Scope]}")
+        if Scope.ADMIN in scopes and user.role != "admin":
+            raise BadRequest("only admins may own tokens with the admin scope")
+        for glob in models:
+            validate_model_name(glob.replace("*", "x").replace("?", "x"))
+        if rpm is not None and rpm <= 0:
+            raise BadRequest("rpm must be a positive number of requests per minute")
+        seconds = expires if isinstance(expires, int | float) else parse_expiry(expires)
+        token, token_id, secret_hash = new_token()
+        now = time.time()
+        record = TokenRecord(
+            id=token_id,
+            name=name,
+            owner=owner,
+            secret_hash=secret_hash,
+            scopes=tuple(sorted(set(scopes))),
+            models=tuple(models),
+            expires_at=now + seconds if seconds else None,
+            created_at=now,
+            rpm=rpm,
+        )
+        await self.store.add_token(record)
+        await self._audit("token_created", actor, token_id, {"name": name, "owner": owner, "scopes": scopes})
+        return token, record
+
+    async def revoke_token(self, token_id: str, actor: str) -> TokenRecord:
+        if not await self.store.revoke_token(token_id):
+            raise NotFound(f"token '{token_id}' not found")
+        self._cache.pop(token_id, None)
+        await self._audit("token_revoked", actor, token_id)
+        token = await self.store.get_token(token_id)
+        assert token is not None
+        return token

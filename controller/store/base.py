@@ -1,0 +1,140 @@
+"""The store: users, API tokens, web sessions and audit events — one protocol, two backends.
+
+``sqlite`` (embedded default, one file in the data dir) and ``redis`` (shared by replicas). The same
+contract test suite runs against both (tests/store/). Secrets never reach the store: tokens and sessions
+are kept as SHA-256 digests of their high-entropy secrets, passwords as argon2 hashes.
+
+Ephemeral state — rate-limit buckets, login-failure counters, one-time nonces — lives in an ``Ephemeral``
+next to the store: in-process for SQLite (a single process), shared counters in Redis for replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Role = Literal["admin", "user"]
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password_hash: str
+    role: Role = "user"
+    disabled: bool = False
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str  # public part of the token (lc_<id>_<secret>)
+    name: str
+    owner: str
+    secret_hash: str  # sha256 hex of the secret part
+    scopes: tuple[str, ...]
+    models: tuple[str, ...] = ()  # glob allow-list; empty: every model
+    expires_at: float | None = None
+    revoked: bool = False
+    created_at: float = 0.0
+    last_used_at: float | None = None
+    rpm: int | None = None  # requests per minute; None: unlimited
+
+    def public(self) -> dict[str, Any]:
+        """Everything but the secret's digest, for listings."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "scopes": list(self.scopes),
+            "models": list(self.models),
+            "expires_at": self.expires_at,
+            "revoked": self.revoked,
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+            "rpm": self.rpm,
+        }
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    id_hash: str  # sha256 hex of the cookie value
+    user: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    at: float
+    action: str  # e.g. "login", "login_failed", "token_created"
+    actor: str  # who did it ("cli" for the command line)
+    target: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    kind: str
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def close(self) -> None: ...
+
+    async def add_user(self, user: User) -> None:
+        """Raise Conflict when the name is taken."""
+
+    async def get_user(self, name: str) -> User | None: ...
+
+    async def list_users(self) -> Sequence[User]: ...
+
+    async def update_user(
+        self, name: str, *, password_hash: str | None = None, disabled: bool | None = None, role: Role | None = None
+    ) -> User:
+        """Change the given fields; raise NotFound for an unknown user."""
+
+    async def add_token(self, token: TokenRecord) -> None: ...
+
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+
+    async def list_tokens(self) -> Sequence[TokenRecord]: ...
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """True if the token existed (revoking twice is fine)."""
+
+    async def touch_token(self, token_id: str, at: float) -> None:
+        """Record the last use (field-level: never undoes a concurrent revocation)."""
+
+    async def add_session(self, session: SessionRecord) -> None: ...
+
+    async def get_session(self, id_hash: str) -> SessionRecord | None:
+        """None for unknown or expired sessions."""
+
+    async def delete_session(self, id_hash: str) -> None: ...
+
+    async def delete_user_sessions(self, user: str) -> None: ...
+
+    async def add_audit(self, event: AuditEvent) -> None: ...
+
+    async def list_audit(self, limit: int = 100) -> Sequence[AuditEvent]:
+        """Newest first."""
+
+
+class Ephemeral(Protocol):
+    """Short-lived counters that must be shared by replicas when there are several."""
+
+    async def take(self, key: str, per_minute: int) -> float:
+        """Token bucket (capacity ``per_minute``, refilled continuously): 0 if allowed, else seconds to wait."""
+
+    async def failures(self, key: str) -> int:
+        """Failures recorded for ``key`` within the current window."""
+
+    async def add_failure(self, key: str, window: float) -> int:
+        """Record a failure; the count expires ``window`` seconds after the first one."""
+
+    async def clear_failures(self, key: str) -> None: ...
+
+    async def claim_nonce(self, nonce: str, ttl: float) -> bool:
+        """True the first time ``nonce`` is seen within ``ttl`` seconds, False on a replay."""
+
+    async def close(self) -> None: ...
