@@ -8,6 +8,7 @@ install:
 
 install-test:
 	scripts/bootstrap.sh demo,test
+	scripts/system-deps.sh
 
 serve: install
 	$(VENV)/llamacontroller serve $(ARGS)

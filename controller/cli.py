@@ -1,4 +1,4 @@
-"""``llamacontroller serve | config check``."""
+"""``llamacontroller serve | user ... | token ... | config check``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from controller import __version__
+from controller.cli_admin import add_commands as add_admin_commands
 from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config
 from controller.errors import BackendStartFailed, ConfigError
 
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--models-dir", help="folder scanned for *.gguf files (default <data dir>/models)")
     serve.add_argument("--log-level", default=os.environ.get("LLAMACONTROLLER_LOG_LEVEL", "INFO"))
     serve.set_defaults(func=cmd_serve)
+
+    add_admin_commands(commands)
 
     config = commands.add_parser("config", help="config file tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

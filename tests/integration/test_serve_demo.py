@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import openai
@@ -44,6 +46,29 @@ def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) ->
         with pytest.raises(openai.NotFoundError) as missing:
             client.chat.completions.create(model="llama9:1t", messages=[{"role": "user", "content": "x"}])
         assert "model 'llama9:1t' not found" in str(missing.value)
+        # The README's way to a token: the CLI, on the same data dir, while the server runs.
+        created = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "token",
+                "create",
+                "--name",
+                "readme",
+                "--owner",
+                "tester",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        token = created.stdout.strip()
+        assert token.startswith("lc_") and "\n" not in token
+        readme_client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=token, max_retries=0)
+        assert [m.id for m in readme_client.models.list()] == ["gemma3:270m"]
         anonymous = openai.OpenAI(base_url=f"{served.url}/v1", api_key="not-a-token", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as refused:
             anonymous.models.list()

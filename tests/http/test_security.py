@@ -1,0 +1,415 @@
+"""The security suite: each case a test, against the app with authentication on (FakeRuntime backends)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from controller.app import create_app
+from controller.auth import secrets as auth_secrets
+from controller.auth.secrets import digest, new_token, sign_claims
+from controller.auth.service import AuthService
+from controller.config import validate_config
+from controller.errors import ConfigError
+from controller.runtime.fake import FakeRuntime
+from controller.store.base import TokenRecord
+from tests.support.harness import fake_config
+
+
+@dataclass
+class World:
+    app: Quart
+    client: Client
+    service: AuthService
+    tokens: dict[str, str]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
+    config = fake_config(
+        tmp_path,
+        tiny_model,
+        {"a": {}, "b": {}},
+        auth={"enabled": True, "token_cache_ttl": 0.2, "login_max_failures": 3, "identity_ttl": 1},
+    )
+    runtime = FakeRuntime()
+    app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+    async with app.test_app():
+        service: AuthService = app.extensions["llamacontroller.auth"]
+        await service.add_user("root", "root-password", "admin", "tests")
+        await service.add_user("alice", "alice-password", "user", "tests")
+        tokens: dict[str, str] = {}
+        for name, owner, scopes, models, rpm in (
+            ("admin", "root", ["admin"], [], None),
+            ("inference", "alice", ["inference"], [], None),
+            ("only-a", "alice", ["inference"], ["a"], None),
+            ("manage", "root", ["models:manage"], [], None),
+            ("limited", "alice", ["inference"], [], 120),
+        ):
+            tokens[name], _ = await service.create_token(owner, name, scopes, models, None, rpm, "tests")
+        # No cookie jar: each test sends exactly the cookies it means to.
+        yield World(app, app.test_client(use_cookies=False), service, tokens)
+
+
+async def get(world: World, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    response = await world.client.get(path, headers=headers or {})
+    return response.status_code, await response.get_json(), response.headers
+
+
+async def test_security_missing_token_is_401_in_each_dialect(world: World) -> None:
+    status, body, headers = await get(world, "/api/tags")
+    assert status == 401 and body == {"error": "authentication required: send 'Authorization: Bearer <API token>'"}
+    assert headers["WWW-Authenticate"] == 'Bearer realm="llamacontroller"'
+    status, body, _ = await get(world, "/v1/models")
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, body, _ = await get(world, "/control/v1/models")
+    assert status == 401 and body["code"] == "unauthenticated"
+
+
+async def test_security_open_paths_need_no_token(world: World) -> None:
+    for path in ("/", "/healthz", "/readyz"):
+        assert (await world.client.get(path)).status_code == 200
+
+
+async def test_security_malformed_token(world: World) -> None:
+    status, body, _ = await get(world, "/api/tags", bearer("not-a-token"))
+    assert status == 401 and body["error"].startswith("malformed API token")
+    status, body, _ = await get(world, "/api/tags", {"Authorization": "Digest abc"})
+    assert status == 401 and "unsupported Authorization scheme" in body["error"]
+
+
+async def test_security_unknown_token_and_wrong_secret(world: World) -> None:
+    unknown, _, _ = new_token()
+    status, body, _ = await get(world, "/api/tags", bearer(unknown))
+    assert (status, body) == (401, {"error": "invalid API token"})
+    token_id = world.tokens["inference"].split("_")[1]  # the id never contains "_"; the secret may
+    forged = f"lc_{token_id}_" + "A" * 43
+    status, body, _ = await get(world, "/api/tags", bearer(forged))
+    assert (status, body) == (401, {"error": "invalid API token"})
+
+
+async def test_security_expired_token(world: World) -> None:
+    token, token_id, secret_hash = new_token()
+    await world.service.store.add_token(
+        TokenRecord(
+            id=token_id,
+            name="old",
+            owner="alice",
+            secret_hash=secret_hash,
+            scopes=("inference",),
+            expires_at=time.time() - 1,
+            created_at=time.time() - 100,
+        )
+    )
+    status, body, _ = await get(world, "/api/tags", bearer(token))
+    assert (status, body) == (401, {"error": "this API token has expired"})
+
+
+async def test_security_revoked_token_stops_within_the_cache_ttl(world: World) -> None:
+    token = world.tokens["inference"]
+    assert (await get(world, "/api/tags", bearer(token)))[0] == 200
+    token_id = token.split("_")[1]
+    response = await world.client.delete(f"/control/v1/tokens/{token_id}", headers=bearer(world.tokens["admin"]))
+    assert response.status_code == 200 and (await response.get_json())["revoked"] is True
+    await asyncio.sleep(0.25)
+    status, body, _ = await get(world, "/api/tags", bearer(token))
+    assert (status, body) == (401, {"error": "this API token has been revoked"})
+
+
+async def test_security_disabled_owner(world: World) -> None:
+    await world.service.set_disabled("alice", True, "tests")
+    status, body, _ = await get(world, "/api/tags", bearer(world.tokens["inference"]))
+    assert (status, body) == (401, {"error": "the owner of this API token is disabled"})
+
+
+@pytest.mark.parametrize(
+    ("token", "path", "scope"),
+    [
+        ("inference", "/control/v1/models", "models:manage"),
+        ("inference", "/control/v1/tokens", "admin"),
+        ("manage", "/api/tags", "inference"),
+        ("manage", "/control/v1/users", "admin"),
+    ],
+)
+async def test_security_token_without_the_scope_is_403(world: World, token: str, path: str, scope: str) -> None:
+    status, body, _ = await get(world, path, bearer(world.tokens[token]))
+    assert status == 403
+    message = body["error"] if isinstance(body["error"], str) else body["error"]["message"]
+    assert message == f"this token lacks the '{scope}' scope"
+
+
+async def test_security_model_allow_list_on_ollama_and_openai(world: World) -> None:
+    headers = bearer(world.tokens["only-a"])
+    chat = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    response = await world.client.post("/api/chat", json=chat, headers=headers)
+    assert response.status_code == 403
+    assert await response.get_json() == {"error": "these credentials may not use model 'b'"}
+    response = await world.client.post("/v1/chat/completions", json=chat, headers=headers)
+    assert response.status_code == 403 and (await response.get_json())["error"]["type"] == "permission_error"
+    response = await world.client.post("/api/chat", json={**chat, "model": "a"}, headers=headers)
+    assert response.status_code == 502  # allowed: it reaches the (unreachable, fake) backend
+    tags = (await get(world, "/api/tags", headers))[1]
+    assert [m["name"] for m in tags["models"]] == ["a:latest"]
+    assert [m["id"] for m in (await get(world, "/v1/models", headers))[1]["data"]] == ["a"]
+    assert (await world.client.post("/api/show", json={"model": "b"}, headers=headers)).status_code == 403
+
+
+async def test_security_other_credential_forms(world: World) -> None:
+    token = world.tokens["inference"]
+    basic = base64.b64encode(f"anyone:{token}".encode()).decode()
+    assert (await get(world, "/api/tags", {"Authorization": f"Basic {basic}"}))[0] == 200
+    assert (await get(world, "/api/tags", {"x-api-key": token}))[0] == 200
+
+
+async def verify(world: World, method: str, uri: str, headers: dict[str, str]) -> Any:
+    return await world.client.get(
+        "/auth/verify", headers={**headers, "X-Forwarded-Method": method, "X-Forwarded-Uri": uri}
+    )
+
+
+async def test_security_forward_auth_contract(world: World) -> None:
+    ok = await verify(world, "GET", "/api/tags?x=1", bearer(world.tokens["inference"]))
+    assert ok.status_code == 200
+    identity = ok.headers["X-LlamaController-Identity"]
+    assert identity.startswith("v1.")
+    response = await world.client.get("/api/tags", headers={"X-LlamaController-Identity": identity})
+    assert response.status_code == 200, "the edge's signed identity is accepted once"
+    missing = await verify(world, "GET", "/api/tags", {})
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"].startswith("Bearer")
+    assert set(await missing.get_json()) == {"error"}
+    forbidden = await verify(world, "GET", "/control/v1/users", bearer(world.tokens["inference"]))
+    assert forbidden.status_code == 403 and set(await forbidden.get_json()) == {"error"}
+
+
+async def test_security_forward_auth_ignores_a_client_supplied_identity(world: World) -> None:
+    stolen = sign_claims(
+        b"x" * 32, {"sub": "root", "scp": ["admin"], "exp": time.time() + 60, "m": "GET", "p": "/api/tags"}
+    )
+    response = await verify(world, "GET", "/api/tags", {"X-LlamaController-Identity": stolen})
+    assert response.status_code == 401
+
+
+async def signed(world: World, path: str = "/api/tags", method: str = "GET") -> str:
+    response = await verify(world, method, path, bearer(world.tokens["inference"]))
+    value: str = response.headers["X-LlamaController-Identity"]
+    return value
+
+
+async def test_security_identity_header_forged(world: World) -> None:
+    forged = sign_claims(
+        b"not-our-key-not-our-key-not-ours",
+        {"sub": "root", "scp": ["admin"], "exp": time.time() + 60, "m": "GET", "p": "/api/tags"},
+    )
+    status, body, _ = await get(world, "/api/tags", {"X-LlamaController-Identity": forged})
+    assert (status, body) == (401, {"error": "invalid identity header"})
+
+
+async def test_security_identity_header_tampered(world: World) -> None:
+    version, payload, mac = (await signed(world)).split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["scp"] = ["admin"]
+    tampered_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    status, body, _ = await get(
+        world, "/api/tags", {"X-LlamaController-Identity": f"{version}.{tampered_payload}.{mac}"}
+    )
+    assert (status, body) == (401, {"error": "invalid identity header"})
+
+
+async def test_security_identity_header_expired(world: World) -> None:
+    value = await signed(world)
+    await asyncio.sleep(1.1)  # identity_ttl is 1 s here
+    status, body, _ = await get(world, "/api/tags", {"X-LlamaController-Identity": value})
+    assert (status, body) == (401, {"error": "expired identity header"})
+
+
+async def test_security_identity_header_replayed(world: World) -> None:
+    value = await signed(world)
+    assert (await get(world, "/api/tags", {"X-LlamaController-Identity": value}))[0] == 200
+    status, body, _ = await get(world, "/api/tags", {"X-LlamaController-Identity": value})
+    assert (status, body) == (401, {"error": "identity header was already used"})
+
+
+async def test_security_identity_header_for_another_request(world: World) -> None:
+    value = await signed(world, "/api/tags")
+    status, body, _ = await get(world, "/api/ps", {"X-LlamaController-Identity": value})
+    assert (status, body) == (401, {"error": "identity header was issued for another request"})
+
+
+async def test_security_client_supplied_identity_header_directly(world: World) -> None:
+    # No edge in front: a client inventing the header gets nowhere, even with a valid token beside it.
+    invented = "v1.eyJzdWIiOiJyb290In0.AAAA"
+    status, body, _ = await get(
+        world, "/api/tags", {"X-LlamaController-Identity": invented, **bearer(world.tokens["inference"])}
+    )
+    assert (status, body) == (401, {"error": "invalid identity header"})
+
+
+async def test_security_rate_limit_then_recovery(world: World) -> None:
+    headers = bearer(world.tokens["limited"])  # 120 requests per minute: a bucket of 120, 2 per second
+    statuses = [(await get(world, "/api/version", headers))[0] for _ in range(121)]
+    assert statuses[:120] == [200] * 120
+    status, body, response_headers = await get(world, "/api/version", headers)
+    assert status == 429 and body == {"error": "rate limit of 120 requests per minute reached"}
+    assert 1 <= int(response_headers["Retry-After"]) <= 2
+    await asyncio.sleep(0.6)
+    assert (await get(world, "/api/version", headers))[0] == 200
+
+
+async def login(world: World, username: str, password: str, cookie: str | None = None) -> Any:
+    headers = {"Cookie": f"lc_session={cookie}"} if cookie else {}
+    return await world.client.post("/auth/login", json={"username": username, "password": password}, headers=headers)
+
+
+def session_cookie(response: Any) -> str:
+    header = response.headers["Set-Cookie"]
+    assert "HttpOnly" in header and "Secure" in header and "SameSite=Strict" in header
+    value: str = header.split(";", 1)[0].split("=", 1)[1]
+    return value
+
+
+async def test_security_login_brute_force_is_throttled(world: World) -> None:
+    for _ in range(3):
+        response = await login(world, "alice", "wrong-password")
+        assert response.status_code == 401
+        assert await response.get_json() == {"error": "invalid user name or password", "code": "unauthenticated"}
+    response = await login(world, "alice", "alice-password")  # even the right password now waits
+    assert response.status_code == 429 and int(response.headers["Retry-After"]) > 0
+    assert (await login(world, "root", "root-password")).status_code == 200, "other users are not locked out"
+
+
+async def test_security_unknown_user_and_wrong_password_look_the_same(world: World) -> None:
+    unknown = await login(world, "mallory", "whatever-password")
+    wrong = await login(world, "root", "whatever-password")
+    assert unknown.status_code == wrong.status_code == 401
+    assert await unknown.get_json() == await wrong.get_json()
+
+
+async def test_security_session_and_csrf(world: World) -> None:
+    response = await login(world, "root", "root-password")
+    cookie, csrf = session_cookie(response), (await response.get_json())["csrf_token"]
+    headers = {"Cookie": f"lc_session={cookie}"}
+    assert (await world.client.get("/control/v1/models", headers=headers)).status_code == 200
+    no_csrf = await world.client.post("/control/v1/models/a/unload", headers=headers)
+    assert no_csrf.status_code == 403
+    assert await no_csrf.get_json() == {"error": "missing or wrong CSRF token (X-CSRF-Token)", "code": "forbidden"}
+    wrong = await world.client.post("/control/v1/models/a/unload", headers={**headers, "X-CSRF-Token": "0" * 64})
+    assert wrong.status_code == 403
+    ok = await world.client.post("/control/v1/models/a/unload", headers={**headers, "X-CSRF-Token": csrf})
+    assert ok.status_code == 200
+
+
+async def test_security_session_fixation_is_impossible(world: World) -> None:
+    planted = "attacker-chosen-session-id"
+    response = await login(world, "root", "root-password", cookie=planted)
+    issued = session_cookie(response)
+    assert issued != planted
+    status, _, _ = await get(world, "/auth/session", {"Cookie": f"lc_session={planted}"})
+    assert status == 401
+    again = session_cookie(await login(world, "root", "root-password", cookie=issued))
+    assert again != issued, "every sign-in rotates the session"
+
+
+async def test_security_logout_really_ends_the_session(world: World) -> None:
+    response = await login(world, "alice", "alice-password")
+    cookie, csrf = session_cookie(response), (await response.get_json())["csrf_token"]
+    headers = {"Cookie": f"lc_session={cookie}"}
+    assert (await get(world, "/auth/session", headers))[1]["user"] == "alice"
+    out = await world.client.post("/auth/logout", headers={**headers, "X-CSRF-Token": csrf})
+    assert out.status_code == 200 and "lc_session=;" in out.headers["Set-Cookie"]
+    status, body, _ = await get(world, "/auth/session", headers)
+    assert status == 401 and body["error"] == "session expired or signed out: sign in again"
+
+
+async def test_security_secrets_never_reach_logs_or_later_responses(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    admin = bearer(world.tokens["admin"])
+    created = await world.client.post("/control/v1/tokens", json={"name": "ci", "scopes": ["inference"]}, headers=admin)
+    assert created.status_code == 201
+    secret = (await created.get_json())["token"]
+    user = await world.client.post(
+        "/control/v1/users", json={"name": "carol", "password": "carol-password-1"}, headers=admin
+    )
+    assert user.status_code == 201
+    await get(world, "/api/tags", bearer(secret))
+    await get(world, "/api/tags", bearer(secret[:-1] + "x"))
+    await login(world, "carol", "carol-password-1")
+    await login(world, "carol", "wrong-password-1")
+    listing = await (await world.client.get("/control/v1/tokens", headers=admin)).get_data(as_text=True)
+    users = await (await world.client.get("/control/v1/users", headers=admin)).get_data(as_text=True)
+    audit = await (await world.client.get("/control/v1/audit", headers=admin)).get_data(as_text=True)
+    secret_part = secret.split("_", 2)[2]
+    for text in (caplog.text, listing, users, audit):
+        for needle in (secret_part, digest(secret_part), "carol-password-1", "wrong-password-1", "root-password"):
+            assert needle not in text
+    stored = await world.service.store.get_user("carol")
+    assert stored is not None and stored.password_hash.startswith("$argon2id$")
+
+
+async def test_security_comparisons_are_constant_time(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = hmac.compare_digest
+
+    def recording(a: Any, b: Any) -> bool:
+        calls.append(1)
+        return original(a, b)
+
+    monkeypatch.setattr(auth_secrets.hmac, "compare_digest", recording)
+    world.service._cache.clear()
+    assert (await get(world, "/api/tags", bearer(world.tokens["inference"])))[0] == 200
+    assert calls, "token secrets are compared with hmac.compare_digest"
+    calls.clear()
+    assert (await get(world, "/api/tags", {"X-LlamaController-Identity": "v1.abc.def"}))[0] == 401
+    assert calls, "identity signatures are compared with hmac.compare_digest"
+
+
+async def test_security_users_cannot_mint_admin_tokens(world: World) -> None:
+    with pytest.raises(Exception, match="only admins may own tokens with the admin scope"):
+        await world.service.create_token("alice", "x", ["admin"], [], None, None, "tests")
+
+
+async def test_security_first_start_creates_admin_once(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = fake_config(tmp_path, tiny_model, {"a": {}}, auth={"enabled": True})
+    runtime = FakeRuntime()
+    for run in range(2):
+        app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+        async with app.test_app():
+            pass
+        out = capsys.readouterr().out
+        if run == 0:
+            password = out.split("password: ")[1].split()[0]
+            assert len(password) >= 16 and password not in caplog.text
+        else:
+            assert "password" not in out, "printed once only"
+    service_app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+    async with service_app.test_app():
+        response = await service_app.test_client(use_cookies=False).post(
+            "/auth/login", json={"username": "admin", "password": password}
+        )
+        assert response.status_code == 200
+
+
+def test_security_auth_can_only_be_off_on_loopback() -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate_config({"server": {"listen": "0.0.0.0:11434"}, "auth": {"enabled": False}})
+    assert caught.value.problems[0].startswith("auth.enabled: authentication may only be turned off on a loopback")

@@ -1,0 +1,183 @@
+"""One contract, two stores: the same tests against a real SQLite file and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from controller.errors import Conflict, NotFound
+from controller.store.base import AuditEvent, Ephemeral, SessionRecord, Store, TokenRecord, User
+from controller.store.ephemeral import InProcessEphemeral
+from controller.store.redis import RedisEphemeral, RedisStore
+from controller.store.sqlite import MIGRATIONS, SqliteStore
+from tests.support.redis_server import redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, Ephemeral]]:
+    if request.param == "sqlite":
+        store: Store = SqliteStore(tmp_path / "store.db")
+        ephemeral: Ephemeral = InProcessEphemeral()
+    else:
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        redis_store = RedisStore(url)
+        store, ephemeral = redis_store, RedisEphemeral(redis_store)
+    await store.open()
+    yield store, ephemeral
+    await store.close()
+
+
+def token(token_id: str = "0123456789abcdef", **changes: object) -> TokenRecord:
+    base = TokenRecord(
+        id=token_id,
+        name="laptop",
+        owner="alice",
+        secret_hash="ab" * 32,
+        scopes=("inference",),
+        models=("gemma3*",),
+        expires_at=None,
+        created_at=time.time(),
+        rpm=60,
+    )
+    return TokenRecord(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+
+
+async def test_store_users(backend: tuple[Store, Ephemeral]) -> None:
+    store, _ = backend
+    await store.add_user(User("bob", "hash-b", "user", False, 2.0))
+    await store.add_user(User("alice", "hash-a", "admin", False, 1.0))
+    with pytest.raises(Conflict):
+        await store.add_user(User("alice", "other", "user", False, 3.0))
+    assert await store.get_user("alice") == User("alice", "hash-a", "admin", False, 1.0)
+    assert await store.get_user("nobody") is None
+    assert [u.name for u in await store.list_users()] == ["alice", "bob"]
+    updated = await store.update_user("bob", password_hash="hash-b2", disabled=True, role="admin")
+    assert updated == User("bob", "hash-b2", "admin", True, 2.0)
+    with pytest.raises(NotFound):
+        await store.update_user("nobody", disabled=True)
+
+
+async def test_store_tokens(backend: tuple[Store, Ephemeral]) -> None:
+    store, _ = backend
+    await store.add_user(User("alice", "h", "admin", False, 1.0))
+    record = token()
+    await store.add_token(record)
+    assert await store.get_token(record.id) == record
+    assert await store.get_token("ffffffffffffffff") is None
+    assert [t.id for t in await store.list_tokens()] == [record.id]
+    assert await store.revoke_token(record.id) is True
+    assert await store.revoke_token("ffffffffffffffff") is False
+    await store.touch_token(record.id, 123.0)
+    stored = await store.get_token(record.id)
+    assert stored is not None and stored.revoked and stored.last_used_at == 123.0
+    assert "secret_hash" not in stored.public()
+
+
+async def test_store_touch_never_undoes_a_concurrent_revocation(backend: tuple[Store, Ephemeral]) -> None:
+    store, _ = backend
+    await store.add_user(User("alice", "h", "admin", False, 1.0))
+    await store.add_token(token())
+    await asyncio.gather(*(store.touch_token(token().id, float(i)) for i in range(20)), store.revoke_token(token().id))
+    stored = await store.get_token(token().id)
+    assert stored is not None and stored.revoked
+
+
+async def test_store_sessions(backend: tuple[Store, Ephemeral]) -> None:
+    store, _ = backend
+    await store.add_user(User("alice", "h", "admin", False, 1.0))
+    now = time.time()
+    live, other, stale = (
+        SessionRecord("a" * 64, "alice", now, now + 60),
+        SessionRecord("b" * 64, "alice", now, now + 60),
+        SessionRecord("c" * 64, "alice", now - 10, now - 1),
+    )
+    for session in (live, other, stale):
+        await store.add_session(session)
+    assert await store.get_session(live.id_hash) == live
+    assert await store.get_session(stale.id_hash) is None
+    await store.delete_session(live.id_hash)
+    assert await store.get_session(live.id_hash) is None
+    await store.delete_user_sessions("alice")
+    assert await store.get_session(other.id_hash) is None
+
+
+async def test_store_audit_newest_first(backend: tuple[Store, Ephemeral]) -> None:
+    store, _ = backend
+    for index in range(5):
+        await store.add_audit(AuditEvent(float(index), "login", "alice", "alice", {"n": index}))
+    events = await store.list_audit(limit=3)
+    assert [e.detail["n"] for e in events] == [4, 3, 2] and events[0].action == "login"
+
+
+async def test_ephemeral_token_bucket_limits_then_refills(backend: tuple[Store, Ephemeral]) -> None:
+    _, ephemeral = backend
+    waits = [await ephemeral.take("token:x", 120) for _ in range(121)]
+    assert waits[:120] == [0.0] * 120 and 0 < waits[120] <= 0.51
+    await asyncio.sleep(waits[120] + 0.05)
+    assert await ephemeral.take("token:x", 120) == 0.0
+    assert await ephemeral.take("token:other", 120) == 0.0  # buckets are per key
+
+
+async def test_ephemeral_failures_and_nonces(backend: tuple[Store, Ephemeral]) -> None:
+    _, ephemeral = backend
+    assert await ephemeral.failures("login:a") == 0
+    assert [await ephemeral.add_failure("login:a", 60) for _ in range(3)] == [1, 2, 3]
+    assert await ephemeral.failures("login:a") == 3
+    await ephemeral.clear_failures("login:a")
+    assert await ephemeral.failures("login:a") == 0
+    await ephemeral.add_failure("login:b", 1)
+    await asyncio.sleep(1.1)
+    assert await ephemeral.failures("login:b") == 0, "failures expire with their window"
+    assert await ephemeral.claim_nonce("n1", 5) is True
+    assert await ephemeral.claim_nonce("n1", 5) is False
+    assert await ephemeral.claim_nonce("n2", 5) is True
+
+
+async def test_store_sqlite_migrations_are_versioned_and_reopen_keeps_data(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    await store.add_user(User("alice", "h", "admin", False, 1.0))
+    await store.close()
+    reopened = SqliteStore(tmp_path / "s.db")
+    await reopened.open()
+    assert await reopened.get_user("alice") is not None
+    await reopened.close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600
+
+
+async def test_store_redis_graceful_restart_loses_nothing(tmp_path: Path) -> None:
+    from controller.runtime.process import free_port
+
+    port = free_port()
+    with redis_server(tmp_path / "aof", aof=True, port=port) as url:
+        store = RedisStore(url)
+        await store.open()
+        await store.add_user(User("alice", "h", "admin", False, 1.0))
+        await store.add_token(token())
+        await store.revoke_token(token().id)
+        await store.close()
+        redis.Redis.from_url(url).shutdown()  # graceful: flushes the AOF
+    with redis_server(tmp_path / "aof", aof=True, port=port) as url:
+        store = RedisStore(url)
+        await store.open()
+        assert await store.get_user("alice") is not None
+        stored = await store.get_token(token().id)
+        assert stored is not None and stored.revoked
+        await store.close()
