@@ -12,7 +12,7 @@ from quart import Quart
 from werkzeug.exceptions import HTTPException
 
 from controller import __version__
-from controller.api import admin, health, models
+from controller.api import admin, health, metrics, models
 from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
 from controller.auth.secrets import load_or_create_key
@@ -82,6 +82,7 @@ def create_app(
     app.register_blueprint(health.blueprint)
     app.register_blueprint(models.blueprint)
     app.register_blueprint(admin.blueprint)
+    app.register_blueprint(metrics.blueprint)
     app.register_blueprint(auth_views.blueprint)
     _register_error_handlers(app)
 

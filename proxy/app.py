@@ -38,6 +38,20 @@ class Route:
     methods: frozenset[str]
     handler: Handler
     error_body: ErrorBody
+    label: str = "other"  # the route's name in metrics
+
+
+class RequestStats:
+    """Counters for /metrics: requests and their total seconds, by route, model and status (cheap: dicts)."""
+
+    def __init__(self) -> None:
+        self.count: dict[tuple[str, str, int], int] = {}
+        self.seconds: dict[tuple[str, str, int], float] = {}
+
+    def record(self, route: str, model: str | None, status: int, seconds: float) -> None:
+        key = (route, model if model and len(self.count) < 10_000 else "", status)
+        self.count[key] = self.count.get(key, 0) + 1
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
 
 
 class _Tracking:
@@ -72,10 +86,11 @@ class Gateway:
         self.native = NativeRoutes(directory, self.upstream, max_body)
         self.ollama = OllamaRoutes(directory, self.upstream, max_body)
         self.routes = self._route_table()
+        self.stats = RequestStats()
 
     def _route_table(self) -> dict[str, Route]:
         def ollama(methods: str, handler: Callable[[Scope, Receive, Send], Awaitable[Any]]) -> Route:
-            return Route(frozenset(methods.split()), handler, _ollama_body)
+            return Route(frozenset(methods.split()), handler, _ollama_body, handler.__name__)
 
         o = self.ollama
         table = {
@@ -92,8 +107,8 @@ class Gateway:
         for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"):
             table[path] = ollama("GET HEAD POST PUT DELETE", o.management)
         for path in PASSTHROUGH_PATHS:
-            table[path] = Route(frozenset({"POST"}), self.openai.passthrough, openai_error)
-        table["/v1/models"] = Route(frozenset({"GET", "HEAD"}), self.openai.list_models, openai_error)
+            table[path] = Route(frozenset({"POST"}), self.openai.passthrough, openai_error, path.removeprefix("/"))
+        table["/v1/models"] = Route(frozenset({"GET", "HEAD"}), self.openai.list_models, openai_error, "v1/models")
         return table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,10 +126,10 @@ class Gateway:
 
     def _prefix_route(self, path: str) -> Route | None:
         if path.startswith("/v1/models/"):
-            return Route(frozenset({"GET", "HEAD"}), self.openai.get_model, openai_error)
+            return Route(frozenset({"GET", "HEAD"}), self.openai.get_model, openai_error, "v1/models")
         if path.startswith(NATIVE_PREFIX):
             methods = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-            return Route(methods, self.native.passthrough, openai_error)
+            return Route(methods, self.native.passthrough, openai_error, "llama")
         if path.startswith("/api/blobs/"):
             return Route(frozenset({"GET", "HEAD", "POST"}), self.ollama.management, _ollama_body)
         if path.startswith("/api/"):
@@ -145,13 +160,15 @@ class Gateway:
                 status, message, code = describe(exc)
                 await send_json(tracking, status, route.error_body(status, message, code))
         finally:
+            elapsed = time.perf_counter() - started
+            self.stats.record(route.label, model, tracking.status, elapsed)
             access_log.info(
                 "%s %s model=%s status=%s %.1fms",
                 method,
                 scope["path"],
                 model or "-",
                 tracking.status or "-",
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
             )
 
     async def close(self) -> None:

@@ -61,6 +61,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
             ("only-a", "alice", ["inference"], ["a"], None),
             ("manage", "root", ["models:manage"], [], None),
             ("limited", "alice", ["inference"], [], 120),
+            ("metrics", "root", ["metrics"], [], None),
         ):
             tokens[name], _ = await service.create_token(owner, name, scopes, models, None, rpm, "tests")
         # No cookie jar: each test sends exactly the cookies it means to.
@@ -413,3 +414,24 @@ def test_security_auth_can_only_be_off_on_loopback() -> None:
     with pytest.raises(ConfigError) as caught:
         validate_config({"server": {"listen": "0.0.0.0:11434"}, "auth": {"enabled": False}})
     assert caught.value.problems[0].startswith("auth.enabled: authentication may only be turned off on a loopback")
+
+
+async def test_security_secrets_are_generated_with_0600(world: World) -> None:
+    config = world.app.extensions["llamacontroller.config"]
+    for name in ("identity.key", "session.key"):
+        path = config.secrets_dir / name
+        assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_bytes()) == 32
+    assert config.secrets_dir.stat().st_mode & 0o777 == 0o700
+    assert config.store_path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_security_metrics_need_the_metrics_scope(world: World) -> None:
+    assert (await world.client.get("/metrics")).status_code == 401
+    assert (await world.client.get("/metrics", headers=bearer(world.tokens["inference"]))).status_code == 403
+    await get(world, "/api/tags", bearer(world.tokens["inference"]))
+    response = await world.client.get("/metrics", headers=bearer(world.tokens["metrics"]))
+    text = await response.get_data(as_text=True)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    assert 'llamacontroller_model_state{model="a",state="stopped"} 1' in text
+    assert 'llamacontroller_requests_total{route="tags",model="",status="200"} 1' in text
+    assert "llamacontroller_model_in_flight" in text and "lc_" not in text
