@@ -10,7 +10,7 @@ from pathlib import Path
 
 from controller import __version__
 from controller.cli_admin import add_commands as add_admin_commands
-from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config
+from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config, validate_config
 from controller.errors import BackendStartFailed, ConfigError
 
 DEMO_MODEL_NAME = "gemma3:270m"
@@ -61,8 +61,6 @@ def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
     if args.models_dir:
         update["models_dir"] = Path(args.models_dir).resolve()
     # Re-validate so a bad --listen is reported like a bad config value.
-    from controller.config import validate_config
-
     merged = config.model_copy(update=update)
     validate_config(merged.model_dump(mode="python"))
     return merged

@@ -17,6 +17,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
+@pytest.fixture(scope="session")
+def long_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with a 64k context that never emits end-of-sequence: its generations run for seconds
+    (to their token limit), for crash and cancellation tests."""
+    return write_tiny_model(tmp_path_factory.mktemp("long") / "long.gguf", context_length=65536, endless=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark tests by their folder, so `-m "not integration"` selects the fast suite."""
     for item in items:

@@ -90,6 +90,24 @@ class ModelPolicy:
     pinned: bool = False
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A model's live state for the APIs; the defaults describe a model no request has touched yet."""
+
+    state: str = str(State.STOPPED)
+    backend_url: str | None = None
+    handle: str | None = None
+    adopted: bool = False
+    in_flight: int = 0
+    queued: int = 0
+    expires_at: float | None = None  # wall clock
+    load_duration: float = 0.0
+    starts: int = 0
+    failures: int = 0
+    error: str | None = None
+    embeddings: bool = False
+
+
 Probe = Callable[[Backend, float], Awaitable[bool]]
 SpecFactory = Callable[[Requirements], LaunchSpec]
 Publish = Callable[[dict[str, Any]], None]
@@ -206,22 +224,22 @@ class ManagedModel:
             return None
         return time.time() + (self._expires_at - time.monotonic())
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         backend = self._backend
-        return {
-            "state": str(self._state),
-            "backend_url": backend.url if backend and self._state is State.READY else None,
-            "handle": backend.handle if backend else None,
-            "adopted": bool(backend and backend.adopted),
-            "in_flight": self._in_flight,
-            "queued": self._queued,
-            "expires_at": self.expires_at(),
-            "load_duration": round(self.load_duration, 4),
-            "starts": self.starts,
-            "failures": self.failures,
-            "error": self.last_error.message if self._state is State.FAILED and self.last_error else None,
-            "embeddings": self._running_requirements.embeddings,
-        }
+        return Snapshot(
+            state=str(self._state),
+            backend_url=backend.url if backend and self._state is State.READY else None,
+            handle=backend.handle if backend else None,
+            adopted=bool(backend and backend.adopted),
+            in_flight=self._in_flight,
+            queued=self._queued,
+            expires_at=self.expires_at(),
+            load_duration=round(self.load_duration, 4),
+            starts=self.starts,
+            failures=self.failures,
+            error=self.last_error.message if self._state is State.FAILED and self.last_error else None,
+            embeddings=self._running_requirements.embeddings,
+        )
 
     # ------------------------------------------------------------------ intents
 

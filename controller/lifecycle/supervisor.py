@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 from controller.catalog import Catalog, CatalogEntry
@@ -26,7 +27,7 @@ from controller.launch import (
     model_policy,
     requirements_from_labels,
 )
-from controller.lifecycle.model import ManagedModel, Probe, Publish, Requirements
+from controller.lifecycle.model import ManagedModel, Probe, Publish, Requirements, Snapshot
 from controller.lifecycle.policy import Limits, Loaded, Refuse, Target, choose_victims
 from controller.runtime.base import Backend, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
@@ -291,7 +292,7 @@ class Supervisor:
     def _info(self, entry: CatalogEntry) -> ModelInfo:
         model = self._models.get(entry.key)
         meta = entry.metadata
-        snapshot = model.snapshot() if model else None
+        snapshot = model.snapshot() if model else Snapshot()
         loaded_ctx: int | None = None
         if model is not None and model.backend is not None:
             loaded_ctx = context_size(entry, self.config, model.requirements)
@@ -312,12 +313,12 @@ class Supervisor:
             parameter_count=meta.parameter_count if meta else None,
             quantization=meta.file_type if meta else None,
             context_length=meta.context_length if meta else None,
-            state=snapshot["state"] if snapshot else "stopped",
-            expires_at=snapshot["expires_at"] if snapshot else None,
+            state=snapshot.state,
+            expires_at=snapshot.expires_at,
             loaded_context_length=loaded_ctx,
             context_size=context_size(entry, self.config, Requirements()),
             loadable=entry.error is None,
-            error=entry.error or (snapshot["error"] if snapshot else None),
+            error=entry.error or snapshot.error,
             capabilities=capabilities(entry),
             metadata=metadata,
             chat_template=meta.chat_template if meta else None,
@@ -336,24 +337,7 @@ class Supervisor:
         """The control API's view of one model: catalog facts plus live state."""
         model = self._models.get(entry.key)
         info = self._info(entry)
-        live = (
-            model.snapshot()
-            if model
-            else {
-                "state": "stopped",
-                "backend_url": None,
-                "handle": None,
-                "adopted": False,
-                "in_flight": 0,
-                "queued": 0,
-                "expires_at": None,
-                "load_duration": 0.0,
-                "starts": 0,
-                "failures": 0,
-                "error": None,
-                "embeddings": False,
-            }
-        )
+        live = model.snapshot() if model else Snapshot()
         return {
             "name": entry.name,
             "aliases": list(entry.aliases),
@@ -370,5 +354,5 @@ class Supervisor:
             "capabilities": list(info.capabilities),
             "pinned": bool(entry.config and entry.config.pinned),
             "file_error": entry.error,
-            **live,
+            **asdict(live),
         }

@@ -149,8 +149,9 @@ async def test_real_busy_model_is_not_evicted_until_drained(tmp_path: Path, tiny
         assert backend_processes(path_of(models, "a")) == []
 
 
-async def test_real_kill_9_fails_fast_and_next_request_restarts(tmp_path: Path, tiny_models: Models) -> None:
-    models = tiny_models("a")
+async def test_real_kill_9_fails_fast_and_next_request_restarts(tmp_path: Path, long_tiny_model: Path) -> None:
+    # A 32k-token context per request: the generation below runs for seconds, so the kill lands mid-stream.
+    models = {"a": {"path": str(long_tiny_model), "ctx_size": 32768, "max_concurrent": 1}}
     async with running_app(real_config(tmp_path, models)) as running:
         client = running.client
         long_request = {"model": "a", "prompt": "hi", "max_tokens": 20000, "ignore_eos": True, "stream": True}
@@ -268,8 +269,9 @@ async def test_real_broken_gguf_fails_to_load_with_the_reason(
         assert (await running.client.post("/v1/chat/completions", json={"model": "a", **CHAT})).status_code == 200
 
 
-async def test_real_client_disconnect_cancels_the_generation(tmp_path: Path, tiny_models: Models) -> None:
-    models = tiny_models("a")
+async def test_real_client_disconnect_cancels_the_generation(tmp_path: Path, long_tiny_model: Path) -> None:
+    # 32k tokens of context: uncancelled, this generation would keep the slot busy for many seconds.
+    models = {"a": {"path": str(long_tiny_model), "ctx_size": 32768, "max_concurrent": 1}}
     async with running_app(real_config(tmp_path, models)) as running:
         client = running.client
         long_request = {"model": "a", "prompt": "hi", "max_tokens": 200000, "ignore_eos": True, "stream": True}

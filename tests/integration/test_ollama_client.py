@@ -52,7 +52,9 @@ def gemma_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, gemma_file: Path, tiny_model: Path) -> Iterator[ServeProcess]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, gemma_file: Path, tiny_model: Path, long_tiny_model: Path
+) -> Iterator[ServeProcess]:
     root = tmp_path_factory.mktemp("ollama")
     tools_model = write_tiny_model(root / "tools.gguf", chat_template=TOOLS_CHAT_TEMPLATE)
     shutil.copy(tiny_model, root / "tiny.gguf")
@@ -60,11 +62,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, gemma_file: Path, tiny_mode
         "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
         "models_dir": str(root / "none"),
         "defaults": {"ctx_size": 2048, "max_concurrent": 2, "keep_alive": "10m"},
-        "scheduling": {"max_loaded_models": 3},
+        "scheduling": {"max_loaded_models": 4},
         "models": {
             GEMMA: {"path": str(gemma_file)},
             "tiny": {"path": str(root / "tiny.gguf")},
             "tools": {"path": str(tools_model)},
+            # 32k tokens of context per request: a generation that runs for seconds unless cancelled.
+            "long": {"path": str(long_tiny_model), "ctx_size": 32768, "max_concurrent": 1},
         },
     }
     with serve_subprocess(config, root) as served:
@@ -90,7 +94,7 @@ def test_ollama_root_version_and_redirect(server: ServeProcess) -> None:
 
 def test_ollama_list_and_show(client: ollama.Client) -> None:
     listed = {m.model: m for m in client.list().models}
-    assert set(listed) == {GEMMA, "tiny:latest", "tools:latest"}
+    assert set(listed) == {GEMMA, "tiny:latest", "tools:latest", "long:latest"}
     gemma = listed[GEMMA]
     assert isinstance(gemma.modified_at, datetime) and gemma.size == 253113024
     assert gemma.digest and len(gemma.digest) == 64
@@ -320,13 +324,14 @@ def test_ollama_tokens_stream_before_generation_ends(server: ServeProcess) -> No
 
 
 def test_ollama_client_disconnect_frees_the_slot(server: ServeProcess) -> None:
-    body = {"model": "tiny", "prompt": "hi", "options": {"num_predict": 100000}}
+    body = {"model": "long", "prompt": "hi", "raw": True, "options": {"num_predict": 30000}}
     with server.http.stream("POST", "/api/generate", json=body, timeout=30) as response:
         next(response.iter_lines())
+        assert server.http.get("/llama/long/slots").json()[0]["is_processing"]
     deadline = time.monotonic() + 3
     busy: list[Any] = []
     while time.monotonic() < deadline:
-        busy = [s for s in server.http.get("/llama/tiny/slots").json() if s["is_processing"]]
+        busy = [s for s in server.http.get("/llama/long/slots").json() if s["is_processing"]]
         if not busy:
             break
         time.sleep(0.05)

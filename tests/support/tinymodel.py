@@ -71,8 +71,19 @@ TOOLS_CHAT_TEMPLATE = (
 )
 
 
-def write_tiny_model(path: Path, seed: int = 0, name: str = "tiny", chat_template: str = CHAT_TEMPLATE) -> Path:
-    """Write the model to ``path`` (parent folders created) and return the path."""
+def write_tiny_model(
+    path: Path,
+    seed: int = 0,
+    name: str = "tiny",
+    chat_template: str = CHAT_TEMPLATE,
+    context_length: int = N_CTX,
+    endless: bool = False,
+) -> Path:
+    """Write the model to ``path`` (parent folders created) and return the path.
+
+    ``endless``: the end-of-sequence token gets a zero output row while every other row is scaled up, so
+    its probability is negligible and a generation runs to its token limit (for crash/cancel tests).
+    """
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens: list[bytes] = [b"<unk>", b"<s>", b"</s>"]
@@ -85,7 +96,7 @@ def write_tiny_model(path: Path, seed: int = 0, name: str = "tiny", chat_templat
 
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(name)
-    writer.add_context_length(N_CTX)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(N_EMBD)
     writer.add_block_count(N_LAYER)
     writer.add_feed_forward_length(N_FF)
@@ -111,7 +122,11 @@ def write_tiny_model(path: Path, seed: int = 0, name: str = "tiny", chat_templat
 
     tensor("token_embd.weight", vocab, N_EMBD)
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    tensor("output.weight", vocab, N_EMBD)
+    output = (rng.standard_normal((vocab, N_EMBD)) * 0.02).astype(np.float32)
+    if endless:
+        output *= 100.0
+        output[2] = 0.0  # </s>
+    writer.add_tensor("output.weight", output)
     for block in range(N_LAYER):
         prefix = f"blk.{block}"
         writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))

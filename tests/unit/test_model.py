@@ -86,7 +86,7 @@ async def test_model_start_failure_reaches_every_waiter(harness: Harness) -> Non
     results = await asyncio.gather(*(harness.model.ensure_ready() for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, BackendStartFailed) for r in results)
     assert harness.model.state is State.FAILED
-    assert harness.model.snapshot()["error"] == "no such file"
+    assert harness.model.snapshot().error == "no such file"
 
 
 async def test_model_exit_while_loading_reports_the_log_line(harness: Harness) -> None:
@@ -209,7 +209,7 @@ async def test_model_hung_backend_is_killed_by_liveness(harness: Harness) -> Non
     await harness.model.ensure_ready()
     harness.runtime.hang(NAME)
     await harness.wait_state(State.FAILED, timeout=2.0)
-    assert "health check failed" in (harness.model.snapshot()["error"] or "")
+    assert "health check failed" in (harness.model.snapshot().error or "")
     assert not harness.runtime.running
 
 
