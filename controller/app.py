@@ -111,6 +111,7 @@ def create_app(
         yield
         await supervisor.close()
         await gateway.close()
+        await auth.close()
         await ephemeral.close()
         await store.close()
         if http_probe is not None:

@@ -96,8 +96,9 @@ def build_launch_spec(
     meta = entry.metadata
     if meta and not meta.chat_template and meta.architecture.startswith("gemma") and "--chat-template" not in extra:
         # Gemma GGUFs often ship without a template; llama-server would fall back to ChatML, which Gemma
-        # does not know. Its built-in "gemma" template is the model's own format.
-        argv += ["--chat-template", "gemma"]
+        # does not know. Its built-in "gemma" format is the model's own, but built-in names only work with
+        # Jinja off: with Jinja on (the default) "gemma" is read as a template and every prompt becomes "gemma".
+        argv += ["--no-jinja", "--chat-template", "gemma"]
     argv += extra
     labels = {
         "embeddings": str(int(requirements.embeddings)),

@@ -182,6 +182,11 @@ class AuthService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def close(self) -> None:
+        """Let pending last-used writes finish before the store closes."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     @staticmethod
     async def _quietly(work: Any) -> None:
         try:

@@ -244,7 +244,7 @@ def main() -> None:
             streams = streaming(gateway, backend, "tiny", 2000, 5, served.headers)
             if args.gemma:
                 gemma_backend = served.http.post("/control/v1/models/gemma3:270m/load", timeout=120).json()
-                streams += streaming(gateway, gemma_backend["backend_url"], "gemma3:270m", 64, 3, served.headers)
+                streams += streaming(gateway, gemma_backend["backend_url"], "gemma3:270m", 96, 5, served.headers)
             print("\nstreaming, 4 concurrent streams, tokens/s (median of interleaved rounds)")
             print(f"{'path':<36}{'direct':>10}{'gateway':>10}{'ratio':>9}")
             for r in streams:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 from tests.support.server import real_config, running_app
@@ -31,8 +33,11 @@ async def test_fault_ollama_stream_ends_with_an_error_line(tmp_path: Path, tiny_
                 lines.append(json.loads(line))
         assert [line["message"]["content"] for line in lines[:-1]] == ["one", " two", " three"]
         assert set(lines[-1]) == {"error"} and "crashed" in lines[-1]["error"]
-        state = (await running.client.get("/control/v1/models/flaky")).json()
-        assert state["state"] == "failed" and "code 137" in state["error"]
+        deadline = time.monotonic() + 1  # the exit is noticed within a second (usually milliseconds)
+        while (state := (await running.client.get("/control/v1/models/flaky")).json())["state"] != "failed":
+            assert time.monotonic() < deadline, state
+            await asyncio.sleep(0.01)
+        assert "code 137" in state["error"]
 
         non_streaming = await running.client.post("/api/chat", json={**body, "stream": False})
         assert non_streaming.status_code in (500, 502) and set(non_streaming.json()) == {"error"}

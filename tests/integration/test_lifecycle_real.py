@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.server import backend_processes, real_config, running_app
+from tests.support.server import backend_processes, bearer, real_config, running_app
 
 Models = Callable[..., dict[str, dict[str, Any]]]
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
@@ -275,14 +275,18 @@ async def test_real_client_disconnect_cancels_the_generation(tmp_path: Path, lon
     async with running_app(real_config(tmp_path, models)) as running:
         client = running.client
         long_request = {"model": "a", "prompt": "hi", "max_tokens": 200000, "ignore_eos": True, "stream": True}
-        async with httpx.AsyncClient(base_url=running.url, timeout=30) as leaving:
+        tokens = 0
+        async with httpx.AsyncClient(base_url=running.url, timeout=30, headers=bearer(running.token)) as leaving:
             async with leaving.stream("POST", "/v1/completions", json=long_request) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data: "):
+                        tokens += 1
                         break  # leave after the first token: the connection closes with this block
+        assert tokens == 1, "the generation had started"
+        backend = (await state(client, "a"))["backend_url"]  # asked directly: the gateway would queue it
         deadline = time.monotonic() + 3
         while True:
-            slots = (await client.get("/llama/a/slots")).json()
+            slots = (await client.get(f"{backend}/slots")).json()
             busy = [s for s in slots if s["is_processing"]]
             in_flight = (await state(client, "a"))["in_flight"]
             if (not busy and in_flight == 0) or time.monotonic() > deadline:
