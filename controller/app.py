@@ -15,7 +15,6 @@ from controller import __version__
 from controller.api import admin, health, metrics, models
 from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
-from controller.auth.secrets import load_or_create_key
 from controller.auth.service import AuthService
 from controller.catalog import Catalog
 from controller.config import Config
@@ -65,13 +64,7 @@ def create_app(
     )
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes)
     store, ephemeral = make_store(config)
-    auth = AuthService(
-        config.auth,
-        store,
-        ephemeral,
-        load_or_create_key(config.secrets_dir / "identity.key"),
-        load_or_create_key(config.secrets_dir / "session.key"),
-    )
+    auth = AuthService.from_config(config, store, ephemeral)
     # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
     app.asgi_app = cast(Any, AuthMiddleware(gateway, auth))  # type: ignore[method-assign]
     app.extensions["llamacontroller.auth"] = auth

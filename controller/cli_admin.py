@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from controller.auth.secrets import load_or_create_key
 from controller.auth.service import AuthService
 from controller.config import ENV_CONFIG_PATH, Config, load_config
 from controller.errors import ConfigError, LlamaControllerError
@@ -50,13 +49,7 @@ def _run(args: argparse.Namespace, work: Callable[[AuthService], Awaitable[int]]
         store, ephemeral = make_store(config)
         await store.open()
         try:
-            service = AuthService(
-                config.auth,
-                store,
-                ephemeral,
-                load_or_create_key(config.secrets_dir / "identity.key"),
-                load_or_create_key(config.secrets_dir / "session.key"),
-            )
+            service = AuthService.from_config(config, store, ephemeral)
             return await work(service)
         finally:
             await store.close()

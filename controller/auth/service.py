@@ -30,6 +30,7 @@ from controller.auth.identity import ROLE_SCOPES, Identity, Scope
 from controller.auth.secrets import (
     digest,
     hash_password,
+    load_or_create_key,
     new_token,
     parse_expiry,
     parse_token,
@@ -38,7 +39,7 @@ from controller.auth.secrets import (
     verify_claims,
     verify_password,
 )
-from controller.config import AuthConfig
+from controller.config import AuthConfig, Config
 from controller.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthenticated
 from controller.names import validate_model_name
 from controller.store.base import AuditEvent, Ephemeral, Role, SessionRecord, Store, TokenRecord, User
@@ -95,6 +96,17 @@ class AuthService:
         self._cache: dict[str, _Cached] = {}
         self._touched: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_config(cls, config: Config, store: Store, ephemeral: Ephemeral) -> AuthService:
+        """With the signing and session keys of the config's secrets dir (made on first use)."""
+        return cls(
+            config.auth,
+            store,
+            ephemeral,
+            load_or_create_key(config.secrets_dir / "identity.key"),
+            load_or_create_key(config.secrets_dir / "session.key"),
+        )
 
     # ------------------------------------------------------------------ authenticate
 

@@ -71,7 +71,7 @@ async def provision_token(config: Config, scopes: tuple[str, ...] = ("admin",), 
     store, ephemeral = make_store(config)
     await store.open()
     try:
-        service = AuthService(config.auth, store, ephemeral, b"k" * 32, b"s" * 32)
+        service = AuthService.from_config(config, store, ephemeral)
         if await store.get_user(user) is None:
             await service.add_user(user, "tester-password", "admin", "tests")
         token, _ = await service.create_token(user, "tests", list(scopes), [], None, None, "tests")
