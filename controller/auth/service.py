@@ -13,7 +13,6 @@ takes effect within seconds, across replicas too (they share the store).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -39,6 +38,7 @@ from controller.auth.secrets import (
     verify_claims,
     verify_password,
 )
+from controller.background import Background
 from controller.config import AuthConfig, Config
 from controller.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthenticated
 from controller.names import validate_model_name
@@ -95,7 +95,7 @@ class AuthService:
         self._session_key = session_key
         self._cache: dict[str, _Cached] = {}
         self._touched: dict[str, float] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     @classmethod
     def from_config(cls, config: Config, store: Store, ephemeral: Ephemeral) -> AuthService:
@@ -190,21 +190,11 @@ class AuthService:
         if now - self._touched.get(token_id, 0.0) < _TOUCH_EVERY:
             return
         self._touched[token_id] = now
-        task = asyncio.ensure_future(self._quietly(self.store.touch_token(token_id, now)))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(self.store.touch_token(token_id, now), "recording a token's last use")
 
     async def close(self) -> None:
         """Let pending last-used writes finish before the store closes."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    @staticmethod
-    async def _quietly(work: Any) -> None:
-        try:
-            await work
-        except Exception as exc:  # a failed last-used update must not fail the request
-            log.warning("could not record token use: %s", exc.__class__.__name__)
+        await self._background.drain()
 
     async def _from_session(self, cookie: str, request: Request) -> Identity:
         session = await self.store.get_session(digest(cookie))

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any
 
+from controller.background import Background
 from controller.catalog import Catalog, CatalogEntry
 from controller.config import Config
 from controller.errors import BackendStartFailed, Forbidden, ModelStopping, NoCapacity, ShuttingDown
@@ -82,7 +83,7 @@ class Supervisor:
         self._models: dict[str, ManagedModel] = {}
         self._admission = asyncio.Lock()
         self._closing = False
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()
         self.ready = False
 
     def set_flags(self, flags: frozenset[str]) -> None:
@@ -97,20 +98,8 @@ class Supervisor:
         await self._adopt_or_remove(await self.runtime.list_managed())
         for entry in self.catalog.entries():
             if entry.config and entry.config.pinned and not entry.error:
-                self._spawn(self.load(entry.name), f"preload:{entry.name}")
+                self._background.spawn(self.load(entry.name), f"preload:{entry.name}")
         self.ready = True
-
-    def _spawn(self, coroutine: Any, name: str) -> None:
-        task = asyncio.create_task(self._quietly(coroutine, name), name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    @staticmethod
-    async def _quietly(coroutine: Any, name: str) -> None:
-        try:
-            await coroutine
-        except Exception as exc:  # a background load failure is visible in the model's state
-            log.warning("%s failed: %s", name, exc)
 
     async def _adopt_or_remove(self, backends: list[Backend]) -> None:
         adopted = 0
@@ -144,8 +133,7 @@ class Supervisor:
     async def close(self) -> None:
         """Stop every backend (unless configured to survive for adoption) and every owner task."""
         self._closing = True
-        for task in list(self._background):
-            task.cancel()
+        self._background.cancel()
         keep = self.config.runtime.keep_backends_on_exit
         await asyncio.gather(*(model.close(stop_backend=not keep) for model in self._models.values()))
         await self.runtime.close()
