@@ -31,6 +31,7 @@ from controller.store import make_store
 from proxy.app import Gateway
 from proxy.asgi import ASGIApp
 from proxy.dialects import control_error, describe
+from proxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,18 @@ def create_app(
     events = EventBus()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     runtime = runtime or ProcessRuntime(config.data_dir, logbook)
-    http_probe = HttpProbe() if probe is None else None
+    upstream = Upstream()  # one keep-alive pool for requests and health probes alike
     find_binary = binary or cache(lambda: find_llama_server(config.llama_server.binary))
     supervisor = Supervisor(
         config,
         runtime,
         Catalog(config),
         logbook,
-        probe or http_probe,  # type: ignore[arg-type]
+        probe or HttpProbe(upstream),
         events.publish,
         find_binary,
     )
-    gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes)
+    gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
     # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
@@ -103,12 +104,10 @@ def create_app(
             on_ready(app)
         yield
         await supervisor.close()
-        await gateway.close()
+        await gateway.close()  # closes the shared upstream pool, the probe's too
         await auth.close()
         await ephemeral.close()
         await store.close()
-        if http_probe is not None:
-            await http_probe.close()
 
     return app
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -110,9 +109,8 @@ async def events() -> Response:
     async def stream() -> AsyncIterator[bytes]:
         with bus.subscription() as queue:
             yield b": connected\n\n"
-            with contextlib.suppress(GeneratorExit):
-                async for event in sse_stream(queue):
-                    yield event
+            async for event in sse_stream(queue):
+                yield event
 
     response = Response(stream(), headers=SSE_HEADERS)
     response.timeout = None
