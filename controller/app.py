@@ -51,18 +51,10 @@ def create_app(
     logbook = LogBook()
     events = EventBus()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    runtime = runtime or ProcessRuntime(config.data_dir, logbook)
-    upstream = Upstream()  # one keep-alive pool for requests and health probes alike
     find_binary = binary or cache(lambda: find_llama_server(config.llama_server.binary))
-    supervisor = Supervisor(
-        config,
-        runtime,
-        Catalog(config),
-        logbook,
-        probe or HttpProbe(upstream),
-        events.publish,
-        find_binary,
-    )
+    runtime = runtime or ProcessRuntime(config.data_dir, logbook, find_binary)
+    upstream = Upstream()  # one keep-alive pool for requests and health probes alike
+    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), events.publish)
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)

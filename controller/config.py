@@ -125,6 +125,7 @@ class ModelConfig(_Strict):
     max_concurrent: int | None = Field(default=None, gt=0)
     queue_depth: int | None = Field(default=None, ge=0)
     embeddings: bool = False
+    reranking: bool = False  # a reranker model: started with --reranking (serves /v1/rerank)
     mmproj: Path | None = None  # multimodal projector: passed as --mmproj, makes the model accept images
     memory: ByteSize | None = None
 

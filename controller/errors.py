@@ -27,6 +27,7 @@ Third-party and OS exceptions (sockets, subprocess) are translated at the bounda
     │   ├── BackendStartFailed           502  it exited or was refused while starting
     │   ├── BackendCrashed               502  it died while serving (the in-flight request ends here)
     │   ├── UpstreamError                502  connection refused/reset, bad reply
+    │   │   └── UpstreamTimeout          504  no answer (or request not taken) within the configured time
     │   └── UpstreamRefused              4xx/5xx  llama-server's own error status (e.g. prompt too long)
     ├── StartupTimeout                   504  it did not become healthy within startup_timeout
     └── InvalidTransition                500  a lifecycle bug: a transition the state table forbids
@@ -162,6 +163,11 @@ class BackendCrashed(BackendError):
 
 class UpstreamError(BackendError):
     code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
 
 
 class UpstreamRefused(BackendError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,20 +24,24 @@ class EventBus:
     """Publish never blocks: a subscriber that falls behind loses its oldest events, not the server."""
 
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._subscribers: dict[asyncio.Queue[dict[str, Any]], Callable[[dict[str, Any]], bool]] = {}
 
     def publish(self, event: dict[str, Any]) -> None:
-        for queue in self._subscribers:
+        for queue, wanted in self._subscribers.items():
+            if not wanted(event):
+                continue
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(event)
 
     @contextmanager
-    def subscription(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
-        """A queue that receives every event published while the block runs."""
+    def subscription(
+        self, wanted: Callable[[dict[str, Any]], bool] = lambda event: True
+    ) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        """A queue that receives every event published (and ``wanted``) while the block runs."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=_SUBSCRIBER_BACKLOG)
-        self._subscribers.add(queue)
+        self._subscribers[queue] = wanted
         try:
             yield queue
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.pop(queue, None)

@@ -15,8 +15,9 @@ from typing import Any
 
 from controller.errors import MethodNotAllowed, NotFound
 from proxy.asgi import ASGIApp, Message, Receive, Scope, Send, send_json
-from proxy.dialects import describe, ollama_error, openai_error
+from proxy.dialects import describe, error_body
 from proxy.directory import ModelDirectory
+from proxy.forward import REQUEST_ID_KEY, request_id
 from proxy.native import PREFIX as NATIVE_PREFIX
 from proxy.native import NativeRoutes
 from proxy.ollama.routes import OllamaRoutes
@@ -26,18 +27,12 @@ from proxy.upstream import Upstream
 access_log = logging.getLogger("llamacontroller.access")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[str | None]]
-ErrorBody = Callable[[int, str, str], dict[str, Any]]
-
-
-def _ollama_body(status: int, message: str, code: str) -> dict[str, Any]:
-    return ollama_error(message)
 
 
 @dataclass(frozen=True)
 class Route:
     methods: frozenset[str]
     handler: Handler
-    error_body: ErrorBody
     label: str = "other"  # the route's name in metrics
 
 
@@ -55,17 +50,19 @@ class RequestStats:
 
 
 class _Tracking:
-    """Wraps ``send`` to remember the status (for the access log and the error path) and to drop
-    the body of HEAD responses."""
+    """Wraps ``send`` to remember the status (for the access log and the error path), to give every answer
+    its request id, and to drop the body of HEAD responses."""
 
-    def __init__(self, send: Send, head: bool) -> None:
+    def __init__(self, send: Send, head: bool, request_id: str) -> None:
         self._send = send
         self._head = head
+        self._request_id = request_id.encode()
         self.status = 0
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = int(message["status"])
+            message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", self._request_id)]}
         elif self._head and message["type"] == "http.response.body":
             message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
         await self._send(message)
@@ -90,7 +87,7 @@ class Gateway:
 
     def _route_table(self) -> dict[str, Route]:
         def ollama(methods: str, handler: Callable[[Scope, Receive, Send], Awaitable[Any]]) -> Route:
-            return Route(frozenset(methods.split()), handler, _ollama_body, handler.__name__)
+            return Route(frozenset(methods.split()), handler, handler.__name__)
 
         o = self.ollama
         table = {
@@ -107,8 +104,8 @@ class Gateway:
         for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"):
             table[path] = ollama("GET HEAD POST PUT DELETE", o.management)
         for path in PASSTHROUGH_PATHS:
-            table[path] = Route(frozenset({"POST"}), self.openai.passthrough, openai_error, path.removeprefix("/"))
-        table["/v1/models"] = Route(frozenset({"GET", "HEAD"}), self.openai.list_models, openai_error, "v1/models")
+            table[path] = Route(frozenset({"POST"}), self.openai.passthrough, path.removeprefix("/"))
+        table["/v1/models"] = Route(frozenset({"GET", "HEAD"}), self.openai.list_models, "v1/models")
         return table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,16 +123,14 @@ class Gateway:
 
     def _prefix_route(self, path: str) -> Route | None:
         if path.startswith("/v1/models/"):
-            return Route(frozenset({"GET", "HEAD"}), self.openai.get_model, openai_error, "v1/models")
+            return Route(frozenset({"GET", "HEAD"}), self.openai.get_model, "v1/models")
         if path.startswith(NATIVE_PREFIX):
             methods = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-            return Route(methods, self.native.passthrough, openai_error, "llama")
+            return Route(methods, self.native.passthrough, "llama")
         if path.startswith("/api/blobs/"):
-            return Route(frozenset({"GET", "HEAD", "POST"}), self.ollama.management, _ollama_body)
-        if path.startswith("/api/"):
-            return Route(frozenset(), self._not_found, _ollama_body)
-        if path.startswith("/v1/"):
-            return Route(frozenset(), self._not_found, openai_error)
+            return Route(frozenset({"GET", "HEAD", "POST"}), self.ollama.management)
+        if path.startswith(("/api/", "/v1/")):
+            return Route(frozenset(), self._not_found)
         return None
 
     @staticmethod
@@ -145,7 +140,7 @@ class Gateway:
     async def _handle(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         started = time.perf_counter()
         method: str = scope["method"]
-        tracking = _Tracking(send, head=method == "HEAD")
+        tracking = _Tracking(send, method == "HEAD", request_id(scope))
         model: str | None = None
         try:
             if route.methods and method not in route.methods:
@@ -158,18 +153,20 @@ class Gateway:
                 access_log.warning("error after the response began: %s", exc)
             else:
                 status, message, code = describe(exc)
-                await send_json(tracking, status, route.error_body(status, message, code))
+                await send_json(tracking, status, error_body(scope["path"], status, message, code))
         finally:
             elapsed = time.perf_counter() - started
             self.stats.record(route.label, model, tracking.status, elapsed)
             access_log.info(
-                "%s %s model=%s status=%s %.1fms",
+                "%s %s model=%s status=%s %.1fms id=%s",
                 method,
                 scope["path"],
                 model or "-",
                 tracking.status or "-",
                 elapsed * 1000,
+                scope[REQUEST_ID_KEY],
             )
 
     async def close(self) -> None:
+        await self.ollama.close()
         await self.upstream.close()

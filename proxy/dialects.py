@@ -44,3 +44,38 @@ def openai_error(status: int, message: str, code: str) -> dict[str, Any]:
 
 def control_error(message: str, code: str) -> dict[str, Any]:
     return {"error": message, "code": code}
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error(status: int, message: str, code: str) -> dict[str, Any]:
+    """Anthropic's Messages API error shape (what the ``anthropic`` client parses)."""
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def speaks_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_body(path: str, status: int, message: str, code: str) -> dict[str, Any]:
+    """An error in the dialect of the path it answers: the one place that decides the shape.
+
+    Ollama clients get ``{"error": "..."}``, Anthropic clients Anthropic's shape, OpenAI clients and the
+    native passthrough OpenAI's, everything else (control API, health) the control shape."""
+    if path == "/" or path.startswith(("/api/", "/auth/verify")):
+        return ollama_error(message)
+    if speaks_anthropic(path):
+        return anthropic_error(status, message, code)
+    if path.startswith(("/v1/", "/llama/")):
+        return openai_error(status, message, code)
+    return control_error(message, code)

@@ -23,11 +23,34 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class LiveState:
+    """A model's lifecycle state right now; the defaults describe a model no request has touched yet."""
+
+    state: str = "stopped"  # stopped, starting, ready, stopping, failed
+    backend_url: str | None = None
+    handle: str | None = None  # pid or container id
+    adopted: bool = False  # started by a previous controller
+    in_flight: int = 0
+    queued: int = 0
+    expires_at: float | None = None  # wall clock; None = never, or not idle
+    load_duration: float = 0.0
+    starts: int = 0
+    failures: int = 0
+    error: str | None = None  # why it failed, while failed
+    embeddings: bool = False  # the running backend serves embeddings
+    loaded_context_length: int | None = None  # tokens per request the running backend was started with
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """What clients may learn about a model: enough for /api/tags, /api/show, /api/ps and /v1/models."""
+    """The one view of a model: catalog facts (from the GGUF and the config) plus its live state.
+
+    /api/tags, /api/show, /api/ps, /v1/models, the control API and the web page all read this."""
 
     name: str
     aliases: tuple[str, ...]
+    source: str  # "config" or "discovered"
+    path: str
     size: int
     modified_at: float  # seconds since the epoch
     digest: str
@@ -35,20 +58,31 @@ class ModelInfo:
     parameter_count: int | None
     quantization: str | None
     context_length: int | None  # what the GGUF was trained for
-    state: str
-    expires_at: float | None
-    loaded_context_length: int | None  # what the running backend was started with
     context_size: int  # tokens per request the model is configured for
-    loadable: bool = True  # false when the file is missing or not GGUF
-    error: str | None = None
+    pinned: bool
+    file_error: str | None  # why the file cannot be loaded (missing, not GGUF)
     capabilities: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; long arrays as []
     chat_template: str | None = None
     license: str | None = None
-    gpu_offload: bool = False  # the backend was asked to put layers on a GPU
+    gpu_offload: bool = False  # the backend is asked to put layers on a GPU
+    context_shift: bool = False  # the backend runs with --context-shift (Ollama's "shift")
+    live: LiveState = field(default_factory=LiveState)
+
+    @property
+    def loadable(self) -> bool:
+        return self.file_error is None
+
+    @property
+    def state(self) -> str:
+        return self.live.state
+
+    @property
+    def error(self) -> str | None:
+        return self.file_error or self.live.error
 
 
-Allowed = Callable[[str], bool]  # may the caller use the model of this catalog name?
+Allowed = Callable[[str], bool]  # may the caller use the model of this name?
 ALLOW_MODEL_KEY = "llamacontroller.allow_model"  # where the auth layer leaves the predicate in the ASGI scope
 
 
@@ -64,14 +98,14 @@ class ModelDirectory(Protocol):
     ) -> AbstractAsyncContextManager[Lease]:
         """Wait until ``name`` is ready (loading it if needed) and hold it while the block runs.
 
-        ``allowed`` is checked against the resolved catalog name (so an alias cannot get around a
-        token's model allow-list); a refusal raises Forbidden."""
+        ``allowed`` is the caller's model allow-list; a refusal raises Forbidden (see
+        ``Supervisor.resolve`` for the one rule every caller goes through)."""
 
     async def unload(self, name: str, allowed: Allowed | None = None) -> None:
         """Stop the model once its in-flight requests have finished."""
 
-    async def models(self) -> Sequence[ModelInfo]:
-        """Every model in the catalog, loaded or not."""
+    async def models(self, allowed: Allowed | None = None) -> Sequence[ModelInfo]:
+        """Every model in the catalog the caller may see, loaded or not."""
 
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         """One model by name or alias; raise ModelNotFound / InvalidModelName / Forbidden."""
@@ -98,9 +132,8 @@ class Restricted:
     async def unload(self, name: str) -> None:
         await self._inner.unload(name, self._allowed)
 
-    async def models(self) -> list[ModelInfo]:
-        models = await self._inner.models()
-        return [m for m in models if self._allowed is None or self._allowed(m.name)]
+    async def models(self) -> Sequence[ModelInfo]:
+        return await self._inner.models(self._allowed)
 
     async def model(self, name: str) -> ModelInfo:
         return await self._inner.model(name, self._allowed)

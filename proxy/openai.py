@@ -1,4 +1,8 @@
-"""OpenAI-compatible ``/v1/*``: route by the body's ``model``, load on demand, pass through unchanged."""
+"""OpenAI- and Anthropic-compatible ``/v1/*``: route by the body's ``model``, load on demand, pass through.
+
+llama-server serves each of these paths itself; the gateway finds the model, authorizes it, leases a
+backend and relays the answer unchanged (streams unbuffered).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,22 @@ from typing import Any
 from controller.errors import BadRequest
 from proxy.asgi import Receive, Scope, Send, parse_json_object, read_body, run_until_disconnect, send_json
 from proxy.directory import ModelDirectory, ModelInfo, Restricted
-from proxy.forward import forward
+from proxy.forward import forward, passed_headers
 from proxy.upstream import Upstream
 
-PASSTHROUGH_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+EMBEDDING_PATHS = frozenset({"/v1/embeddings"})  # need a backend started with --embeddings
+PASSTHROUGH_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/rerank",
+        "/v1/reranking",
+    }
+)
 
 
 def model_object(info: ModelInfo) -> dict[str, Any]:
@@ -24,18 +40,19 @@ class OpenAIRoutes:
         self._max_body = max_body
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> str | None:
-        """POST /v1/chat/completions, /v1/completions, /v1/embeddings; returns the model name."""
+        """POST one of PASSTHROUGH_PATHS; returns the model name."""
         body = await read_body(scope, receive, self._max_body)
         request = parse_json_object(body)
         name = request.get("model")
         if not isinstance(name, str) or not name:
             raise BadRequest("'model' is required and must be a string")
         path: str = scope["path"]
+        extra = passed_headers(scope)
 
         async def work() -> None:
             directory = Restricted.for_scope(self._directory, scope)
-            async with directory.lease(name, embeddings=path == "/v1/embeddings") as lease:
-                await forward(self._upstream, send, "POST", lease.url + path, body)
+            async with directory.lease(name, embeddings=path in EMBEDDING_PATHS) as lease:
+                await forward(self._upstream, send, "POST", lease.url + path, body, extra=extra)
 
         await run_until_disconnect(receive, work())
         return name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, current_app
 
+from controller.api.models import model_json
 from controller.lifecycle.state import State
 from controller.lifecycle.supervisor import Supervisor
 from proxy.app import Gateway
@@ -22,7 +23,7 @@ def render(supervisor: Supervisor, gateway: Gateway) -> str:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
 
-    statuses = [supervisor.status(entry) for entry in supervisor.catalog.entries()]
+    statuses = [model_json(supervisor.info(entry)) for entry in supervisor.catalog.entries()]
     family("llamacontroller_model_state", "gauge", "1 for the state each model is in")
     for status in statuses:
         for state in State:

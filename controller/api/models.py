@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 from quart import Blueprint, Response, current_app, request
@@ -13,6 +14,7 @@ from controller.errors import BadRequest
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
 from proxy.asgi import parse_json_object
+from proxy.directory import ALLOW_MODEL_KEY, Allowed, ModelInfo
 from proxy.keepalive import DurationError, parse_keep_alive
 
 blueprint = Blueprint("control_models", __name__, url_prefix="/control/v1")
@@ -25,6 +27,33 @@ def _supervisor() -> Supervisor:
     return supervisor
 
 
+def _allowed() -> Allowed | None:
+    """The caller's model allow-list (None = every model); the supervisor applies the one rule."""
+    allowed: Allowed | None = request.scope.get(ALLOW_MODEL_KEY)  # type: ignore[assignment]
+    return allowed
+
+
+def model_json(info: ModelInfo) -> dict[str, Any]:
+    """The control API's object for one model: catalog facts, then the live state."""
+    return {
+        "name": info.name,
+        "aliases": list(info.aliases),
+        "source": info.source,
+        "path": info.path,
+        "size": info.size,
+        "digest": info.digest,
+        "modified_at": info.modified_at,
+        "architecture": info.architecture,
+        "parameter_count": info.parameter_count,
+        "quantization": info.quantization,
+        "context_length": info.context_length,
+        "capabilities": list(info.capabilities),
+        "pinned": info.pinned,
+        "file_error": info.file_error,
+        **asdict(info.live),
+    }
+
+
 async def _json_body() -> dict[str, Any]:
     raw = await request.get_data()
     body = raw if isinstance(raw, bytes) else raw.encode()
@@ -33,15 +62,12 @@ async def _json_body() -> dict[str, Any]:
 
 @blueprint.get("/models")
 async def list_models() -> dict[str, Any]:
-    supervisor = _supervisor()
-    entries = await supervisor.catalog.refresh()
-    return {"models": [supervisor.status(entry) for entry in entries]}
+    return {"models": [model_json(info) for info in await _supervisor().models(_allowed())]}
 
 
 @blueprint.get("/models/<name>")
 async def get_model(name: str) -> dict[str, Any]:
-    supervisor = _supervisor()
-    return supervisor.status(await supervisor.catalog.lookup(name))
+    return model_json(await _supervisor().model(name, _allowed()))
 
 
 @blueprint.post("/models/<name>/load")
@@ -58,18 +84,17 @@ async def load_model(name: str) -> dict[str, Any]:
         except DurationError as exc:
             raise BadRequest(f"keep_alive: {exc}") from None
     supervisor = _supervisor()
-    entry = await supervisor.catalog.lookup(name)
-    await supervisor.load(entry.name, exclusive=exclusive, keep_alive=keep_alive)
-    return supervisor.status(entry)
+    entry = await supervisor.resolve(name, _allowed())
+    return model_json(await supervisor.load(entry.name, exclusive=exclusive, keep_alive=keep_alive))
 
 
 @blueprint.post("/models/<name>/unload")
 async def unload_model(name: str) -> dict[str, Any]:
     """Unload once in-flight requests have finished; returns the stopped model."""
     supervisor = _supervisor()
-    entry = await supervisor.catalog.lookup(name)
+    entry = await supervisor.resolve(name, _allowed())
     await supervisor.unload(entry.name)
-    return supervisor.status(entry)
+    return model_json(supervisor.info(entry))
 
 
 def _tail_count() -> int:
@@ -83,7 +108,7 @@ def _tail_count() -> int:
 async def model_logs(name: str) -> Response | dict[str, Any]:
     """The last lines of the model's llama-server log; ``?follow=1`` streams new lines as SSE."""
     supervisor = _supervisor()
-    entry = await supervisor.catalog.lookup(name)
+    entry = await supervisor.resolve(name, _allowed())
     count = _tail_count()
     if request.args.get("follow") not in ("1", "true"):
         return {"model": entry.name, "lines": supervisor.logbook.tail(entry.key, count)}
@@ -103,11 +128,13 @@ async def model_logs(name: str) -> Response | dict[str, Any]:
 
 @blueprint.get("/events")
 async def events() -> Response:
-    """Model state changes as server-sent events (``{"type": "model_state", ...}``)."""
+    """Model state changes as server-sent events (``{"type": "model_state", ...}``), only of the models
+    the caller may see."""
     bus: EventBus = current_app.extensions["llamacontroller.events"]
+    allowed = _allowed()
 
     async def stream() -> AsyncIterator[bytes]:
-        with bus.subscription() as queue:
+        with bus.subscription(lambda event: allowed is None or allowed(str(event.get("model", "")))) as queue:
             yield b": connected\n\n"
             async for event in sse_stream(queue):
                 yield event

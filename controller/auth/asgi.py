@@ -15,19 +15,10 @@ from controller.auth.identity import OPEN, Identity, required_scope
 from controller.auth.service import AuthService, Request
 from controller.errors import AuthError, RateLimited
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
-from proxy.dialects import control_error, ollama_error, openai_error
+from proxy.dialects import error_body
 from proxy.directory import ALLOW_MODEL_KEY
 
 IDENTITY_KEY = "llamacontroller.identity"
-
-
-def error_body(path: str, status: int, message: str, code: str) -> dict[str, Any]:
-    """Ollama clients get ``{"error": "..."}``, OpenAI clients OpenAI's shape, the rest the control shape."""
-    if path == "/" or path.startswith(("/api/", "/auth/verify")):
-        return ollama_error(message)
-    if path.startswith(("/v1/", "/llama/")):
-        return openai_error(status, message, code)
-    return control_error(message, code)
 
 
 def auth_headers(exc: AuthError) -> list[tuple[bytes, bytes]]:

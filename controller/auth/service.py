@@ -38,11 +38,11 @@ from controller.auth.secrets import (
     verify_claims,
     verify_password,
 )
-from controller.background import Background
 from controller.config import AuthConfig, Config
 from controller.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthenticated
 from controller.names import validate_model_name
 from controller.store.base import AuditEvent, Ephemeral, Role, SessionRecord, Store, TokenRecord, User
+from proxy.background import Background
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,11 @@ from typing import Any
 
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from controller.auth.asgi import auth_headers, error_body, identity_of, request_of
+from controller.auth.asgi import auth_headers, identity_of, request_of
 from controller.auth.identity import required_scope
 from controller.auth.service import IDENTITY_HEADER, SESSION_COOKIE, AuthService
 from controller.errors import AuthError, BadRequest
+from proxy.dialects import error_body
 
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 

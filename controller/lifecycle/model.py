@@ -1,24 +1,31 @@
 """One model, one owner task: every state transition happens in ``ManagedModel._run``.
 
-Callers express intent and never test the state themselves:
+Callers state an intent — the model's ``goal`` — and never test the state themselves. The owner task makes
+the state follow the goal:
 
-    state     ensure_ready()                          request_stop()
-    --------  --------------------------------------  ------------------------------------------
-    stopped   start, wait for ready                    done at once
-    starting  join the start in flight                 abort the start (kill), then stopped
-    ready     return the backend (restart first when   wait for in-flight requests to drain,
-              its requirements changed, after drain)   then stop
-    stopping  wait for stopped, raise ModelStopping    join
-              (the caller asks for a slot again)
-    failed    start again once the backoff allows,     clear the failure: stopped
-              else raise the recorded error at once
+    goal    meaning                                      set by
+    ------  -------------------------------------------  -----------------------------------------------
+    idle    nothing asked: stay stopped (or failed)      a finished stop; a failed start (unpinned)
+    run     have a ready backend; holds an admission     the supervisor's admission (``reserve``), an
+            slot while set                               adoption, a pinned model's failure
+    stop    stop once in-flight requests have drained    ``stop()`` (unload, eviction), keep_alive expiry
+    close   shutdown: stop (or keep) the backend, end    ``close()``
+            the owner task
+
+``lease()`` is the one way to use the model: it counts the request against the bounded queue, asks for
+admission, waits for a ready backend that meets the request's requirements, and holds it for the block.
 
 Invariants, enforced where noted:
 - Exactly one start for N concurrent callers: waiters queue on ``_ready_waiters``; only ``_run`` starts.
+- The backend is recorded the moment the runtime returns it (``_start``), so a stop or shutdown during the
+  load stops it: nothing a runtime started is ever lost.
 - A model with in-flight requests is never stopped by expiry, eviction or unload (``_serve`` waits for
   ``_in_flight == 0``); only a crash or shutdown ends it under them.
-- ``take_lease`` re-checks readiness synchronously: between the owner resolving a waiter and the
-  waiter running, the owner may have begun a stop; such a lease is refused and the caller retries.
+- While a restart for new requirements is pending (embeddings, a larger context), no new request is
+  leased to the old backend (``_usable``): they queue for the new one, so the drain always completes.
+- keep_alive follows Ollama: the last request *scheduled* onto the backend decides the idle expiry.
+- ``_take`` re-checks everything synchronously: between the owner resolving a waiter and the waiter
+  running, the owner may have begun a stop; such a lease is refused and the caller asks again.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from enum import StrEnum
 from typing import Any
 
 from controller.errors import (
@@ -42,9 +50,11 @@ from controller.errors import (
     ShuttingDown,
     StartupTimeout,
 )
+from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import ALLOWED, OCCUPYING, State, check_transition
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import START_MARKER, LogBook
+from proxy.directory import LiveState
 
 log = logging.getLogger(__name__)
 
@@ -55,63 +65,17 @@ STABLE_AFTER = 30.0  # a backend that ran this long resets the failure count (no
 MAX_BACKOFF = 30.0
 
 
-@dataclass(frozen=True)
-class Requirements:
-    """What a request needs from the running backend beyond the model itself (load-time flags)."""
-
-    embeddings: bool = False
-    ctx_size: int | None = None  # the effective context per request (see Supervisor._effective)
-    ctx_requested: bool = False  # a request asked for it (num_ctx), rather than the config
-
-    def merge(self, other: Requirements) -> Requirements:
-        ctx = max(filter(None, (self.ctx_size, other.ctx_size)), default=None)
-        return Requirements(
-            embeddings=self.embeddings or other.embeddings,
-            ctx_size=ctx,
-            ctx_requested=self.ctx_requested or other.ctx_requested,
-        )
-
-    def satisfied_by(self, running: Requirements) -> bool:
-        if self.embeddings and not running.embeddings:
-            return False
-        return self.ctx_size is None or (running.ctx_size or 0) >= self.ctx_size
-
-
-@dataclass(frozen=True)
-class ModelPolicy:
-    """Per-model settings resolved from config (model value, else defaults)."""
-
-    keep_alive: float = 300.0
-    startup_timeout: float = 120.0
-    health_interval: float = 1.0
-    stop_timeout: float = 10.0
-    max_concurrent: int = 4
-    queue_depth: int = 512
-    pinned: bool = False
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A model's live state for the APIs; the defaults describe a model no request has touched yet."""
-
-    state: str = str(State.STOPPED)
-    backend_url: str | None = None
-    handle: str | None = None
-    adopted: bool = False
-    in_flight: int = 0
-    queued: int = 0
-    expires_at: float | None = None  # wall clock
-    load_duration: float = 0.0
-    starts: int = 0
-    failures: int = 0
-    error: str | None = None
-    embeddings: bool = False
+class Goal(StrEnum):
+    IDLE = "idle"
+    RUN = "run"
+    STOP = "stop"
+    CLOSE = "close"
 
 
 Probe = Callable[[Backend, float], Awaitable[bool]]
 SpecFactory = Callable[[Requirements], LaunchSpec]
 Publish = Callable[[dict[str, Any]], None]
-
+Admit = Callable[[], Awaitable[None]]
 
 _LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([A-Z]) ")
 
@@ -134,8 +98,17 @@ def backoff_delay(failures: int) -> float:
     return 0.0 if failures <= 1 else min(2.0 ** (failures - 2), MAX_BACKOFF)
 
 
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has really ended (a cancelled task still runs until it yields)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 class ManagedModel:
-    """See the module docstring: intent methods outside, one owner task inside."""
+    """See the module docstring: intents outside, one owner task inside."""
 
     def __init__(
         self,
@@ -158,17 +131,16 @@ class ManagedModel:
         self._publish = publish
 
         self._state = State.STOPPED
+        self._goal = Goal.IDLE
+        self._keep_on_close = False
         self._backend: Backend | None = None
         self._gone: asyncio.Task[ExitInfo] | None = None
         self._liveness: asyncio.Task[None] | None = None
         self._unhealthy: str | None = None
-        self._running_requirements = Requirements()
-        self._requirements = Requirements()
+        self._adoptee: Backend | None = None
+        self._running = Requirements()  # what the current backend was started with
+        self._wanted = Requirements()  # what requests since the last stop asked for
 
-        self._want_running = False
-        self._stop_requested = False
-        self._closing = False
-        self._reserved = False
         self._ready_waiters: list[asyncio.Future[Backend]] = []
         self._stop_waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
@@ -177,6 +149,7 @@ class ManagedModel:
         self._queued = 0
         self._slots = asyncio.Semaphore(policy.max_concurrent)
         self._last_used = 0.0
+        self._keep_alive = policy.keep_alive  # of the last request scheduled (Ollama's rule)
         self._expires_at: float | None = None  # monotonic; None = never
         self._ready_since = 0.0
 
@@ -211,12 +184,24 @@ class ManagedModel:
 
     @property
     def holds_slot(self) -> bool:
-        """True while the model counts against ``max_loaded_models`` (admitted, loading, loaded)."""
-        return self._reserved or self._state in OCCUPYING
+        """True while the model counts against ``max_loaded_models`` (admitted, loading, loaded, stopping)."""
+        return self._goal is Goal.RUN or self._state in OCCUPYING
 
     @property
     def requirements(self) -> Requirements:
-        return self._running_requirements
+        return self._running
+
+    def _restart_pending(self) -> bool:
+        return not self._wanted.satisfied_by(self._running)
+
+    def _usable(self, backend: Backend | None) -> bool:
+        return (
+            backend is not None
+            and backend is self._backend
+            and self._state is State.READY
+            and self._goal is Goal.RUN
+            and not self._restart_pending()
+        )
 
     def expires_at(self) -> float | None:
         """Wall-clock expiry (seconds since the epoch), None when never or not idle-timed."""
@@ -224,9 +209,10 @@ class ManagedModel:
             return None
         return time.time() + (self._expires_at - time.monotonic())
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, context_length: int | None = None) -> LiveState:
         backend = self._backend
-        return Snapshot(
+        failed = self._state is State.FAILED
+        return LiveState(
             state=str(self._state),
             backend_url=backend.url if backend and self._state is State.READY else None,
             handle=backend.handle if backend else None,
@@ -237,54 +223,39 @@ class ManagedModel:
             load_duration=round(self.load_duration, 4),
             starts=self.starts,
             failures=self.failures,
-            error=self.last_error.message if self._state is State.FAILED and self.last_error else None,
-            embeddings=self._running_requirements.embeddings,
+            error=self.last_error.message if failed and self.last_error else None,
+            embeddings=self._running.embeddings,
+            loaded_context_length=context_length if backend else None,
         )
 
     # ------------------------------------------------------------------ intents
 
     def reserve(self) -> None:
-        """Called by the supervisor's admission once a slot is granted to this model."""
-        self._reserved = True
+        """The supervisor's admission granted this model a slot: have it running."""
+        if self._goal is Goal.IDLE:
+            self._goal = Goal.RUN
+            self._wake.set()
 
-    async def ensure_ready(self, requirements: Requirements = Requirements()) -> Backend:
-        """Return a ready backend that meets ``requirements``; start or restart as needed."""
-        if self._closing:
+    def check_backoff(self) -> None:
+        """Refuse at once, holding no slot, while a failed model waits out its backoff."""
+        if self._goal is Goal.CLOSE:
             raise ShuttingDown("the server is shutting down")
-        if self._stop_requested:
-            await self._wait_stopped()
-            raise ModelStopping(f"model '{self.label}' was unloaded while the request waited")
-        backend = self._backend
-        if self._state is State.READY and backend is not None and requirements.satisfied_by(self._running_requirements):
-            return backend
-        if self._state is State.FAILED and not self._want_running and time.monotonic() < self._retry_at:
+        if self._state is State.FAILED and self._goal is Goal.IDLE and time.monotonic() < self._retry_at:
             assert self.last_error is not None
             raise self.last_error
-        waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        self._ready_waiters.append(waiter)
-        self._requirements = self._requirements.merge(requirements)
-        self._want_running = True
-        self._wake.set()
-        return await waiter
 
-    async def request_stop(self) -> None:
-        """Stop after in-flight requests drain; return once stopped. Idempotent."""
-        if self._state is State.STOPPED and not self._want_running and not self._reserved:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._stop_waiters.append(waiter)
-        self._stop_requested = True
-        self._wake.set()
-        await waiter
+    @asynccontextmanager
+    async def lease(
+        self,
+        requirements: Requirements = NOTHING_SPECIAL,
+        keep_alive: float | None = None,
+        admit: Admit | None = None,
+    ) -> AsyncIterator[Backend]:
+        """Hold a ready backend meeting ``requirements`` while the block runs (see the module docstring).
 
-    async def _wait_stopped(self) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._stop_waiters.append(waiter)
-        self._wake.set()
-        await waiter
-
-    def admit_request(self) -> None:
-        """Count a new request for this model; refuse it when the bounded queue is full (503)."""
+        ``admit`` is the supervisor's admission (it may stop other models, then calls ``reserve``);
+        alone, the model admits itself. ``keep_alive`` (seconds; None = the model's) sets the expiry."""
+        self.check_backoff()
         if self._in_flight + self._queued >= self.policy.max_concurrent + self.policy.queue_depth:
             raise QueueFull(
                 f"server busy: model '{self.label}' has {self._in_flight} requests running and "
@@ -292,59 +263,102 @@ class ManagedModel:
                 f"queue_depth {self.policy.queue_depth}); try again later"
             )
         self._queued += 1
+        try:
+            while True:
+                await (admit() if admit is not None else self._admit_alone())
+                try:
+                    backend = await self._ready(requirements)
+                except ModelStopping:
+                    continue  # unloaded or evicted while we waited: ask for a slot again
+                await self._slots.acquire()
+                if self._take(backend, keep_alive):
+                    break
+                self._slots.release()
+        finally:
+            self._queued -= 1
+        try:
+            yield backend
+        finally:
+            self._release()
 
-    def leave_queue(self) -> None:
-        self._queued -= 1
+    async def _admit_alone(self) -> None:
+        self.reserve()
 
-    async def acquire_slot(self) -> None:
-        await self._slots.acquire()
+    async def _ready(self, requirements: Requirements) -> Backend:
+        if self._goal is Goal.CLOSE:
+            raise ShuttingDown("the server is shutting down")
+        if self._goal is Goal.STOP:
+            await self.wait_stopped()
+            raise ModelStopping(f"model '{self.label}' was unloaded while the request waited")
+        if self._usable(self._backend) and requirements.satisfied_by(self._running):
+            assert self._backend is not None
+            return self._backend
+        if self._goal is not Goal.RUN:  # not admitted (a failure freed the slot): ask for admission again
+            raise ModelStopping(f"model '{self.label}' is not loaded")
+        waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
+        self._ready_waiters.append(waiter)
+        self._wanted = self._wanted.merge(requirements)
+        self._wake.set()
+        return await waiter
 
-    def release_slot(self) -> None:
-        self._slots.release()
-
-    def take_lease(self, backend: Backend) -> bool:
-        """Start counting a request on ``backend`` if it is still the ready one (synchronous on purpose)."""
-        if self._state is not State.READY or self._backend is not backend or self._stop_requested:
+    def _take(self, backend: Backend, keep_alive: float | None) -> bool:
+        """Start counting a request on ``backend`` if it may still be used (synchronous on purpose)."""
+        if not self._usable(backend):
             return False
         self._in_flight += 1
         self._last_used = time.monotonic()
         self._expires_at = None
+        self._keep_alive = self.policy.keep_alive if keep_alive is None else keep_alive
         return True
 
-    def release(self, keep_alive: float | None) -> None:
-        """A request ended: its keep_alive (else the model's) sets the idle expiry."""
+    def _release(self) -> None:
         self._in_flight -= 1
         self._slots.release()
         self._last_used = time.monotonic()
-        seconds = self.policy.keep_alive if keep_alive is None else keep_alive
         if self._in_flight == 0:
+            seconds = self._keep_alive
             self._expires_at = None if math.isinf(seconds) else self._last_used + seconds
         self._wake.set()
 
-    async def adopt(self, backend: Backend, requirements: Requirements) -> None:
+    def request_stop(self) -> None:
+        """Ask for a stop after in-flight requests drain (eviction, unload); returns at once."""
+        if self._goal is Goal.CLOSE:
+            return
+        if self._state is State.STOPPED and self._goal is not Goal.RUN:
+            return
+        self._goal = Goal.STOP
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop after in-flight requests drain; return once stopped. Idempotent."""
+        self.request_stop()
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> None:
+        if self._goal not in (Goal.STOP, Goal.CLOSE) and self._state is State.STOPPED:
+            return
+        if self._task.done():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stop_waiters.append(waiter)
+        self._wake.set()
+        await waiter
+
+    def adopt(self, backend: Backend, requirements: Requirements) -> None:
         """Take over a backend a previous controller left running (it answered /health)."""
-        self._set_state(State.STARTING)
-        self._running_requirements = self._requirements = requirements
-        self._reserved = True
-        self._become_ready(backend, asyncio.create_task(self._runtime.wait_exit(backend)), started=0.0)
+        if self._state is not State.STOPPED or self._goal is not Goal.IDLE:
+            raise LlamaControllerError(f"model '{self.label}' is already managed; cannot adopt another backend")
+        self._adoptee = backend
+        self._running = self._wanted = requirements
+        self._goal = Goal.RUN
         self._wake.set()
 
     async def close(self, stop_backend: bool = True) -> None:
-        """Shutdown: stop the backend (unless it should survive for adoption) and end the owner task."""
-        self._closing = True
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._reject_ready(ShuttingDown("the server is shutting down"))
-        if self._liveness is not None:
-            self._liveness.cancel()
-        if stop_backend and self._backend is not None:
-            await self._runtime.stop(self._backend, self.policy.stop_timeout)
-        if self._gone is not None:
-            self._gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LlamaControllerError):
-                await self._gone
-        self._resolve_stopped()
+        """Shutdown: the owner stops the backend (unless it should survive for adoption) and ends."""
+        self._keep_on_close = not stop_backend
+        self._goal = Goal.CLOSE
+        self._wake.set()
+        await asyncio.shield(self._task)
 
     # ------------------------------------------------------------------ the owner task
 
@@ -381,31 +395,35 @@ class ManagedModel:
         while True:
             self._wake.clear()
             try:
+                if self._goal is Goal.CLOSE:
+                    await self._close_now()
+                    return
                 await self._step()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # a bug must not kill the owner: log it, fail the model, keep serving
                 log.exception("model %s: owner task error", self.name)
                 await self._recover_from_bug()
 
     async def _recover_from_bug(self) -> None:
-        if self._backend is not None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
             with contextlib.suppress(Exception):
-                await self._runtime.stop(self._backend, self.policy.stop_timeout)
-        self._stop_liveness()
-        if self._state is not State.FAILED and State.FAILED in ALLOWED[self._state]:
+                await self._runtime.stop(backend, self.policy.stop_timeout)
+        await _cancel(self._liveness)
+        if State.FAILED in ALLOWED[self._state]:
             self._fail(LlamaControllerError(f"model '{self.label}': internal error, see the server log"), 0.0)
-        await asyncio.sleep(1.0)
+        await self._sleep(1.0)
 
     async def _step(self) -> None:
-        state = self._state
+        state, goal = self._state, self._goal
         if state is State.READY:
             await self._serve()
-        elif self._stop_requested:
+        elif goal is Goal.STOP:
             if state is State.FAILED:
                 self._set_state(State.STOPPED)
             self._finish_stop()
-        elif self._want_running:
+        elif goal is Goal.RUN and self._adoptee is not None:
+            self._take_over(self._adoptee)
+        elif goal is Goal.RUN:
             delay = self._retry_at - time.monotonic() if state is State.FAILED else 0.0
             if delay > 0:
                 await self._sleep(delay)
@@ -414,34 +432,43 @@ class ManagedModel:
         else:
             await self._sleep()
 
+    def _take_over(self, backend: Backend) -> None:
+        self._adoptee = None
+        self._set_state(State.STARTING)
+        self._backend = backend
+        self._gone = asyncio.create_task(self._runtime.wait_exit(backend), name=f"exit-watch:{self.name}")
+        self._become_ready(started=0.0)
+
     async def _start(self) -> None:
         self._set_state(State.STARTING)
         self.starts += 1
         started = time.monotonic()
-        self._running_requirements = self._requirements
+        self._running = self._wanted
         try:
-            spec = self._make_spec(self._running_requirements)
+            spec = self._make_spec(self._running)
             backend = await self._runtime.start(spec)
         except LlamaControllerError as exc:
             self._fail(exc, ran_for=0.0)
             return
-        gone = asyncio.create_task(self._runtime.wait_exit(backend), name=f"exit-watch:{self.name}")
+        # Recorded at once: from here a stop or a shutdown stops this backend (it is never lost).
+        self._backend = backend
+        self._gone = gone = asyncio.create_task(self._runtime.wait_exit(backend), name=f"exit-watch:{self.name}")
         deadline = started + self.policy.startup_timeout
         while True:
             self._wake.clear()
-            if self._stop_requested or self._closing:
-                await self._kill(backend, gone)
-                self._set_state(State.STOPPING)
-                self._set_state(State.STOPPED)
-                self._finish_stop()
+            if self._goal in (Goal.STOP, Goal.CLOSE):
+                await self._stop_backend()
+                if self._goal is Goal.STOP:
+                    self._finish_stop()
                 return
             if await self._probe(backend, PROBE_TIMEOUT):
                 break
             if gone.done():
+                self._backend = self._gone = None
                 self._fail(self._start_error(gone.result()), ran_for=0.0)
                 return
             if time.monotonic() > deadline:
-                await self._kill(backend, gone)
+                await self._kill()
                 self._fail(
                     StartupTimeout(
                         f"model '{self.label}' did not become ready within {self.policy.startup_timeout:g}s "
@@ -451,13 +478,14 @@ class ManagedModel:
                 )
                 return
             await self._sleep(START_POLL_INTERVAL, gone)
-        self._become_ready(backend, gone, started)
+        self._become_ready(started)
 
-    def _become_ready(self, backend: Backend, gone: asyncio.Task[ExitInfo], started: float) -> None:
-        self._backend, self._gone, self._unhealthy = backend, gone, None
+    def _become_ready(self, started: float) -> None:
+        backend = self._backend
+        assert backend is not None
+        self._unhealthy = None
         self.load_duration = time.monotonic() - started if started else 0.0
-        self._ready_since = time.monotonic()
-        self._last_used = self._ready_since
+        self._ready_since = self._last_used = time.monotonic()
         # Expire even if every waiter went away before the load finished; a lease clears this.
         keep_alive = self.policy.keep_alive
         self._expires_at = None if math.isinf(keep_alive) else self._ready_since + keep_alive
@@ -482,9 +510,10 @@ class ManagedModel:
         self._backend, self._gone = None, None
         self._set_state(State.FAILED, error)
         self._reject_ready(error)
-        self._want_running = self.policy.pinned  # a pinned model restarts by itself; others on demand
-        self._reserved = self.policy.pinned
-        self._requirements = self._running_requirements
+        # A pinned model restarts by itself and keeps its slot; others free it and start on demand.
+        if self._goal is Goal.RUN:
+            self._goal = Goal.RUN if self.policy.pinned else Goal.IDLE
+        self._wanted = self._running
 
     def _reject_ready(self, error: LlamaControllerError) -> None:
         for waiter in self._ready_waiters:
@@ -498,48 +527,64 @@ class ManagedModel:
         if self._gone.done():
             info = self._gone.result()
             reason = self._unhealthy or info.reason
-            self._stop_liveness()
+            await _cancel(self._liveness)
             self._fail(
                 BackendCrashed(f"model '{self.label}' backend stopped unexpectedly: {reason}{self._log_hint()}"),
                 ran_for=time.monotonic() - self._ready_since,
             )
             return
         drained = self._in_flight == 0
-        if drained and self._stop_requested:
+        if drained and self._goal is Goal.STOP:
             await self._stop_backend()
             self._finish_stop()
             return
-        if drained and not self._requirements.satisfied_by(self._running_requirements):
-            await self._stop_backend()  # restart with the new flags; the slot stays reserved
+        if drained and self._restart_pending():
+            await self._stop_backend()  # restart with the new flags; the goal stays "run"
             return
         now = time.monotonic()
-        idle = drained and self._queued == 0 and not self.policy.pinned
+        idle = drained and self._queued == 0 and not self.policy.pinned and self._goal is Goal.RUN
         if idle and self._expires_at is not None and now >= self._expires_at:
             log.info("model %s: keep_alive expired", self.name)
-            self._stop_requested = True
+            self._goal = Goal.STOP
             return
         timeout = (self._expires_at - now) if idle and self._expires_at is not None else None
         await self._sleep(timeout, self._gone)
 
     async def _stop_backend(self) -> None:
-        assert self._backend is not None and self._gone is not None
+        """STARTING or READY → STOPPING → STOPPED, the backend stopped and forgotten."""
         self._set_state(State.STOPPING)
-        self._stop_liveness()
-        await self._kill(self._backend, self._gone)
-        self._backend, self._gone = None, None
+        await _cancel(self._liveness)
+        await self._kill()
         self._set_state(State.STOPPED)
 
-    async def _kill(self, backend: Backend, gone: asyncio.Task[ExitInfo]) -> None:
-        await self._runtime.stop(backend, self.policy.stop_timeout)
-        with contextlib.suppress(Exception):
-            await gone
+    async def _kill(self) -> None:
+        backend, gone = self._backend, self._gone
+        self._backend = self._gone = None
+        if backend is not None:
+            await self._runtime.stop(backend, self.policy.stop_timeout)
+        if gone is not None:
+            with contextlib.suppress(Exception):
+                await gone
+
+    async def _close_now(self) -> None:
+        self._reject_ready(ShuttingDown("the server is shutting down"))
+        await _cancel(self._liveness)
+        if self._state is State.READY and self._keep_on_close:
+            log.info("model %s: leaving its backend running for the next controller to adopt", self.name)
+            await _cancel(self._gone)
+            self._backend = self._gone = None
+            self._set_state(State.STOPPING)
+            self._set_state(State.STOPPED)
+        elif self._state in (State.STARTING, State.READY):
+            await self._stop_backend()
+        elif self._state is State.FAILED:
+            self._set_state(State.STOPPED)
+        self._resolve_stopped()
 
     def _finish_stop(self) -> None:
-        self._stop_requested = False
-        self._want_running = False
-        self._reserved = False
+        self._goal = Goal.IDLE
         self._expires_at = None
-        self._requirements = Requirements()
+        self._wanted = Requirements()
         self._reject_ready(ModelStopping(f"model '{self.label}' was unloaded while the request waited"))
         self._resolve_stopped()
 
@@ -548,11 +593,6 @@ class ManagedModel:
             if not waiter.done():
                 waiter.set_result(None)
         self._stop_waiters.clear()
-
-    def _stop_liveness(self) -> None:
-        if self._liveness is not None:
-            self._liveness.cancel()
-            self._liveness = None
 
     async def _watch_liveness(self, backend: Backend) -> None:
         """Probe /health while ready; a backend that stops answering is killed, which reads as a crash."""

@@ -3,6 +3,10 @@
 A runtime starts a backend from a ``LaunchSpec``, stops it, tells when it exits, and lists what it left
 running so a restarted controller can adopt or remove it. It never decides *when*: that is the
 lifecycle's job. Blocking calls (SDKs, file system scans) must run off the event loop.
+
+A ``LaunchSpec`` says what llama-server is asked to do (model file, flags, GPUs), never how: the process
+runtime turns it into an argv and environment, a container runtime into an image, a command, mounts and
+device requests. So its ``spec_hash`` means the same thing in every runtime.
 """
 
 from __future__ import annotations
@@ -11,23 +15,48 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
+
+GpuSelection = Literal["all", "none"] | tuple[int, ...]
+
+
+def visible_devices(gpus: GpuSelection) -> str | None:
+    """The device list a backend sees (``CUDA_VISIBLE_DEVICES`` / ``NVIDIA_VISIBLE_DEVICES``); None = all."""
+    if gpus == "all":
+        return None
+    if gpus == "none":
+        return ""
+    return ",".join(str(gpu) for gpu in gpus)
 
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """Everything needed to start one llama-server for one model, host and port excepted."""
+    """What one llama-server is asked to do for one model; host, port and binary are the runtime's."""
 
     model: str  # canonical model name: the identity used for adoption, logs and pid files
-    argv: tuple[str, ...]  # binary first; never a shell string
-    env: Mapping[str, str] = field(default_factory=dict)
+    model_file: Path
+    args: tuple[str, ...] = ()  # llama-server flags besides --model/--mmproj/--host/--port; never a shell string
+    mmproj: Path | None = None
+    gpus: GpuSelection = "all"
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment from the config
     fingerprint: str = ""  # file identity (size, mtime) so a replaced model file is not adopted
     labels: Mapping[str, str] = field(default_factory=dict)  # kept with the backend, read back on adoption
 
     @property
     def spec_hash(self) -> str:
         """Stable digest of what would run: a backend with another hash is not adopted."""
-        payload = json.dumps([self.model, self.argv, sorted(self.env.items()), self.fingerprint])
+        payload = json.dumps(
+            [
+                self.model,
+                str(self.model_file),
+                str(self.mmproj or ""),
+                list(self.args),
+                self.gpus if isinstance(self.gpus, str) else list(self.gpus),
+                sorted(self.env.items()),
+                self.fingerprint,
+            ]
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

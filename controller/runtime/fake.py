@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from controller.errors import BackendStartFailed
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec
@@ -92,7 +93,7 @@ class FakeRuntime:
         for leftover in self.leftovers:
             backend = replace(leftover, adopted=True)
             exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
-            spec = LaunchSpec(backend.model, ())
+            spec = LaunchSpec(backend.model, Path("leftover.gguf"))
             self.running[backend.handle] = _Running(backend, spec, time.monotonic(), exited)
             found.append(backend)
         self.leftovers = []

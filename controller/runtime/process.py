@@ -22,11 +22,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from controller.errors import BackendStartFailed
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec
+from controller.errors import BackendStartFailed, LlamaControllerError
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices
+from controller.runtime.exits import describe_exit
 from controller.runtime.logs import START_MARKER, LogBook
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,8 @@ class ProcessRuntime:
 
     name = "process"
 
-    def __init__(self, state_dir: Path, logbook: LogBook, host: str = "127.0.0.1") -> None:
+    def __init__(self, state_dir: Path, logbook: LogBook, binary: Callable[[], str], host: str = "127.0.0.1") -> None:
+        self._binary = binary
         self._run_dir = state_dir / "run"
         self._log_dir = state_dir / "logs"
         self._host = host
@@ -130,14 +133,29 @@ class ProcessRuntime:
     def _pid_path(self, model: str) -> Path:
         return self._run_dir / f"{model}.json"
 
+    def command(self, spec: LaunchSpec, port: int) -> tuple[list[str], dict[str, str]]:
+        """The spec realised as a local process: argv (binary first) and environment."""
+        try:
+            binary = self._binary()
+        except LlamaControllerError as exc:
+            raise BackendStartFailed(exc.message) from exc
+        argv = [binary, "--model", str(spec.model_file)]
+        if spec.mmproj is not None:
+            argv += ["--mmproj", str(spec.mmproj)]
+        argv += [*spec.args, "--host", self._host, "--port", str(port)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIX)}
+        env.update(spec.env)
+        devices = visible_devices(spec.gpus)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        return argv, env
+
     async def start(self, spec: LaunchSpec) -> Backend:
         port = free_port(self._host)
-        argv = [*spec.argv, "--host", self._host, "--port", str(port)]
+        argv, env = self.command(spec, port)
         log_path = self.log_path(spec.model)
         if log_path.exists() and log_path.stat().st_size > _ROTATE_BYTES:
             log_path.replace(log_path.with_suffix(".log.1"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIX)}
-        env.update(spec.env)
         with log_path.open("ab") as log_file:
             offset = log_file.tell()
             try:
@@ -208,11 +226,7 @@ class ProcessRuntime:
             await self._wait_gone(record, proc)
         code = proc.returncode if proc is not None else None
         await self._forget(backend.handle)
-        if code is None:
-            return ExitInfo(code=None, reason="llama-server exited")
-        if code < 0:
-            return ExitInfo(code=code, reason=f"llama-server was killed by {signal.Signals(-code).name}")
-        return ExitInfo(code=code, reason=f"llama-server exited with code {code}")
+        return ExitInfo(code=code, reason=describe_exit(code))
 
     async def _wait_gone(self, record: PidRecord, proc: subprocess.Popen[bytes] | None) -> None:
         """Return once the process has exited (and, for our own child, has been reaped).

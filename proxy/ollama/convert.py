@@ -42,6 +42,8 @@ def openai_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
     call_ids: dict[str, str] = {}  # tool name → id of the latest call, for tool results without an id
     for index, message in enumerate(messages):
         out: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.thinking:
+            out["reasoning_content"] = message.thinking  # llama-server's name for an assistant's reasoning
         if message.images:
             out["content"] = [{"type": "text", "text": message.content}] + [
                 {"type": "image_url", "image_url": {"url": _data_uri(image)}} for image in message.images
@@ -125,6 +127,8 @@ def generate_chat_body(request: GenerateRequest) -> dict[str, Any]:
         think=request.think,
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
+        truncate=request.truncate,
+        shift=request.shift,
         messages=tuple(messages),
     )
     return chat_body(chat)

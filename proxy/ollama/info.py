@@ -68,7 +68,8 @@ def ps(models: Sequence[ModelInfo]) -> dict[str, Any]:
     for info in models:
         if info.state != "ready":
             continue
-        expires = datetime.fromtimestamp(info.expires_at, UTC) if info.expires_at else datetime.now(UTC) + _FOREVER
+        expiry = info.live.expires_at
+        expires = datetime.fromtimestamp(expiry, UTC) if expiry else datetime.now(UTC) + _FOREVER
         name = ollama_name(info.name)
         loaded.append(
             {
@@ -79,7 +80,7 @@ def ps(models: Sequence[ModelInfo]) -> dict[str, Any]:
                 "details": details(info),
                 "expires_at": expires.isoformat().replace("+00:00", "Z"),
                 "size_vram": info.size if info.gpu_offload else 0,
-                "context_length": info.loaded_context_length or info.context_size,
+                "context_length": info.live.loaded_context_length or info.context_size,
             }
         )
     loaded.sort(key=lambda m: str(m["expires_at"]), reverse=True)  # RFC 3339 in UTC sorts as text

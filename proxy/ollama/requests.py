@@ -27,6 +27,7 @@ class ToolCall:
 class Message:
     role: str
     content: str
+    thinking: str = ""  # an assistant's earlier reasoning, kept for templates that show it
     images: tuple[bytes, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
     tool_name: str | None = None
@@ -45,6 +46,8 @@ class Common:
     think: bool | str | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    truncate: bool | None = None  # None: Ollama's default (true)
+    shift: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ def _message(value: Any, index: int) -> Message:
     return Message(
         role=role.lower(),
         content=content,
+        thinking=_optional(value, "thinking", str, "a string") or "",
         images=_images(value.get("images"), f"{where}.images"),
         tool_calls=tuple(_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(calls)),
         tool_name=tool_name,
@@ -207,8 +211,6 @@ def _common(body: dict[str, Any], model: str) -> dict[str, Any]:
     top_logprobs = _optional(body, "top_logprobs", int, "an integer") or 0
     if not 0 <= top_logprobs <= 20:
         raise BadRequest("top_logprobs must be between 0 and 20")
-    for flag in ("truncate", "shift"):
-        _optional(body, flag, bool, "true or false")
     return {
         "model": model,
         "options": map_options(body.get("options")),
@@ -218,6 +220,8 @@ def _common(body: dict[str, Any], model: str) -> dict[str, Any]:
         "think": _think(body),
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
+        "truncate": _optional(body, "truncate", bool, "true or false"),
+        "shift": _optional(body, "shift", bool, "true or false"),
     }
 
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import math
+import contextlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from controller.errors import BadRequest, UpstreamError, UpstreamRefused
 from proxy.asgi import Receive, Scope, Send, header, parse_json_object, read_body, run_until_disconnect, send_json
+from proxy.background import Background
 from proxy.directory import Lease, ModelDirectory, ModelInfo, Restricted
+from proxy.forward import passed_headers
 from proxy.ollama import info as render
-from proxy.ollama.convert import chat_body, generate_chat_body, native_body
+from proxy.ollama.convert import chat_body, generate_chat_body, native_body, openai_messages
+from proxy.ollama.embeddings import embed, normalise
+from proxy.ollama.fit import context_overflow, shorten_history
 from proxy.ollama.requests import (
     ChatRequest,
     Common,
@@ -25,6 +30,7 @@ from proxy.ollama.requests import (
     parse_show,
 )
 from proxy.ollama.stream import Accumulator, SSEParser, load_chunk
+from proxy.ollama.wire import encode, json_or_error, upstream_error_message
 from proxy.upstream import Upstream
 
 OLLAMA_VERSION = "0.33.0"  # the Ollama API version whose wire format this gateway follows
@@ -45,12 +51,8 @@ def _nanoseconds(seconds: float) -> int:
     return max(int(seconds * 1e9), 0)
 
 
-def _encode(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 async def _send_line(send: Send, value: Any) -> None:
-    await send({"type": "http.response.body", "body": _encode(value) + b"\n", "more_body": True})
+    await send({"type": "http.response.body", "body": encode(value) + b"\n", "more_body": True})
 
 
 def _require(info: ModelInfo, capability: str, message: str) -> None:
@@ -84,21 +86,16 @@ def _check_capabilities(request: Common, info: ModelInfo, name: str) -> None:
         _require(info, "thinking", f'"{name}" does not support thinking')
 
 
-def _json_or_error(payload: bytes) -> Any:
-    try:
-        return json.loads(payload)
-    except json.JSONDecodeError:
-        return {"error": {"message": "the model's backend sent an unreadable answer"}}
-
-
-def _upstream_error_message(payload: bytes) -> str:
-    try:
-        error = json.loads(payload).get("error")
-    except (json.JSONDecodeError, AttributeError):
-        return payload.decode("utf-8", "replace")[:500] or "the model's backend refused the request"
-    if isinstance(error, dict):
-        return str(error.get("message", error))
-    return str(error)
+def _check_shift(request: Common, info: ModelInfo) -> None:
+    """``shift`` is a load-time flag of llama-server (--context-shift): a request can only ask for what runs."""
+    if request.shift is None or request.shift == info.context_shift:
+        return
+    if request.shift:
+        raise BadRequest(
+            f"shift: true is not available for {request.model}: its backend stops at the context length "
+            '(done_reason "length"); raise options.num_ctx, or add --context-shift to the model\'s args in the config'
+        )
+    raise BadRequest(f"shift: false is not available for {request.model}: its backend runs with --context-shift")
 
 
 class OllamaRoutes:
@@ -106,6 +103,11 @@ class OllamaRoutes:
         self._directory = directory
         self._upstream = upstream
         self._max_body = max_body
+        self._background = Background()
+
+    async def close(self) -> None:
+        self._background.cancel()
+        await self._background.drain()
 
     async def _json(self, scope: Scope, receive: Receive) -> dict[str, Any]:
         return parse_json_object(await read_body(scope, receive, self._max_body))
@@ -154,13 +156,23 @@ class OllamaRoutes:
         """The directory limited to the models this caller's credentials allow."""
         return Restricted.for_scope(self._directory, scope)
 
-    @staticmethod
-    async def _unload(directory: Restricted, name: str) -> None:
-        """keep_alive 0 with nothing to do: unload, waiting a little for in-flight requests to finish."""
-        task = asyncio.ensure_future(directory.unload(name))
-        done, _ = await asyncio.wait({task}, timeout=_UNLOAD_WAIT)
-        if task in done:
-            task.result()
+    async def _unload(self, directory: Restricted, name: str) -> None:
+        """keep_alive 0 with nothing to do: unload, waiting a little for in-flight requests to finish.
+
+        The unload is an intent that outlives this request (a long stream may still be draining), so it
+        runs as tracked background work; the answer says "unload" once the wait is over."""
+        await directory.model(name)  # unknown or forbidden names fail here, in the client's dialect
+        done = asyncio.Event()
+
+        async def unload() -> None:
+            try:
+                await directory.unload(name)
+            finally:
+                done.set()
+
+        self._background.spawn(unload(), f"unload:{name}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), _UNLOAD_WAIT)
 
     async def _load_only(
         self, directory: Restricted, send: Send, request: Common, kind: Literal["chat", "generate"]
@@ -178,7 +190,7 @@ class OllamaRoutes:
     async def _reply(send: Send, stream: bool, value: dict[str, Any]) -> None:
         if stream:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", NDJSON)]})
-            await send({"type": "http.response.body", "body": _encode(value) + b"\n"})
+            await send({"type": "http.response.body", "body": encode(value) + b"\n"})
         else:
             await send_json(send, 200, value)
 
@@ -219,21 +231,38 @@ class OllamaRoutes:
         if empty:
             await run_until_disconnect(receive, self._load_only(directory, send, request, kind))
             return
-        if _needs_capabilities(request):
-            _check_capabilities(request, await directory.model(request.model), request.model)
+        if _needs_capabilities(request) or request.shift is not None:
+            info = await directory.model(request.model)
+            _check_capabilities(request, info, request.model)
+            _check_shift(request, info)
         accumulator = Accumulator(model=request.model, kind=kind, streaming=request.stream)
+        call = _Call(path, body, passed_headers(scope), _shrinker(request))
 
         async def work() -> None:
             async with directory.lease(
                 request.model, keep_alive=request.keep_alive, ctx_size=request.options.num_ctx
             ) as lease:
-                await self._relay(send, lease, path, body, accumulator, started)
+                await self._relay(send, lease, call, accumulator, started)
 
         await run_until_disconnect(receive, work())
 
-    async def _relay(
-        self, send: Send, lease: Lease, path: str, body: dict[str, Any], accumulator: Accumulator, started: float
-    ) -> None:
+    @staticmethod
+    def _shorter(call: _Call, body: dict[str, Any], status: int, error: bytes) -> dict[str, Any]:
+        """The body again, shorter, after llama-server refused it as longer than the context (Ollama's
+        truncate); any other refusal, or one that cannot be shortened, is raised in the client's words."""
+        overflow = context_overflow(status, error)
+        if overflow is None:
+            raise UpstreamRefused(status, upstream_error_message(error))
+        shorter = call.shrink(body, *overflow) if call.shrink is not None else None
+        if shorter is None:
+            prompt, context = overflow
+            raise BadRequest(
+                f"the prompt ({prompt} tokens) is longer than the context length ({context} tokens): "
+                "raise options.num_ctx"
+            )
+        return shorter
+
+    async def _relay(self, send: Send, lease: Lease, call: _Call, accumulator: Accumulator, started: float) -> None:
         """Relay the backend's answer through the accumulator; errors after the first byte become a last line.
 
         A ``stream: false`` request asks the backend for one JSON answer, not SSE: llama-server closes the
@@ -242,15 +271,17 @@ class OllamaRoutes:
         streaming = accumulator.streaming
         began = False
         parser = SSEParser()
+        body = call.body
         try:
-            async with self._upstream.request(
-                "POST", lease.url + path, _encode({**body, "stream": streaming}), {"Content-Type": "application/json"}
-            ) as response:
-                if response.status >= 400:
-                    raise UpstreamRefused(response.status, _upstream_error_message(await response.read()))
-                if not streaming:
-                    accumulator.feed(_json_or_error(await response.read()))
-                else:
+            while True:
+                payload = encode({**body, "stream": streaming})
+                async with self._upstream.request("POST", lease.url + call.path, payload, call.headers) as response:
+                    if response.status >= 400:
+                        body = self._shorter(call, body, response.status, await response.read())
+                        continue  # sent again, shorter
+                    if not streaming:
+                        accumulator.feed(json_or_error(await response.read()))
+                        break
                     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", NDJSON)]})
                     began = True
                     async for chunk in response.iter_chunks():
@@ -260,6 +291,7 @@ class OllamaRoutes:
                     for event in parser.close():
                         for out in accumulator.feed(event):
                             await _send_line(send, out)
+                break
         except UpstreamError as exc:
             if not began:
                 raise
@@ -269,11 +301,11 @@ class OllamaRoutes:
         if accumulator.error is not None:
             if not began:
                 raise UpstreamRefused(500, accumulator.error)
-            await send({"type": "http.response.body", "body": _encode({"error": accumulator.error}) + b"\n"})
+            await send({"type": "http.response.body", "body": encode({"error": accumulator.error}) + b"\n"})
             return
         final = accumulator.final(_nanoseconds(lease.load_duration), _nanoseconds(time.perf_counter() - started))
         if streaming:
-            await send({"type": "http.response.body", "body": _encode(final) + b"\n"})
+            await send({"type": "http.response.body", "body": encode(final) + b"\n"})
         else:
             await send_json(send, 200, final)
 
@@ -282,8 +314,8 @@ class OllamaRoutes:
     async def embed(self, scope: Scope, receive: Receive, send: Send) -> str:
         started = time.perf_counter()
         request = parse_embed(await self._json(scope, receive))
-        result = await self._embeddings(self._for(scope), request, started)
-        vectors = [_normalise(v, request.dimensions) for v in result["vectors"]]
+        result = await self._embeddings(scope, request, started)
+        vectors = [normalise(v, request.dimensions) for v in result["vectors"]]
         reply: dict[str, Any] = {"model": request.model, "embeddings": vectors}
         if vectors:
             reply.update({key: result[key] for key in ("total_duration", "load_duration", "prompt_eval_count")})
@@ -293,44 +325,56 @@ class OllamaRoutes:
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> str:
         """Legacy shape ``{"embedding": [...]}``, not re-normalised (llama-server's own L2 output)."""
         request = parse_embeddings(await self._json(scope, receive))
-        result = await self._embeddings(self._for(scope), request, time.perf_counter())
+        result = await self._embeddings(scope, request, time.perf_counter())
         await send_json(send, 200, {"embedding": result["vectors"][0] if result["vectors"] else []})
         return request.model
 
-    async def _embeddings(self, directory: Restricted, request: EmbedRequest, started: float) -> dict[str, Any]:
+    async def _embeddings(self, scope: Scope, request: EmbedRequest, started: float) -> dict[str, Any]:
+        directory = self._for(scope)
         if not request.inputs and request.keep_alive == 0:
             await self._unload(directory, request.model)
             return {"vectors": []}
         async with directory.lease(request.model, keep_alive=request.keep_alive, embeddings=True) as lease:
             if not request.inputs:
                 return {"vectors": []}
-            body = _encode({"input": list(request.inputs), "encoding_format": "float"})
-            async with self._upstream.request(
-                "POST", lease.url + "/v1/embeddings", body, {"Content-Type": "application/json"}
-            ) as response:
-                payload = await response.read()
-                if response.status >= 400:
-                    message = _upstream_error_message(payload)
-                    if not request.truncate and response.status < 500:
-                        message = "the input length exceeds the context length"
-                    raise UpstreamRefused(response.status, message)
-        try:
-            data = json.loads(payload)
-            items = sorted(data["data"], key=lambda item: item.get("index", 0))
-            vectors = [[float(x) for x in item["embedding"]] for item in items]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UpstreamError("the model's backend sent an unreadable embeddings reply") from exc
+            result = await embed(self._upstream, lease.url, request.inputs, request.truncate, passed_headers(scope))
         return {
-            "vectors": vectors,
+            "vectors": result.vectors,
             "total_duration": _nanoseconds(time.perf_counter() - started),
             "load_duration": _nanoseconds(lease.load_duration),
-            "prompt_eval_count": int((data.get("usage") or {}).get("prompt_tokens", 0)),
+            "prompt_eval_count": result.prompt_tokens,
         }
 
 
-def _normalise(vector: list[float], dimensions: int | None) -> list[float]:
-    """L2-normalise (after truncating to ``dimensions``), as /api/embed promises."""
-    if dimensions is not None:
-        vector = vector[:dimensions]
-    norm = math.sqrt(sum(x * x for x in vector))
-    return [x / norm for x in vector] if norm > 0 else vector
+@dataclass(frozen=True)
+class _Call:
+    """One generation request to a backend: where, what, with which headers, and how to shorten it."""
+
+    path: str
+    body: dict[str, Any]
+    extra: dict[str, str]
+    shrink: Shrink | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Content-Type": "application/json", **self.extra}
+
+
+Shrink = Callable[[dict[str, Any], int, int], "dict[str, Any] | None"]
+
+
+def _shrinker(request: Common) -> Shrink | None:
+    """Ollama's truncate (on unless false) for chat: drop old turns until the prompt fits."""
+    if not isinstance(request, ChatRequest) or request.truncate is False:
+        return None
+    messages = request.messages
+
+    def shrink(body: dict[str, Any], prompt_tokens: int, context: int) -> dict[str, Any] | None:
+        nonlocal messages
+        shorter = shorten_history(messages, prompt_tokens, context)
+        if shorter is None:
+            return None
+        messages = shorter
+        return {**body, "messages": openai_messages(shorter)}
+
+    return shrink

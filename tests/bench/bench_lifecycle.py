@@ -25,8 +25,8 @@ import yaml
 
 from controller.catalog import Catalog
 from controller.config import validate_config
-from controller.launch import build_launch_spec
-from controller.lifecycle.model import Requirements
+from controller.lifecycle.requirements import Requirements
+from controller.profile import build_profile
 from controller.runtime.process import free_port
 from controller.settings import find_llama_server, supported_flags
 from tests.support.server import running_app
@@ -68,12 +68,14 @@ async def compare_loads(model_path: Path, rounds: int, label: str) -> dict[str, 
         catalog = Catalog(config)
         await catalog.refresh()
         binary = find_llama_server(None)
-        spec = build_launch_spec(await catalog.lookup("m"), config, binary, Requirements(), supported_flags(binary))
+        profile = build_profile(await catalog.lookup("m"), config, supported_flags(binary))
+        spec = profile.spec(profile.effective(Requirements()))
+        argv = [binary, "--model", str(spec.model_file), *spec.args]
         direct: list[float] = []
         through: list[float] = []
         async with running_app(config) as running:
             for _ in range(rounds):
-                direct.append(await asyncio.to_thread(direct_load_seconds, list(spec.argv)))
+                direct.append(await asyncio.to_thread(direct_load_seconds, argv))
                 started = time.perf_counter()
                 response = await running.client.post("/control/v1/models/m/load")
                 through.append(time.perf_counter() - started)

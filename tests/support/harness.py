@@ -37,8 +37,6 @@ def fake_config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, An
 def fake_supervisor(config: Config, runtime: FakeRuntime | None = None) -> tuple[Supervisor, FakeRuntime]:
     runtime = runtime or FakeRuntime()
     events: list[dict[str, Any]] = []
-    supervisor = Supervisor(
-        config, runtime, Catalog(config), LogBook(), runtime.probe, events.append, lambda: "/usr/bin/llama-server"
-    )
+    supervisor = Supervisor(config, runtime, Catalog(config), LogBook(), runtime.probe, events.append)
     supervisor.events = events  # type: ignore[attr-defined]
     return supervisor, runtime

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,8 @@ from controller.errors import (
     ShuttingDown,
     StartupTimeout,
 )
-from controller.lifecycle.model import ManagedModel, ModelPolicy, Requirements, backoff_delay
+from controller.lifecycle.model import ManagedModel, backoff_delay
+from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import State
 from controller.runtime.base import LaunchSpec
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
@@ -37,7 +39,7 @@ class Harness:
     @staticmethod
     def spec(requirements: Requirements) -> LaunchSpec:
         flags = ("--embeddings",) if requirements.embeddings else ()
-        return LaunchSpec(NAME, ("llama-server", *flags))
+        return LaunchSpec(NAME, Path("m.gguf"), flags)
 
     def states(self) -> list[str]:
         return [e["state"] for e in self.events]
@@ -50,15 +52,25 @@ class Harness:
         await asyncio.wait_for(poll(), timeout)
 
     async def lease(self, keep_alive: float | None = None) -> None:
-        """Take and release one request's lease, as the supervisor would."""
-        self.model.admit_request()
-        try:
-            backend = await self.model.ensure_ready()
-            await self.model.acquire_slot()
-            assert self.model.take_lease(backend)
-        finally:
-            self.model.leave_queue()
-        self.model.release(keep_alive)
+        """Take and release one request's lease."""
+        async with self.model.lease(keep_alive=keep_alive):
+            pass
+
+    async def ready(self, requirements: Requirements = NOTHING_SPECIAL) -> Any:
+        """The backend a request would get (its lease ends at once)."""
+        async with self.model.lease(requirements) as backend:
+            return backend
+
+    def hold(self, keep_alive: float | None = None) -> tuple[asyncio.Task[None], asyncio.Event, asyncio.Event]:
+        """A request that holds its lease until ``release`` is set; ``inside`` once it holds it."""
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def run() -> None:
+            async with self.model.lease(keep_alive=keep_alive):
+                inside.set()
+                await release.wait()
+
+        return asyncio.create_task(run()), inside, release
 
 
 @pytest.fixture
@@ -73,9 +85,9 @@ def make(**policy: Any) -> Harness:
     return Harness(ModelPolicy(**{"health_interval": 0.05, **policy}), behaviour)
 
 
-async def test_model_concurrent_ensure_ready_starts_exactly_once(harness: Harness) -> None:
+async def test_model_concurrent_requests_start_exactly_once(harness: Harness) -> None:
     harness.runtime.behaviours[NAME] = FakeBehaviour(ready_after=0.05)
-    backends = await asyncio.gather(*(harness.model.ensure_ready() for _ in range(20)))
+    backends = await asyncio.gather(*(harness.ready() for _ in range(20)))
     assert len({b.handle for b in backends}) == 1
     assert len(harness.runtime.starts) == 1
     assert harness.states() == ["starting", "ready"]
@@ -83,7 +95,7 @@ async def test_model_concurrent_ensure_ready_starts_exactly_once(harness: Harnes
 
 async def test_model_start_failure_reaches_every_waiter(harness: Harness) -> None:
     harness.runtime.behaviours[NAME] = FakeBehaviour(fail_start="no such file")
-    results = await asyncio.gather(*(harness.model.ensure_ready() for _ in range(3)), return_exceptions=True)
+    results = await asyncio.gather(*(harness.ready() for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, BackendStartFailed) for r in results)
     assert harness.model.state is State.FAILED
     assert harness.model.snapshot().error == "no such file"
@@ -93,23 +105,23 @@ async def test_model_exit_while_loading_reports_the_log_line(harness: Harness) -
     harness.runtime.behaviours[NAME] = FakeBehaviour(exit_while_loading=1)
     harness.logbook.append(NAME, "llama_model_load: error loading model: bad magic")
     with pytest.raises(BackendStartFailed, match="exited with code 1: llama_model_load: error loading model"):
-        await harness.model.ensure_ready()
+        await harness.ready()
 
 
 async def test_model_startup_timeout_kills_the_backend() -> None:
     h = make(startup_timeout=0.1, behaviour=FakeBehaviour(never_ready=True))
     with pytest.raises(StartupTimeout, match=r"did not become ready within 0\.1s"):
-        await h.model.ensure_ready()
+        await h.ready()
     assert h.runtime.stops and not h.runtime.running
     await h.model.close()
 
 
 async def test_model_crash_while_ready_fails_fast_and_restarts_on_demand(harness: Harness) -> None:
-    first = await harness.model.ensure_ready()
+    first = await harness.ready()
     harness.runtime.crash(NAME)
     await harness.wait_state(State.FAILED, timeout=1.0)
     assert isinstance(harness.model.last_error, BackendCrashed)
-    second = await harness.model.ensure_ready()
+    second = await harness.ready()
     assert second.handle != first.handle
     assert harness.states() == ["starting", "ready", "failed", "starting", "ready"]
 
@@ -118,11 +130,11 @@ async def test_model_repeated_failures_back_off() -> None:
     h = make(behaviour=FakeBehaviour(fail_start="broken"))
     for _ in range(2):
         with pytest.raises(BackendStartFailed):
-            await h.model.ensure_ready()
+            await h.ready()
     # Two failures in a row: the third attempt is refused at once until the backoff passes.
     starts = len(h.runtime.starts)
     with pytest.raises(BackendStartFailed):
-        await h.model.ensure_ready()
+        await h.ready()
     assert len(h.runtime.starts) == starts
     await h.model.close()
 
@@ -158,47 +170,53 @@ async def test_model_keep_alive_forever_never_expires() -> None:
 
 async def test_model_busy_model_does_not_expire_until_drained() -> None:
     h = make(keep_alive=0.05)
-    backend = await h.model.ensure_ready()
-    await h.model.acquire_slot()
-    assert h.model.take_lease(backend)
+    task, inside, release = h.hold(keep_alive=0.05)
+    await inside.wait()
     await asyncio.sleep(0.2)
     assert h.model.state is State.READY  # in flight: the expiry does not apply
-    h.model.release(0.05)
+    release.set()
+    await task
     await h.wait_state(State.STOPPED, timeout=1.0)
     await h.model.close()
 
 
 async def test_model_stop_waits_for_in_flight_requests(harness: Harness) -> None:
-    backend = await harness.model.ensure_ready()
-    await harness.model.acquire_slot()
-    assert harness.model.take_lease(backend)
-    stopping = asyncio.create_task(harness.model.request_stop())
+    task, inside, release = harness.hold()
+    await inside.wait()
+    stopping = asyncio.create_task(harness.model.stop())
     await asyncio.sleep(0.1)
     assert not stopping.done() and harness.model.state is State.READY
-    assert not harness.model.take_lease(backend)  # no new requests once a stop is asked for
-    harness.model.release(None)
+    late = asyncio.create_task(harness.ready())  # no new request is served once a stop is asked for
+    await asyncio.sleep(0.05)
+    assert not late.done()
+    release.set()
+    await task
     await asyncio.wait_for(stopping, 1.0)
-    assert harness.model.state is State.STOPPED
+    assert harness.runtime.stops, "the backend was stopped after the drain"
+    await asyncio.wait_for(late, 1.0)  # then the late request loads the model again
 
 
-async def test_model_ensure_ready_during_stop_raises_model_stopping(harness: Harness) -> None:
-    backend = await harness.model.ensure_ready()
-    await harness.model.acquire_slot()
-    assert harness.model.take_lease(backend)
-    stopping = asyncio.create_task(harness.model.request_stop())
+async def test_model_request_waiting_during_a_stop_is_served_after_it(harness: Harness) -> None:
+    first = await harness.ready()
+    task, inside, release = harness.hold()
+    await inside.wait()
+    stopping = asyncio.create_task(harness.model.stop())
     await asyncio.sleep(0.01)
-    waiting = asyncio.create_task(harness.model.ensure_ready())
-    harness.model.release(None)
+    waiting = asyncio.create_task(harness.ready())
+    release.set()
+    await task
     await stopping
-    with pytest.raises(ModelStopping):
-        await waiting
+    second = await asyncio.wait_for(waiting, 1.0)
+    assert second.handle != first.handle
+    assert harness.states() == ["starting", "ready", "stopping", "stopped", "starting", "ready"]
 
 
 async def test_model_stop_during_start_aborts_it() -> None:
     h = make(behaviour=FakeBehaviour(ready_after=5))
-    waiter = asyncio.create_task(h.model.ensure_ready())
+    waiter = asyncio.create_task(h.model._ready(Requirements()))  # a request waiting for the load
+    h.model.reserve()
     await h.wait_state(State.STARTING)
-    await asyncio.wait_for(h.model.request_stop(), 1.0)
+    await asyncio.wait_for(h.model.stop(), 1.0)
     with pytest.raises(ModelStopping):
         await waiter
     assert h.model.state is State.STOPPED and not h.runtime.running
@@ -206,7 +224,7 @@ async def test_model_stop_during_start_aborts_it() -> None:
 
 
 async def test_model_hung_backend_is_killed_by_liveness(harness: Harness) -> None:
-    await harness.model.ensure_ready()
+    await harness.ready()
     harness.runtime.hang(NAME)
     await harness.wait_state(State.FAILED, timeout=2.0)
     assert "health check failed" in (harness.model.snapshot().error or "")
@@ -215,7 +233,7 @@ async def test_model_hung_backend_is_killed_by_liveness(harness: Harness) -> Non
 
 async def test_model_pinned_restarts_by_itself_after_a_crash() -> None:
     h = make(pinned=True)
-    first = await h.model.ensure_ready()
+    first = await h.ready()
     h.runtime.crash(NAME)
     await asyncio.sleep(0.05)
     await h.wait_state(State.READY)
@@ -225,33 +243,34 @@ async def test_model_pinned_restarts_by_itself_after_a_crash() -> None:
 
 
 async def test_model_new_requirements_restart_after_drain(harness: Harness) -> None:
-    plain = await harness.model.ensure_ready()
-    embedding = await harness.model.ensure_ready(Requirements(embeddings=True))
+    plain = await harness.ready()
+    embedding = await harness.ready(Requirements(embeddings=True))
     assert embedding.handle != plain.handle
-    assert harness.runtime.starts[-1].argv == ("llama-server", "--embeddings")
-    again = await harness.model.ensure_ready()  # embeddings still there: no restart for a chat request
+    assert harness.runtime.starts[-1].args == ("--embeddings",)
+    again = await harness.ready()  # embeddings still there: no restart for a chat request
     assert again.handle == embedding.handle
 
 
 async def test_model_queue_full_is_refused() -> None:
     h = make(max_concurrent=1, queue_depth=1)
-    backend = await h.model.ensure_ready()
-    h.model.admit_request()
-    await h.model.acquire_slot()
-    assert h.model.take_lease(backend)
-    h.model.leave_queue()
-    h.model.admit_request()  # one may wait
+    task, inside, release = h.hold()
+    await inside.wait()
+    queued, _, queued_release = h.hold()  # one may wait
+    await asyncio.sleep(0.01)
     with pytest.raises(QueueFull, match="1 requests running and 1 queued"):
-        h.model.admit_request()
+        await h.ready()
+    release.set()
+    queued_release.set()
+    await asyncio.gather(task, queued)
     await h.model.close()
 
 
 async def test_model_close_stops_the_backend_and_rejects_waiters() -> None:
     h = make(behaviour=FakeBehaviour(ready_after=5))
-    waiter = asyncio.create_task(h.model.ensure_ready())
+    waiter = asyncio.create_task(h.ready())
     await h.wait_state(State.STARTING)
     await h.model.close()
     with pytest.raises(ShuttingDown):
         await waiter
     with pytest.raises(ShuttingDown):
-        await h.model.ensure_ready()
+        await h.ready()

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from controller.errors import InvalidModelFile, InvalidModelName, ModelNotFound, NoCapacity, QueueFull
-from controller.lifecycle.model import Requirements
 from controller.lifecycle.state import State
 from controller.runtime.base import Backend
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
@@ -169,9 +168,7 @@ async def test_supervisor_adopts_matching_leftovers_and_removes_the_rest(tmp_pat
     cfg = config(tmp_path, tiny_model, scheduling={"max_loaded_models": 2})
     probe_supervisor, _ = fake_supervisor(cfg)
     await probe_supervisor.catalog.refresh()
-    entry = probe_supervisor.catalog.get("a:latest")
-    assert entry is not None
-    good_hash = probe_supervisor._spec(entry, Requirements()).spec_hash
+    good_hash = probe_supervisor.spec_for("a").spec_hash
     labels = {"embeddings": "0", "ctx_size": ""}
     leftovers = [
         Backend("a:latest", "http://fake.invalid/old-a", "old-a", good_hash, time.time(), labels=labels),
@@ -181,8 +178,11 @@ async def test_supervisor_adopts_matching_leftovers_and_removes_the_rest(tmp_pat
     runtime = FakeRuntime(leftovers=leftovers)
     supervisor, runtime = fake_supervisor(cfg, runtime)
     await supervisor.start()
-    model_a = supervisor._models["a:latest"]
-    assert model_a.state is State.READY and model_a.backend is not None and model_a.backend.adopted
+    for _ in range(100):
+        if supervisor.view("a").state == State.READY:
+            break
+        await asyncio.sleep(0.01)
+    assert supervisor.view("a").state == State.READY and supervisor.view("a").adopted
     assert sorted(runtime.stops) == ["old-b", "old-g"]
     async with supervisor.lease("a") as lease:
         assert lease.url.endswith("/old-a")

@@ -1,0 +1,188 @@
+"""Regression tests for lifecycle defects found in review; each failed before its fix.
+
+They speak only through the supervisor's public intents (lease, load, unload, close), the way the
+gateway and the control API do, over the FakeRuntime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.errors import BackendStartFailed, ShuttingDown
+from controller.lifecycle.state import State
+from controller.runtime.base import Backend
+from controller.runtime.fake import FakeBehaviour, FakeRuntime
+from tests.support.harness import fake_config, fake_supervisor
+
+
+def config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, Any]] | None = None, **sections: Any) -> Any:
+    return fake_config(tmp_path, tiny_model, models or {"a": {}, "b": {}, "c": {}, "x": {}}, **sections)
+
+
+async def eventually(condition: Any, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_supervisor_close_while_loading_stops_the_starting_backend(tmp_path: Path, tiny_model: Path) -> None:
+    runtime = FakeRuntime({"a:latest": FakeBehaviour(ready_after=5)})
+    supervisor, runtime = fake_supervisor(config(tmp_path, tiny_model), runtime)
+    await supervisor.start()
+    loading = asyncio.create_task(supervisor.load("a"))
+    await eventually(lambda: runtime.alive("a:latest"))
+    await supervisor.close()
+    assert runtime.running == {}, "a backend that was still loading must not outlive the controller"
+    with pytest.raises(ShuttingDown):
+        await loading
+
+
+async def test_supervisor_pending_restart_is_not_starved_by_ongoing_traffic(tmp_path: Path, tiny_model: Path) -> None:
+    cfg = config(tmp_path, tiny_model, {"a": {"max_concurrent": 4}})
+    supervisor, runtime = fake_supervisor(cfg)
+    await supervisor.start()
+    await supervisor.load("a")
+    stop = asyncio.Event()
+
+    async def chat_traffic() -> None:
+        # Overlapping requests: at any moment at least one chat request is in flight.
+        while not stop.is_set():
+            async with supervisor.lease("a"):
+                await asyncio.sleep(0.02)
+
+    traffic = [asyncio.create_task(chat_traffic()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    try:
+        async with asyncio.timeout(2.0):
+            async with supervisor.lease("a", embeddings=True) as lease:
+                assert lease.url
+    finally:
+        stop.set()
+        await asyncio.gather(*traffic)
+    assert runtime.starts[-1].labels["embeddings"] == "1"
+    await supervisor.close()
+
+
+async def test_supervisor_duplicate_leftovers_keep_one_and_stop_the_rest(tmp_path: Path, tiny_model: Path) -> None:
+    cfg = config(tmp_path, tiny_model, scheduling={"max_loaded_models": 2})
+    probe_supervisor, _ = fake_supervisor(cfg)
+    await probe_supervisor.catalog.refresh()
+    good_hash = probe_supervisor.spec_for("a").spec_hash
+    labels = {"embeddings": "0", "ctx_size": ""}
+    leftovers = [
+        Backend("a:latest", f"http://fake.invalid/{h}", h, good_hash, time.time(), labels=labels)
+        for h in ("old-a1", "old-a2")
+    ]
+    supervisor, runtime = fake_supervisor(cfg, FakeRuntime(leftovers=leftovers))
+    await supervisor.start()  # must not raise
+    await eventually(lambda: supervisor.view("a").state == State.READY)
+    assert len(runtime.stops) == 1 and runtime.stops[0] in ("old-a1", "old-a2")
+    assert len(runtime.alive("a:latest")) == 1
+    await supervisor.close()
+
+
+async def test_supervisor_keep_alive_of_the_last_scheduled_request_decides(tmp_path: Path, tiny_model: Path) -> None:
+    supervisor, runtime = fake_supervisor(config(tmp_path, tiny_model))
+    await supervisor.start()
+    first_in = asyncio.Event()
+    second_done = asyncio.Event()
+
+    async def first() -> None:  # scheduled first with the default keep_alive, finishes last
+        async with supervisor.lease("a"):
+            first_in.set()
+            await second_done.wait()
+
+    task = asyncio.create_task(first())
+    await first_in.wait()
+    async with supervisor.lease("a", keep_alive=0):  # scheduled last: it decides
+        pass
+    second_done.set()
+    await task
+    await eventually(lambda: not runtime.alive("a:latest"), timeout=1.0)
+    await supervisor.close()
+
+
+async def test_supervisor_failed_start_frees_its_slot(tmp_path: Path, tiny_model: Path) -> None:
+    runtime = FakeRuntime({"a:latest": FakeBehaviour(fail_start="broken binary")})
+    supervisor, runtime = fake_supervisor(config(tmp_path, tiny_model), runtime)
+    await supervisor.start()
+    for _ in range(3):  # the third is refused at once by the backoff
+        with pytest.raises(BackendStartFailed):
+            await supervisor.load("a")
+    assert supervisor.loaded() == [], "a model that failed to start holds no slot"
+    assert supervisor.view("a").state == State.FAILED
+    await supervisor.close()
+
+
+async def test_supervisor_switch_draining_does_not_block_other_loads(tmp_path: Path, tiny_model: Path) -> None:
+    cfg = config(tmp_path, tiny_model, scheduling={"max_loaded_models": 2})
+    supervisor, _ = fake_supervisor(cfg)
+    await supervisor.start()
+    release = asyncio.Event()
+    a_running = asyncio.Event()
+
+    async def long_stream() -> None:
+        async with supervisor.lease("a"):
+            a_running.set()
+            await release.wait()
+
+    stream = asyncio.create_task(long_stream())
+    await a_running.wait()
+    switch = asyncio.create_task(supervisor.load("b", exclusive=True))  # waits for a to drain
+    await asyncio.sleep(0.05)
+    assert not switch.done()
+    try:
+        async with asyncio.timeout(1.0):
+            await supervisor.load("c")  # needs no victim: must not wait behind the switch
+    finally:
+        release.set()
+        await stream
+    await asyncio.wait_for(switch, 2.0)
+    assert [m.name for m in supervisor.loaded()] == ["b:latest"]
+    await supervisor.close()
+
+
+async def test_supervisor_requests_waiting_at_shutdown_get_503_not_502(tmp_path: Path, tiny_model: Path) -> None:
+    cfg = config(tmp_path, tiny_model, {"a": {"max_concurrent": 1}})
+    supervisor, _ = fake_supervisor(cfg)
+    await supervisor.start()
+    inside = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def holder() -> None:
+        async with supervisor.lease("a"):
+            inside.set()
+            await leave.wait()
+
+    async def waiter() -> str:
+        async with supervisor.lease("a") as lease:
+            return lease.url
+
+    held = asyncio.create_task(holder())
+    await inside.wait()
+    waiting = asyncio.create_task(waiter())  # ready backend, waits for the one slot
+    await asyncio.sleep(0.02)
+    closing = asyncio.create_task(supervisor.close())
+    await asyncio.sleep(0.02)
+    leave.set()
+    await held
+    with pytest.raises(ShuttingDown):
+        await waiting
+    await closing
+
+
+async def test_supervisor_close_leaves_no_liveness_task_behind(tmp_path: Path, tiny_model: Path) -> None:
+    supervisor, _ = fake_supervisor(config(tmp_path, tiny_model))
+    await supervisor.start()
+    await supervisor.load("a")
+    await supervisor.close()
+    pending = [
+        t for t in asyncio.all_tasks() if t.get_name().startswith(("liveness:", "model-owner:")) and not t.done()
+    ]
+    assert pending == []
