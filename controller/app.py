@@ -31,7 +31,7 @@ from controller.store import make_store
 from proxy.app import Gateway
 from proxy.asgi import ASGIApp
 from proxy.dialects import control_error, describe
-from proxy.upstream import Upstream
+from proxy.upstream import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,12 @@ def create_app(
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     find_binary = binary or cache(lambda: find_llama_server(config.llama_server.binary))
     runtime = runtime or ProcessRuntime(config.data_dir, logbook, find_binary)
-    upstream = Upstream()  # one keep-alive pool for requests and health probes alike
+    timeouts = Timeouts(
+        connect=config.upstream.connect_timeout,
+        write=config.upstream.write_timeout,
+        response=config.upstream.response_timeout,
+    )
+    upstream = Upstream(timeouts)  # one keep-alive pool for requests and health probes alike
     supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), events.publish)
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     store, ephemeral = make_store(config)

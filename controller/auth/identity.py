@@ -39,7 +39,8 @@ class Identity:
         if not self.models:
             return True
         lowered = name.lower()
-        candidates = {lowered, lowered if ":" in lowered else f"{lowered}:latest"}
+        # "x" and "x:latest" are one model: a glob for either spelling matches both.
+        candidates = {lowered, lowered if ":" in lowered else f"{lowered}:latest", lowered.removesuffix(":latest")}
         return any(fnmatchcase(candidate, glob.lower()) for glob in self.models for candidate in candidates)
 
 

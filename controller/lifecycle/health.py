@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from controller.errors import UpstreamError
 from controller.runtime.base import Backend
@@ -26,3 +27,26 @@ class HttpProbe:
 
     async def close(self) -> None:
         await self._upstream.close()
+
+
+UNHEALTHY_AFTER = 3  # consecutive failed liveness probes
+
+
+async def watch_liveness(
+    backend: Backend,
+    probe: Callable[[Backend, float], Awaitable[bool]],
+    interval: float,
+    unresponsive: Callable[[Backend, int], Awaitable[None]],
+    probe_timeout: float = 2.0,
+) -> None:
+    """Probe /health every ``interval`` while ready; after UNHEALTHY_AFTER misses in a row, report once."""
+    misses = 0
+    while True:
+        await asyncio.sleep(interval)
+        if await probe(backend, probe_timeout):
+            misses = 0
+            continue
+        misses += 1
+        if misses >= UNHEALTHY_AFTER:
+            await unresponsive(backend, misses)
+            return

@@ -1,4 +1,4 @@
-"""Model states and the only transitions allowed between them.
+"""Model states, the goals callers set, and the only transitions allowed between states.
 
     stopped ──▶ starting ──▶ ready ──▶ stopping ──▶ stopped
        ▲            │          │           ▲
@@ -11,9 +11,13 @@ backoff, or at once for a pinned model) or by an explicit unload.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from controller.errors import InvalidTransition
+from controller.runtime.logs import START_MARKER
+
+MAX_BACKOFF = 30.0
 
 
 class State(StrEnum):
@@ -40,3 +44,33 @@ def check_transition(old: State, new: State) -> None:
     """Raise InvalidTransition unless ``old → new`` is in the table above."""
     if new not in ALLOWED[old]:
         raise InvalidTransition(f"illegal model state transition {old} → {new}")
+
+
+class Goal(StrEnum):
+    """What callers want of a model; its owner task makes the state follow (see lifecycle/model.py)."""
+
+    IDLE = "idle"
+    RUN = "run"
+    STOP = "stop"
+    CLOSE = "close"
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds before the next start after ``failures`` consecutive failures: 0, 0, 1, 2, 4, ... 30."""
+    return 0.0 if failures <= 1 else min(2.0 ** (failures - 2), MAX_BACKOFF)
+
+
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([A-Z]) ")
+
+
+def log_hint(lines: list[str]) -> str:
+    """``": <first error line>"`` from llama-server's log since the last start marker, or ``""``."""
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith(START_MARKER):
+            lines = lines[index + 1 :]
+            break
+    errors = [line for line in lines if (m := _LOG_PREFIX.match(line)) and m.group(1) == "E"]
+    errors = errors or [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    chosen = errors[0] if errors else (lines[-1] if lines else "")
+    chosen = _LOG_PREFIX.sub("", chosen).strip()
+    return f": {chosen[:300]}" if chosen else ""

@@ -2,8 +2,9 @@
 
 Behaviour per model is scripted with ``FakeBehaviour``: how long loading takes, whether the start
 fails, whether the backend ever becomes healthy. ``crash(model)`` makes a running backend exit.
-Its ``probe`` stands in for the HTTP health check. Every feature is also proven against the real
-llama-server in ``tests/integration``.
+Its ``probe`` stands in for the HTTP health check. With ``backend_url`` the backends it "starts" are a
+scripted llama-server stand-in (tests/support/standin.py), so requests really travel. Every feature is
+also proven against the real llama-server in ``tests/integration``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class FakeRuntime:
     behaviours: dict[str, FakeBehaviour] = field(default_factory=dict)
     leftovers: list[Backend] = field(default_factory=list)  # what list_managed reports at start
     name: str = "fake"
+    backend_url: str | None = None  # where requests go (a scripted stand-in); default: a refusing port
 
     def __post_init__(self) -> None:
         self.starts: list[LaunchSpec] = []
@@ -60,9 +62,8 @@ class FakeRuntime:
         if behaviour.fail_start:
             raise BackendStartFailed(behaviour.fail_start)
         handle = f"fake-{next(self._ids)}"
-        backend = Backend(
-            spec.model, f"{UNREACHABLE}/{handle}", handle, spec.spec_hash, time.time(), labels=dict(spec.labels)
-        )
+        url = self.backend_url or f"{UNREACHABLE}/{handle}"
+        backend = Backend(spec.model, url, handle, spec.spec_hash, time.time(), labels=dict(spec.labels))
         exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self.running[handle] = _Running(backend, spec, time.monotonic(), exited)
         if behaviour.exit_while_loading is not None:

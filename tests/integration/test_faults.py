@@ -8,16 +8,37 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.server import real_config, running_app
 
 FAULT_BACKEND = Path(__file__).resolve().parents[1] / "support" / "fault_backend.py"
 
 
-def fault_binary(tmp_path: Path) -> str:
+def fault_binary(tmp_path: Path, signal_at_start: str = "") -> str:
     wrapper = tmp_path / "fault-llama-server"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAULT_BACKEND}" "$@"\n')
+    env = f"FAULT_BACKEND_SIGNAL={signal_at_start} " if signal_at_start else ""
+    wrapper.write_text(f'#!/bin/sh\n{env}exec "{sys.executable}" "{FAULT_BACKEND}" "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
+
+
+async def test_fault_sigill_at_load_says_what_happened_and_what_to_do(
+    tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    binary = fault_binary(tmp_path, signal_at_start="ILL")
+    config = real_config(tmp_path, {"cpu": {"path": str(tiny_model)}}, llama_server={"binary": binary})
+    async with running_app(config) as running:
+        response = await running.client.post("/control/v1/models/cpu/load")
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert "crashed with an illegal instruction (SIGILL)" in error
+        assert "built for CPU features this machine cannot run" in error and "scripts/bootstrap.sh" in error
+        state = (await running.client.get("/control/v1/models/cpu")).json()
+        assert state["state"] == "failed" and "illegal instruction" in state["error"]
+        ollama = await running.client.post("/api/generate", json={"model": "cpu", "prompt": "x", "stream": False})
+        assert ollama.status_code == 502 and "illegal instruction" in ollama.json()["error"]
+    assert "illegal instruction (SIGILL)" in caplog.text
 
 
 async def test_fault_ollama_stream_ends_with_an_error_line(tmp_path: Path, tiny_model: Path) -> None:

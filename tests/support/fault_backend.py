@@ -3,6 +3,8 @@
 Started by the real process runtime in place of llama-server (``llama_server.binary`` points at a wrapper),
 so everything around it is real: lifecycle, crash detection, gateway, streaming. It answers ``/health``
 and streams a few chat chunks, then exits abruptly, as a backend killed by the OOM killer would.
+With ``FAULT_BACKEND_SIGNAL=ILL`` (or another signal name) it kills itself with that signal while
+"loading", as a llama-server built for CPU features the machine lacks does.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 
 
@@ -52,6 +55,11 @@ async def main() -> None:
     if "--help" in args or "--version" in args:
         print("fault backend: --host HOST --port PORT")
         return
+    die_with = os.environ.get("FAULT_BACKEND_SIGNAL")
+    if die_with:
+        print("load_tensors: loading model tensors", flush=True)
+        signal.signal(getattr(signal, f"SIG{die_with}"), signal.SIG_DFL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{die_with}"))
     host = args[args.index("--host") + 1]
     port = int(args[args.index("--port") + 1])
     server = await asyncio.start_server(handle, host, port)

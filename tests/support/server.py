@@ -98,12 +98,13 @@ class RunningApp:
 
 
 @asynccontextmanager
-async def running_app(config: Config | dict[str, Any]) -> AsyncIterator[RunningApp]:
-    """The whole app on a real socket, served by uvicorn (as `serve` does) in this event loop."""
+async def running_app(config: Config | dict[str, Any], **app_options: Any) -> AsyncIterator[RunningApp]:
+    """The whole app on a real socket, served by uvicorn (as `serve` does) in this event loop;
+    ``app_options`` go to create_app (a FakeRuntime, say)."""
     if isinstance(config, dict):
         config = validate_config(config)
     token = await provision_token(config)
-    app = create_app(config)
+    app = create_app(config, **app_options)
     sock = bind(config.server.listen)
     server = uvicorn_server(app, config)
     server.config.loop = "none"  # the test's event loop

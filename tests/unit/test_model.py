@@ -17,9 +17,9 @@ from controller.errors import (
     ShuttingDown,
     StartupTimeout,
 )
-from controller.lifecycle.model import ManagedModel, backoff_delay
+from controller.lifecycle.model import ManagedModel
 from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
-from controller.lifecycle.state import State
+from controller.lifecycle.state import State, backoff_delay
 from controller.runtime.base import LaunchSpec
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
 from controller.runtime.logs import LogBook

@@ -1,0 +1,323 @@
+"""The owner task of a ManagedModel: the only code that changes a model's state.
+
+``ModelOwner`` holds the transitions; ``ManagedModel`` (model.py) adds the intents callers use and the
+views they read. They are one object: see model.py's docstring for the goal table and the invariants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from controller.errors import (
+    BackendCrashed,
+    BackendStartFailed,
+    LlamaControllerError,
+    ModelStopping,
+    ShuttingDown,
+    StartupTimeout,
+)
+from controller.lifecycle.health import watch_liveness
+from controller.lifecycle.requirements import ModelPolicy, Requirements
+from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, log_hint
+from controller.lifecycle.usage import Usage
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
+from controller.runtime.logs import LogBook
+
+log = logging.getLogger("controller.lifecycle.model")
+
+START_POLL_INTERVAL = 0.02  # seconds between /health polls while loading: adds ≤ 20 ms to a load
+PROBE_TIMEOUT = 2.0
+STABLE_AFTER = 30.0  # a backend that ran this long resets the failure count (no backoff next time)
+
+Probe = Callable[[Backend, float], Awaitable[bool]]
+SpecFactory = Callable[[Requirements], LaunchSpec]
+Publish = Callable[[dict[str, Any]], None]
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has really ended (a cancelled task still runs until it yields)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+class ModelOwner:
+    # Set by ManagedModel.__init__; declared here for the type checker.
+    name: str
+    label: str
+    policy: ModelPolicy
+    _runtime: Runtime
+    _make_spec: SpecFactory
+    _probe: Probe
+    _logbook: LogBook
+    _publish: Publish
+    _state: State
+    _goal: Goal
+    _keep_on_close: bool
+    _backend: Backend | None
+    _gone: asyncio.Task[ExitInfo] | None
+    _liveness: asyncio.Task[None] | None
+    _unhealthy: str | None
+    _adoptee: Backend | None
+    _running: Requirements
+    _wanted: Requirements
+    _ready_waiters: list[asyncio.Future[Backend]]
+    _stop_waiters: list[asyncio.Future[None]]
+    _wake: asyncio.Event
+    _usage: Usage
+    _ready_since: float
+    last_error: LlamaControllerError | None
+    failures: int
+    _retry_at: float
+    load_duration: float
+    starts: int
+
+    def _restart_pending(self) -> bool:
+        return not self._wanted.satisfied_by(self._running)
+
+    def _set_state(self, new: State, error: LlamaControllerError | None = None) -> None:
+        check_transition(self._state, new)
+        old, self._state = self._state, new
+        if error is not None:
+            self.last_error = error
+        log.info("model %s: %s → %s%s", self.name, old, new, f" ({error.message})" if error else "")
+        self._publish(
+            {
+                "type": "model_state",
+                "model": self.name,
+                "from": str(old),
+                "state": str(new),
+                "error": error.message if error else None,
+                "time": time.time(),
+            }
+        )
+
+    async def _sleep(self, timeout: float | None = None, *also: asyncio.Future[Any]) -> None:
+        """Wait for a wake-up, one of ``also`` to finish, or ``timeout`` seconds, whichever is first.
+
+        The wake flag is cleared only at the top of each step (``_run``) and poll round (``_start``),
+        before the conditions are read, so an intent posted after that is never lost.
+        """
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait([woken, *also], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                if self._goal is Goal.CLOSE:
+                    await self._close_now()
+                    return
+                await self._step()
+            except Exception:  # a bug must not kill the owner: log it, fail the model, keep serving
+                log.exception("model %s: owner task error", self.name)
+                await self._recover_from_bug()
+
+    async def _recover_from_bug(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            with contextlib.suppress(Exception):
+                await self._runtime.stop(backend, self.policy.stop_timeout)
+        await cancel_and_wait(self._liveness)
+        if State.FAILED in ALLOWED[self._state]:
+            self._fail(LlamaControllerError(f"model '{self.label}': internal error, see the server log"), 0.0)
+        await self._sleep(1.0)
+
+    async def _step(self) -> None:
+        state, goal = self._state, self._goal
+        if state is State.READY:
+            await self._serve()
+        elif goal is Goal.STOP:
+            if state is State.FAILED:
+                self._set_state(State.STOPPED)
+            self._finish_stop()
+        elif goal is Goal.RUN and self._adoptee is not None:
+            self._take_over(self._adoptee)
+        elif goal is Goal.RUN:
+            delay = self._retry_at - time.monotonic() if state is State.FAILED else 0.0
+            if delay > 0:
+                await self._sleep(delay)
+            else:
+                await self._start()
+        else:
+            await self._sleep()
+
+    def _take_over(self, backend: Backend) -> None:
+        self._adoptee = None
+        self._set_state(State.STARTING)
+        self._backend = backend
+        self._gone = asyncio.create_task(self._runtime.wait_exit(backend), name=f"exit-watch:{self.name}")
+        self._become_ready(started=0.0)
+
+    async def _start(self) -> None:
+        self._set_state(State.STARTING)
+        self.starts += 1
+        started = time.monotonic()
+        self._running = self._wanted
+        try:
+            spec = self._make_spec(self._running)
+            backend = await self._runtime.start(spec)
+        except LlamaControllerError as exc:
+            self._fail(exc, ran_for=0.0)
+            return
+        # Recorded at once: from here a stop or a shutdown stops this backend (it is never lost).
+        self._backend = backend
+        self._gone = gone = asyncio.create_task(self._runtime.wait_exit(backend), name=f"exit-watch:{self.name}")
+        deadline = started + self.policy.startup_timeout
+        while True:
+            self._wake.clear()
+            if self._goal in (Goal.STOP, Goal.CLOSE):
+                await self._stop_backend()
+                if self._goal is Goal.STOP:
+                    self._finish_stop()
+                return
+            if await self._probe(backend, PROBE_TIMEOUT):
+                break
+            if gone.done():
+                self._backend = self._gone = None
+                self._fail(self._start_error(gone.result()), ran_for=0.0)
+                return
+            if time.monotonic() > deadline:
+                await self._kill()
+                self._fail(
+                    StartupTimeout(
+                        f"model '{self.label}' did not become ready within {self.policy.startup_timeout:g}s "
+                        "(defaults.startup_timeout)"
+                    ),
+                    ran_for=0.0,
+                )
+                return
+            await self._sleep(START_POLL_INTERVAL, gone)
+        self._become_ready(started)
+
+    def _become_ready(self, started: float) -> None:
+        backend = self._backend
+        assert backend is not None
+        self._unhealthy = None
+        self.load_duration = time.monotonic() - started if started else 0.0
+        self._ready_since = time.monotonic()
+        self._usage.ready()
+        self._set_state(State.READY)
+        self._liveness = asyncio.create_task(
+            watch_liveness(backend, self._probe, self.policy.health_interval, self._unresponsive),
+            name=f"liveness:{self.name}",
+        )
+        for waiter in self._ready_waiters:
+            if not waiter.done():
+                waiter.set_result(backend)
+        self._ready_waiters.clear()
+
+    def _start_error(self, exit_info: ExitInfo) -> BackendStartFailed:
+        return BackendStartFailed(f"model '{self.label}' failed to load: {exit_info.reason}{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        """The backend's own first error line since its last start (the cause, not the aftermath)."""
+        return log_hint(self._logbook.tail(self.name, 200))
+
+    def _fail(self, error: LlamaControllerError, ran_for: float) -> None:
+        """Record a failed start or a crash; waiters get the error; backoff before the next start."""
+        self.failures = 1 if ran_for >= STABLE_AFTER else self.failures + 1
+        self._retry_at = time.monotonic() + backoff_delay(self.failures)
+        self._backend, self._gone = None, None
+        self._set_state(State.FAILED, error)
+        self._reject_ready(error)
+        # A pinned model restarts by itself and keeps its slot; others free it and start on demand.
+        if self._goal is Goal.RUN:
+            self._goal = Goal.RUN if self.policy.pinned else Goal.IDLE
+        self._wanted = self._running
+
+    def _reject_ready(self, error: LlamaControllerError) -> None:
+        for waiter in self._ready_waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._ready_waiters.clear()
+
+    async def _serve(self) -> None:
+        """While ready: react to a crash, a stop or restart once drained, or the idle expiry."""
+        assert self._backend is not None and self._gone is not None
+        if self._gone.done():
+            info = self._gone.result()
+            reason = self._unhealthy or info.reason
+            await cancel_and_wait(self._liveness)
+            self._fail(
+                BackendCrashed(f"model '{self.label}' backend stopped unexpectedly: {reason}{self._log_hint()}"),
+                ran_for=time.monotonic() - self._ready_since,
+            )
+            return
+        usage = self._usage
+        drained = usage.drained
+        if drained and self._goal is Goal.STOP:
+            await self._stop_backend()
+            self._finish_stop()
+            return
+        if drained and self._restart_pending():
+            await self._stop_backend()  # restart with the new flags; the goal stays "run"
+            return
+        now = time.monotonic()
+        idle = drained and usage.queued == 0 and not self.policy.pinned and self._goal is Goal.RUN
+        if idle and usage.expires_at is not None and now >= usage.expires_at:
+            log.info("model %s: keep_alive expired", self.name)
+            self._goal = Goal.STOP
+            return
+        timeout = (usage.expires_at - now) if idle and usage.expires_at is not None else None
+        await self._sleep(timeout, self._gone)
+
+    async def _stop_backend(self) -> None:
+        """STARTING or READY → STOPPING → STOPPED, the backend stopped and forgotten."""
+        self._set_state(State.STOPPING)
+        await cancel_and_wait(self._liveness)
+        await self._kill()
+        self._set_state(State.STOPPED)
+
+    async def _kill(self) -> None:
+        backend, gone = self._backend, self._gone
+        self._backend = self._gone = None
+        if backend is not None:
+            await self._runtime.stop(backend, self.policy.stop_timeout)
+        if gone is not None:
+            with contextlib.suppress(Exception):
+                await gone
+
+    async def _close_now(self) -> None:
+        self._reject_ready(ShuttingDown("the server is shutting down"))
+        await cancel_and_wait(self._liveness)
+        if self._state is State.READY and self._keep_on_close:
+            log.info("model %s: leaving its backend running for the next controller to adopt", self.name)
+            await cancel_and_wait(self._gone)
+            self._backend = self._gone = None
+            self._set_state(State.STOPPING)
+            self._set_state(State.STOPPED)
+        elif self._state in (State.STARTING, State.READY):
+            await self._stop_backend()
+        elif self._state is State.FAILED:
+            self._set_state(State.STOPPED)
+        self._resolve_stopped()
+
+    def _finish_stop(self) -> None:
+        self._goal = Goal.IDLE
+        self._usage.stopped()
+        self._wanted = Requirements()
+        self._reject_ready(ModelStopping(f"model '{self.label}' was unloaded while the request waited"))
+        self._resolve_stopped()
+
+    def _resolve_stopped(self) -> None:
+        for waiter in self._stop_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._stop_waiters.clear()
+
+    async def _unresponsive(self, backend: Backend, misses: int) -> None:
+        """The liveness watch gave up on ``backend``: kill it, which the owner then reads as a crash."""
+        self._unhealthy = f"health check failed {misses} times in a row"
+        log.warning("model %s: %s; killing backend", self.name, self._unhealthy)
+        await self._runtime.stop(backend, timeout=1.0)
