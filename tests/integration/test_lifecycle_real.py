@@ -175,7 +175,7 @@ async def test_real_kill_9_fails_fast_and_next_request_restarts(tmp_path: Path, 
         last = json.loads(events[-1])
         assert "error" in last and "crash" in last["error"]["message"]
         failed = await state(client, "a")
-        assert "killed by SIGKILL" in failed["error"]
+        assert "killed (SIGKILL)" in failed["error"]
 
         response = await client.post("/v1/chat/completions", json={"model": "a", **CHAT})
         assert response.status_code == 200

@@ -50,9 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
 
 def test_surface_anthropic_client_on_messages(server: ServeProcess) -> None:
     client = anthropic.Anthropic(base_url=server.url, api_key=server.token, max_retries=0)
-    reply = client.messages.create(
-        model=GEMMA, max_tokens=12, messages=[{"role": "user", "content": "Say hello."}], temperature=0
-    )
+    reply = client.messages.create(model=GEMMA, max_tokens=12, messages=[{"role": "user", "content": "Say hello."}])
     assert reply.role == "assistant" and reply.content and reply.content[0].type == "text"
     assert reply.usage.output_tokens > 0
     with client.messages.stream(
@@ -93,13 +91,13 @@ def test_surface_rerank_reaches_a_reranking_backend(server: ServeProcess) -> Non
 
 
 def test_surface_chat_truncate_drops_old_turns_on_the_real_context(server: ServeProcess) -> None:
-    client = ollama.Client(host=server.url, headers=server.headers, timeout=120)
     long_turn = "hello world " * 40  # far over 256 tokens in four turns
     messages = [{"role": "system", "content": "Be brief."}]
     for index in range(4):
         messages += [{"role": "user", "content": f"{index} {long_turn}"}, {"role": "assistant", "content": "ok"}]
     messages.append({"role": "user", "content": "hello"})
-    reply = client.chat("small", messages=messages, options={"num_predict": 4})
+    with ollama.Client(host=server.url, headers=server.headers, timeout=120) as client:
+        reply = client.chat("small", messages=messages, options={"num_predict": 4})
     assert reply.done
     # The Python client has no truncate argument: the raw request.
     refused = server.http.post("/api/chat", json={"model": "small", "messages": messages, "truncate": False})
@@ -107,10 +105,10 @@ def test_surface_chat_truncate_drops_old_turns_on_the_real_context(server: Serve
 
 
 def test_surface_embed_truncate_on_the_real_batch_limit(server: ServeProcess) -> None:
-    client = ollama.Client(host=server.url, headers=server.headers, timeout=120)
     long_input = "hello world " * 60  # more tokens than the 64-token batch
-    embedded = client.embed("small", input=["hello", long_input])
-    assert len(embedded.embeddings) == 2 and all(len(v) == 64 for v in embedded.embeddings)
-    with pytest.raises(ollama.ResponseError) as refused:
-        client.embed("small", input=long_input, truncate=False)
+    with ollama.Client(host=server.url, headers=server.headers, timeout=120) as client:
+        embedded = client.embed("small", input=["hello", long_input])
+        assert len(embedded.embeddings) == 2 and all(len(v) == 64 for v in embedded.embeddings)
+        with pytest.raises(ollama.ResponseError) as refused:
+            client.embed("small", input=long_input, truncate=False)
     assert refused.value.status_code == 400 and refused.value.error == "the input length exceeds the context length"

