@@ -1,7 +1,7 @@
 # One entry point. `make serve` runs the embedded default on a real model; `make test` runs everything.
 VENV := .venv/bin
 
-.PHONY: serve test test-fast lint fix bench install install-test
+.PHONY: serve test test-fast lint fix bench bench-builds install install-test
 
 install:
 	scripts/bootstrap.sh demo
@@ -31,3 +31,6 @@ fix: install-test
 bench: install-test
 	$(VENV)/python -m tests.bench.bench_lifecycle --gemma
 	$(VENV)/python -m tests.bench.bench_gateway --gemma $(ARGS)
+
+bench-builds: install-test
+	$(VENV)/python -m tests.bench.bench_llama_builds --gemma $(ARGS)

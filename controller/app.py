@@ -12,12 +12,13 @@ from quart import Quart
 from werkzeug.exceptions import HTTPException
 
 from controller import __version__
-from controller.api import admin, health, metrics, models
+from controller.api import admin, health, metrics, models, system
 from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
 from controller.auth.service import AuthService
 from controller.catalog import Catalog
 from controller.config import Config
+from controller.edge.edge import Edge
 from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.lifecycle.health import HttpProbe
 from controller.lifecycle.model import Probe
@@ -59,7 +60,15 @@ def create_app(
         response=config.upstream.response_timeout,
     )
     upstream = Upstream(timeouts)  # one keep-alive pool for requests and health probes alike
-    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), events.publish)
+    edge: Edge | None = None
+
+    def publish(event: dict[str, Any]) -> None:
+        events.publish(event)
+        if edge is not None and event.get("type") == "model_state":
+            edge.changed()  # the set of ready models may have changed: the edge's direct routes follow
+
+    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), publish)
+    edge = Edge(config, supervisor, events.publish) if config.edge.enabled else None
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
@@ -70,10 +79,12 @@ def create_app(
     app.extensions["llamacontroller.supervisor"] = supervisor
     app.extensions["llamacontroller.events"] = events
     app.extensions["llamacontroller.gateway"] = gateway
+    app.extensions["llamacontroller.edge"] = edge
     app.register_blueprint(health.blueprint)
     app.register_blueprint(models.blueprint)
     app.register_blueprint(admin.blueprint)
     app.register_blueprint(metrics.blueprint)
+    app.register_blueprint(system.blueprint)
     app.register_blueprint(auth_views.blueprint)
     _register_error_handlers(app)
 
@@ -95,16 +106,23 @@ def create_app(
                 )
         else:
             log.warning("authentication is DISABLED (auth.enabled: false): anyone who can connect is admin")
-        await supervisor.start()
-        log.info("LlamaController %s ready: %d model(s) in the catalog", __version__, len(supervisor.catalog.entries()))
-        if on_ready is not None:
-            on_ready(app)
-        yield
-        await supervisor.close()
-        await gateway.close()  # closes the shared upstream pool, the probe's too
-        await auth.close()
-        await ephemeral.close()
-        await store.close()
+        try:
+            await supervisor.start()
+            if edge is not None:
+                await edge.start()
+            count = len(supervisor.catalog.entries())
+            log.info("LlamaController %s ready: %d model(s) in the catalog", __version__, count)
+            if on_ready is not None:
+                on_ready(app)
+            yield
+        finally:  # also when start-up failed half-way: nothing started may outlive the controller
+            if edge is not None:
+                await edge.close()
+            await supervisor.close()
+            await gateway.close()  # closes the shared upstream pool, the probe's too
+            await auth.close()
+            await ephemeral.close()
+            await store.close()
 
     return app
 

@@ -1,4 +1,4 @@
-"""``llamacontroller serve | user ... | token ... | config check``."""
+"""``llamacontroller serve | user ... | token ... | edge ca|render | config check``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from controller import __version__
 from controller.cli_admin import add_commands as add_admin_commands
+from controller.cli_edge import add_commands as add_edge_commands
 from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config, validate_config
 from controller.errors import BackendStartFailed, ConfigError
 
@@ -73,6 +74,10 @@ def _banner(config: Config) -> None:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host  # noqa: S104 - display only
     binary = find_llama_server(config.llama_server.binary)
     print(f"LlamaController {__version__} listening on http://{config.server.listen}", flush=True)
+    if config.edge.enabled:
+        from controller.edge.edge import https_url
+
+        print(f"  HTTPS (Caddy edge): {https_url(config)}   trust its CA: llamacontroller edge ca --output ca.pem")
     print(f"  llama-server {llama_server_version(binary)}: {binary}")
     print(f"  data dir: {config.data_dir}   models dir: {config.resolved_models_dir}")
     print(f"  try: curl http://{shown_host}:{port}/v1/models", flush=True)
@@ -147,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     add_admin_commands(commands)
+    add_edge_commands(commands)
 
     config = commands.add_parser("config", help="config file tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

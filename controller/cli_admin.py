@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -31,9 +32,8 @@ def _read_password(prompt: str) -> str:
     return first
 
 
-def _config(args: argparse.Namespace) -> Config:
-    import os
-
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config of ``--config`` (or $LLAMACONTROLLER_CONFIG), with ``--data-dir`` applied."""
     chosen = args.config or os.environ.get(ENV_CONFIG_PATH)
     config = load_config(Path(chosen) if chosen else None)
     if args.data_dir:
@@ -45,7 +45,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _run(args: argparse.Namespace, work: Callable[[AuthService], Awaitable[int]]) -> int:
     async def main() -> int:
-        config = _config(args)
+        config = config_from_args(args)
         store, ephemeral = make_store(config)
         await store.open()
         try:

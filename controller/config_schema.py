@@ -171,6 +171,7 @@ class EdgeConfig(_Strict):
     supervise: bool = True  # start and supervise a Caddy child; false: edge.admin is a Caddy run elsewhere
     listen: str = "127.0.0.1:11443"
     admin: str = "127.0.0.1:11445"  # Caddy's admin API: no authentication, keep it on loopback or a private net
+    admin_listen: str | None = None  # where Caddy itself listens for it ("0.0.0.0:2019" in a container); default: admin
     hostname: str | None = None  # the name clients use (certificates; HSTS is sent for it)
     tls: EdgeTLSConfig = Field(default_factory=EdgeTLSConfig)
     http_redirect: str | None = None  # e.g. "0.0.0.0:80": plain HTTP there is redirected to HTTPS
@@ -184,7 +185,7 @@ class EdgeConfig(_Strict):
     def _address(cls, value: str) -> str:
         return _host_port(value, "127.0.0.1:11443")
 
-    @field_validator("http_redirect", "app")
+    @field_validator("http_redirect", "app", "admin_listen")
     @classmethod
     def _optional_address(cls, value: str | None) -> str | None:
         return None if value is None else _host_port(value, "0.0.0.0:80")

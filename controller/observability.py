@@ -18,6 +18,8 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at INFO: the edge's admin calls every few seconds are not news.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
 
 
 class EventBus:

@@ -1,4 +1,4 @@
-"""Operator probes: ``/healthz`` (the process answers) and ``/readyz`` (start-up, adoption done)."""
+"""Operator probes: ``/healthz`` (the process answers) and ``/readyz`` (start-up done, edge configured)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from quart import Blueprint, current_app
 
+from controller.edge.edge import Edge
 from controller.lifecycle.supervisor import Supervisor
 
 blueprint = Blueprint("health", __name__)
@@ -18,7 +19,11 @@ async def healthz() -> dict[str, Any]:
 
 @blueprint.get("/readyz")
 async def readyz() -> tuple[dict[str, Any], int]:
+    """200 once start-up and adoption are done and the edge (when enabled) has its configuration."""
     supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
     if not supervisor.ready:
         return {"status": "starting"}, 503
+    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    if edge is not None and edge.status.state != "ok":
+        return {"status": f"edge {edge.status.state}", "edge": edge.public()}, 503
     return {"status": "ready"}, 200

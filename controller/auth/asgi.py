@@ -13,7 +13,7 @@ from typing import Any
 
 from controller.auth.identity import OPEN, Identity, required_scope
 from controller.auth.service import AuthService, Request
-from controller.errors import AuthError, RateLimited
+from controller.errors import AuthError, LlamaControllerError, RateLimited
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
 from proxy.dialects import error_body
 from proxy.directory import ALLOW_MODEL_KEY
@@ -21,7 +21,7 @@ from proxy.directory import ALLOW_MODEL_KEY
 IDENTITY_KEY = "llamacontroller.identity"
 
 
-def auth_headers(exc: AuthError) -> list[tuple[bytes, bytes]]:
+def auth_headers(exc: LlamaControllerError) -> list[tuple[bytes, bytes]]:
     if isinstance(exc, RateLimited):
         return [(b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode())]
     if exc.status == 401:

@@ -222,6 +222,7 @@ def main() -> None:
         port = free_port()
         config = {
             "server": {"listen": f"127.0.0.1:{port}", "data_dir": str(root / "data")},
+            "edge": {"enabled": False},
             "models_dir": str(root / "none"),
             "defaults": {"max_concurrent": 4, "keep_alive": -1, "ctx_size": 2048},
             "scheduling": {"max_loaded_models": 2},

@@ -60,6 +60,7 @@ async def compare_loads(model_path: Path, rounds: int, label: str) -> dict[str, 
     with tempfile.TemporaryDirectory() as scratch:
         raw = {
             "server": {"data_dir": f"{scratch}/data", "listen": f"127.0.0.1:{free_port()}"},
+            "edge": {"enabled": False},
             "models_dir": f"{scratch}/none",
             "defaults": {"ctx_size": 2048, "max_concurrent": 1},
             "models": {"m": {"path": str(model_path)}},
@@ -99,6 +100,7 @@ def serve_startup(model_path: Path, rounds: int) -> dict[str, float]:
             port = free_port()
             config = {
                 "server": {"data_dir": f"{scratch}/data", "listen": f"127.0.0.1:{port}"},
+                "edge": {"enabled": False},
                 "models_dir": f"{scratch}/none",
                 "models": {"m": {"path": str(model_path)}},
             }

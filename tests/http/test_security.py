@@ -195,7 +195,14 @@ async def test_security_forward_auth_contract(world: World) -> None:
     assert missing.status_code == 401 and missing.headers["WWW-Authenticate"].startswith("Bearer")
     assert set(await missing.get_json()) == {"error"}
     forbidden = await verify(world, "GET", "/control/v1/users", bearer(world.tokens["inference"]))
-    assert forbidden.status_code == 403 and set(await forbidden.get_json()) == {"error"}
+    assert forbidden.status_code == 403 and set(await forbidden.get_json()) == {"error", "code"}  # its dialect
+    openai_refusal = await verify(world, "POST", "/v1/chat/completions", {})
+    assert (
+        openai_refusal.status_code == 401
+        and (await openai_refusal.get_json())["error"]["type"] == "authentication_error"
+    )
+    open_path = await verify(world, "GET", "/", {})
+    assert open_path.status_code == 200 and "X-LlamaController-Identity" not in open_path.headers
 
 
 async def test_security_forward_auth_ignores_a_client_supplied_identity(world: World) -> None:

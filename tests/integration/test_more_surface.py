@@ -34,6 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
         shutil.copy(tiny_model, root / f"{name}.gguf")
     config = {
         "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
+        "edge": {"enabled": False},
         "models_dir": str(root / "none"),
         "defaults": {"ctx_size": 2048, "max_concurrent": 1, "keep_alive": "10m"},
         "scheduling": {"max_loaded_models": 3},

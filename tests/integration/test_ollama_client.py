@@ -60,6 +60,7 @@ def server(
     shutil.copy(tiny_model, root / "tiny.gguf")
     config = {
         "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
+        "edge": {"enabled": False},
         "models_dir": str(root / "none"),
         "defaults": {"ctx_size": 2048, "max_concurrent": 2, "keep_alive": "10m"},
         "scheduling": {"max_loaded_models": 4},

@@ -29,6 +29,7 @@ def fake_config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, An
         "models": resolved,
         # These tests are about the lifecycle and the gateway; tests/http/test_security.py is about auth.
         "auth": {"enabled": False},
+        "edge": {"enabled": False},
         **sections,
     }
     return validate_config(raw)

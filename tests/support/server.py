@@ -56,6 +56,7 @@ def real_config(tmp_path: Path, models: dict[str, dict[str, Any]], **sections: A
         "server": {"data_dir": str(tmp_path / "data"), "listen": f"127.0.0.1:{free_port()}"},
         "models_dir": str(tmp_path / "discovered"),
         "defaults": {"max_concurrent": 2, "startup_timeout": 60},
+        "edge": {"enabled": False},  # tests/integration/test_edge.py runs Caddy, on ports of its own
         "models": models,
     }
     for key, value in sections.items():
@@ -139,6 +140,11 @@ def backend_processes(model_file: Path) -> list[psutil.Process]:
     return found
 
 
+def edge_section() -> dict[str, Any]:
+    """An enabled edge (a supervised Caddy) on free loopback ports."""
+    return {"enabled": True, "listen": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}"}
+
+
 @dataclass
 class ServeProcess:
     process: subprocess.Popen[str]
@@ -146,13 +152,39 @@ class ServeProcess:
     log_path: Path
     token: str
     http: httpx.Client  # authenticated as an admin
+    config_path: Path
+    config: dict[str, Any]
 
     @property
     def headers(self) -> dict[str, str]:
         return bearer(self.token)
 
+    @property
+    def https_url(self) -> str:
+        return f"https://{self.config['edge']['listen']}"
+
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def ca_file(self) -> Path:
+        """The edge's local CA, written by `llamacontroller edge ca --output` (the README's way)."""
+        target = self.config_path.with_name(f"{self.config_path.stem}-ca.pem")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "edge",
+                "ca",
+                "--config",
+                str(self.config_path),
+                "--output",
+                str(target),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return target
 
 
 @contextmanager
@@ -170,7 +202,8 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
             text=True,
         )
     url = f"http://{config['server']['listen']}"
-    served = ServeProcess(process, url, log_path, token, httpx.Client(base_url=url, headers=bearer(token), timeout=120))
+    http = httpx.Client(base_url=url, headers=bearer(token), timeout=120)
+    served = ServeProcess(process, url, log_path, token, http, config_path, config)
     try:
         deadline = time.monotonic() + 60
         while True:

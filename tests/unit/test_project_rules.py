@@ -22,7 +22,9 @@ def test_rules_every_control_route_is_documented(tmp_path: Path) -> None:
     from controller.runtime.fake import FakeRuntime
 
     runtime = FakeRuntime()
-    config = validate_config({"server": {"data_dir": str(tmp_path)}, "models_dir": str(tmp_path)})
+    config = validate_config(
+        {"server": {"data_dir": str(tmp_path)}, "models_dir": str(tmp_path), "edge": {"enabled": False}}
+    )
     app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "llama-server")
     routes = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
     missing = {route for route in routes if route not in documented_paths()}

@@ -1,0 +1,38 @@
+"""``GET /control/v1/system``: what runs here — versions, runtime, store, the edge, the llama-server build."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from quart import Blueprint, current_app
+
+from controller import __version__
+from controller.config import Config
+from controller.edge.edge import Edge
+from controller.errors import LlamaControllerError
+from controller.settings import find_llama_server, llama_server_version
+
+blueprint = Blueprint("control_system", __name__, url_prefix="/control/v1")
+
+
+async def llama_server_facts(config: Config) -> dict[str, Any]:
+    try:
+        binary = await asyncio.to_thread(find_llama_server, config.llama_server.binary)
+    except LlamaControllerError as exc:
+        return {"binary": None, "error": exc.message}
+    return {"binary": binary, "version": await asyncio.to_thread(llama_server_version, binary)}
+
+
+@blueprint.get("/system")
+async def system() -> dict[str, Any]:
+    config: Config = current_app.extensions["llamacontroller.config"]
+    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    return {
+        "version": __version__,
+        "runtime": config.runtime.kind,
+        "store": config.store.kind,
+        "listen": config.server.listen,
+        "edge": edge.public() if edge is not None else {"enabled": False},
+        "llama_server": await llama_server_facts(config),
+    }

@@ -1,0 +1,83 @@
+"""``llamacontroller edge ca`` (the local CA's root certificate) and ``edge render`` (the Caddy config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from controller.cli_admin import config_from_args
+from controller.config import ENV_CONFIG_PATH, Config
+from controller.edge.admin import CaddyAdmin, EdgeError
+from controller.edge.edge import caddy_home, edge_settings
+from controller.edge.render import render
+from controller.errors import ConfigError
+
+
+def local_ca_file(config: Config) -> Path:
+    """Where the embedded Caddy keeps its local CA's root certificate."""
+    return caddy_home(config) / "data" / "pki" / "authorities" / "local" / "root.crt"
+
+
+async def _ca_from_admin(config: Config) -> str:
+    admin = CaddyAdmin(config.edge.admin, timeout=5)
+    try:
+        return await admin.ca_certificate()
+    finally:
+        await admin.close()
+
+
+def root_certificate(config: Config) -> str:
+    """From the running Caddy's admin API, else from the embedded Caddy's storage."""
+    try:
+        return asyncio.run(_ca_from_admin(config))
+    except EdgeError as exc:
+        path = local_ca_file(config)
+        if path.is_file():
+            return path.read_text()
+        raise EdgeError(
+            f"{exc.message}; and no local CA in {path} yet: start `llamacontroller serve` once (edge.tls.mode "
+            "internal), then ask again"
+        ) from exc
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    try:
+        pem = root_certificate(config_from_args(args))
+    except ConfigError as exc:
+        print(f"error: {exc.message}", *exc.problems, sep="\n  ", file=sys.stderr)
+        return 2
+    except EdgeError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    if args.output:
+        Path(args.output).write_text(pem)
+        print(args.output)
+    else:
+        print(pem, end="")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc.message}", *exc.problems, sep="\n  ", file=sys.stderr)
+        return 2
+    print(json.dumps(render(edge_settings(config), []), indent=2))
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    edge = commands.add_parser("edge", help="the HTTPS edge (Caddy)")
+    verbs = edge.add_subparsers(dest="command_name", required=True)
+    ca = verbs.add_parser("ca", help="print the local CA's root certificate (PEM) that clients trust")
+    ca.add_argument("--output", help="write it to this file and print the file name")
+    ca.set_defaults(func=cmd_ca)
+    shown = verbs.add_parser("render", help="print the Caddy config the controller would push (no model routes)")
+    shown.set_defaults(func=cmd_render)
+    for parser in (ca, shown):
+        parser.add_argument("--config", help=f"config file (default: ${ENV_CONFIG_PATH})")
+        parser.add_argument("--data-dir", help="data directory (overrides the config)")

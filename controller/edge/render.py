@@ -1,0 +1,248 @@
+"""The whole Caddy configuration, rendered from the settings and the ready models (pure; golden-tested).
+
+The controller pushes this document with ``POST /load`` (atomic and idempotent: an unchanged document does not
+reload) whenever the set of ready models changes, and on a slow timer. Every document carries the same
+``admin`` block, so the admin API never moves.
+
+Routes of the HTTPS server, in order:
+1. every request: client copies of the identity header deleted; ``Server`` and ``Via`` removed from answers;
+   security headers (HSTS when a real hostname is served).
+2. ``/auth/verify`` and ``/internal/*``: 404 — never routed from outside.
+3. a declared body over ``max_body``: 413 in the dialect of the path (the body itself is also capped).
+4. ``/llama/<model>/*`` for each ready model (and its aliases): forward_auth, then straight to its backend.
+5. ``/llama/*`` otherwise: forward_auth, then 503 — direct routes exist only while a model is ready.
+6. ``/``, ``/api/*``, ``/v1/*``: forward_auth (the signed identity copied), then the gateway, streaming.
+7. everything else (``/ui``, ``/control``, ``/metrics``, ``/auth/login`` …): the app, which authenticates itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.dialects import error_body
+
+IDENTITY_HEADER = "X-LlamaController-Identity"
+VERIFY_PATH = "/auth/verify"
+HSTS = "max-age=31536000"
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    listen: str  # host:port of the HTTPS server
+    admin_listen: str  # where Caddy's admin API listens (the same in every pushed document)
+    app: str  # host:port where Caddy reaches the app (gateway, control API, UI)
+    tls_mode: str = "internal"  # internal | files | acme
+    hostname: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    email: str | None = None
+    http_redirect: str | None = None  # host:port of a plain-HTTP listener that redirects to HTTPS
+    max_body: int = 64 * 2**20
+    storage: str | None = None  # Caddy's data (certificates, the local CA); None: Caddy's default
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """A ready model Caddy may send ``/llama/<spelling>/*`` to directly."""
+
+    name: str
+    spellings: tuple[str, ...]  # the name and its aliases, as clients write them in paths
+    dial: str  # host:port of its backend
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def _json_response(status: int, body: dict[str, Any], extra: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    headers = {"Content-Type": ["application/json"], **(extra or {})}
+    return {"handler": "static_response", "status_code": status, "headers": headers, "body": json.dumps(body)}
+
+
+def forward_auth(app: str, copy: bool) -> dict[str, Any]:
+    """Caddy 2.11's forward_auth, expanded: GET /auth/verify with the original method and URI; on 2xx the
+    signed identity is copied onto the request (only when the answer has one); otherwise the answer (401/403/
+    429 with its JSON body, WWW-Authenticate, Retry-After) goes back to the client as it is."""
+    routes: list[dict[str, Any]] = [{"handle": [{"handler": "vars"}]}]
+    if copy:
+        routes += [
+            {"handle": [{"handler": "headers", "request": {"delete": [IDENTITY_HEADER]}}]},
+            {
+                "match": [{"not": [{"vars": {f"{{http.reverse_proxy.header.{IDENTITY_HEADER}}}": ["", "<nil>"]}}]}],
+                "handle": [
+                    {
+                        "handler": "headers",
+                        "request": {"set": {IDENTITY_HEADER: [f"{{http.reverse_proxy.header.{IDENTITY_HEADER}}}"]}},
+                    }
+                ],
+            },
+        ]
+    return {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": app}],
+        "rewrite": {"method": "GET", "uri": VERIFY_PATH},
+        "headers": {
+            "request": {
+                "set": {"X-Forwarded-Method": ["{http.request.method}"], "X-Forwarded-Uri": ["{http.request.uri}"]}
+            }
+        },
+        "handle_response": [{"match": {"status_code": [2]}, "routes": routes}],
+    }
+
+
+def streaming_proxy(dial: str) -> dict[str, Any]:
+    """A reverse proxy for LLM traffic: answers flushed as they come, no time limit on a long generation."""
+    return {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": dial}],
+        "flush_interval": -1,
+        "transport": {"protocol": "http", "dial_timeout": "5s", "keep_alive": {"idle_timeout": "30s"}},
+        "headers": {"response": {"delete": ["Via"]}},
+    }
+
+
+def _common_route(settings: EdgeSettings) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "set": {"X-Content-Type-Options": ["nosniff"], "Referrer-Policy": ["no-referrer"]},
+        "delete": ["Server", "Via"],
+        "deferred": True,
+    }
+    if settings.hostname and settings.tls_mode in ("acme", "files"):
+        response["set"]["Strict-Transport-Security"] = [HSTS]
+    return {"handle": [{"handler": "headers", "request": {"delete": [IDENTITY_HEADER]}, "response": response}]}
+
+
+# Each group of paths answers in its own dialect; the body comes from the one place that decides it.
+_DIALECT_GROUPS = [
+    (["/", "/api/*"], "/api/"),
+    (["/v1/messages", "/v1/messages/*"], "/v1/messages"),
+    (["/v1/*", "/llama/*"], "/v1/"),
+    (["*"], "/control/"),
+]
+
+
+def _too_large(settings: EdgeSettings, condition: str) -> list[dict[str, Any]]:
+    """413 in the dialect of the path, when ``condition`` (a Caddy expression) holds."""
+    message = f"request body is larger than the limit of {settings.max_body} bytes"
+    return [
+        {
+            "match": [{"path": paths, "expression": condition}],
+            "handle": [_json_response(413, error_body(example, 413, message, "payload_too_large"))],
+            "terminal": True,
+        }
+        for paths, example in _DIALECT_GROUPS
+    ]
+
+
+def _too_large_routes(settings: EdgeSettings) -> list[dict[str, Any]]:
+    """A declared length over the limit is refused before anything else happens."""
+    length = "{http.request.header.Content-Length}"
+    return _too_large(settings, f"{length} != '' && int({length}) > {settings.max_body}")
+
+
+def _model_routes(settings: EdgeSettings, models: Sequence[ModelRoute]) -> list[dict[str, Any]]:
+    routes = []
+    for model in sorted(models, key=lambda m: m.name):
+        paths = sorted({f"/llama/{s}{tail}" for s in model.spellings for tail in ("", "/*")})
+        routes.append(
+            {
+                "@id": f"llama:{model.name}",
+                "match": [{"path": paths}],
+                "handle": [
+                    forward_auth(settings.app, copy=False),
+                    {"handler": "rewrite", "path_regexp": [{"find": "^/llama/[^/]*", "replace": ""}]},
+                    streaming_proxy(model.dial),
+                ],
+                "terminal": True,
+            }
+        )
+    not_loaded = error_body(
+        "/llama/",
+        503,
+        "the model is not loaded: /llama/<model>/ goes straight to a loaded model's llama-server; load it first "
+        "(POST /control/v1/models/<model>/load) or use /v1 or /api, which load models on demand",
+        "model_not_loaded",
+    )
+    routes.append(
+        {
+            "match": [{"path": ["/llama", "/llama/*"]}],
+            "handle": [forward_auth(settings.app, copy=False), _json_response(503, not_loaded)],
+            "terminal": True,
+        }
+    )
+    return routes
+
+
+def _tls(settings: EdgeSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The tls app and the server's connection policies for the TLS mode."""
+    if settings.tls_mode == "files":
+        tags = ["llamacontroller"]
+        files = [{"certificate": settings.cert_file, "key": settings.key_file, "tags": tags}]
+        return {"certificates": {"load_files": files}}, [{"certificate_selection": {"any_tag": tags}}]
+    if settings.tls_mode == "acme":
+        names = [settings.hostname or ""]
+        issuer: dict[str, Any] = {"module": "acme", "email": settings.email}
+    else:
+        host = settings.listen.rpartition(":")[0].strip("[]")
+        local = host in ("", "0.0.0.0", "::", *LOCAL_NAMES)  # noqa: S104 - a listen address, not a bind
+        names = [*([settings.hostname] if settings.hostname else []), *(LOCAL_NAMES if local else [host])]
+        issuer = {"module": "internal"}
+    tls = {"certificates": {"automate": names}, "automation": {"policies": [{"subjects": names, "issuers": [issuer]}]}}
+    return tls, [{}]
+
+
+def render(settings: EdgeSettings, models: Sequence[ModelRoute]) -> dict[str, Any]:
+    """The complete Caddy JSON config (see the module docstring for the routes)."""
+    app = settings.app
+    routes: list[dict[str, Any]] = [
+        _common_route(settings),
+        {
+            "match": [{"path": [VERIFY_PATH, f"{VERIFY_PATH}/*", "/internal", "/internal/*"]}],
+            "handle": [_json_response(404, {"error": "not found"})],
+            "terminal": True,
+        },
+        *_too_large_routes(settings),
+        *_model_routes(settings, models),
+        {
+            "match": [{"path": ["/", "/api/*", "/v1/*"]}],
+            "handle": [
+                {"handler": "request_body", "max_size": settings.max_body},
+                forward_auth(app, copy=True),
+                streaming_proxy(app),
+            ],
+            "terminal": True,
+        },
+        {"handle": [{"handler": "request_body", "max_size": settings.max_body}, streaming_proxy(app)]},
+    ]
+    tls, policies = _tls(settings)
+    server: dict[str, Any] = {
+        "listen": [settings.listen],
+        "protocols": ["h1", "h2"],  # no HTTP/3: one TCP port to publish
+        "routes": routes,
+        "tls_connection_policies": policies,
+        "automatic_https": {"disable_redirects": True},
+        # A body without a declared length that turns out too long is cut by request_body: the same 413.
+        "errors": {"routes": _too_large(settings, "{http.error.status_code} == 413")},
+    }
+    servers: dict[str, Any] = {"edge": server}
+    http: dict[str, Any] = {"https_port": _port(settings.listen), "servers": servers}
+    if settings.http_redirect:
+        http["http_port"] = _port(settings.http_redirect)
+        location = f"https://{{http.request.host}}:{_port(settings.listen)}{{http.request.uri}}"
+        redirect = {"handler": "static_response", "status_code": 308, "headers": {"Location": [location]}}
+        servers["redirect"] = {"listen": [settings.http_redirect], "routes": [{"handle": [redirect]}]}
+    config: dict[str, Any] = {
+        "admin": {"listen": settings.admin_listen, "config": {"persist": False}},
+        "apps": {
+            "http": http,
+            "tls": tls,
+            "pki": {"certificate_authorities": {"local": {"name": "LlamaController Local CA", "install_trust": False}}},
+        },
+    }
+    if settings.storage:
+        config["storage"] = {"module": "file_system", "root": settings.storage}
+    return config

