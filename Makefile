@@ -1,7 +1,7 @@
 # One entry point. `make serve` runs the embedded default on a real model; `make test` runs everything.
 VENV := .venv/bin
 
-.PHONY: serve test test-fast lint fix bench bench-builds install install-test
+.PHONY: serve test test-fast lint fix bench bench-builds bench-edge install install-test
 
 install:
 	scripts/bootstrap.sh demo
@@ -34,3 +34,6 @@ bench: install-test
 
 bench-builds: install-test
 	$(VENV)/python -m tests.bench.bench_llama_builds --gemma $(ARGS)
+
+bench-edge: install-test
+	$(VENV)/python -m tests.bench.bench_edge $(ARGS)

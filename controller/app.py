@@ -16,6 +16,7 @@ from controller.api import admin, health, metrics, models, system
 from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
 from controller.auth.service import AuthService
+from controller.auth.verify import forward_auth
 from controller.catalog import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
@@ -30,7 +31,7 @@ from controller.runtime.process import ProcessRuntime
 from controller.settings import find_llama_server, supported_flags
 from controller.store import make_store
 from proxy.app import Gateway
-from proxy.asgi import ASGIApp
+from proxy.asgi import ASGIApp, Receive, Scope, Send
 from proxy.dialects import control_error, describe
 from proxy.upstream import Timeouts, Upstream
 
@@ -72,8 +73,12 @@ def create_app(
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
+
+    async def verify(scope: Scope, receive: Receive, send: Send) -> None:
+        await forward_auth(scope, send, auth, supervisor.touch)
+
     # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
-    app.asgi_app = cast(Any, AuthMiddleware(gateway, auth))  # type: ignore[method-assign]
+    app.asgi_app = cast(Any, AuthMiddleware(gateway, auth, verify))  # type: ignore[method-assign]
     app.extensions["llamacontroller.auth"] = auth
     app.extensions["llamacontroller.config"] = config
     app.extensions["llamacontroller.supervisor"] = supervisor

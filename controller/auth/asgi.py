@@ -48,15 +48,21 @@ def request_of(scope: Any, path: str | None = None, method: str | None = None) -
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, service: AuthService) -> None:
+    """Authentication in front of everything; also answers the edge's ``GET /auth/verify`` itself."""
+
+    def __init__(self, app: ASGIApp, service: AuthService, verify: ASGIApp | None = None) -> None:
         self.app = app
         self.service = service
+        self.verify = verify
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        if path == "/auth/verify" and self.verify is not None and scope["method"] in ("GET", "HEAD"):
+            await self.verify(scope, receive, send)
+            return
         needed = required_scope(scope["method"], path)
         if needed is not OPEN:
             try:

@@ -1,19 +1,16 @@
-"""``/auth``: sign in and out (web sessions), who am I, and the forward-auth check for the edge."""
+"""``/auth``: sign in and out (web sessions) and who am I. (``/auth/verify``, the edge's forward-auth check, is
+answered in raw ASGI by controller/auth/verify.py.)"""
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
 
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from controller.auth.asgi import auth_headers, identity_of, request_of
-from controller.auth.identity import OPEN, Identity, required_scope
-from controller.auth.service import IDENTITY_HEADER, SESSION_COOKIE, AuthService
-from controller.errors import AuthError, BadRequest, LlamaControllerError, Unauthenticated
-from controller.lifecycle.supervisor import Supervisor
+from controller.auth.asgi import auth_headers, identity_of
+from controller.auth.service import SESSION_COOKIE, AuthService
+from controller.errors import AuthError, BadRequest, LlamaControllerError
 from proxy.dialects import error_body
-from proxy.native import PREFIX as NATIVE_PREFIX
 
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -76,45 +73,3 @@ async def session() -> dict[str, Any]:
     if identity.via == "session" and cookie:
         body["csrf_token"] = _service().csrf_token(cookie)
     return body
-
-
-@blueprint.get("/verify")
-async def verify() -> Response:
-    """Caddy forward_auth: the original method and URI arrive as X-Forwarded-Method / X-Forwarded-Uri.
-
-    2xx with a short-lived signed ``X-LlamaController-Identity`` header, or 401/403/429 in the dialect of the
-    original path, with WWW-Authenticate / Retry-After. A client-supplied identity header is never trusted
-    here. An open path (``/``) passes without credentials (and without an identity). ``/llama/<model>/...``
-    goes straight from Caddy to the model's backend, so the model is authorized here — by the same rule as
-    everywhere — and the request counts as use of the model (its keep-alive starts again).
-    """
-    method = request.headers.get("X-Forwarded-Method", "GET").upper()
-    uri = request.headers.get("X-Forwarded-Uri", "/")
-    path = unquote(uri.split("?", 1)[0]) or "/"  # decoded as the app decodes it: the identity is bound to it
-    service = _service()
-    needed = required_scope(method, path)
-    forwarded = request_of(request.scope, path=path, method=method)
-    forwarded_headers = {k: v for k, v in forwarded.headers.items() if k != IDENTITY_HEADER}
-    forwarded = type(forwarded)(method, path, forwarded_headers, forwarded.client, forwarded.cookies)
-    try:
-        try:
-            identity = await service.authenticate(forwarded)
-        except Unauthenticated:
-            if needed is not OPEN:
-                raise
-            return jsonify({"user": None})
-        if needed is not OPEN:
-            service.authorize(identity, needed)
-        if path.startswith(NATIVE_PREFIX):
-            await _authorize_direct_route(path, identity)
-    except LlamaControllerError as exc:
-        return _error(exc, path)
-    response = jsonify({"user": identity.subject})
-    response.headers["X-LlamaController-Identity"] = service.sign_identity(identity, method, path)
-    return response
-
-
-async def _authorize_direct_route(path: str, identity: Identity) -> None:
-    name = path[len(NATIVE_PREFIX) :].split("/", 1)[0]
-    supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
-    await supervisor.touch(name, identity.allows_model)

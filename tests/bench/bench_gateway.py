@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import socket
+import ssl
 import statistics
 import tempfile
 import time
@@ -33,8 +34,11 @@ from tests.support.tinymodel import write_tiny_model
 class RawClient:
     """Minimal HTTP/1.1 keep-alive client: one sendall per request, reconnects when the server closes."""
 
-    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, headers: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.address = (host, port)
+        self.tls = tls
         self.extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.sock: socket.socket | None = None
         self.buffer = b""
@@ -43,6 +47,8 @@ class RawClient:
         sock = socket.create_connection(self.address)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
+        if self.tls is not None:
+            return self.tls.wrap_socket(sock, server_hostname=self.address[0])
         return sock
 
     def post(self, path: str, body: bytes) -> tuple[float, bytes]:

@@ -5,19 +5,26 @@ The real `ollama` and `openai` clients talk to https:// trusting the CA from `ll
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import ollama
 import openai
 import pytest
 
+from controller.edge.admin import CaddyAdmin
+from controller.edge.child import CaddyChild, find_caddy
+from controller.edge.render import EdgeSettings
+from controller.edge.sync import EdgeSync
 from controller.runtime.process import free_port
 from tests.support.server import ServeProcess, edge_section, require, serve_subprocess
 
@@ -211,3 +218,40 @@ def test_edge_caddy_killed_comes_back_with_its_routes(served: ServeProcess, http
     restarted = served.http.get("/control/v1/system").json()["edge"]
     assert restarted["restarts"] >= 1 and restarted["pid"] != system["pid"]
     assert reasons and "caddy exited" in reasons[0], "/readyz says why while the edge is down"
+
+
+async def test_edge_a_refused_config_is_reported_and_retried(tmp_path: Path) -> None:
+    """A real Caddy that rejects the document (certificate files missing): the status says why, the push is
+    retried, and once the files exist the edge comes up on its own."""
+    admin = f"127.0.0.1:{free_port()}"
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    settings = EdgeSettings(
+        listen=f"127.0.0.1:{free_port()}",
+        admin_listen=admin,
+        app="127.0.0.1:1",
+        tls_mode="files",
+        hostname="llm.example.com",
+        cert_file=str(cert),
+        key_file=str(key),
+        storage=str(tmp_path / "data"),
+    )
+    events: list[dict[str, Any]] = []
+    sync = EdgeSync(settings, CaddyAdmin(admin), list, events.append, interval=0.5)
+    child = CaddyChild(find_caddy(None), tmp_path / "caddy", admin, sync.changed, sync.down)
+    await child.start()
+    sync.start()
+    try:
+        deadline = time.monotonic() + 15
+        while sync.status.state != "rejected":
+            assert time.monotonic() < deadline, sync.status
+            await asyncio.sleep(0.05)
+        assert "Caddy rejected the configuration" in (sync.status.error or "")
+        assert events[-1]["type"] == "edge" and events[-1]["state"] == "rejected"
+        request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=llm.example.com"]
+        subprocess.run(["openssl", *request, "-keyout", key, "-out", cert], check=True, capture_output=True)
+        while sync.status.state != "ok":
+            assert time.monotonic() < deadline + 15, sync.status
+            await asyncio.sleep(0.05)
+    finally:
+        await sync.close()
+        await child.stop()

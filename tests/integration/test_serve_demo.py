@@ -1,18 +1,25 @@
-"""`llamacontroller serve` on a fresh data dir: assembles Gemma 3 270M and serves it to the real openai client."""
+"""`llamacontroller serve` on a fresh data dir — the README's main job: it assembles Gemma 3 270M and serves it
+over HTTPS (the supervised Caddy edge, its local CA) to the real openai client."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from controller.runtime.process import free_port
-from tests.support.server import require, serve_subprocess
+from tests.support.server import ServeProcess, edge_section, require, serve_subprocess
 
 pytestmark = pytest.mark.gemma
+
+
+def ssl_context(served: ServeProcess) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=served.ca_file())
 
 
 def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) -> None:
@@ -23,14 +30,17 @@ def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) ->
     config = {
         "server": {"data_dir": str(tmp_path / "data"), "listen": f"127.0.0.1:{free_port()}"},
         "defaults": {"ctx_size": 2048, "max_concurrent": 2},
+        "edge": edge_section(),
     }
-    with serve_subprocess(config, tmp_path) as served:
+    with serve_subprocess(config, tmp_path) as served, httpx.Client(verify=ssl_context(served)) as tls:
         output = served.output()
         assert f"listening on {served.url}" in output
+        assert f"HTTPS (Caddy edge): {served.https_url}" in output
         assert "serving gemma3:270m (gemma3, Q4_K_M, 253 MB)" in output
         assert (tmp_path / "data" / "models" / "gemma-3-270m-q4_k_m.gguf").stat().st_size == 253113024
 
-        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=served.token, max_retries=0)
+        base_url = f"{served.https_url}/v1"
+        client = openai.OpenAI(base_url=base_url, api_key=served.token, max_retries=0, http_client=tls)
         assert [m.id for m in client.models.list()] == ["gemma3:270m"]
         reply = client.chat.completions.create(
             model="gemma3:270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
@@ -67,9 +77,9 @@ def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) ->
         )
         token = created.stdout.strip()
         assert token.startswith("lc_") and "\n" not in token
-        readme_client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=token, max_retries=0)
+        readme_client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, http_client=tls)
         assert [m.id for m in readme_client.models.list()] == ["gemma3:270m"]
-        anonymous = openai.OpenAI(base_url=f"{served.url}/v1", api_key="not-a-token", max_retries=0)
+        anonymous = openai.OpenAI(base_url=base_url, api_key="not-a-token", max_retries=0, http_client=tls)
         with pytest.raises(openai.AuthenticationError) as refused:
             anonymous.models.list()
         assert "malformed API token" in str(refused.value)

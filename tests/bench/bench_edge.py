@@ -1,0 +1,121 @@
+"""The HTTPS edge's cost, side by side in one run: the same one-token completion, interleaved, reached
+
+1. directly (llama-server, plain HTTP),
+2. through the gateway (plain HTTP, the token checked by the app),
+3. through the edge: TLS + the gateway, which checks the token itself (what the edge does),
+4. through the edge with forward_auth in front of the gateway: TLS + `/auth/verify` + the gateway checking the
+   signed identity (the design's first plan, measured here on an extra route the bench adds),
+5. through the edge's direct route: TLS + forward_auth + llama-server (`/llama/<model>/...`),
+
+each over one kept-alive connection (TLS: HTTP/1.1). Run with ``make bench-edge`` or
+``python -m tests.bench.bench_edge [--requests 500]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import ssl
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controller.edge.render import forward_auth, streaming_proxy
+from controller.runtime.process import free_port
+from tests.bench.bench_gateway import RawClient, percentile
+from tests.support.server import serve_subprocess
+from tests.support.tinymodel import write_tiny_model
+
+ALT_PREFIX = "/with-forward-auth"
+
+
+def with_alternative_route(config: dict[str, Any], app: str) -> dict[str, Any]:
+    """The pushed config plus one route with forward_auth (the signed identity copied) before the gateway."""
+    header = "X-LlamaController-Identity"
+    copy = {
+        "match": [{"not": [{"vars": {f"{{http.reverse_proxy.header.{header}}}": ["", "<nil>"]}}]}],
+        "handle": [{"handler": "headers", "request": {"set": {header: [f"{{http.reverse_proxy.header.{header}}}"]}}}],
+    }
+    check = forward_auth(app)
+    check["handle_response"][0]["routes"].append(copy)
+    alternative = {
+        "match": [{"path": [f"{ALT_PREFIX}/*"]}],
+        "handle": [{"handler": "rewrite", "strip_path_prefix": ALT_PREFIX}, check, streaming_proxy(app)],
+        "terminal": True,
+    }
+    config["apps"]["http"]["servers"]["edge"]["routes"].insert(2, alternative)
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=500)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        port, edge_port, admin_port = free_port(), free_port(), free_port()
+        config = {
+            "server": {"listen": f"127.0.0.1:{port}", "data_dir": str(root / "data")},
+            # pushed again only on change: the bench's extra route stays while it measures
+            "edge": {
+                "listen": f"127.0.0.1:{edge_port}",
+                "admin": f"127.0.0.1:{admin_port}",
+                "reconcile_interval": 3600,
+            },
+            "models_dir": str(root / "none"),
+            "defaults": {"max_concurrent": 4, "keep_alive": -1, "ctx_size": 2048},
+            "models": {"tiny": {"path": str(write_tiny_model(root / "tiny.gguf"))}},
+        }
+        with serve_subprocess(config, root) as served:
+            backend = served.http.post("/control/v1/models/tiny/load", timeout=60).json()["backend_url"]
+            backend_port = int(backend.rsplit(":", 1)[1])
+            pushed = httpx.get(f"http://127.0.0.1:{admin_port}/config/").json()
+            app = f"127.0.0.1:{port}"
+            httpx.post(
+                f"http://127.0.0.1:{admin_port}/load", json=with_alternative_route(pushed, app)
+            ).raise_for_status()
+            tls = ssl.create_default_context(cafile=served.ca_file())
+            auth = {"Authorization": f"Bearer {served.token}"}
+            body = json.dumps(
+                {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+            ).encode()
+            targets = [
+                ("direct llama-server (HTTP)", RawClient("127.0.0.1", backend_port), "/v1/chat/completions"),
+                ("gateway (HTTP)", RawClient("127.0.0.1", port, auth), "/v1/chat/completions"),
+                (
+                    "edge: TLS+gateway",
+                    RawClient("127.0.0.1", edge_port, auth, tls),
+                    "/v1/chat/completions",
+                ),
+                (
+                    "edge: TLS+forward_auth+gateway",
+                    RawClient("127.0.0.1", edge_port, auth, tls),
+                    f"{ALT_PREFIX}/v1/chat/completions",
+                ),
+                (
+                    "edge: TLS+forward_auth+direct",
+                    RawClient("127.0.0.1", edge_port, auth, tls),
+                    "/llama/tiny/v1/chat/completions",
+                ),
+            ]
+            times: dict[str, list[float]] = {label: [] for label, _, _ in targets}
+            for index in range(args.requests + 20):
+                for label, client, path in targets:
+                    elapsed, _ = client.post(path, body)
+                    if index >= 20:  # warm-up: connections, TLS sessions, prompt cache
+                        times[label].append(elapsed)
+            base50 = statistics.median(times[targets[0][0]])
+            base99 = percentile(times[targets[0][0]], 0.99)
+            print(f"\none-token completion, {args.requests} interleaved requests per target (ms)")
+            print(f"{'path':<34}{'p50':>8}{'p99':>8}{'added p50':>11}{'added p99':>11}")
+            for label, _, _ in targets:
+                p50, p99 = statistics.median(times[label]), percentile(times[label], 0.99)
+                added = f"{(p50 - base50) * 1e3:>11.2f}{(p99 - base99) * 1e3:>11.2f}"
+                print(f"{label:<34}{p50 * 1e3:>8.2f}{p99 * 1e3:>8.2f}{added}")
+
+
+if __name__ == "__main__":
+    main()
