@@ -1,7 +1,7 @@
 # One entry point. `make serve` runs the embedded default on a real model; `make test` runs everything.
 VENV := .venv/bin
 
-.PHONY: serve test test-fast lint fix bench bench-builds bench-edge install install-test
+.PHONY: serve test test-fast lint fix bench bench-builds bench-edge bench-docker install install-test
 
 install:
 	scripts/bootstrap.sh demo
@@ -37,3 +37,6 @@ bench-builds: install-test
 
 bench-edge: install-test
 	$(VENV)/python -m tests.bench.bench_edge $(ARGS)
+
+bench-docker: install-test
+	$(VENV)/python -m tests.bench.bench_docker --gemma $(ARGS)

@@ -26,6 +26,7 @@ from controller.lifecycle.model import Probe
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
 from controller.runtime.base import Runtime
+from controller.runtime.instance import instance_id
 from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
 from controller.settings import find_llama_server, supported_flags
@@ -54,7 +55,7 @@ def create_app(
     events = EventBus()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     find_binary = binary or cache(lambda: find_llama_server(config.llama_server.binary))
-    runtime = runtime or ProcessRuntime(config.data_dir, logbook, find_binary)
+    runtime = runtime or make_runtime(config, logbook, find_binary)
     timeouts = Timeouts(
         connect=config.upstream.connect_timeout,
         write=config.upstream.write_timeout,
@@ -95,11 +96,12 @@ def create_app(
 
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
-        try:
-            binary_path = await asyncio.to_thread(find_binary)
-            supervisor.set_flags(await asyncio.to_thread(supported_flags, binary_path))
-        except BackendStartFailed as exc:
-            log.error("%s", exc.message)
+        if config.runtime.kind == "process":  # a container runtime's llama-server is in its image
+            try:
+                binary_path = await asyncio.to_thread(find_binary)
+                supervisor.set_flags(await asyncio.to_thread(supported_flags, binary_path))
+            except BackendStartFailed as exc:
+                log.error("%s", exc.message)
         await store.open()
         if config.auth.enabled:
             password = await auth.ensure_first_admin()
@@ -130,6 +132,15 @@ def create_app(
             await store.close()
 
     return app
+
+
+def make_runtime(config: Config, logbook: LogBook, binary: Callable[[], str]) -> Runtime:
+    """The runtime ``runtime.kind`` names (the docker SDK is imported only when it is used)."""
+    if config.runtime.kind == "docker":
+        from controller.runtime.docker import DockerRuntime
+
+        return DockerRuntime(config, logbook, instance_id(config.data_dir))
+    return ProcessRuntime(config.data_dir, logbook, binary)
 
 
 def _register_error_handlers(app: Quart) -> None:

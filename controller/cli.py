@@ -72,13 +72,16 @@ def _banner(config: Config) -> None:
 
     host, _, port = config.server.listen.rpartition(":")
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host  # noqa: S104 - display only
-    binary = find_llama_server(config.llama_server.binary)
     print(f"LlamaController {__version__} listening on http://{config.server.listen}", flush=True)
     if config.edge.enabled:
         from controller.edge.edge import https_url
 
         print(f"  HTTPS (Caddy edge): {https_url(config)}   trust its CA: llamacontroller edge ca --output ca.pem")
-    print(f"  llama-server {llama_server_version(binary)}: {binary}")
+    if config.runtime.kind == "docker":
+        print(f"  runtime: docker, llama-server image {config.runtime.docker.image}")
+    else:
+        binary = find_llama_server(config.llama_server.binary)
+        print(f"  llama-server {llama_server_version(binary)}: {binary}")
     print(f"  data dir: {config.data_dir}   models dir: {config.resolved_models_dir}")
     print(f"  try: curl http://{shown_host}:{port}/v1/models", flush=True)
 

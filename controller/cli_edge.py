@@ -1,4 +1,5 @@
-"""``llamacontroller edge ca`` (the local CA's root certificate) and ``edge render`` (the Caddy config)."""
+"""``llamacontroller edge ca`` (the local CA's root certificate), ``edge render`` (the Caddy config) and
+``images build`` (the container images, built locally)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,31 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images_build(args: argparse.Namespace) -> int:
+    from controller import images
+    from controller.errors import LlamaControllerError
+
+    source = Path(__file__).resolve().parent.parent
+    try:
+        images.build(args.only or ["llama-server", "edge", "app"], source)
+    except LlamaControllerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the Docker SDK's own errors: say which, never a traceback
+        print(f"error: could not build the images: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    images = commands.add_parser("images", help="container images, built locally (no registry needed)")
+    image_verbs = images.add_subparsers(dest="command_name", required=True)
+    build = image_verbs.add_parser(
+        "build", help="build llamacontroller/{llama-server,edge,app}:local from this install"
+    )
+    build.add_argument("--only", action="append", choices=["llama-server", "edge", "app"], help="build only this one")
+    build.set_defaults(func=cmd_images_build)
+
     edge = commands.add_parser("edge", help="the HTTPS edge (Caddy)")
     verbs = edge.add_subparsers(dest="command_name", required=True)
     ca = verbs.add_parser("ca", help="print the local CA's root certificate (PEM) that clients trust")

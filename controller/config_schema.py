@@ -74,15 +74,45 @@ class ServerConfig(_Strict):
         return _host_port(value, "127.0.0.1:11434")
 
 
+class ContainerSettings(_Strict):
+    """How the docker runtime runs one model's container (per model, over ``runtime.docker``)."""
+
+    image: str | None = None
+    memory: ByteSize | None = None  # the container's memory limit; past it the kernel kills it (out of memory)
+    shm_size: ByteSize | None = None
+    ulimits: dict[str, int] = Field(default_factory=dict)  # e.g. {"nofile": 16384}; engines cap some (memlock)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class DockerConfig(_Strict):
+    """``runtime.kind: docker``: one container per model, through the Docker Engine API."""
+
+    base_url: str | None = None  # default: DOCKER_HOST, else the local socket
+    image: str = "llamacontroller/llama-server:local"  # `llamacontroller images build` makes it
+    network: str | None = None  # the user-defined network backends join when the controller runs in a container
+    in_container: Literal["auto"] | bool = "auto"  # auto: the engine knows this host name as a container
+    memory: ByteSize | None = None
+    shm_size: ByteSize | None = 2**30
+    ulimits: dict[str, int] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    # Model paths as the controller sees them → as the Docker host sees them (the controller in a container
+    # with the models mounted at /models, the host's folder elsewhere): {"/models": "/srv/models"}.
+    path_map: dict[str, str] = Field(default_factory=dict)
+
+
 class RuntimeConfig(_Strict):
-    kind: Literal["process"] = "process"
+    kind: Literal["process", "docker"] = "process"
     stop_timeout: Seconds = 10.0
     keep_backends_on_exit: bool = False
+    docker: DockerConfig = Field(default_factory=DockerConfig)
 
 
 class LlamaServerConfig(_Strict):
     binary: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+
+
+GpuSelection = Literal["auto", "all", "none"] | list[Annotated[int, Field(ge=0)]]
 
 
 class ModelDefaults(_Strict):
@@ -94,16 +124,16 @@ class ModelDefaults(_Strict):
     args: list[str] = Field(default_factory=list)
     max_concurrent: int = Field(default=4, gt=0)
     queue_depth: int = Field(default=512, ge=0)
-
-
-GpuSelection = Literal["all", "none"] | list[Annotated[int, Field(ge=0)]]
+    # auto: every GPU there is (none where a Docker engine has no NVIDIA runtime); all: every GPU, or an error
+    gpus: GpuSelection = "auto"
 
 
 class ModelConfig(_Strict):
     path: Path
     aliases: list[str] = Field(default_factory=list)
     args: list[str] = Field(default_factory=list)
-    gpus: GpuSelection = "all"
+    gpus: GpuSelection | None = None  # default: defaults.gpus
+    container: ContainerSettings | None = None  # runtime.kind docker: overrides of runtime.docker
     ctx_size: int | None = Field(default=None, gt=0)
     n_gpu_layers: int | None = None
     keep_alive: KeepAlive | None = None

@@ -22,7 +22,9 @@ Third-party and OS exceptions (sockets, subprocess) are translated at the bounda
     │   ├── QueueFull                    503  the model's bounded queue is full
     │   ├── NoCapacity                   503  nothing may be evicted to make room (all pinned)
     │   ├── ShuttingDown                 503  the controller is stopping
-    │   └── ModelStopping                503  the model was unloaded while the request waited
+    │   ├── ModelStopping                503  the model was unloaded while the request waited
+    │   ├── DockerUnavailable            503  the Docker engine does not answer, or refuses us (socket permissions)
+    │   └── EdgeError                    503  Caddy is unreachable or refused a configuration
     ├── BackendError                     502  the llama-server backend failed us
     │   ├── BackendStartFailed           502  it exited or was refused while starting
     │   ├── BackendCrashed               502  it died while serving (the in-flight request ends here)
@@ -146,6 +148,14 @@ class ShuttingDown(Unavailable):
 
 class ModelStopping(Unavailable):
     code = "model_stopping"
+
+
+class DockerUnavailable(Unavailable):
+    code = "docker_unavailable"
+
+
+class EdgeError(Unavailable):
+    code = "edge_unavailable"
 
 
 class BackendError(LlamaControllerError):

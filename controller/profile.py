@@ -131,13 +131,12 @@ def _policy(entry: CatalogEntry, config: Config) -> ModelPolicy:
 
 def build_profile(entry: CatalogEntry, config: Config, supported_flags: Collection[str] = ()) -> ModelProfile:
     model, meta = entry.config, entry.metadata
-    gpus: GpuSelection = "all"
-    if model is not None:
-        gpus = model.gpus if isinstance(model.gpus, str) else tuple(model.gpus)
+    chosen = model.gpus if model is not None and model.gpus is not None else config.defaults.gpus
+    gpus: GpuSelection = chosen if isinstance(chosen, str) else tuple(chosen)
     if gpus == "none":
         budget_gpus: tuple[str, ...] = ()
-    elif gpus == "all":
-        budget_gpus = tuple(sorted(config.scheduling.gpu_memory))  # "all" = every GPU that has a budget
+    elif gpus in ("all", "auto"):
+        budget_gpus = tuple(sorted(config.scheduling.gpu_memory))  # every GPU that has a budget
     else:
         budget_gpus = tuple(str(gpu) for gpu in gpus)
     n_gpu_layers = model.n_gpu_layers if model and model.n_gpu_layers is not None else config.defaults.n_gpu_layers

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # System packages the test suite needs, installed when missing (as root, or through sudo):
 #   redis-server — the Redis store's contract tests start their own instance from it.
+#   openssl — the edge tests make a throwaway certificate for `edge.tls.mode: files`.
+#   a Docker Engine — the docker runtime's tests (scripts/docker-engine.sh installs and starts it).
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-[ ${#need[@]} -eq 0 ] && exit 0
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ ${#need[@]} -eq 0 ]; then
+  exec "$(dirname "$0")/docker-engine.sh"
+fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
 echo "system-deps: installing ${need[*]}"
 $sudo apt-get install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
   || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
+exec "$(dirname "$0")/docker-engine.sh"

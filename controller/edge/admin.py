@@ -11,14 +11,9 @@ from typing import Any
 
 import httpx
 
-from controller.errors import LlamaControllerError
+from controller.errors import EdgeError
 
-
-class EdgeError(LlamaControllerError):
-    """Caddy is unreachable or refused a configuration (the edge is down, not the app)."""
-
-    status = 503
-    code = "edge_unavailable"
+__all__ = ["CaddyAdmin", "EdgeError"]
 
 
 class CaddyAdmin:

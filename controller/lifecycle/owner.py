@@ -223,9 +223,9 @@ class ModelOwner:
     def _start_error(self, exit_info: ExitInfo) -> BackendStartFailed:
         return BackendStartFailed(f"model '{self.label}' failed to load: {exit_info.reason}{self._log_hint()}")
 
-    def _log_hint(self) -> str:
+    def _log_hint(self, last_resort: bool = True) -> str:
         """The backend's own first error line since its last start (the cause, not the aftermath)."""
-        return log_hint(self._logbook.tail(self.name, 200))
+        return log_hint(self._logbook.tail(self.name, 200), last_resort)
 
     def _fail(self, error: LlamaControllerError, ran_for: float) -> None:
         """Record a failed start or a crash; waiters get the error; backoff before the next start."""
@@ -253,7 +253,9 @@ class ModelOwner:
             reason = self._unhealthy or info.reason
             await cancel_and_wait(self._liveness)
             self._fail(
-                BackendCrashed(f"model '{self.label}' backend stopped unexpectedly: {reason}{self._log_hint()}"),
+                BackendCrashed(
+                    f"model '{self.label}' backend stopped unexpectedly: {reason}{self._log_hint(last_resort=False)}"
+                ),
                 ran_for=time.monotonic() - self._ready_since,
             )
             return

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-GpuSelection = Literal["all", "none"] | tuple[int, ...]
+GpuSelection = Literal["auto", "all", "none"] | tuple[int, ...]
 
 
 def visible_devices(gpus: GpuSelection) -> str | None:
     """The device list a backend sees (``CUDA_VISIBLE_DEVICES`` / ``NVIDIA_VISIBLE_DEVICES``); None = all."""
-    if gpus == "all":
+    if gpus in ("auto", "all"):
         return None
     if gpus == "none":
         return ""
@@ -38,7 +38,7 @@ class LaunchSpec:
     model_file: Path
     args: tuple[str, ...] = ()  # llama-server flags besides --model/--mmproj/--host/--port; never a shell string
     mmproj: Path | None = None
-    gpus: GpuSelection = "all"
+    gpus: GpuSelection = "auto"
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment from the config
     fingerprint: str = ""  # file identity (size, mtime) so a replaced model file is not adopted
     labels: Mapping[str, str] = field(default_factory=dict)  # kept with the backend, read back on adoption
@@ -95,6 +95,9 @@ class Runtime(Protocol):
 
     async def list_managed(self) -> list[Backend]:
         """Backends this runtime started earlier (possibly by a previous controller) and still runs."""
+
+    def logs(self, model: str) -> AsyncIterator[bytes]:
+        """The whole log of ``model``'s backends (this run and earlier ones, as far as kept), for download."""
 
     async def close(self) -> None:
         """Release the runtime's own resources (not the backends)."""

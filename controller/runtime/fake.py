@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,6 +100,11 @@ class FakeRuntime:
             found.append(backend)
         self.leftovers = []
         return found
+
+    async def logs(self, model: str) -> AsyncIterator[bytes]:
+        for spec in self.starts:
+            if spec.model == model:
+                yield f"started {spec.model} with {' '.join(spec.args)}\n".encode()
 
     async def close(self) -> None:
         return None

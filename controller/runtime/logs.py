@@ -3,13 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 DEFAULT_CAPACITY = 2000
 START_MARKER = "[llamacontroller] started"  # written before each backend start, so its own lines can be told apart
 _FOLLOWER_BACKLOG = 1000
+ROTATE_BYTES = 8 * 2**20  # a model's log file moves to .log.1 past this size
+
+
+def rotated(path: Path) -> Path:
+    return path.with_suffix(".log.1")
+
+
+class LogFile:
+    """Appends lines to a model's log file (rotated at ROTATE_BYTES); safe to use from a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            if self._path.exists() and self._path.stat().st_size > ROTATE_BYTES:
+                self._path.replace(rotated(self._path))
+            with self._path.open("a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+
+
+async def read_log(path: Path, chunk: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """The whole log of a model: the rotated part first, then the current file."""
+    for part in (rotated(path), path):
+        if not part.exists():
+            continue
+        with part.open("rb") as handle:
+            while data := await asyncio.to_thread(handle.read, chunk):
+                yield data
 
 
 class LogBook:

@@ -22,20 +22,19 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices
 from controller.runtime.exits import describe_exit
-from controller.runtime.logs import START_MARKER, LogBook
+from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LogBook, read_log, rotated
 
 log = logging.getLogger(__name__)
 
 _TAIL_INTERVAL = 0.2
 _POLL_INTERVAL = 0.1
-_ROTATE_BYTES = 8 * 2**20
 _HIDDEN_ENV_PREFIX = "LLAMACONTROLLER_"  # the controller's own settings never leak into a backend
 
 
@@ -154,8 +153,8 @@ class ProcessRuntime:
         port = free_port(self._host)
         argv, env = self.command(spec, port)
         log_path = self.log_path(spec.model)
-        if log_path.exists() and log_path.stat().st_size > _ROTATE_BYTES:
-            log_path.replace(log_path.with_suffix(".log.1"))
+        if log_path.exists() and log_path.stat().st_size > ROTATE_BYTES:
+            log_path.replace(rotated(log_path))
         with log_path.open("ab") as log_file:
             offset = log_file.tell()
             try:
@@ -325,6 +324,9 @@ class ProcessRuntime:
                 self._tails[handle] = _FileTail(Path(record.log_path), offset, record.model, self._logbook)
             found.append(self._backend(record, adopted=handle not in self._children))
         return found
+
+    def logs(self, model: str) -> AsyncIterator[bytes]:
+        return read_log(self.log_path(model))
 
     async def close(self) -> None:
         for handle in list(self._tails):

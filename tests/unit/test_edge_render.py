@@ -109,3 +109,11 @@ def test_edge_render_internal_certificates_cover_loopback_names() -> None:
     tls = render(SETTINGS["internal"], [])["apps"]["tls"]
     assert tls["certificates"]["automate"] == ["localhost", "127.0.0.1", "::1"]
     assert tls["automation"]["policies"][0]["issuers"] == [{"module": "internal"}]
+
+
+def test_edge_image_bootstraps_agree() -> None:
+    """The registry Dockerfile's bootstrap file and the local image's are the same document."""
+    from controller.images import EDGE_BOOTSTRAP
+
+    committed = (Path(__file__).resolve().parents[2] / "images" / "edge" / "bootstrap.json").read_text()
+    assert json.loads(committed) == json.loads(EDGE_BOOTSTRAP)

