@@ -6,6 +6,7 @@ The controller runs on the host (`llamacontroller serve`); its backends are cont
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import time
@@ -17,7 +18,12 @@ import docker
 import ollama
 import pytest
 
+from controller.config import validate_config
+from controller.runtime.base import LaunchSpec
 from controller.runtime.containers import INSTANCE, MANAGED, MODEL
+from controller.runtime.docker import DockerRuntime
+from controller.runtime.instance import instance_id
+from controller.runtime.logs import LogBook
 from controller.runtime.process import free_port
 from tests.support.server import ServeProcess, require, serve_subprocess
 
@@ -192,3 +198,25 @@ def test_docker_twenty_restarts_never_orphan_or_duplicate(
             assert ours(engine, tmp_path) == [], f"round {round_number}: a clean stop left containers"
     last = serve(config, name="last")  # adopts what the last kill -9 left, then a clean stop removes it
     assert sorted(m["name"] for m in last.http.get("/control/v1/models").json()["models"] if m["adopted"]) == ["a", "b"]
+
+
+async def test_docker_events_stream_lost_is_reconnected_and_exits_still_noticed(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """The engine's event stream breaks (as when dockerd restarts): the runtime reconnects, and an exit that
+    happened while nobody listened is still reported."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    backend = await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
+    try:
+        exited = asyncio.ensure_future(runtime.wait_exit(backend))
+        stream = runtime._event_stream
+        await asyncio.to_thread(stream.close)  # the connection to the engine is gone
+        engine.containers.get(backend.handle).kill()  # ... and the container dies meanwhile
+        info = await asyncio.wait_for(exited, 10)
+        assert info.code == 137 and "SIGKILL" in info.reason
+        assert runtime._event_stream is not stream, "a new stream was opened"
+    finally:
+        await runtime.stop(backend, 2)
+        await runtime.close()
+    assert ours(engine, tmp_path) == []
