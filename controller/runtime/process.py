@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices
@@ -49,6 +50,22 @@ class PidRecord:
     log_path: str
     url: str
     labels: dict[str, str] = field(default_factory=dict)
+
+
+def spawn_detached(argv: list[str], log_file: BinaryIO, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a child in its own session with its output in ``log_file`` (not a pipe: it may outlive us).
+
+    Popen, not the event loop's subprocess API: uvloop ignores close_fds, and the server's listening socket
+    is inheritable, so a child would otherwise hold the controller's port after the controller exits."""
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+        env=env,
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -158,17 +175,7 @@ class ProcessRuntime:
         with log_path.open("ab") as log_file:
             offset = log_file.tell()
             try:
-                # Popen, not the event loop's subprocess: uvloop ignores close_fds, and Hypercorn marks its
-                # listening socket inheritable, so a backend would otherwise hold the controller's port.
-                proc = subprocess.Popen(  # noqa: ASYNC220 - fork+exec takes ~1 ms; see above
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                    env=env,
-                )
+                proc = spawn_detached(argv, log_file, env)
             except OSError as exc:
                 raise BackendStartFailed(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
         record = PidRecord(

