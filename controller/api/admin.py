@@ -8,6 +8,7 @@ from typing import Any
 from quart import Blueprint, current_app, request
 
 from controller.auth.asgi import identity_of
+from controller.auth.identity import Identity
 from controller.auth.service import AuthService
 from controller.errors import BadRequest
 from controller.store.base import User
@@ -32,7 +33,13 @@ async def _body() -> dict[str, Any]:
 
 
 def _user(user: User) -> dict[str, Any]:
-    return {"name": user.name, "role": user.role, "disabled": user.disabled, "created_at": user.created_at}
+    return {
+        "name": user.name,
+        "role": user.role,
+        "disabled": user.disabled,
+        "created_at": user.created_at,
+        "models": list(user.models),
+    }
 
 
 def _strings(data: dict[str, Any], name: str) -> list[str]:
@@ -42,9 +49,14 @@ def _strings(data: dict[str, Any], name: str) -> list[str]:
     return value
 
 
+def _identity() -> Identity:
+    return identity_of(request.scope)
+
+
 @blueprint.get("/tokens")
 async def list_tokens() -> dict[str, Any]:
-    return {"tokens": [token.public() for token in await _service().store.list_tokens()]}
+    """Every token for an admin, a user's own otherwise."""
+    return {"tokens": [token.public() for token in await _service().tokens_for(_identity())]}
 
 
 @blueprint.post("/tokens")
@@ -63,15 +75,16 @@ async def create_token() -> tuple[dict[str, Any], int]:
     owner = data.get("owner", _actor())
     if not isinstance(owner, str):
         raise BadRequest("'owner' must be a user name")
+    scopes, models = _strings(data, "scopes") or ["inference"], _strings(data, "models")
     token, record = await _service().create_token(
-        owner, name, _strings(data, "scopes") or ["inference"], _strings(data, "models"), expires, rpm, _actor()
+        owner, name, scopes, models, expires, rpm, _actor(), creator=_identity()
     )
     return {"token": token, **record.public()}, 201
 
 
 @blueprint.delete("/tokens/<token_id>")
 async def revoke_token(token_id: str) -> dict[str, Any]:
-    return (await _service().revoke_token(token_id, _actor())).public()
+    return (await _service().revoke_token(token_id, _actor(), by=_identity())).public()
 
 
 @blueprint.get("/users")
@@ -87,8 +100,14 @@ async def add_user() -> tuple[dict[str, Any], int]:
         raise BadRequest("'role' must be admin or user")
     if not isinstance(data.get("name"), str) or not isinstance(data.get("password"), str):
         raise BadRequest("'name' and 'password' are required")
-    user = await _service().add_user(data["name"], data["password"], role, _actor())
+    user = await _service().add_user(data["name"], data["password"], role, _actor(), tuple(_strings(data, "models")))
     return _user(user), 201
+
+
+@blueprint.put("/users/<name>/models")
+async def set_models(name: str) -> dict[str, Any]:
+    """``{"models": ["gemma3*"]}``: the user's model allow-list (also for every token it owns); [] = all."""
+    return _user(await _service().set_models(name, tuple(_strings(await _body(), "models")), _actor()))
 
 
 @blueprint.post("/users/<name>/password")

@@ -27,6 +27,7 @@ class Identity:
     via: Literal["token", "session", "edge", "anonymous"]
     scopes: frozenset[str]
     models: tuple[str, ...] = ()  # glob allow-list; () allows every model
+    owner_models: tuple[str, ...] = ()  # the owning user's allow-list, which every token of theirs obeys too
     token_id: str | None = None
     session_hash: str | None = None
     rpm: int | None = None
@@ -34,14 +35,23 @@ class Identity:
     def has(self, scope: str) -> bool:
         return scope == AUTHENTICATED or Scope.ADMIN in self.scopes or scope in self.scopes
 
+    @property
+    def is_admin(self) -> bool:
+        return Scope.ADMIN in self.scopes
+
     def allows_model(self, name: str) -> bool:
-        """Globs match the catalog name, case-insensitively (``gemma3*``, ``llama3.2:3b``)."""
-        if not self.models:
-            return True
-        lowered = name.lower()
-        # "x" and "x:latest" are one model: a glob for either spelling matches both.
-        candidates = {lowered, lowered if ":" in lowered else f"{lowered}:latest", lowered.removesuffix(":latest")}
-        return any(fnmatchcase(candidate, glob.lower()) for glob in self.models for candidate in candidates)
+        """Globs match the catalog name, case-insensitively (``gemma3*``, ``llama3.2:3b``); a token's list and
+        its owner's list must both allow it."""
+        return _matches(self.models, name) and _matches(self.owner_models, name)
+
+
+def _matches(globs: tuple[str, ...], name: str) -> bool:
+    if not globs:
+        return True
+    lowered = name.lower()
+    # "x" and "x:latest" are one model: a glob for either spelling matches both.
+    candidates = {lowered, lowered if ":" in lowered else f"{lowered}:latest", lowered.removesuffix(":latest")}
+    return any(fnmatchcase(candidate, glob.lower()) for glob in globs for candidate in candidates)
 
 
 def required_scope(method: str, path: str) -> str | None:
@@ -52,6 +62,10 @@ def required_scope(method: str, path: str) -> str | None:
         return Scope.INFERENCE
     if path.startswith(("/control/v1/models", "/control/v1/events")):
         return Scope.MODELS
+    if path.startswith("/control/v1/tokens"):
+        return AUTHENTICATED  # users manage their own tokens; the service limits what each may do
+    if path == "/ui" or path.startswith("/ui/"):
+        return OPEN  # the web page signs its visitors in (and redirects) itself
     if path == "/metrics":
         return Scope.METRICS
     if path in ("/auth/logout", "/auth/session"):

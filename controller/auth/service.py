@@ -73,6 +73,11 @@ class Request:
     cookies: Mapping[str, str]
 
 
+def _validate_globs(globs: tuple[str, ...]) -> None:
+    for glob in globs:
+        validate_model_name(glob.replace("*", "x").replace("?", "x"))
+
+
 def validate_user_name(name: str) -> str:
     if not isinstance(name, str) or _USER_NAME.fullmatch(name) is None:
         raise BadRequest(f"invalid user name {name!r}: letters, digits, '.', '_' and '-', at most 64")
@@ -183,7 +188,7 @@ class AuthService:
         scopes = frozenset(token.scopes)
         if owner.role != "admin":
             scopes -= {Scope.ADMIN}  # a token never gives more than its owner has
-        return Identity(owner.name, "token", scopes, token.models, token_id=token.id, rpm=token.rpm)
+        return Identity(owner.name, "token", scopes, token.models, owner.models, token_id=token.id, rpm=token.rpm)
 
     def _touch(self, token_id: str) -> None:
         now = time.time()
@@ -207,7 +212,7 @@ class AuthService:
             presented = request.headers.get(CSRF_HEADER, "")
             if not presented or not same(presented, self.csrf_token(cookie)):
                 raise Forbidden("missing or wrong CSRF token (X-CSRF-Token)")
-        return Identity(user.name, "session", ROLE_SCOPES[user.role], session_hash=session.id_hash)
+        return Identity(user.name, "session", ROLE_SCOPES[user.role], user.models, session_hash=session.id_hash)
 
     # ------------------------------------------------------------------ the edge's signed identity
 
@@ -217,6 +222,7 @@ class AuthService:
             "via": identity.via,
             "scp": sorted(identity.scopes),
             "mdl": list(identity.models),
+            "omd": list(identity.owner_models),
             "tid": identity.token_id,
             "exp": time.time() + self.settings.identity_ttl,
             "m": method,
@@ -240,6 +246,7 @@ class AuthService:
             "edge",
             frozenset(claims.get("scp") or ()),
             tuple(claims.get("mdl") or ()),
+            tuple(claims.get("omd") or ()),
             token_id=claims.get("tid"),
         )
 
@@ -275,13 +282,22 @@ class AuthService:
     async def _audit(self, action: str, actor: str, target: str, detail: dict[str, Any] | None = None) -> None:
         await self.store.add_audit(AuditEvent(time.time(), action, actor, target, detail or {}))
 
-    async def add_user(self, name: str, password: str, role: Role, actor: str) -> User:
+    async def add_user(self, name: str, password: str, role: Role, actor: str, models: tuple[str, ...] = ()) -> User:
         validate_user_name(name)
         if len(password) < 8:
             raise BadRequest("passwords need at least 8 characters")
-        user = User(name, hash_password(password), role, False, time.time())
+        _validate_globs(models)
+        user = User(name, hash_password(password), role, False, time.time(), tuple(models))
         await self.store.add_user(user)
-        await self._audit("user_added", actor, name, {"role": role})
+        await self._audit("user_added", actor, name, {"role": role, "models": list(models)})
+        return user
+
+    async def set_models(self, name: str, models: tuple[str, ...], actor: str) -> User:
+        """The user's model allow-list (for the user and every token it owns); empty: every model."""
+        _validate_globs(models)
+        user = await self.store.update_user(name, models=tuple(models))
+        self._cache.clear()
+        await self._audit("user_models_changed", actor, name, {"models": list(models)})
         return user
 
     async def set_password(self, name: str, password: str, actor: str) -> None:
@@ -316,8 +332,17 @@ class AuthService:
         expires: str | float | None,
         rpm: int | None,
         actor: str,
+        creator: Identity | None = None,
     ) -> tuple[str, TokenRecord]:
-        """Returns (the secret token, shown once; its record)."""
+        """Returns (the secret token, shown once; its record). A ``creator`` who is not an admin may make
+        tokens only for itself and only with scopes it has (the CLI passes none: it acts as the machine's
+        administrator)."""
+        if creator is not None and not creator.is_admin:
+            if owner != creator.subject:
+                raise Forbidden("you can create tokens only for yourself")
+            beyond = [scope for scope in scopes if not creator.has(scope)]
+            if beyond:
+                raise Forbidden(f"you cannot give a token scopes you do not have: {', '.join(beyond)}")
         user = await self.store.get_user(owner)
         if user is None:
             raise NotFound(f"user '{owner}' not found")
@@ -326,8 +351,7 @@ class AuthService:
             raise BadRequest(f"scopes must be some of {[s.value for s in Scope]}")
         if Scope.ADMIN in scopes and user.role != "admin":
             raise BadRequest("only admins may own tokens with the admin scope")
-        for glob in models:
-            validate_model_name(glob.replace("*", "x").replace("?", "x"))
+        _validate_globs(tuple(models))
         if rpm is not None and rpm <= 0:
             raise BadRequest("rpm must be a positive number of requests per minute")
         seconds = expires if isinstance(expires, int | float) else parse_expiry(expires)
@@ -348,7 +372,16 @@ class AuthService:
         await self._audit("token_created", actor, token_id, {"name": name, "owner": owner, "scopes": scopes})
         return token, record
 
-    async def revoke_token(self, token_id: str, actor: str) -> TokenRecord:
+    async def tokens_for(self, viewer: Identity) -> list[TokenRecord]:
+        """Every token for an admin; a user's own otherwise."""
+        tokens = await self.store.list_tokens()
+        return [t for t in tokens if viewer.is_admin or t.owner == viewer.subject]
+
+    async def revoke_token(self, token_id: str, actor: str, by: Identity | None = None) -> TokenRecord:
+        if by is not None and not by.is_admin:
+            own = await self.store.get_token(token_id)
+            if own is None or own.owner != by.subject:  # another user's token: as if it did not exist
+                raise NotFound(f"token '{token_id}' not found")
         if not await self.store.revoke_token(token_id):
             raise NotFound(f"token '{token_id}' not found")
         self._cache.pop(token_id, None)

@@ -24,6 +24,7 @@ class User:
     role: Role = "user"
     disabled: bool = False
     created_at: float = 0.0
+    models: tuple[str, ...] = ()  # glob allow-list for the user and every token it owns; empty: every model
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,13 @@ class Store(Protocol):
     async def list_users(self) -> Sequence[User]: ...
 
     async def update_user(
-        self, name: str, *, password_hash: str | None = None, disabled: bool | None = None, role: Role | None = None
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+        role: Role | None = None,
+        models: tuple[str, ...] | None = None,
     ) -> User:
         """Change the given fields; raise NotFound for an unknown user."""
 

@@ -56,6 +56,7 @@ def _user(data: dict[str, str]) -> User:
         cast(Role, data["role"]),
         data["disabled"] == "1",
         float(data["created_at"]),
+        tuple(json.loads(data.get("models") or "[]")),  # absent in records written before allow-lists
     )
 
 
@@ -118,6 +119,7 @@ class RedisStore:
             "role": user.role,
             "disabled": "1" if user.disabled else "0",
             "created_at": str(user.created_at),
+            "models": json.dumps(list(user.models)),
         }
         key = f"{PREFIX}user:{user.name}"
         # HSETNX on "name" claims the name atomically; the other fields follow.
@@ -136,11 +138,19 @@ class RedisStore:
         return [user for user in users if user is not None]
 
     async def update_user(
-        self, name: str, *, password_hash: str | None = None, disabled: bool | None = None, role: Role | None = None
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+        role: Role | None = None,
+        models: tuple[str, ...] | None = None,
     ) -> User:
         if await self.get_user(name) is None:
             raise NotFound(f"user '{name}' not found")
         changes: dict[Any, Any] = {}
+        if models is not None:
+            changes["models"] = json.dumps(list(models))
         if password_hash is not None:
             changes["password_hash"] = password_hash
         if disabled is not None:

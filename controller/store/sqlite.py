@@ -59,6 +59,10 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL
     );
     """,
+    # 2: per-user model allow-lists
+    """
+    ALTER TABLE users ADD COLUMN models TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 _AUDIT_KEEP = 10_000
 
@@ -80,7 +84,14 @@ def _token(row: sqlite3.Row) -> TokenRecord:
 
 
 def _user(row: sqlite3.Row) -> User:
-    return User(row["name"], row["password_hash"], row["role"], bool(row["disabled"]), row["created_at"])
+    return User(
+        row["name"],
+        row["password_hash"],
+        row["role"],
+        bool(row["disabled"]),
+        row["created_at"],
+        tuple(json.loads(row["models"])),
+    )
 
 
 class SqliteStore:
@@ -141,8 +152,16 @@ class SqliteStore:
         def work(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    "INSERT INTO users (name, password_hash, role, disabled, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (user.name, user.password_hash, user.role, int(user.disabled), user.created_at),
+                    "INSERT INTO users (name, password_hash, role, disabled, created_at, models)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        user.name,
+                        user.password_hash,
+                        user.role,
+                        int(user.disabled),
+                        user.created_at,
+                        json.dumps(user.models),
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(f"user '{user.name}' exists already") from None
@@ -158,9 +177,17 @@ class SqliteStore:
         return [_user(row) for row in rows]
 
     async def update_user(
-        self, name: str, *, password_hash: str | None = None, disabled: bool | None = None, role: Role | None = None
+        self,
+        name: str,
+        *,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
+        role: Role | None = None,
+        models: tuple[str, ...] | None = None,
     ) -> User:
         changes: dict[str, Any] = {}
+        if models is not None:
+            changes["models"] = json.dumps(list(models))
         if password_hash is not None:
             changes["password_hash"] = password_hash
         if disabled is not None:

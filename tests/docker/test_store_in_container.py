@@ -19,6 +19,7 @@ from tests.support.local_images import build_redis_image
 globals().update({name: getattr(contract, name) for name in dir(contract) if name.startswith("test_store_")})
 globals().update({name: getattr(contract, name) for name in dir(contract) if name.startswith("test_ephemeral_")})
 del globals()["test_store_sqlite_migrations_are_versioned_and_reopen_keeps_data"]  # SQLite only
+del globals()["test_store_sqlite_upgrade_from_version_1_keeps_users"]
 del globals()["test_store_redis_graceful_restart_loses_nothing"]  # a local redis-server's files
 
 

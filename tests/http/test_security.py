@@ -143,7 +143,7 @@ async def test_security_disabled_owner(world: World) -> None:
     ("token", "path", "scope"),
     [
         ("inference", "/control/v1/models", "models:manage"),
-        ("inference", "/control/v1/tokens", "admin"),
+        ("inference", "/control/v1/audit", "admin"),
         ("manage", "/api/tags", "inference"),
         ("manage", "/control/v1/users", "admin"),
     ],
@@ -446,3 +446,36 @@ async def test_security_metrics_need_the_metrics_scope(world: World) -> None:
     assert 'llamacontroller_model_state{model="a",state="stopped"} 1' in text
     assert 'llamacontroller_requests_total{route="tags",model="",status="200"} 1' in text
     assert "llamacontroller_model_in_flight" in text and "lc_" not in text
+
+
+async def test_security_users_manage_only_their_own_tokens(world: World) -> None:
+    alice = bearer(world.tokens["inference"])  # alice is a user with the inference scope
+    made = await world.client.post("/control/v1/tokens", json={"name": "mine"}, headers=alice)
+    assert made.status_code == 201 and (await made.get_json())["owner"] == "alice"
+    for body, expected in (
+        ({"name": "x", "scopes": ["models:manage"]}, "you cannot give a token scopes you do not have: models:manage"),
+        ({"name": "x", "owner": "root"}, "you can create tokens only for yourself"),
+    ):
+        refused = await world.client.post("/control/v1/tokens", json=body, headers=alice)
+        assert refused.status_code == 403 and (await refused.get_json())["error"] == expected
+    listed = await (await world.client.get("/control/v1/tokens", headers=alice)).get_json()
+    assert {t["owner"] for t in listed["tokens"]} == {"alice"}
+    everyone = await (await world.client.get("/control/v1/tokens", headers=bearer(world.tokens["admin"]))).get_json()
+    assert {t["owner"] for t in everyone["tokens"]} == {"alice", "root"}
+    roots = [t["id"] for t in everyone["tokens"] if t["owner"] == "root"]
+    revoke = await world.client.delete(f"/control/v1/tokens/{roots[0]}", headers=alice)
+    assert revoke.status_code == 404, "another user's token is as if it did not exist"
+    own = (await made.get_json())["id"]
+    assert (await world.client.delete(f"/control/v1/tokens/{own}", headers=alice)).status_code == 200
+
+
+async def test_security_a_users_allow_list_binds_its_tokens(world: World) -> None:
+    admin = bearer(world.tokens["admin"])
+    limited = await world.client.put("/control/v1/users/alice/models", json={"models": ["a"]}, headers=admin)
+    assert limited.status_code == 200 and (await limited.get_json())["models"] == ["a"]
+    headers = bearer(world.tokens["inference"])  # a token of alice's with no list of its own
+    await asyncio.sleep(0.25)  # past the token cache
+    tags = await (await world.client.get("/api/tags", headers=headers)).get_json()
+    assert [m["name"] for m in tags["models"]] == ["a:latest"]
+    refused = await world.client.post("/api/show", json={"model": "b"}, headers=headers)
+    assert refused.status_code == 403

@@ -69,6 +69,16 @@ async def test_store_users(backend: tuple[Store, Ephemeral]) -> None:
         await store.update_user("nobody", disabled=True)
 
 
+async def test_store_user_model_allow_lists(backend: tuple[Store, Ephemeral]) -> None:
+    store, _ = backend
+    await store.add_user(User("carol", "hash-c", "user", False, 1.0, ("gemma3*",)))
+    assert (await store.get_user("carol")) == User("carol", "hash-c", "user", False, 1.0, ("gemma3*",))
+    changed = await store.update_user("carol", models=("a", "b:*"))
+    assert changed.models == ("a", "b:*")
+    cleared = await store.update_user("carol", models=())
+    assert cleared.models == () and (await store.list_users())[0].models == ()
+
+
 async def test_store_tokens(backend: tuple[Store, Ephemeral]) -> None:
     store, _ = backend
     await store.add_user(User("alice", "h", "admin", False, 1.0))
@@ -160,6 +170,20 @@ async def test_store_sqlite_migrations_are_versioned_and_reopen_keeps_data(tmp_p
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600
+
+
+async def test_store_sqlite_upgrade_from_version_1_keeps_users(tmp_path: Path) -> None:
+    """A store written before user allow-lists (version 1) opens, upgrades, and keeps its users."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute("INSERT INTO users VALUES ('alice', 'h', 'admin', 0, 1.0)")
+        db.execute("PRAGMA user_version=1")
+    store = SqliteStore(tmp_path / "old.db")
+    await store.open()
+    assert await store.get_user("alice") == User("alice", "h", "admin", False, 1.0, ())
+    await store.close()
 
 
 async def test_store_redis_graceful_restart_loses_nothing(tmp_path: Path) -> None:
