@@ -62,21 +62,14 @@ def create_app(
         response=config.upstream.response_timeout,
     )
     upstream = Upstream(timeouts)  # one keep-alive pool for requests and health probes alike
-    edge: Edge | None = None
-
-    def publish(event: dict[str, Any]) -> None:
-        events.publish(event)
-        if edge is not None and event.get("type") == "model_state":
-            edge.changed()  # the set of ready models may have changed: the edge's direct routes follow
-
-    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), publish)
-    edge = Edge(config, supervisor, events.publish) if config.edge.enabled else None
+    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), events.publish)
+    edge = Edge(config, events.publish) if config.edge.enabled else None
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
 
     async def verify(scope: Scope, receive: Receive, send: Send) -> None:
-        await forward_auth(scope, send, auth, supervisor.touch)
+        await forward_auth(scope, send, auth)
 
     # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
     app.asgi_app = cast(Any, AuthMiddleware(gateway, auth, verify))  # type: ignore[method-assign]

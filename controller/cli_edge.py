@@ -62,7 +62,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except LlamaControllerError as exc:
         return report(exc)
-    print(json.dumps(render(edge_settings(config), []), indent=2))
+    print(json.dumps(render(edge_settings(config)), indent=2))
     return 0
 
 
@@ -94,7 +94,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ca = verbs.add_parser("ca", help="print the local CA's root certificate (PEM) that clients trust")
     ca.add_argument("--output", help="write it to this file and print the file name")
     ca.set_defaults(func=cmd_ca)
-    shown = verbs.add_parser("render", help="print the Caddy config the controller would push (no model routes)")
+    shown = verbs.add_parser("render", help="print the Caddy config the controller pushes")
     shown.set_defaults(func=cmd_render)
     for parser in (ca, shown):
         parser.add_argument("--config", help=f"config file (default: ${ENV_CONFIG_PATH})")

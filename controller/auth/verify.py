@@ -5,29 +5,27 @@ Caddy sends the original method and URI as X-Forwarded-Method / X-Forwarded-Uri.
 short-lived signed ``X-LlamaController-Identity``, or 401/403/429 in the dialect of the original path with
 WWW-Authenticate / Retry-After, which Caddy hands to the client as they are. A client-supplied identity
 header is never trusted here. An open path (``/``) passes without credentials (and without an identity).
-``/llama/<model>/...`` goes from Caddy straight to the model's backend, so the model is authorized here — by
-the same rule as everywhere — and the request counts as use of the model (its keep-alive starts again).
+
+The edge this project renders does not use it (the gateway checks tokens itself, measured cheaper; see
+controller/edge/render.py); it is here for a proxy of the operator's own in front of the app. A model named
+in the path is authorized where it is used, by the gateway, with the same rule as everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 from controller.auth.asgi import auth_headers, request_of
-from controller.auth.identity import OPEN, Identity, required_scope
+from controller.auth.identity import OPEN, required_scope
 from controller.auth.service import IDENTITY_HEADER, AuthService
 from controller.errors import LlamaControllerError, Unauthenticated
 from proxy.asgi import Scope, Send, header, send_json
 from proxy.dialects import error_body
-from proxy.directory import Allowed
-from proxy.native import PREFIX as NATIVE_PREFIX
 
 VERIFY_PATH = "/auth/verify"
-Touch = Callable[[str, Allowed], Awaitable[None]]  # authorize a model by name and count a use of it
 
 
-async def forward_auth(scope: Scope, send: Send, service: AuthService, touch: Touch) -> None:
+async def forward_auth(scope: Scope, send: Send, service: AuthService) -> None:
     method = (header(scope, b"x-forwarded-method") or b"GET").decode("latin-1").upper()
     uri = (header(scope, b"x-forwarded-uri") or b"/").decode("latin-1")
     path = unquote(uri.split("?", 1)[0]) or "/"  # decoded as the app decodes it: the identity is bound to it
@@ -45,14 +43,8 @@ async def forward_auth(scope: Scope, send: Send, service: AuthService, touch: To
             return
         if needed is not OPEN:
             service.authorize(identity, needed)
-        if path.startswith(NATIVE_PREFIX):
-            await _authorize_direct_route(path, identity, touch)
     except LlamaControllerError as exc:
         await send_json(send, exc.status, error_body(path, exc.status, exc.message, exc.code), auth_headers(exc))
         return
     signed = service.sign_identity(identity, method, path)
     await send_json(send, 200, {"user": identity.subject}, [(IDENTITY_HEADER.encode(), signed.encode())])
-
-
-async def _authorize_direct_route(path: str, identity: Identity, touch: Touch) -> None:
-    await touch(path[len(NATIVE_PREFIX) :].split("/", 1)[0], identity.allows_model)

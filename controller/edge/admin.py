@@ -47,13 +47,6 @@ class CaddyAdmin:
         except EdgeError:
             return False
 
-    async def upstreams(self) -> dict[str, int]:
-        """Requests in flight per upstream address (``host:port``), as Caddy's reverse proxy counts them."""
-        response = await self._call("GET", "/reverse_proxy/upstreams")
-        if response.status_code != 200:
-            raise EdgeError(f"Caddy's /reverse_proxy/upstreams answered {response.status_code}")
-        return {str(item.get("address")): int(item.get("num_requests", 0)) for item in response.json() or []}
-
     async def ca_certificate(self) -> str:
         """The root certificate (PEM) of Caddy's local CA, which clients trust for ``tls internal``."""
         response = await self._call("GET", "/pki/ca/local")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,12 +12,12 @@ from typing import Any
 from controller.config import Config
 from controller.edge.admin import CaddyAdmin
 from controller.edge.child import CaddyChild, find_caddy
-from controller.edge.render import EdgeSettings, ModelRoute
-from controller.edge.sync import EdgeStatus, EdgeSync, backend_address
-from controller.lifecycle.supervisor import Supervisor
+from controller.edge.render import EdgeSettings
+from controller.edge.sync import EdgeStatus, EdgeSync
 
 log = logging.getLogger(__name__)
 
+CHILD_START_WAIT = 10.0
 WILDCARDS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - listen addresses, compared, never bound here
 
 
@@ -51,35 +53,28 @@ def https_url(config: Config) -> str:
 
 
 class Edge:
-    def __init__(self, config: Config, supervisor: Supervisor, publish: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, config: Config, publish: Callable[[dict[str, Any]], None]) -> None:
         settings = edge_settings(config)
         self.url = https_url(config)
-
-        def routes() -> list[ModelRoute]:
-            return [
-                ModelRoute(profile.name, (profile.name, *profile.entry.aliases), backend_address(backend))
-                for profile, backend in supervisor.ready_backends()
-            ]
-
-        self.sync = EdgeSync(settings, CaddyAdmin(config.edge.admin), routes, publish, config.edge.reconcile_interval)
+        self.sync = EdgeSync(settings, CaddyAdmin(config.edge.admin), publish, config.edge.reconcile_interval)
         self.child: CaddyChild | None = None
         if config.edge.supervise:
             binary = find_caddy(config.edge.binary)
             self.child = CaddyChild(
                 binary, caddy_home(config), settings.admin_listen, self.sync.changed, self.sync.down
             )
-        supervisor.busy_elsewhere = self.sync.busy_elsewhere
 
     @property
     def status(self) -> EdgeStatus:
         return self.sync.status
 
-    def changed(self) -> None:
-        self.sync.changed()
-
     async def start(self) -> None:
         if self.child is not None:
             await self.child.start()
+            # Caddy takes a moment to open its admin API: the first push waits for it (not an outage).
+            deadline = time.monotonic() + CHILD_START_WAIT
+            while not await self.sync.admin.alive() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # nothing to wait on but the port: poll
         self.sync.start()
 
     async def close(self) -> None:

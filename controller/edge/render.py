@@ -1,19 +1,24 @@
-"""The whole Caddy configuration, rendered from the settings and the ready models (pure; golden-tested).
+"""The whole Caddy configuration, rendered from the settings alone (pure; golden-tested).
 
-The controller pushes this document with ``POST /load`` (atomic and idempotent: an unchanged document does not
-reload) whenever the set of ready models changes, and on a slow timer. Every document carries the same
+The controller pushes this document with ``POST /load`` at start, after a supervised Caddy restarts, and on a
+slow timer (an unchanged document does not reload, so the timer costs nothing). Every document carries the same
 ``admin`` block, so the admin API never moves.
+
+The document does not depend on which models are loaded, on purpose: every config change makes Caddy reload,
+and a reload closes the idle keep-alive connections of every client. A client that sends its next request on
+such a connection at that moment gets "server disconnected" (measured: 21 of 9,800 requests from one
+keep-alive client failed while another model was loaded and unloaded 40 times, when each load and unload
+added or removed a per-model route; none with this static document). So ``/llama/<model>/*`` goes to the
+gateway's native passthrough like everything else, which authorizes the model, loads it on demand and holds
+it loaded while a request runs — and measured no slower than a direct route behind forward_auth.
 
 Routes of the HTTPS server, in order:
 1. every request: client copies of the identity header deleted; ``Server`` and ``Via`` removed from answers;
    security headers (HSTS when a real hostname is served).
 2. ``/auth/verify`` and ``/internal/*``: 404 — never routed from outside.
 3. a declared body over ``max_body``: 413 in the dialect of the path (the body itself is also capped).
-4. ``/llama/<model>/*`` for each ready model (and its aliases): forward_auth, then straight to its backend
-   (llama-server has no authentication of its own).
-5. ``/llama/*`` otherwise: forward_auth, then 503 — direct routes exist only while a model is ready.
-6. everything else — ``/``, ``/api/*``, ``/v1/*`` (streaming) and ``/ui``, ``/control``, ``/metrics`` … — to the
-   app, which authenticates every request itself with the same function forward_auth uses. Measured
+4. everything else — ``/``, ``/api/*``, ``/v1/*``, ``/llama/*`` (streaming) and ``/ui``, ``/control``,
+   ``/metrics`` … — to the app, which authenticates every request itself. Measured
    (tests/bench/bench_edge.py), a forward_auth round trip in front of the gateway cost 0.6 to 0.9 ms at p50, as
    much as TLS and the gateway together, and bought nothing the gateway's own check does not do.
 """
@@ -21,7 +26,6 @@ Routes of the HTTPS server, in order:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,15 +52,6 @@ class EdgeSettings:
     storage: str | None = None  # Caddy's data (certificates, the local CA); None: Caddy's default
 
 
-@dataclass(frozen=True)
-class ModelRoute:
-    """A ready model Caddy may send ``/llama/<spelling>/*`` to directly."""
-
-    name: str
-    spellings: tuple[str, ...]  # the name and its aliases, as clients write them in paths
-    dial: str  # host:port of its backend
-
-
 def _port(address: str) -> int:
     return int(address.rpartition(":")[2])
 
@@ -64,23 +59,6 @@ def _port(address: str) -> int:
 def _json_response(status: int, body: dict[str, Any], extra: dict[str, list[str]] | None = None) -> dict[str, Any]:
     headers = {"Content-Type": ["application/json"], **(extra or {})}
     return {"handler": "static_response", "status_code": status, "headers": headers, "body": json.dumps(body)}
-
-
-def forward_auth(app: str) -> dict[str, Any]:
-    """Caddy 2.11's forward_auth, expanded: GET /auth/verify with the original method and URI; on 2xx the
-    request goes on (to a backend that never sees credentials); otherwise the answer (401/403/404/429 with its
-    JSON body, WWW-Authenticate, Retry-After) goes back to the client as it is."""
-    return {
-        "handler": "reverse_proxy",
-        "upstreams": [{"dial": app}],
-        "rewrite": {"method": "GET", "uri": VERIFY_PATH},
-        "headers": {
-            "request": {
-                "set": {"X-Forwarded-Method": ["{http.request.method}"], "X-Forwarded-Uri": ["{http.request.uri}"]}
-            }
-        },
-        "handle_response": [{"match": {"status_code": [2]}, "routes": [{"handle": [{"handler": "vars"}]}]}],
-    }
 
 
 def streaming_proxy(dial: str) -> dict[str, Any]:
@@ -133,39 +111,6 @@ def _too_large_routes(settings: EdgeSettings) -> list[dict[str, Any]]:
     return _too_large(settings, f"{length} != '' && int({length}) > {settings.max_body}")
 
 
-def _model_routes(settings: EdgeSettings, models: Sequence[ModelRoute]) -> list[dict[str, Any]]:
-    routes = []
-    for model in sorted(models, key=lambda m: m.name):
-        paths = sorted({f"/llama/{s}{tail}" for s in model.spellings for tail in ("", "/*")})
-        routes.append(
-            {
-                "@id": f"llama:{model.name}",
-                "match": [{"path": paths}],
-                "handle": [
-                    forward_auth(settings.app),
-                    {"handler": "rewrite", "path_regexp": [{"find": "^/llama/[^/]*", "replace": ""}]},
-                    streaming_proxy(model.dial),
-                ],
-                "terminal": True,
-            }
-        )
-    not_loaded = error_body(
-        "/llama/",
-        503,
-        "the model is not loaded: /llama/<model>/ goes straight to a loaded model's llama-server; load it first "
-        "(POST /control/v1/models/<model>/load) or use /v1 or /api, which load models on demand",
-        "model_not_loaded",
-    )
-    routes.append(
-        {
-            "match": [{"path": ["/llama", "/llama/*"]}],
-            "handle": [forward_auth(settings.app), _json_response(503, not_loaded)],
-            "terminal": True,
-        }
-    )
-    return routes
-
-
 def _tls(settings: EdgeSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The tls app and the server's connection policies for the TLS mode."""
     if settings.tls_mode == "files":
@@ -184,7 +129,7 @@ def _tls(settings: EdgeSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return tls, [{}]
 
 
-def render(settings: EdgeSettings, models: Sequence[ModelRoute]) -> dict[str, Any]:
+def render(settings: EdgeSettings) -> dict[str, Any]:
     """The complete Caddy JSON config (see the module docstring for the routes)."""
     app = settings.app
     routes: list[dict[str, Any]] = [
@@ -195,7 +140,6 @@ def render(settings: EdgeSettings, models: Sequence[ModelRoute]) -> dict[str, An
             "terminal": True,
         },
         *_too_large_routes(settings),
-        *_model_routes(settings, models),
         {"handle": [{"handler": "request_body", "max_size": settings.max_body}, streaming_proxy(app)]},
     ]
     tls, policies = _tls(settings)

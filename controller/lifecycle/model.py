@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from controller.errors import LlamaControllerError, ModelStopping, ShuttingDown
-from controller.lifecycle.owner import BusyElsewhere, ModelOwner, Probe, Publish, SpecFactory
+from controller.lifecycle.owner import ModelOwner, Probe, Publish, SpecFactory
 from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import OCCUPYING, Goal, State
 from controller.lifecycle.usage import Usage
@@ -44,13 +44,9 @@ from controller.runtime.base import Backend, ExitInfo, Runtime
 from controller.runtime.logs import LogBook
 from proxy.directory import LiveState
 
-__all__ = ["Admit", "BusyElsewhere", "ManagedModel", "Probe", "Publish", "SpecFactory"]
+__all__ = ["Admit", "ManagedModel", "Probe", "Publish", "SpecFactory"]
 
 Admit = Callable[[], Awaitable[None]]
-
-
-async def _never_busy_elsewhere(backend: Backend) -> bool:
-    return False
 
 
 class ManagedModel(ModelOwner):
@@ -66,7 +62,6 @@ class ManagedModel(ModelOwner):
         logbook: LogBook,
         publish: Publish,
         label: str | None = None,
-        busy_elsewhere: BusyElsewhere | None = None,
     ) -> None:
         self.name = name
         self.label = label or name  # the catalog's spelling, for messages
@@ -76,7 +71,6 @@ class ManagedModel(ModelOwner):
         self._probe = probe
         self._logbook = logbook
         self._publish = publish
-        self._busy_elsewhere = busy_elsewhere or _never_busy_elsewhere
 
         self._state = State.STOPPED
         self._goal = Goal.IDLE
@@ -235,11 +229,6 @@ class ManagedModel(ModelOwner):
         self._wanted = self._wanted.merge(requirements)
         self._wake.set()
         return await waiter
-
-    def touch(self) -> None:
-        """The model was used past the gateway (the edge's direct route): its keep-alive starts again."""
-        self._usage.touch()
-        self._wake.set()
 
     def request_stop(self) -> None:
         """Ask for a stop after in-flight requests drain (eviction, unload); returns at once."""

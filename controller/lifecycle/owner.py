@@ -33,12 +33,10 @@ log = logging.getLogger("controller.lifecycle.model")
 START_POLL_INTERVAL = 0.02  # seconds between /health polls while loading: adds ≤ 20 ms to a load
 PROBE_TIMEOUT = 2.0
 STABLE_AFTER = 30.0  # a backend that ran this long resets the failure count (no backoff next time)
-EXTERNAL_POLL_INTERVAL = 0.5  # while requests reach a backend past the gateway, check again this often
 
 Probe = Callable[[Backend, float], Awaitable[bool]]
 SpecFactory = Callable[[Requirements], LaunchSpec]
 Publish = Callable[[dict[str, Any]], None]
-BusyElsewhere = Callable[[Backend], Awaitable[bool]]  # requests in flight that did not come through the gateway
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -60,7 +58,6 @@ class ModelOwner:
     _probe: Probe
     _logbook: LogBook
     _publish: Publish
-    _busy_elsewhere: BusyElsewhere
     _state: State
     _goal: Goal
     _keep_on_close: bool
@@ -264,13 +261,6 @@ class ModelOwner:
         now = time.monotonic()
         idle = drained and usage.queued == 0 and not self.policy.pinned and self._goal is Goal.RUN
         expired = idle and usage.expires_at is not None and now >= usage.expires_at
-        wants_stop = self._goal is Goal.STOP or self._restart_pending() or expired
-        if drained and wants_stop and await self._busy_elsewhere(self._backend):
-            # Requests reach this backend past the gateway (the edge's direct /llama/<model>/ route): it is
-            # in use. Wait for them, then count the keep-alive from when they ended.
-            usage.touch()
-            await self._sleep(EXTERNAL_POLL_INTERVAL, self._gone)
-            return
         if drained and self._goal is Goal.STOP:
             await self._stop_backend()
             self._finish_stop()

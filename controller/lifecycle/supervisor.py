@@ -22,10 +22,9 @@ from contextlib import asynccontextmanager
 from controller.catalog import Catalog, CatalogEntry
 from controller.config import Config
 from controller.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
-from controller.lifecycle.model import BusyElsewhere, ManagedModel, Probe, Publish
+from controller.lifecycle.model import ManagedModel, Probe, Publish
 from controller.lifecycle.policy import Limits, Loaded, Refuse, Target, choose_victims
 from controller.lifecycle.requirements import NOTHING_SPECIAL, Requirements
-from controller.lifecycle.state import State
 from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import Backend, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
@@ -63,8 +62,6 @@ class Supervisor:
         self._closing = False
         self._background = Background()
         self.ready = False
-        # Requests a backend serves without the gateway (the edge's direct routes); set by the edge.
-        self.busy_elsewhere: BusyElsewhere | None = None
 
     def set_flags(self, flags: Collection[str]) -> None:
         """The long flags the llama-server binary accepts (probed once at start-up)."""
@@ -153,9 +150,6 @@ class Supervisor:
                 current.require_loadable()
                 return self.profile(current).spec(requirements)
 
-            async def busy_elsewhere(backend: Backend) -> bool:
-                return self.busy_elsewhere is not None and await self.busy_elsewhere(backend)
-
             model = ManagedModel(
                 key,
                 profile.policy,
@@ -165,7 +159,6 @@ class Supervisor:
                 self.logbook,
                 self._publish,
                 profile.name,
-                busy_elsewhere,
             )
             self._models[key] = model
         return model
@@ -264,22 +257,6 @@ class Supervisor:
         async with self.lease(name, keep_alive=keep_alive, exclusive=exclusive) as lease:
             model_name = lease.model
         return await self.model(model_name)
-
-    async def touch(self, name: str, allowed: Allowed | None = None) -> None:
-        """``name`` was used past the gateway (the edge's direct route): its keep-alive starts again."""
-        entry = await self.resolve(name, allowed)
-        model = self._models.get(entry.key)
-        if model is not None:
-            model.touch()
-
-    def ready_backends(self) -> list[tuple[ModelProfile, Backend]]:
-        """Each ready model with its backend: what the edge routes ``/llama/<model>/`` to directly."""
-        ready = []
-        for key, model in self._models.items():
-            entry = self.catalog.get(key)
-            if entry is not None and model.state is State.READY and model.backend is not None:
-                ready.append((self.profile(entry), model.backend))
-        return ready
 
     async def unload(self, name: str, allowed: Allowed | None = None) -> None:
         entry = await self.resolve(name, allowed)

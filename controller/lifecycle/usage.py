@@ -64,12 +64,6 @@ class Usage:
         if self.in_flight == 0:
             self._arm(self._keep_alive)
 
-    def touch(self) -> None:
-        """The model was used without a lease (the edge's direct route): count the keep-alive from now."""
-        self.last_used = time.monotonic()
-        if self.in_flight == 0:
-            self._arm(self._keep_alive)
-
     def ready(self) -> None:
         """A backend became ready: it expires even if every waiter went away during the load."""
         self.last_used = time.monotonic()

@@ -3,9 +3,11 @@
 1. directly (llama-server, plain HTTP),
 2. through the gateway (plain HTTP, the token checked by the app),
 3. through the edge: TLS + the gateway, which checks the token itself (what the edge does),
-4. through the edge with forward_auth in front of the gateway: TLS + `/auth/verify` + the gateway checking the
+4. through the edge to llama-server's own API: TLS + the gateway's native passthrough (`/llama/<model>/...`),
+5. through the edge with forward_auth in front of the gateway: TLS + `/auth/verify` + the gateway checking the
    signed identity (the design's first plan, measured here on an extra route the bench adds),
-5. through the edge's direct route: TLS + forward_auth + llama-server (`/llama/<model>/...`),
+6. through a direct route: TLS + forward_auth + llama-server (the first plan for `/llama/<model>/...`, which
+   made Caddy reload on every load and unload; an extra route the bench adds),
 
 each over one kept-alive connection (TLS: HTTP/1.1). Run with ``make bench-edge`` or
 ``python -m tests.bench.bench_edge [--requests 500]``.
@@ -23,30 +25,53 @@ from typing import Any
 
 import httpx
 
-from controller.edge.render import forward_auth, streaming_proxy
+from controller.edge.render import VERIFY_PATH, streaming_proxy
 from controller.runtime.process import free_port
 from tests.bench.bench_gateway import RawClient, percentile
 from tests.support.server import serve_subprocess
 from tests.support.tinymodel import write_tiny_model
 
 ALT_PREFIX = "/with-forward-auth"
+DIRECT_PREFIX = "/direct-tiny"
+IDENTITY = "X-LlamaController-Identity"
 
 
-def with_alternative_route(config: dict[str, Any], app: str) -> dict[str, Any]:
-    """The pushed config plus one route with forward_auth (the signed identity copied) before the gateway."""
-    header = "X-LlamaController-Identity"
+def forward_auth(app: str) -> dict[str, Any]:
+    """Caddy's forward_auth, expanded: GET /auth/verify with the original method and URI; on 2xx the signed
+    identity is copied into the request and it goes on; otherwise the answer goes back to the client."""
     copy = {
-        "match": [{"not": [{"vars": {f"{{http.reverse_proxy.header.{header}}}": ["", "<nil>"]}}]}],
-        "handle": [{"handler": "headers", "request": {"set": {header: [f"{{http.reverse_proxy.header.{header}}}"]}}}],
+        "match": [{"not": [{"vars": {f"{{http.reverse_proxy.header.{IDENTITY}}}": ["", "<nil>"]}}]}],
+        "handle": [
+            {"handler": "headers", "request": {"set": {IDENTITY: [f"{{http.reverse_proxy.header.{IDENTITY}}}"]}}}
+        ],
     }
-    check = forward_auth(app)
-    check["handle_response"][0]["routes"].append(copy)
-    alternative = {
-        "match": [{"path": [f"{ALT_PREFIX}/*"]}],
-        "handle": [{"handler": "rewrite", "strip_path_prefix": ALT_PREFIX}, check, streaming_proxy(app)],
-        "terminal": True,
+    return {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": app}],
+        "rewrite": {"method": "GET", "uri": VERIFY_PATH},
+        "headers": {
+            "request": {
+                "set": {"X-Forwarded-Method": ["{http.request.method}"], "X-Forwarded-Uri": ["{http.request.uri}"]}
+            }
+        },
+        "handle_response": [{"match": {"status_code": [2]}, "routes": [{"handle": [{"handler": "vars"}]}, copy]}],
     }
-    config["apps"]["http"]["servers"]["edge"]["routes"].insert(2, alternative)
+
+
+def with_alternative_routes(config: dict[str, Any], app: str, backend: str) -> dict[str, Any]:
+    """The pushed config plus the two plans measured against it: forward_auth before the gateway, and
+    forward_auth before the model's backend."""
+    routes = [
+        (ALT_PREFIX, streaming_proxy(app)),
+        (DIRECT_PREFIX, streaming_proxy(backend)),
+    ]
+    for prefix, proxy in routes:
+        alternative = {
+            "match": [{"path": [f"{prefix}/*"]}],
+            "handle": [{"handler": "rewrite", "strip_path_prefix": prefix}, forward_auth(app), proxy],
+            "terminal": True,
+        }
+        config["apps"]["http"]["servers"]["edge"]["routes"].insert(2, alternative)
     return config
 
 
@@ -74,9 +99,8 @@ def main() -> None:
             backend_port = int(backend.rsplit(":", 1)[1])
             pushed = httpx.get(f"http://127.0.0.1:{admin_port}/config/").json()
             app = f"127.0.0.1:{port}"
-            httpx.post(
-                f"http://127.0.0.1:{admin_port}/load", json=with_alternative_route(pushed, app)
-            ).raise_for_status()
+            extended = with_alternative_routes(pushed, app, f"127.0.0.1:{backend_port}")
+            httpx.post(f"http://127.0.0.1:{admin_port}/load", json=extended).raise_for_status()
             tls = ssl.create_default_context(cafile=served.ca_file())
             auth = {"Authorization": f"Bearer {served.token}"}
             body = json.dumps(
@@ -91,6 +115,11 @@ def main() -> None:
                     "/v1/chat/completions",
                 ),
                 (
+                    "edge: TLS+gateway native /llama",
+                    RawClient("127.0.0.1", edge_port, auth, tls),
+                    "/llama/tiny/v1/chat/completions",
+                ),
+                (
                     "edge: TLS+forward_auth+gateway",
                     RawClient("127.0.0.1", edge_port, auth, tls),
                     f"{ALT_PREFIX}/v1/chat/completions",
@@ -98,7 +127,7 @@ def main() -> None:
                 (
                     "edge: TLS+forward_auth+direct",
                     RawClient("127.0.0.1", edge_port, auth, tls),
-                    "/llama/tiny/v1/chat/completions",
+                    f"{DIRECT_PREFIX}/v1/chat/completions",
                 ),
             ]
             times: dict[str, list[float]] = {label: [] for label, _, _ in targets}

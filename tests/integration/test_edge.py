@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,34 +151,52 @@ def test_edge_body_over_the_limit_is_413_in_each_dialect(https: httpx.Client) ->
     assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
 
 
-def test_edge_direct_llama_route_follows_load_and_unload(
+def test_edge_llama_paths_reach_the_model_through_the_gateway(
     served: ServeProcess, https: httpx.Client, ca: ssl.SSLContext
 ) -> None:
-    assert https.post("/control/v1/models/tiny/load").status_code == 200
-    deadline = time.monotonic() + 10
-    while (props := https.get("/llama/tiny/props")).status_code != 200:
-        assert time.monotonic() < deadline, props.text
-        time.sleep(0.1)
-    assert props.json()["model_path"].endswith(".gguf")
-    assert https.get("/llama/tiny/slots").status_code == 200
+    """llama-server's own API per model over HTTPS: loaded on demand, authorized like every model path."""
     assert https.post("/control/v1/models/tiny/unload").status_code == 200
-    deadline = time.monotonic() + 10
-    while (after := https.get("/llama/tiny/props")).status_code == 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert after.status_code == 503 and after.json()["error"]["code"] == "model_not_loaded"
+    props = https.get("/llama/tiny/props")
+    assert props.status_code == 200 and props.json()["model_path"].endswith(".gguf")
+    assert https.get("/control/v1/models/tiny").json()["state"] == "ready"
+    assert https.get("/llama/tiny/slots").status_code == 200
     unknown = https.get("/llama/nope/props")
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "model 'nope' not found"
     assert httpx.get(f"{served.https_url}/llama/tiny/props", verify=ca).status_code == 401
 
 
-def test_edge_direct_route_keeps_its_model_loaded_past_keep_alive(served: ServeProcess, https: httpx.Client) -> None:
-    """A /llama stream goes past the gateway's lease: Caddy's in-flight count keeps the model loaded."""
-    assert https.post("/control/v1/models/long/load").status_code == 200
-    deadline = time.monotonic() + 10
-    while https.get("/llama/long/health").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+def test_edge_loads_and_unloads_never_drop_a_clients_connection(served: ServeProcess, ca: ssl.SSLContext) -> None:
+    """Caddy's config does not follow the models: a reload would close every client's idle keep-alive
+    connection, and a request sent on one at that moment fails ("server disconnected")."""
+    stop = threading.Event()
+    failures: list[str] = []
+    sent = 0
+
+    def keep_asking() -> None:
+        nonlocal sent
+        with httpx.Client(base_url=served.https_url, verify=ca, headers=served.headers) as client:
+            while not stop.is_set():
+                sent += 1
+                try:
+                    client.get("/api/tags").raise_for_status()
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        for _ in range(12):
+            assert served.http.post("/control/v1/models/tiny/load").status_code == 200
+            assert served.http.post("/control/v1/models/tiny/unload").status_code == 200
+    finally:
+        stop.set()
+        asker.join()
+    assert sent > 100, "the client kept asking while models loaded and unloaded"
+    assert failures == []
+
+
+def test_edge_llama_stream_keeps_its_model_loaded_past_keep_alive(served: ServeProcess, https: httpx.Client) -> None:
+    """A long /llama stream holds the model's lease: it is not expired under it."""
     body = {"prompt": "x", "n_predict": 4000, "stream": True}
     started = time.monotonic()
     with https.stream("POST", "/llama/long/completion", json=body) as response:
@@ -232,7 +251,7 @@ async def test_edge_a_refused_config_is_reported_and_retried(tmp_path: Path) -> 
         storage=str(tmp_path / "data"),
     )
     events: list[dict[str, Any]] = []
-    sync = EdgeSync(settings, CaddyAdmin(admin), list, events.append, interval=0.5)
+    sync = EdgeSync(settings, CaddyAdmin(admin), events.append, interval=0.5)
     child = CaddyChild(find_caddy(None), tmp_path / "caddy", admin, sync.changed, sync.down)
     await child.start()
     sync.start()
