@@ -1,14 +1,14 @@
 # One entry point. `make serve` runs the embedded default on a real model; `make test` runs everything.
 VENV := .venv/bin
 
-.PHONY: serve test test-fast lint fix bench bench-builds bench-edge bench-docker install install-test
+.PHONY: serve test test-fast lint fix bench bench-builds bench-edge bench-docker bench-web install install-test
 
 install:
 	scripts/bootstrap.sh demo
 
 install-test:
-	scripts/bootstrap.sh demo,test
 	scripts/system-deps.sh
+	scripts/bootstrap.sh demo,test
 
 serve: install
 	$(VENV)/llamacontroller serve $(ARGS)
@@ -40,3 +40,6 @@ bench-edge: install-test
 
 bench-docker: install-test
 	$(VENV)/python -m tests.bench.bench_docker --gemma $(ARGS)
+
+bench-web: install-test
+	$(VENV)/python -m tests.bench.bench_web $(ARGS)

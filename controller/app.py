@@ -11,7 +11,7 @@ from typing import Any, cast
 from quart import Quart
 from werkzeug.exceptions import HTTPException
 
-from controller import __version__
+from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
 from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
@@ -84,6 +84,7 @@ def create_app(
     app.register_blueprint(admin.blueprint)
     app.register_blueprint(metrics.blueprint)
     app.register_blueprint(system.blueprint)
+    app.register_blueprint(web.blueprint)
     app.register_blueprint(auth_views.blueprint)
     _register_error_handlers(app)
 

@@ -42,3 +42,16 @@ if [[ "$extras" == *demo* ]]; then
     rm -f "$bin_dir/libggml-cpu-sapphirerapids.so"
   fi
 fi
+
+# The web page's htmx and its SSE extension: npm packages (package.json, package-lock.json), copied next to
+# the page's own files. Without them the page still works — plain forms and full-page reloads.
+vendor=controller/web/static/vendor
+if command -v npm >/dev/null 2>&1; then
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null
+  mkdir -p "$vendor"
+  cp node_modules/htmx.org/dist/htmx.min.js node_modules/htmx-ext-sse/dist/sse.min.js "$vendor/"
+else
+  echo "bootstrap: npm was not found, so the web page runs without htmx: every action works, but pages reload"
+  echo "bootstrap: instead of updating in place and do not follow model states live; install Node.js and npm,"
+  echo "bootstrap: then run this again"
+fi

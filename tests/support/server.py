@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -30,7 +31,16 @@ from controller.server import bind, uvicorn_server
 from controller.settings import find_llama_server
 from controller.store import make_store
 
+T = TypeVar("T")
+TESTER_PASSWORD = "tester-password"  # of the admin `provision_token` adds
 STRICT_ENV = "LLAMACONTROLLER_TESTS_STRICT"  # set by .ci/run: a missing dependency fails instead of skipping
+
+
+def run_sync(work: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code, even where an event loop already runs in this
+    thread (Playwright's sync API keeps one): in a thread of its own."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, work).result()
 
 
 def require(condition: bool, reason: str) -> None:
@@ -74,7 +84,7 @@ async def provision_token(config: Config, scopes: tuple[str, ...] = ("admin",), 
     try:
         service = AuthService.from_config(config, store, ephemeral)
         if await store.get_user(user) is None:
-            await service.add_user(user, "tester-password", "admin", "tests")
+            await service.add_user(user, TESTER_PASSWORD, "admin", "tests")
         token, _ = await service.create_token(user, "tests", list(scopes), [], None, None, "tests")
         return token
     finally:
@@ -192,7 +202,7 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
     """`llamacontroller serve --config ...` as a real process; stopped with SIGTERM (or already killed)."""
     config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    token = asyncio.run(provision_token(validate_config(config)))
+    token = run_sync(provision_token(validate_config(config)))
     log_path = tmp_path / f"{name}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(

@@ -1,0 +1,179 @@
+"""The dashboard (live model states), load/unload/switch, a model's logs, and the system page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import yaml
+from quart import Response, current_app, redirect, render_template, stream_with_context
+
+from controller import __version__
+from controller.api.sse import HEARTBEAT_SECONDS
+from controller.api.system import llama_server_facts
+from controller.auth.identity import Scope
+from controller.config import Config
+from controller.edge.edge import Edge
+from controller.errors import LlamaControllerError
+from controller.names import canonical
+from controller.observability import EventBus
+from controller.web.base import Viewer, blueprint, htmx, page, supervisor, vendor_scripts
+from controller.web.present import ModelRow, model_row, redact, row_id
+
+LOG_LINES = 200
+FAILED_TAIL = 8
+
+
+async def rows(me: Viewer) -> list[ModelRow]:
+    found = supervisor()
+    infos = await found.models(me.identity.allows_model)
+    return [model_row(info, found.logbook.tail(canonical(info.name), FAILED_TAIL)) for info in infos]
+
+
+async def one_row(me: Viewer, name: str) -> ModelRow:
+    found = supervisor()
+    info = await found.model(name, me.identity.allows_model)
+    return model_row(info, found.logbook.tail(canonical(info.name), FAILED_TAIL))
+
+
+async def render(template: str, me: Viewer | None, **context: Any) -> str:
+    return await render_template(template, me=me, scripts=vendor_scripts(), version=__version__, **context)
+
+
+@blueprint.get("/")
+@page()
+async def dashboard(me: Viewer) -> str:
+    models = await rows(me)
+    return await render("dashboard.html", me, models=models, notice=None)
+
+
+@blueprint.get("/models/<name>/row")
+@page()
+async def model_fragment(me: Viewer, name: str) -> str:
+    return await render("_row.html", me, model=await one_row(me, name))
+
+
+@blueprint.post("/models/<name>/<action>")
+@page(Scope.MODELS, write=True)
+async def model_action(me: Viewer, name: str, action: str) -> Any:
+    """Load, switch (load alone) or unload; answers the row (htmx) or goes back to the dashboard."""
+    found = supervisor()
+    entry = await found.resolve(name, me.identity.allows_model)
+    if action not in ("load", "switch", "unload"):
+        return Response("unknown action", status=404)
+    failure: LlamaControllerError | None = None
+    try:
+        if action == "unload":
+            await found.unload(entry.name, me.identity.allows_model)
+        else:
+            await found.load(entry.name, exclusive=action == "switch")
+    except LlamaControllerError as exc:  # the row shows the failed state and its log lines
+        failure = exc
+    if htmx():
+        return await render("_row.html", me, model=await one_row(me, entry.name))
+    if failure is None:
+        return redirect("/ui/", 303)
+    # Without JavaScript: the dashboard with the message (never carried in a URL someone else could write).
+    page_html = await render("dashboard.html", me, models=await rows(me), notice=failure.message)
+    return Response(page_html, status=failure.status, content_type="text/html; charset=utf-8")
+
+
+@blueprint.get("/events")
+@page()
+async def events(me: Viewer) -> Response:
+    """Server-sent events for the dashboard: a model's new row (HTML) whenever its state changes."""
+    bus: EventBus = current_app.extensions["llamacontroller.events"]
+    allowed = me.identity.allows_model
+
+    @stream_with_context
+    async def stream() -> AsyncIterator[bytes]:
+        with bus.subscription(lambda event: event.get("type") == "model_state" and allowed(event["model"])) as queue:
+            yield b": connected\n\n"
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+                except TimeoutError:
+                    yield b": ping\n\n"
+                    continue
+                try:
+                    row = await one_row(me, event["model"])
+                except LlamaControllerError:
+                    continue
+                html = await render("_row.html", me, model=row)
+                data = "".join(f"data: {line}\n" for line in html.strip().splitlines())
+                yield f"event: {row_id(row.name)}\n{data}\n".encode()
+
+    response = Response(stream(), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response.timeout = None
+    return response
+
+
+@blueprint.get("/models/<name>/logs")
+@page(Scope.MODELS)
+async def logs(me: Viewer, name: str) -> str:
+    found = supervisor()
+    entry = await found.resolve(name, me.identity.allows_model)
+    lines = found.logbook.tail(entry.key, LOG_LINES)
+    return await render("logs.html", me, model=entry.name, lines=lines)
+
+
+@blueprint.get("/models/<name>/logs/stream")
+@page(Scope.MODELS)
+async def log_stream(me: Viewer, name: str) -> Response:
+    """New lines of the model's log as server-sent events (``data: "<line>"``), after the page's own tail."""
+    found = supervisor()
+    entry = await found.resolve(name, me.identity.allows_model)
+
+    async def stream() -> AsyncIterator[bytes]:
+        with found.logbook.subscription(entry.key) as queue:
+            yield b": connected\n\n"
+            while True:
+                try:
+                    line = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+                except TimeoutError:
+                    yield b": ping\n\n"
+                    continue
+                yield f"data: {json.dumps(line)}\n\n".encode()
+
+    response = Response(stream(), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response.timeout = None
+    return response
+
+
+@blueprint.get("/models/<name>/logs/download")
+@page(Scope.MODELS)
+async def log_download(me: Viewer, name: str) -> Response:
+    """The whole log file (this run's backends and earlier ones, as far as kept)."""
+    found = supervisor()
+    entry = await found.resolve(name, me.identity.allows_model)
+    filename = f"{entry.key.replace(':', '_')}.log"
+    headers = {"Content-Type": "text/plain; charset=utf-8", "Content-Disposition": f'attachment; filename="{filename}"'}
+    response = Response(found.runtime.logs(entry.key), headers=headers)
+    response.timeout = None
+    return response
+
+
+@blueprint.get("/system")
+@page(Scope.ADMIN)
+async def system(me: Viewer) -> str:
+    config: Config = current_app.extensions["llamacontroller.config"]
+    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    shown = yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+    facts = await llama_server_facts(config)
+    return await render(
+        "system.html", me, config=config, edge=edge.public() if edge else None, shown=shown, llama=facts
+    )
+
+
+@blueprint.get("/system/ca.pem")
+@page()
+async def local_ca(me: Viewer) -> Response:
+    """The edge's local CA root certificate, for clients to trust."""
+    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    if edge is None:
+        return Response("the HTTPS edge is not enabled here\n", status=404, content_type="text/plain")
+    pem = await edge.ca_certificate()
+    headers = {"Content-Disposition": 'attachment; filename="llamacontroller-ca.pem"'}
+    return Response(pem, content_type="application/x-pem-file", headers=headers)
