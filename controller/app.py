@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, Callable
 from functools import cache
 from typing import Any, cast
 
+from prometheus_client import CollectorRegistry
 from quart import Quart
 from werkzeug.exceptions import HTTPException
 
@@ -24,6 +25,7 @@ from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.lifecycle.health import HttpProbe
 from controller.lifecycle.model import Probe
 from controller.lifecycle.supervisor import Supervisor
+from controller.metrics import ControllerMetrics
 from controller.observability import EventBus
 from controller.runtime.base import Runtime
 from controller.runtime.instance import instance_id
@@ -34,6 +36,7 @@ from controller.store import make_store
 from proxy.app import Gateway
 from proxy.asgi import ASGIApp, Receive, Scope, Send
 from proxy.dialects import control_error, describe
+from proxy.measure import GatewayMetrics
 from proxy.upstream import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
@@ -62,9 +65,20 @@ def create_app(
         response=config.upstream.response_timeout,
     )
     upstream = Upstream(timeouts)  # one keep-alive pool for requests and health probes alike
-    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), events.publish)
+    registry = CollectorRegistry(auto_describe=True)  # one per app: tests build many apps in one process
+    counted: ControllerMetrics | None = None
+
+    def publish(event: dict[str, Any]) -> None:
+        if counted is not None:
+            counted.on_event(event)
+        events.publish(event)
+
+    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), publish)
+    counted = ControllerMetrics(registry, supervisor)
     edge = Edge(config, events.publish) if config.edge.enabled else None
-    gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
+    gateway = Gateway(
+        supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream, GatewayMetrics(registry)
+    )
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
 
@@ -72,7 +86,8 @@ def create_app(
         await forward_auth(scope, send, auth)
 
     # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
-    app.asgi_app = cast(Any, AuthMiddleware(gateway, auth, verify))  # type: ignore[method-assign]
+    app.asgi_app = cast(Any, AuthMiddleware(gateway, auth, verify, counted.auth_refused))  # type: ignore[method-assign]
+    app.extensions["llamacontroller.metrics"] = counted
     app.extensions["llamacontroller.auth"] = auth
     app.extensions["llamacontroller.config"] = config
     app.extensions["llamacontroller.supervisor"] = supervisor

@@ -145,6 +145,8 @@ def build_profile(entry: CatalogEntry, config: Config, supported_flags: Collecti
     base: list[str] = []
     if "--no-webui" in supported_flags:
         base.append("--no-webui")
+    if "--metrics" in supported_flags:
+        base.append("--metrics")  # re-exported by the controller's /metrics with a model label
     reranker = bool(model and model.reranking) or (meta is not None and meta.pooling_type == _POOLING_RANK)
     if reranker:
         base.append("--reranking")

@@ -13,7 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from controller.errors import MethodNotAllowed, NotFound
+from proxy import measure
 from proxy.asgi import ASGIApp, Message, Receive, Scope, Send, send_json
 from proxy.dialects import describe, error_body
 from proxy.directory import ModelDirectory
@@ -36,35 +39,29 @@ class Route:
     label: str = "other"  # the route's name in metrics
 
 
-class RequestStats:
-    """Counters for /metrics: requests and their total seconds, by route, model and status (cheap: dicts)."""
-
-    def __init__(self) -> None:
-        self.count: dict[tuple[str, str, int], int] = {}
-        self.seconds: dict[tuple[str, str, int], float] = {}
-
-    def record(self, route: str, model: str | None, status: int, seconds: float) -> None:
-        key = (route, model if model and len(self.count) < 10_000 else "", status)
-        self.count[key] = self.count.get(key, 0) + 1
-        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
-
-
 class _Tracking:
     """Wraps ``send`` to remember the status (for the access log and the error path), to give every answer
-    its request id, and to drop the body of HEAD responses."""
+    its request id, to note when the answer's pieces leave (metrics), and to drop the body of HEAD responses."""
 
-    def __init__(self, send: Send, head: bool, request_id: str) -> None:
+    def __init__(self, send: Send, head: bool, request_id: str, timing: measure.RequestTiming) -> None:
         self._send = send
         self._head = head
         self._request_id = request_id.encode()
+        self._timing = timing
         self.status = 0
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = int(message["status"])
             message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", self._request_id)]}
-        elif self._head and message["type"] == "http.response.body":
-            message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
+        elif message["type"] == "http.response.body":
+            if message.get("body"):
+                timing = self._timing
+                timing.bodies += 1
+                if timing.first_body_at is None:
+                    timing.first_body_at = time.perf_counter()
+            if self._head:
+                message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
         await self._send(message)
 
 
@@ -75,6 +72,7 @@ class Gateway:
         fallback: ASGIApp,
         max_body: int,
         upstream: Upstream | None = None,
+        metrics: measure.GatewayMetrics | None = None,
     ) -> None:
         self.directory = directory
         self.fallback = fallback
@@ -83,7 +81,7 @@ class Gateway:
         self.native = NativeRoutes(directory, self.upstream, max_body)
         self.ollama = OllamaRoutes(directory, self.upstream, max_body)
         self.routes = self._route_table()
-        self.stats = RequestStats()
+        self.metrics = metrics or measure.GatewayMetrics(CollectorRegistry())
 
     def _route_table(self) -> dict[str, Route]:
         def ollama(methods: str, handler: Callable[[Scope, Receive, Send], Awaitable[Any]]) -> Route:
@@ -138,9 +136,10 @@ class Gateway:
         raise NotFound(f"no such endpoint: {scope['path']}")
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
-        started = time.perf_counter()
+        timing = measure.RequestTiming(time.perf_counter())
+        measure.current.set(timing)  # this request's task (and the tasks it starts) see it
         method: str = scope["method"]
-        tracking = _Tracking(send, method == "HEAD", request_id(scope))
+        tracking = _Tracking(send, method == "HEAD", request_id(scope), timing)
         model: str | None = None
         try:
             if route.methods and method not in route.methods:
@@ -155,8 +154,9 @@ class Gateway:
                 status, message, code = describe(exc)
                 await send_json(tracking, status, error_body(scope["path"], status, message, code))
         finally:
-            elapsed = time.perf_counter() - started
-            self.stats.record(route.label, model, tracking.status, elapsed)
+            ended = time.perf_counter()
+            elapsed = ended - timing.started
+            self.metrics.observe(route.label, model, tracking.status, timing, ended)
             access_log.info(
                 "%s %s model=%s status=%s %.1fms id=%s",
                 method,

@@ -7,10 +7,13 @@ Errors crossing this boundary are the ones in ``controller.errors`` (the shared 
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping, Sequence
-from contextlib import AbstractAsyncContextManager
+import time
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from proxy import measure
 
 
 @dataclass(frozen=True)
@@ -122,12 +125,17 @@ class Restricted:
     def for_scope(cls, inner: ModelDirectory, scope: MutableMapping[str, Any]) -> Restricted:
         return cls(inner, scope.get(ALLOW_MODEL_KEY))
 
-    def lease(
+    @asynccontextmanager
+    async def lease(
         self, name: str, *, keep_alive: float | None = None, embeddings: bool = False, ctx_size: int | None = None
-    ) -> AbstractAsyncContextManager[Lease]:
-        return self._inner.lease(
+    ) -> AsyncIterator[Lease]:
+        began = time.perf_counter()
+        held = self._inner.lease(
             name, keep_alive=keep_alive, embeddings=embeddings, ctx_size=ctx_size, allowed=self._allowed
         )
+        async with held as lease:
+            measure.note_wait(time.perf_counter() - began)  # loading, queueing: the model's time, not ours
+            yield lease
 
     async def unload(self, name: str) -> None:
         await self._inner.unload(name, self._allowed)

@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Mapping
 
 from controller.errors import UpstreamError
+from proxy import measure
 from proxy.asgi import Headers, Scope, Send, header
 from proxy.dialects import openai_error
 from proxy.upstream import Upstream
@@ -61,6 +62,7 @@ async def forward(
     started = False
     event_stream = False
     headers_out = {"Content-Type": content_type, **(extra or {})}
+    measure.note_backend_contact()
     try:
         async with upstream.request(method, url, body, headers_out, target=target) as response:
             headers: Headers = [
@@ -76,9 +78,12 @@ async def forward(
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             started = True
             if not event_stream and response.content_length is not None and response.content_length <= _WHOLE:
-                await send({"type": "http.response.body", "body": await response.read()})  # one write
+                whole = await response.read()
+                measure.sniff_timings(whole)
+                await send({"type": "http.response.body", "body": whole})  # one write
                 return response.status
             async for chunk in response.iter_chunks():
+                measure.sniff_timings(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return response.status

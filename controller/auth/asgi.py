@@ -8,6 +8,7 @@ once it has read the body.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
@@ -50,10 +51,17 @@ def request_of(scope: Any, path: str | None = None, method: str | None = None) -
 class AuthMiddleware:
     """Authentication in front of everything; also answers the edge's ``GET /auth/verify`` itself."""
 
-    def __init__(self, app: ASGIApp, service: AuthService, verify: ASGIApp | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        service: AuthService,
+        verify: ASGIApp | None = None,
+        on_refused: Callable[[int], None] | None = None,
+    ) -> None:
         self.app = app
         self.service = service
         self.verify = verify
+        self.on_refused = on_refused  # counts refusals by status (metrics); never told who
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,6 +77,8 @@ class AuthMiddleware:
                 identity = await self.service.authenticate(request_of(scope))
                 self.service.authorize(identity, needed)
             except AuthError as exc:
+                if self.on_refused is not None:
+                    self.on_refused(exc.status)
                 await send_json(
                     send, exc.status, error_body(path, exc.status, exc.message, exc.code), auth_headers(exc)
                 )

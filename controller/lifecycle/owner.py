@@ -88,16 +88,17 @@ class ModelOwner:
         if error is not None:
             self.last_error = error
         log.info("model %s: %s → %s%s", self.name, old, new, f" ({error.message})" if error else "")
-        self._publish(
-            {
-                "type": "model_state",
-                "model": self.name,
-                "from": str(old),
-                "state": str(new),
-                "error": error.message if error else None,
-                "time": time.time(),
-            }
-        )
+        event = {
+            "type": "model_state",
+            "model": self.name,
+            "from": str(old),
+            "state": str(new),
+            "error": error.message if error else None,
+            "time": time.time(),
+        }
+        if new is State.READY:
+            event["load_seconds"] = self.load_duration  # 0 for a backend adopted from an earlier controller
+        self._publish(event)
 
     async def _sleep(self, timeout: float | None = None, *also: asyncio.Future[Any]) -> None:
         """Wait for a wake-up, one of ``also`` to finish, or ``timeout`` seconds, whichever is first.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from controller.errors import BadRequest, UpstreamError, UpstreamRefused
+from proxy import measure
 from proxy.asgi import Receive, Scope, Send, header, parse_json_object, read_body, run_until_disconnect, send_json
 from proxy.background import Background
 from proxy.directory import Lease, ModelDirectory, ModelInfo, Restricted
@@ -275,6 +276,7 @@ class OllamaRoutes:
         try:
             while True:
                 payload = encode({**body, "stream": streaming})
+                measure.note_backend_contact()
                 async with self._upstream.request("POST", lease.url + call.path, payload, call.headers) as response:
                     if response.status >= 400:
                         body = self._shorter(call, body, response.status, await response.read())

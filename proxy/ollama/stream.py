@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from proxy import measure
+
 log = logging.getLogger(__name__)
 
 DONE = object()  # the upstream's ``data: [DONE]``
@@ -106,6 +108,7 @@ class Accumulator:
             return []
         if isinstance(event.get("timings"), dict):
             self.timings = event["timings"]
+            measure.note_timings(self.timings)
         if "choices" in event:
             text, thought, logprobs = self._openai(event)
         else:

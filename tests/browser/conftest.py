@@ -35,7 +35,7 @@ class Site:
         return self.served.https_url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # not longer: Playwright's sync API keeps an event loop running meanwhile
 def browser() -> Iterator[Browser]:
     require(Path(CHROMIUM).exists(), "chromium is not installed (apt-get install chromium)")
     require(bool(vendor_scripts()), "htmx is not installed: scripts/bootstrap.sh installs it with npm")

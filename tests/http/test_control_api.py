@@ -161,3 +161,26 @@ async def test_http_native_passthrough_errors(client: Client) -> None:
     assert response.status_code == 404
     response = await client.get("/llama/")
     assert response.status_code == 404
+
+
+async def test_http_metrics_follow_the_lifecycle(client: Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert (await client.post("/control/v1/models/a/load", json={"keep_alive": "10m"})).status_code == 200
+    assert (await client.post("/control/v1/models/b/load")).status_code == 502  # fails to start
+    assert (await client.post("/control/v1/models/a/unload")).status_code == 200
+    await client.post("/control/v1/models/a/load", json={"keep_alive": "10m"})
+    response = await client.get("/metrics")
+    text = await response.get_data(as_text=True)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("llamacontroller_model_loads_total", (("model", "a"),))] == 2
+    assert samples[("llamacontroller_model_unloads_total", (("model", "a"),))] == 1
+    assert samples[("llamacontroller_model_failures_total", (("model", "b"), ("phase", "load")))] == 1
+    assert samples[("llamacontroller_model_state", (("model", "a"), ("state", "ready")))] == 1
+    assert samples[("llamacontroller_model_state", (("model", "b"), ("state", "failed")))] == 1
+    assert 590 < samples[("llamacontroller_model_keep_alive_remaining_seconds", (("model", "a"),))] <= 600
+    assert samples[("llamacontroller_model_load_duration_seconds_count", (("model", "a"),))] == 2

@@ -443,9 +443,13 @@ async def test_security_metrics_need_the_metrics_scope(world: World) -> None:
     response = await world.client.get("/metrics", headers=bearer(world.tokens["metrics"]))
     text = await response.get_data(as_text=True)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
-    assert 'llamacontroller_model_state{model="a",state="stopped"} 1' in text
-    assert 'llamacontroller_requests_total{route="tags",model="",status="200"} 1' in text
+    assert 'llamacontroller_model_state{model="a",state="stopped"} 1.0' in text
+    assert 'llamacontroller_requests_total{endpoint="tags",model="",status="200"} 1.0' in text
     assert "llamacontroller_model_in_flight" in text and "lc_" not in text
+    # the two refusals above, counted by status only: no token, no user
+    assert 'llamacontroller_auth_refused_total{status="401"} 1.0' in text
+    assert 'llamacontroller_auth_refused_total{status="403"} 1.0' in text
+    assert world.tokens["inference"] not in text and "tester" not in text
 
 
 async def test_security_users_manage_only_their_own_tokens(world: World) -> None:

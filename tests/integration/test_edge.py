@@ -270,3 +270,9 @@ async def test_edge_a_refused_config_is_reported_and_retried(tmp_path: Path) -> 
     finally:
         await sync.close()
         await child.stop()
+
+
+def test_edge_caddy_metrics_are_a_second_scrape_target(served: ServeProcess) -> None:
+    """Caddy's own metrics (config reloads, its process) come from its admin API, on loopback."""
+    text = httpx.get(f"http://{served.config['edge']['admin']}/metrics", timeout=10).text
+    assert "caddy_config_last_reload_successful 1" in text
