@@ -63,6 +63,7 @@ def create_app(
         connect=config.upstream.connect_timeout,
         write=config.upstream.write_timeout,
         response=config.upstream.response_timeout,
+        stall=config.upstream.stall_timeout,
     )
     upstream = Upstream(timeouts)  # one keep-alive pool for requests and health probes alike
     registry = CollectorRegistry(auto_describe=True)  # one per app: tests build many apps in one process

@@ -176,6 +176,7 @@ class UpstreamConfig(_Strict):
     write_timeout: Seconds = 60.0
     # To the first byte of an answer: a non-streamed generation answers only when it is done.
     response_timeout: Seconds = 600.0
+    stall_timeout: Seconds = 600.0  # no byte from a backend for this long in the middle of an answer: it ends
 
 
 def _host_port(value: str, example: str) -> str:

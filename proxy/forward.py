@@ -75,13 +75,16 @@ async def forward(
             event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
             if event_stream:
                 headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            started = True
+            start = {"type": "http.response.start", "status": response.status, "headers": headers}
             if not event_stream and response.content_length is not None and response.content_length <= _WHOLE:
-                whole = await response.read()
+                whole = await response.read()  # before the status: a backend that stalls here is a clean 504
                 measure.sniff_timings(whole)
+                await send(start)
+                started = True
                 await send({"type": "http.response.body", "body": whole})  # one write
                 return response.status
+            await send(start)
+            started = True
             async for chunk in response.iter_chunks():
                 measure.sniff_timings(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -50,6 +50,7 @@ class Timeouts:
     connect: float = 10.0
     write: float = 60.0
     response: float = 600.0  # to the first byte of the answer's head
+    stall: float | None = 600.0  # silence in the middle of a body (a backend that hung after its head)
     idle: float = 3.0  # a pooled connection is given up after this long unused
 
 
@@ -70,7 +71,8 @@ async def _io(operation: Awaitable[T], timeout: float | None = None, what: str =
     try:
         if timeout is None:
             return await operation
-        return await asyncio.wait_for(operation, timeout)
+        async with asyncio.timeout(timeout):  # no extra task, unlike wait_for (this runs once per chunk)
+            return await operation
     except TimeoutError as exc:
         raise UpstreamTimeout(f"the model's backend did not {what} within {timeout:g}s") from exc
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
@@ -112,8 +114,16 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
 class UpstreamResponse:
     """Status, headers and a body to read once: ``read()`` or ``iter_chunks()``."""
 
-    def __init__(self, connection: _Connection, status: int, headers: list[tuple[bytes, bytes]], method: str) -> None:
+    def __init__(
+        self,
+        connection: _Connection,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        method: str,
+        stall: float | None = None,
+    ) -> None:
         self._reader = connection.reader
+        self._stall = stall
         self.status = status
         self.raw_headers = headers
         self.headers: dict[str, str] = {}
@@ -145,27 +155,28 @@ class UpstreamResponse:
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (each chunk at once: no buffering of a stream)."""
         reader = self._reader
+        stall, what = self._stall, "send more of its answer"  # each read is timed, never the time between them
         if self._length is not None:
             remaining = self._length
             while remaining > 0:
-                data = await _io(reader.read(min(remaining, _READ_CHUNK)))
+                data = await _io(reader.read(min(remaining, _READ_CHUNK)), stall, what)
                 if not data:
                     raise UpstreamError(_describe(asyncio.IncompleteReadError(b"", remaining)))
                 remaining -= len(data)
                 yield data
         elif self._chunked:
             while True:
-                size = self._chunk_size(await _io(reader.readuntil(b"\r\n")))
+                size = self._chunk_size(await _io(reader.readuntil(b"\r\n"), stall, what))
                 if size == 0:
-                    while (await _io(reader.readuntil(b"\r\n"))) != b"\r\n":  # trailers, then the final CRLF
+                    while (await _io(reader.readuntil(b"\r\n"), stall, what)) != b"\r\n":  # trailers, final CRLF
                         pass
                     break
-                data = await _io(reader.readexactly(size + 2))
+                data = await _io(reader.readexactly(size + 2), stall, what)
                 if data[-2:] != b"\r\n":
                     raise _invalid("chunk not followed by CRLF")
                 yield data[:-2]
         else:
-            while data := await _io(reader.read(_READ_CHUNK)):
+            while data := await _io(reader.read(_READ_CHUNK), stall, what):
                 yield data
         self.complete = True
 
@@ -278,7 +289,7 @@ class Upstream:
                 raise UpstreamError(_describe(exc)) from exc
             status, headers = _parse_head(head[:-4])
             if not 100 <= status < 200 or status == 101:
-                return UpstreamResponse(connection, status, headers, method)
+                return UpstreamResponse(connection, status, headers, method, self.timeouts.stall)
             # an informational answer (100 Continue): the real one follows
 
     @asynccontextmanager

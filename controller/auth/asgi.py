@@ -14,7 +14,7 @@ from typing import Any
 
 from controller.auth.identity import OPEN, Identity, required_scope
 from controller.auth.service import AuthService, Request
-from controller.errors import AuthError, LlamaControllerError, RateLimited
+from controller.errors import AuthError, LlamaControllerError, RateLimited, Unavailable
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
 from proxy.dialects import error_body
 from proxy.directory import ALLOW_MODEL_KEY
@@ -76,8 +76,8 @@ class AuthMiddleware:
             try:
                 identity = await self.service.authenticate(request_of(scope))
                 self.service.authorize(identity, needed)
-            except AuthError as exc:
-                if self.on_refused is not None:
+            except (AuthError, Unavailable) as exc:  # Unavailable: the store cannot be asked (Redis down)
+                if self.on_refused is not None and isinstance(exc, AuthError):
                     self.on_refused(exc.status)
                 await send_json(
                     send, exc.status, error_body(path, exc.status, exc.message, exc.code), auth_headers(exc)

@@ -189,7 +189,11 @@ class ProcessRuntime:
             url=f"http://{self._host}:{port}",
             labels=dict(spec.labels),
         )
-        self._write_pid_file(record)
+        try:
+            self._write_pid_file(record)
+        except OSError as exc:  # a disk that is full: without its pid file a backend would be an orphan later
+            self._kill_unrecorded(proc)
+            raise BackendStartFailed(f"cannot write the pid file of {spec.model}: {exc.strerror or exc}") from exc
         handle = str(proc.pid)
         self._children[handle] = proc
         self._records[handle] = record
@@ -209,11 +213,22 @@ class ProcessRuntime:
             labels=record.labels,
         )
 
+    @staticmethod
+    def _kill_unrecorded(proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (spawn_detached): the group is just it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
     def _write_pid_file(self, record: PidRecord) -> None:
         path = self._pid_path(record.model)
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(record)))
-        temporary.replace(path)  # atomic: a crash never leaves half a pid file
+        try:
+            temporary.write_text(json.dumps(asdict(record)))
+            temporary.replace(path)  # atomic: a crash never leaves half a pid file
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def _remove_pid_file(self, record: PidRecord) -> None:
         path = self._pid_path(record.model)

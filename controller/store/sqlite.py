@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller.errors import Conflict, NotFound
+from controller.errors import Conflict, NotFound, Unavailable
 from controller.store.base import AuditEvent, Role, SessionRecord, TokenRecord, User
 
 T = TypeVar("T")
@@ -107,7 +107,11 @@ class SqliteStore:
             db = self._db
             if db is None:
                 raise RuntimeError("the store is not open")
-            return await asyncio.to_thread(self._transaction, db, work)
+            try:
+                return await asyncio.to_thread(self._transaction, db, work)
+            except sqlite3.OperationalError as exc:  # disk full, read-only, locked past busy_timeout, I/O error
+                # The transaction was rolled back: nothing half-written. Reads still work; the caller says so.
+                raise Unavailable(f"the store (sqlite) could not complete the change: {exc}") from exc
 
     @staticmethod
     def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
