@@ -31,6 +31,7 @@ Invariants, enforced where noted:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -88,6 +89,8 @@ class ManagedModel(ModelOwner):
         self._wake = asyncio.Event()
 
         self._usage = Usage(self.label, policy)
+        self._served = True  # has served a request since its admission (see ``settling``)
+        self._progress = asyncio.Event()  # set when it serves a request, or gives its slot up
         self._ready_since = 0.0
 
         self.last_error: LlamaControllerError | None = None
@@ -162,10 +165,23 @@ class ManagedModel(ModelOwner):
 
     # ------------------------------------------------------------------ intents
 
+    @property
+    def settling(self) -> bool:
+        """Admitted for requests that are still waiting, none of them served yet: evicting it now would let
+        models contending for too few slots evict each other before any of them ran a request."""
+        return self._goal is Goal.RUN and not self._served and self._usage.queued > 0
+
+    async def wait_progress(self, timeout: float) -> None:
+        """Until it serves a request or gives its slot up (or ``timeout``: a failed load sets nothing)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), timeout)
+
     def reserve(self) -> None:
         """The supervisor's admission granted this model a slot: have it running."""
         if self._goal is Goal.IDLE:
             self._goal = Goal.RUN
+            self._served = False
+            self._progress.clear()
             self._wake.set()
 
     def check_backoff(self) -> None:
@@ -200,6 +216,8 @@ class ManagedModel(ModelOwner):
                 await usage.acquire_slot()
                 if self._usable(backend):  # re-checked: a stop may have begun while we waited
                     usage.begin(keep_alive)
+                    self._served = True
+                    self._progress.set()
                     break
                 usage.release_slot()
         finally:
@@ -237,6 +255,7 @@ class ManagedModel(ModelOwner):
         if self._state is State.STOPPED and self._goal is not Goal.RUN:
             return
         self._goal = Goal.STOP
+        self._progress.set()
         self._wake.set()
 
     async def stop(self) -> None:

@@ -6,6 +6,9 @@ Rules (DESIGN §4):
 - Pinned models are never chosen. Exclusive loads (a switch) choose every other unpinned model.
 - Idle models go first, least recently used first; busy models only when idle ones do not suffice,
   and the caller then waits for them to drain before stopping them (never cut off a request).
+- A model admitted for requests it has not served yet ("settling") is never chosen: the caller waits
+  until it has served one (``Wait``). Without this, models contending for too few slots evicted each
+  other before any of them ran a request, forever.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Loaded:
     last_used: float = 0.0  # any monotonic number: only the order matters
     memory: int = 0  # estimated bytes
     gpus: tuple[str, ...] = ()
+    settling: bool = False  # admitted for waiting requests, none served yet: not to be stopped now
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,14 @@ class Evict:
     """Stop these (in order; busy ones after they drain), then start the target."""
 
     victims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Only models that have not yet served the requests they were admitted for could make room: ask
+    again once one of them has (or has stopped)."""
+
+    settling: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -82,17 +94,21 @@ def _memory_victims(
     return chosen
 
 
-def choose_victims(target: Target, loaded: Sequence[Loaded], limits: Limits) -> Evict | Refuse:
+def choose_victims(target: Target, loaded: Sequence[Loaded], limits: Limits) -> Evict | Wait | Refuse:
     """Decide what must stop for ``target`` to start; see the module docstring for the rules."""
     others = [m for m in loaded if m.name != target.name]
-    order = _eviction_order([m for m in others if not m.pinned])
+    movable = [m for m in others if not m.pinned]
+    settling = tuple(m.name for m in movable if m.settling)
+    order = _eviction_order([m for m in movable if not m.settling])
     if target.exclusive:
-        return Evict(tuple(m.name for m in order))
+        return Wait(settling) if settling else Evict(tuple(m.name for m in order))
 
     victims: list[Loaded] = []
     excess = len(others) + 1 - limits.max_loaded_models
     if excess > len(order):
-        pinned = len(others) - len(order)
+        if excess <= len(movable):
+            return Wait(settling)
+        pinned = len(others) - len(movable)
         return Refuse(
             f"cannot load '{target.name}': {pinned} pinned model(s) hold all "
             f"{limits.max_loaded_models} slot(s) (scheduling.max_loaded_models)"
@@ -102,7 +118,7 @@ def choose_victims(target: Target, loaded: Sequence[Loaded], limits: Limits) -> 
     remaining = [m for m in others if m not in victims]
     by_memory = _memory_victims(target, remaining, [m for m in order if m not in victims], limits.gpu_memory)
     if isinstance(by_memory, Refuse):
-        return by_memory
+        return Wait(settling) if settling else by_memory
     victims.extend(by_memory)
     # Keep the eviction order overall: idle before busy, least recently used first.
     return Evict(tuple(m.name for m in _eviction_order(victims)))

@@ -23,7 +23,7 @@ from controller.catalog import Catalog, CatalogEntry
 from controller.config import Config
 from controller.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
 from controller.lifecycle.model import ManagedModel, Probe, Publish
-from controller.lifecycle.policy import Limits, Loaded, Refuse, Target, choose_victims
+from controller.lifecycle.policy import Limits, Loaded, Refuse, Target, Wait, choose_victims
 from controller.lifecycle.requirements import NOTHING_SPECIAL, Requirements
 from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import Backend, LaunchSpec, Runtime
@@ -32,6 +32,19 @@ from proxy.background import Background
 from proxy.directory import Allowed, Lease, LiveState, ModelInfo
 
 log = logging.getLogger(__name__)
+
+
+SETTLING_POLL = 0.25  # seconds between looks at a settling model whose load may fail without a signal
+
+
+async def wait_for_progress(models: list[ManagedModel]) -> None:
+    """Until one of ``models`` has served a request it was admitted for, or given its slot up."""
+    waits = [asyncio.ensure_future(model.wait_progress(SETTLING_POLL)) for model in models]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def forbidden(name: str) -> Forbidden:
@@ -173,6 +186,8 @@ class Supervisor:
         if model.holds_slot and not exclusive:
             return
         while True:
+            settling: list[ManagedModel] = []
+            victims: list[ManagedModel] = []
             async with self._admission:
                 if self._closing:
                     raise ShuttingDown("the server is shutting down")
@@ -186,13 +201,19 @@ class Supervisor:
                 )
                 if isinstance(decision, Refuse):
                     raise NoCapacity(decision.reason)
-                if not decision.victims:
+                if isinstance(decision, Wait):
+                    settling = [self._models[name] for name in decision.settling]
+                elif not decision.victims:
                     model.reserve()
                     return
-                victims = [self._models[name] for name in decision.victims]
-                log.info("evicting %s to make room for %s", ", ".join(decision.victims), profile.name)
-                for victim in victims:
-                    victim.request_stop()
+                else:
+                    victims = [self._models[name] for name in decision.victims]
+                    log.info("evicting %s to make room for %s", ", ".join(decision.victims), profile.name)
+                    for victim in victims:
+                        victim.request_stop()
+            if settling:  # outside the lock, which they may need to make progress
+                await wait_for_progress(settling)
+                continue
             await asyncio.gather(*(victim.wait_stopped() for victim in victims))
             exclusive = exclusive and any(m is not model for m in self.loaded())
 
@@ -201,12 +222,11 @@ class Supervisor:
         return Loaded(
             name=model.name,
             pinned=model.policy.pinned,
-            # Queued requests count as busy: a model just admitted for waiting requests is not
-            # evicted before they ran, which would let two models evict each other forever.
-            in_flight=model.in_flight + model.queued,
+            in_flight=model.in_flight + model.queued,  # waiting requests make a model busy
             last_used=model.last_used,
             memory=profile.memory if profile else 0,
             gpus=profile.budget_gpus if profile else (),
+            settling=model.settling,
         )
 
     async def resolve(self, name: str, allowed: Allowed | None = None) -> CatalogEntry:

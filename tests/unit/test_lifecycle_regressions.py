@@ -186,3 +186,23 @@ async def test_supervisor_close_leaves_no_liveness_task_behind(tmp_path: Path, t
         t for t in asyncio.all_tasks() if t.get_name().startswith(("liveness:", "model-owner:")) and not t.done()
     ]
     assert pending == []
+
+
+async def test_supervisor_models_contending_for_one_slot_each_get_served(tmp_path: Path, tiny_model: Path) -> None:
+    """Four clients, four models, one slot: a model admitted for waiting requests used to be evicted before
+    it served them, by a newcomer that was evicted in turn — a livelock spinning at full speed (1.5 million
+    evictions in two minutes, no answer). Each admission now serves its waiters first."""
+    cfg = config(tmp_path, tiny_model, {"a": {}, "b": {}, "c": {}, "d": {}}, scheduling={"max_loaded_models": 1})
+    supervisor, _ = fake_supervisor(cfg, FakeRuntime({n: FakeBehaviour(ready_after=0.01) for n in "abcd"}))
+    await supervisor.start()
+    served: dict[str, int] = {}
+
+    async def client(name: str) -> None:
+        for _ in range(3):
+            async with supervisor.lease(name):
+                served[name] = served.get(name, 0) + 1
+                assert sum(1 for m in supervisor.loaded()) <= 1
+
+    await asyncio.wait_for(asyncio.gather(*(client(n) for n in "abcd")), timeout=10)
+    assert served == {"a": 3, "b": 3, "c": 3, "d": 3}
+    await supervisor.close()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, choose_victims
+from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, Wait, choose_victims
 
 
 def test_policy_room_left_evicts_nothing() -> None:
@@ -66,3 +66,14 @@ def test_policy_count_and_memory_victims_are_combined_without_duplicates() -> No
     ]
     decision = choose_victims(Target("x", memory=8, gpus=("0",)), loaded, Limits(2, {"0": 10}))
     assert decision == Evict(("a", "b"))
+
+
+def test_policy_settling_model_is_waited_for_not_evicted() -> None:
+    """A model admitted for requests it has not served yet: the newcomer waits (the switch-storm livelock)."""
+    settling = Loaded("a", in_flight=1, settling=True)
+    assert choose_victims(Target("b"), [settling], Limits(1)) == Wait(("a",))
+    assert choose_victims(Target("b", exclusive=True), [settling], Limits(1)) == Wait(("a",))
+    idle = Loaded("c", last_used=1)
+    assert choose_victims(Target("b"), [settling, idle], Limits(2)) == Evict(("c",)), "others go first"
+    pinned = Loaded("p", pinned=True)
+    assert isinstance(choose_victims(Target("b"), [pinned], Limits(1)), Refuse), "pinned: no wait helps"
