@@ -23,7 +23,7 @@ from controller.catalog import Catalog, CatalogEntry
 from controller.config import Config
 from controller.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
 from controller.lifecycle.model import ManagedModel, Probe, Publish
-from controller.lifecycle.policy import Limits, Loaded, Refuse, Target, Wait, choose_victims
+from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, Wait, choose_victims
 from controller.lifecycle.requirements import NOTHING_SPECIAL, Requirements
 from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import Backend, LaunchSpec, Runtime
@@ -71,7 +71,9 @@ class Supervisor:
         self._flags = frozenset(supported_flags)
         self._models: dict[str, ManagedModel] = {}
         self._profiles: dict[str, ModelProfile] = {}
-        self._admission = asyncio.Lock()
+        self._admission = asyncio.Lock()  # held to decide, never to wait
+        self._turns = asyncio.Lock()  # admissions that must make room, in arrival order (asyncio locks are FIFO)
+        self._claim: Loaded | None = None  # the room the admission whose turn it is is waiting for
         self._closing = False
         self._background = Background()
         self.ready = False
@@ -182,40 +184,64 @@ class Supervisor:
     async def _admit(self, model: ManagedModel, profile: ModelProfile, exclusive: bool) -> None:
         """Grant ``model`` a slot, stopping others as the policy decides (busy ones after they drain).
 
-        The lock covers the decision and the stop intents, never the wait for victims to drain."""
+        A slot that is free is taken at once. When others must make room, admissions take turns, first come
+        first served (``_turns``, held across the wait for the victims), and the room being made is claimed
+        (``_claim``) so a newcomer cannot take it: models contending for too few slots are served in rotation,
+        none starved. The decision lock covers the decision and the stop intents, never a wait, so requests
+        for models that hold a slot, and loads that need no room, go ahead."""
         if model.holds_slot and not exclusive:
             return
-        while True:
-            settling: list[ManagedModel] = []
-            victims: list[ManagedModel] = []
-            async with self._admission:
-                if self._closing:
-                    raise ShuttingDown("the server is shutting down")
-                if model.holds_slot and not exclusive:
-                    return
-                others = [m for m in self.loaded() if m is not model]
-                decision = choose_victims(
-                    Target(profile.key, profile.memory, profile.budget_gpus, exclusive),
-                    [self._as_loaded(m) for m in others],
-                    Limits(self.config.scheduling.max_loaded_models, self.config.scheduling.gpu_memory),
-                )
-                if isinstance(decision, Refuse):
-                    raise NoCapacity(decision.reason)
-                if isinstance(decision, Wait):
-                    settling = [self._models[name] for name in decision.settling]
-                elif not decision.victims:
-                    model.reserve()
-                    return
-                else:
-                    victims = [self._models[name] for name in decision.victims]
-                    log.info("evicting %s to make room for %s", ", ".join(decision.victims), profile.name)
-                    for victim in victims:
-                        victim.request_stop()
-            if settling:  # outside the lock, which they may need to make progress
-                await wait_for_progress(settling)
-                continue
-            await asyncio.gather(*(victim.wait_stopped() for victim in victims))
-            exclusive = exclusive and any(m is not model for m in self.loaded())
+        if await self._admission_round(model, profile, exclusive, may_evict=False):
+            return
+        async with self._turns:
+            try:
+                while not await self._admission_round(model, profile, exclusive, may_evict=True):
+                    exclusive = exclusive and any(m is not model for m in self.loaded())
+            finally:
+                self._claim = None
+
+    async def _admission_round(
+        self, model: ManagedModel, profile: ModelProfile, exclusive: bool, may_evict: bool
+    ) -> bool:
+        """One decision: True once ``model`` holds its slot; otherwise (if allowed) make room and return False."""
+        async with self._admission:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if model.holds_slot and not exclusive:
+                return True
+            others = [self._as_loaded(m) for m in self.loaded() if m is not model]
+            claim = self._claim
+            if not may_evict and claim is not None and claim.name != model.name:
+                others.append(claim)  # room being made for the admission whose turn it is: not free for us
+            decision = choose_victims(
+                Target(profile.key, profile.memory, profile.budget_gpus, exclusive),
+                others,
+                Limits(self.config.scheduling.max_loaded_models, self.config.scheduling.gpu_memory),
+            )
+            if isinstance(decision, Refuse):
+                raise NoCapacity(decision.reason)
+            if isinstance(decision, Evict) and not decision.victims:
+                model.reserve()
+                return True
+            if not may_evict:
+                return False
+            if isinstance(decision, Wait):
+                settling = [self._models[name] for name in decision.settling]
+                victims: list[ManagedModel] = []
+            else:
+                settling = []
+                victims = [self._models[name] for name in decision.victims]
+                if not exclusive:  # a switch empties the machine anyway: nothing to hold for it
+                    self._claim = Loaded(
+                        profile.key, in_flight=1, memory=profile.memory, gpus=profile.budget_gpus, settling=True
+                    )
+                log.info("evicting %s to make room for %s", ", ".join(decision.victims), profile.name)
+                for victim in victims:
+                    victim.request_stop()
+        if settling:  # outside the lock, which they may need to make progress
+            await wait_for_progress(settling)
+        await asyncio.gather(*(victim.wait_stopped() for victim in victims))
+        return False
 
     def _as_loaded(self, model: ManagedModel) -> Loaded:
         profile = self._profiles.get(model.name)
