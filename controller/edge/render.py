@@ -21,6 +21,9 @@ Routes of the HTTPS server, in order:
    ``/metrics`` … — to the app, which authenticates every request itself. Measured
    (tests/bench/bench_edge.py), a forward_auth round trip in front of the gateway cost 0.6 to 0.9 ms at p50, as
    much as TLS and the gateway together, and bought nothing the gateway's own check does not do.
+
+Errors of the edge itself answer in the caller's dialect too: a body cut by ``request_body`` (413), and an app
+that cannot be reached while it restarts (503, never Caddy's empty 502).
 """
 
 from __future__ import annotations
@@ -92,16 +95,30 @@ _DIALECT_GROUPS = [
 ]
 
 
-def _too_large(settings: EdgeSettings, condition: str) -> list[dict[str, Any]]:
-    """413 in the dialect of the path, when ``condition`` (a Caddy expression) holds."""
-    message = f"request body is larger than the limit of {settings.max_body} bytes"
+def _in_dialect(condition: str, status: int, message: str, code: str) -> list[dict[str, Any]]:
+    """``status`` with ``message`` in the dialect of the path, when ``condition`` (a Caddy expression) holds."""
     return [
         {
             "match": [{"path": paths, "expression": condition}],
-            "handle": [_json_response(413, error_body(example, 413, message, "payload_too_large"))],
+            "handle": [_json_response(status, error_body(example, status, message, code))],
             "terminal": True,
         }
         for paths, example in _DIALECT_GROUPS
+    ]
+
+
+def _too_large(settings: EdgeSettings, condition: str) -> list[dict[str, Any]]:
+    message = f"request body is larger than the limit of {settings.max_body} bytes"
+    return _in_dialect(condition, 413, message, "payload_too_large")
+
+
+def _error_routes(settings: EdgeSettings) -> list[dict[str, Any]]:
+    """The edge's own errors: a body cut by request_body (413), and the app unreachable (Caddy's 502 when it
+    cannot dial it: the controller is restarting or stopped), both in the caller's dialect, never empty."""
+    unreachable = "LlamaController is not reachable behind the edge (starting or restarting); try again shortly"
+    return [
+        *_too_large(settings, "{http.error.status_code} == 413"),
+        *_in_dialect("{http.error.status_code} == 502", 503, unreachable, "service_unavailable"),
     ]
 
 
@@ -120,13 +137,17 @@ def _tls(settings: EdgeSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if settings.tls_mode == "acme":
         names = [settings.hostname or ""]
         issuer: dict[str, Any] = {"module": "acme", "email": settings.email}
+        by_address = names[0]
     else:
         host = settings.listen.rpartition(":")[0].strip("[]")
         local = host in ("", "0.0.0.0", "::", *LOCAL_NAMES)  # noqa: S104 - a listen address, not a bind
         names = [*([settings.hostname] if settings.hostname else []), *(LOCAL_NAMES if local else [host])]
         issuer = {"module": "internal"}
+        by_address = "127.0.0.1" if local else host
     tls = {"certificates": {"automate": names}, "automation": {"policies": [{"subjects": names, "issuers": [issuer]}]}}
-    return tls, [{}]
+    # A client that sends no server name (it connects to an IP address) gets this certificate. Without it Caddy
+    # looks for one for the address it was reached on, which in a container is the container's own address.
+    return tls, [{"default_sni": by_address}]
 
 
 def render(settings: EdgeSettings) -> dict[str, Any]:
@@ -149,8 +170,7 @@ def render(settings: EdgeSettings) -> dict[str, Any]:
         "routes": routes,
         "tls_connection_policies": policies,
         "automatic_https": {"disable_redirects": True},
-        # A body without a declared length that turns out too long is cut by request_body: the same 413.
-        "errors": {"routes": _too_large(settings, "{http.error.status_code} == 413")},
+        "errors": {"routes": _error_routes(settings)},
     }
     servers: dict[str, Any] = {"edge": server}
     http: dict[str, Any] = {"https_port": _port(settings.listen), "servers": servers}
@@ -161,6 +181,8 @@ def render(settings: EdgeSettings) -> dict[str, Any]:
         servers["redirect"] = {"listen": [settings.http_redirect], "routes": [{"handle": [redirect]}]}
     config: dict[str, Any] = {
         "admin": {"listen": settings.admin_listen, "config": {"persist": False}},
+        # The controller pushes the same document every few seconds: Caddy's line per admin request is noise.
+        "logging": {"logs": {"default": {"exclude": ["admin.api"]}}},
         "apps": {
             "http": http,
             "tls": tls,
