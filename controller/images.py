@@ -174,13 +174,22 @@ def app_context(context: Path, source: Path) -> None:
         f"root:x:0:0::/root:/sbin/nologin\napp:x:{APP_USER}:{APP_USER}::/data:/sbin/nologin\n"
     )
     (rootfs / "etc" / "group").write_text(f"root:x:0:\napp:x:{APP_USER}:\n")
-    (rootfs / "data").mkdir()
+    # /data is the app user's: created by its own COPY --chown (a folder made by the root-owned COPY stays
+    # root's), and not empty, so Docker fills a new named volume from it, ownership included.
+    (context / "data").mkdir()
+    (context / "data" / ".llamacontroller").write_text("the controller's data dir: keys, logs, pid records\n")
     _tmp(rootfs)
+    # `docker compose exec controller llamacontroller ...` (token create, edge ca): the kernel runs the
+    # shebang itself, so no shell is needed; PYTHONPATH and LD_LIBRARY_PATH come from the image's ENV.
+    launcher = rootfs / "usr" / "local" / "bin" / "llamacontroller"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text(f"#!/opt/python/bin/{version}\nfrom controller.cli import main\n\nraise SystemExit(main())\n")
+    launcher.chmod(0o755)
     health = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:11434/healthz', timeout=3)"
     (context / "Dockerfile").write_text(
         "FROM scratch\n"
         "COPY rootfs/ /\n"
-        f"COPY --chown={APP_USER}:{APP_USER} rootfs/data /data\n"
+        f"COPY --chown={APP_USER}:{APP_USER} data /data\n"
         "ENV LD_LIBRARY_PATH=/opt/python/lib PYTHONPATH=/opt/app:/opt/app/site-packages PYTHONDONTWRITEBYTECODE=1 \\\n"
         "    LLAMACONTROLLER_SERVER__DATA_DIR=/data LLAMACONTROLLER_SERVER__LISTEN=0.0.0.0:11434 HOME=/data\n"
         f"USER {APP_USER}\n"

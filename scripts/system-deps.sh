@@ -4,6 +4,7 @@
 #   openssl — the edge tests make a throwaway certificate for `edge.tls.mode: files`.
 #   chromium — the web page's tests drive it with Playwright (never `playwright install`: it downloads).
 #   npm — only where Node.js is missing: bootstrap.sh installs the web page's htmx with it.
+#   docker-compose — the compose.yaml test, where the engine has no `docker compose` plugin.
 #   a Docker Engine — the docker runtime's tests (scripts/docker-engine.sh installs and starts it).
 set -euo pipefail
 need=()
@@ -11,6 +12,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -eq 0 ]; then
   exec "$(dirname "$0")/docker-engine.sh"
 fi

@@ -38,6 +38,19 @@ def llama_server_image(engine: docker.DockerClient) -> str:
     return images.LLAMA_SERVER_IMAGE
 
 
+@pytest.fixture(scope="session")
+def app_image(engine: docker.DockerClient) -> str:
+    """Built once per session, always: it carries this checkout's code."""
+    images.build(["app"], images_source())
+    return images.APP_IMAGE
+
+
+@pytest.fixture(scope="session")
+def edge_image(engine: docker.DockerClient) -> str:
+    images.build(["edge"], images_source())
+    return images.EDGE_IMAGE
+
+
 def images_source() -> Path:
     return Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import docker
 import httpx
-import pytest
 import yaml
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.wait_strategies import HttpWaitStrategy
@@ -19,14 +18,7 @@ from testcontainers.core.wait_strategies import HttpWaitStrategy
 from controller import images
 from controller.config import validate_config
 from controller.runtime.containers import MANAGED
-from tests.docker.conftest import images_source
 from tests.support.server import provision_token
-
-
-@pytest.fixture(scope="module")
-def app_image(engine: docker.DockerClient) -> str:
-    images.build(["app"], images_source())  # always: it carries this checkout's code
-    return images.APP_IMAGE
 
 
 def test_controller_in_a_container_reaches_its_backends_by_name(

@@ -8,7 +8,8 @@ import pytest
 from controller.config import Config, apply_env_overrides, load_config, substitute_env, validate_config
 from controller.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "config"
 
 
 def problems(raw: object) -> list[str]:
@@ -122,3 +123,23 @@ def test_config_every_example_in_config_dir_validates(path: Path) -> None:
 
 def test_config_dir_has_examples() -> None:
     assert sorted(p.name for p in CONFIG_DIR.glob("*.yaml")), "config/ must hold at least one example"
+
+
+def env_example() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
+@pytest.mark.parametrize(
+    ("hostname", "mode", "email"), [("", "internal", ""), ("llm.example.org", "acme", "ops@example.org")]
+)
+def test_config_compose_file_validates_with_the_env_example(hostname: str, mode: str, email: str) -> None:
+    """deploy/compose/llamacontroller.yaml with what compose.yaml passes from .env (blank means not set)."""
+    env = env_example() | {"LLAMACONTROLLER_HOSTNAME": hostname, "TLS_MODE": mode, "ACME_EMAIL": email}
+    env["REDIS_PASSWORD"] = "secret"
+    config = load_config(ROOT / "deploy" / "compose" / "llamacontroller.yaml", env)
+    assert config.runtime.kind == "docker" and config.store.kind == "redis"
+    assert config.runtime.docker.path_map == {"/models": "/srv/models"}
+    assert config.edge.hostname == (hostname or None) and config.edge.tls.mode == mode
+    assert config.edge.tls.email == (email or None)

@@ -1,0 +1,220 @@
+"""compose.yaml for real: brought up on the local engine with the images built here, the real `ollama` client
+over HTTPS through the edge service with a token made the documented way (`docker compose exec controller
+llamacontroller token create`), Gemma 3 270M in a model container, a controller that is killed and comes
+back adopting its model (not duplicating it), and a teardown that leaves nothing behind.
+
+The compose v2 plugin cannot be installed on these machines; Debian's docker-compose 1.29 reads the same
+Compose Specification file (scripts/system-deps.sh installs it). The file has no v1-only keys."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import httpx
+import ollama
+import pytest
+
+from controller.runtime.containers import MANAGED
+from controller.runtime.process import free_port
+from tests.docker.conftest import images_source
+from tests.support.local_images import build_redis_image
+from tests.support.server import require
+
+ROOT = images_source()
+
+
+def compose_command() -> list[str]:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    found = shutil.which("docker-compose")
+    require(found is not None, "neither `docker compose` nor docker-compose is installed (scripts/system-deps.sh)")
+    assert found is not None
+    return [found]
+
+
+@dataclass
+class Project:
+    command: list[str]
+    env_file: Path
+    override: Path
+    name: str
+    https_port: int
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        files = ["-f", str(ROOT / "compose.yaml"), "-f", str(self.override)]
+        result = subprocess.run(
+            [*self.command, "--env-file", str(self.env_file), *files, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+
+def wait_until(check: Callable[[], object], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError, ValueError):  # ValueError: the edge's empty 502 while the app restarts
+            pass
+        assert time.monotonic() < deadline, f"{what} did not happen within {seconds:.0f} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def project(
+    tmp_path_factory: pytest.TempPathFactory,
+    engine: docker.DockerClient,
+    gemma_model: Path,
+    llama_server_image: str,
+    app_image: str,
+    edge_image: str,
+) -> Iterator[Project]:
+    command = compose_command()
+    redis_image = build_redis_image(engine)
+    folder = tmp_path_factory.mktemp("compose")
+    models = folder / "models"
+    models.mkdir()
+    shutil.copy(gemma_model, models / "gemma3-270m.gguf")
+    name = f"lc-compose-{secrets.token_hex(3)}"
+    password = secrets.token_hex(16)
+    https_port = free_port()
+    settings = {
+        "MODELS_DIR": str(models),
+        "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+        "REDIS_PASSWORD": password,
+        "HTTPS_PORT": str(https_port),
+        "HTTP_PORT": str(free_port()),
+        "GPUS": "none",
+        "APP_IMAGE": app_image,
+        "EDGE_IMAGE": edge_image,
+        "LLAMA_SERVER_IMAGE": llama_server_image,
+        "REDIS_IMAGE": redis_image,
+        "COMPOSE_PROJECT_NAME": name,
+        "COMPOSE_NETWORK": name,
+    }
+    env_file = folder / ".env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+    # Test only: the Redis image here is Debian's redis-server FROM scratch, whose entrypoint is the server
+    # itself; the official image's `command` in compose.yaml starts with "redis-server". Same flags.
+    override = folder / "override.yaml"
+    override.write_text(
+        "services:\n  redis:\n    entrypoint: ['/usr/bin/redis-server']\n"
+        f"    command: ['--bind', '0.0.0.0', '--dir', '/data', '--appendonly', 'yes', '--requirepass', '{password}']\n"
+    )
+    chosen = Project(command, env_file, override, name, https_port)
+    try:
+        chosen.run("up", "-d")
+        wait_until(lambda: httpx.get(f"{chosen.url}/readyz", verify=False).status_code == 200, 120, "the edge")
+        yield chosen
+    finally:
+        chosen.run("down", "-v", "--remove-orphans", check=False)
+        leftovers = engine.containers.list(all=True, filters={"label": f"com.docker.compose.project={name}"})
+        leftovers += engine.containers.list(all=True, filters={"label": f"{MANAGED}=true", "network": name})
+        for container in leftovers:
+            container.remove(force=True)
+        for volume in engine.volumes.list(filters={"label": f"com.docker.compose.project={name}"}):
+            volume.remove(force=True)
+        for network in engine.networks.list(names=[name]):
+            network.remove()
+
+
+def exec_controller(project: Project, *args: str) -> str:
+    return project.run("exec", "-T", "controller", "llamacontroller", *args).stdout
+
+
+@pytest.fixture(scope="module")
+def access(project: Project) -> tuple[str, ssl.SSLContext]:
+    """A token and trust in the edge's local CA, made the way docs/deployment.md says."""
+    output = exec_controller(project, "token", "create", "--name", "compose-test")
+    token = re.findall(r"lc_[A-Za-z0-9_-]+", output)[-1]
+    pem = exec_controller(project, "edge", "ca")
+    assert "BEGIN CERTIFICATE" in pem
+    return token, ssl.create_default_context(cadata=pem)
+
+
+SEEN: set[str] = set()  # every model container this module saw, to be gone after `down`
+
+
+def model_containers(engine: docker.DockerClient, project: Project) -> list[str]:
+    found = engine.containers.list(filters={"label": f"{MANAGED}=true", "network": project.name})
+    SEEN.update(container.id for container in found)
+    return sorted(container.id for container in found)
+
+
+def test_compose_first_start_prints_the_admin_password_once(project: Project) -> None:
+    logs = project.run("logs", "controller").stdout
+    assert len(re.findall(r"created user 'admin' with password: \S+", logs)) == 1
+
+
+def test_compose_ollama_client_over_https(project: Project, access: tuple[str, ssl.SSLContext]) -> None:
+    token, trust = access
+    with ollama.Client(host=project.url, verify=trust, headers={"Authorization": f"Bearer {token}"}) as client:
+        names = [model.model for model in client.list().models]
+        assert names == ["gemma3-270m:latest"]
+        options = {"num_predict": 8, "temperature": 0}
+        reply = client.chat(names[0], messages=[{"role": "user", "content": "Say hi."}], options=options)
+        assert reply.message.content and reply.done
+        pieces = list(client.chat(names[0], messages=[{"role": "user", "content": "Hi"}], options=options, stream=True))
+        assert len(pieces) > 1 and pieces[-1].done
+        embedded = client.embed(names[0], input=["one", "two"])
+        assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) > 100
+        assert [m.model for m in client.ps().models] == names
+    refused = httpx.get(f"{project.url}/api/tags", verify=trust)
+    assert refused.status_code == 401 and "error" in refused.json()
+
+
+def test_compose_controller_killed_comes_back_and_adopts_its_model(
+    project: Project, access: tuple[str, ssl.SSLContext], engine: docker.DockerClient
+) -> None:
+    token, trust = access
+    headers = {"Authorization": f"Bearer {token}"}
+    httpx.post(f"{project.url}/control/v1/models/gemma3-270m/load", headers=headers, verify=trust, timeout=120)
+    before = model_containers(engine, project)
+    assert len(before) == 1
+    project.run("kill", "controller")  # SIGKILL: its model container keeps running
+    meanwhile = httpx.post(f"{project.url}/api/chat", json={"model": "gemma3-270m"}, headers=headers, verify=trust)
+    assert meanwhile.status_code == 503, "the edge answers for an app it cannot reach"
+    assert "not reachable" in meanwhile.json()["error"], "in the Ollama client's shape"
+    project.run("up", "-d", "controller")
+    wait_until(
+        lambda: httpx.get(f"{project.url}/api/ps", headers=headers, verify=trust).json().get("models"), 90, "adoption"
+    )
+    assert model_containers(engine, project) == before, "adopted, not started again"
+    chat = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Hi"}], "stream": False}
+    reply = httpx.post(f"{project.url}/api/chat", json=chat, headers=headers, verify=trust, timeout=120)
+    assert reply.status_code == 200 and model_containers(engine, project) == before
+
+
+def test_compose_down_leaves_nothing_behind(project: Project, engine: docker.DockerClient) -> None:
+    """Last in this module: `down` stops the controller (which removes its model containers), then the
+    services and the network; the named volumes stay until `down -v`."""
+    project.run("down")
+    label = f"com.docker.compose.project={project.name}"
+    assert engine.containers.list(all=True, filters={"label": label}) == []
+    remaining = {container.id for container in engine.containers.list(all=True)}
+    assert SEEN and not SEEN & remaining, "the controller removed its model containers when it stopped"
+    assert engine.networks.list(names=[project.name]) == []
+    volumes = [v.name for v in engine.volumes.list(filters={"label": label})]
+    assert sorted(volumes) == sorted(f"{project.name}_{v}" for v in ("controller-data", "edge-data", "redis-data"))
+    project.run("down", "-v")
+    assert engine.volumes.list(filters={"label": label}) == []
