@@ -1,7 +1,7 @@
 # One entry point. `make serve` runs the embedded default on a real model; `make test` runs everything.
 VENV := .venv/bin
 
-.PHONY: serve test test-fast lint fix bench bench-builds bench-edge bench-docker bench-web install install-test
+.PHONY: serve test test-fast lint fix bench bench-builds bench-edge bench-docker bench-web load install install-test
 
 install:
 	scripts/bootstrap.sh demo
@@ -31,6 +31,7 @@ fix: install-test
 bench: install-test
 	$(VENV)/python -m tests.bench.bench_lifecycle --gemma
 	$(VENV)/python -m tests.bench.bench_gateway --gemma $(ARGS)
+	$(VENV)/python -m tests.bench.bench_chunk_cpu
 
 bench-builds: install-test
 	$(VENV)/python -m tests.bench.bench_llama_builds --gemma $(ARGS)
@@ -43,3 +44,7 @@ bench-docker: install-test
 
 bench-web: install-test
 	$(VENV)/python -m tests.bench.bench_web $(ARGS)
+
+# Load and soak runs (bounded, loopback only; not part of `make test`): prints tables, exit 1 on a missed target.
+load: install-test
+	$(VENV)/python -m tests.load.load $(ARGS)

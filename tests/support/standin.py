@@ -20,10 +20,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+
+# Seconds between streamed events; a load test paces its stand-ins like a model generating tokens.
+TOKEN_INTERVAL = float(os.environ.get("STANDIN_TOKEN_INTERVAL", "0.001"))
 
 
 @dataclass
@@ -109,7 +113,7 @@ class StandIn:
             data = f"data: {event}\n\n".encode()
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             await writer.drain()
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(TOKEN_INTERVAL)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return False
