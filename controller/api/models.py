@@ -9,7 +9,7 @@ from typing import Any
 
 from quart import Blueprint, Response, current_app, request
 
-from controller.api.sse import SSE_HEADERS, sse_stream
+from controller.api.sse import sse_response, sse_stream
 from controller.errors import BadRequest
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
@@ -121,9 +121,7 @@ async def model_logs(name: str) -> Response | dict[str, Any]:
             async for event in sse_stream(queue):
                 yield event
 
-    response = Response(stream(), headers=SSE_HEADERS)
-    response.timeout = None
-    return response
+    return sse_response(stream())
 
 
 @blueprint.get("/events")
@@ -139,6 +137,4 @@ async def events() -> Response:
             async for event in sse_stream(queue):
                 yield event
 
-    response = Response(stream(), headers=SSE_HEADERS)
-    response.timeout = None
-    return response
+    return sse_response(stream())

@@ -7,6 +7,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from quart import Response
+
 HEARTBEAT_SECONDS = 15.0
 
 
@@ -22,3 +24,10 @@ async def sse_stream(queue: asyncio.Queue[Any], encode: Callable[[Any], str] = j
 
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_response(stream: AsyncIterator[bytes]) -> Response:
+    """A streamed event response: no buffering by proxies, no time limit."""
+    response = Response(stream, headers=SSE_HEADERS)
+    response.timeout = None
+    return response

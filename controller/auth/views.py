@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from quart import Blueprint, Response, current_app, jsonify, request
+from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
 from controller.auth.asgi import auth_headers, identity_of
 from controller.auth.service import SESSION_COOKIE, AuthService
@@ -33,6 +34,17 @@ def _client() -> str:
     return str(client[0])
 
 
+def set_session_cookie(response: SansIOResponse, cookie: str, ttl: float) -> None:
+    """The session cookie: HTTPS only, out of reach of scripts, never sent by other sites."""
+    response.set_cookie(
+        SESSION_COOKIE, cookie, max_age=int(ttl), httponly=True, secure=True, samesite="Strict", path="/"
+    )
+
+
+def clear_session_cookie(response: SansIOResponse) -> None:
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+
+
 @blueprint.post("/login")
 async def login() -> Response:
     """``{"username", "password"}`` as JSON or a form. Sets a fresh HttpOnly, Secure, SameSite cookie."""
@@ -45,15 +57,7 @@ async def login() -> Response:
     except AuthError as exc:
         return _error(exc, request.path)
     response = jsonify({"user": user.name, "role": user.role, "csrf_token": service.csrf_token(cookie)})
-    response.set_cookie(
-        SESSION_COOKIE,
-        cookie,
-        max_age=int(service.settings.session_ttl),
-        httponly=True,
-        secure=True,
-        samesite="Strict",
-        path="/",
-    )
+    set_session_cookie(response, cookie, service.settings.session_ttl)
     return response
 
 
@@ -61,7 +65,7 @@ async def login() -> Response:
 async def logout() -> Response:
     await _service().logout(identity_of(request.scope))
     response = jsonify({"signed_out": True})
-    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+    clear_session_cookie(response)
     return response
 
 

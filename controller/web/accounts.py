@@ -7,7 +7,7 @@ from typing import Any
 from quart import Response, redirect, request
 
 from controller.auth.identity import ALL_SCOPES, Scope
-from controller.auth.service import SESSION_COOKIE
+from controller.auth.views import clear_session_cookie, set_session_cookie
 from controller.errors import BadRequest, LlamaControllerError, RateLimited, Unauthenticated
 from controller.store.base import Role
 from controller.web.base import Viewer, blueprint, page, service, viewer
@@ -46,15 +46,7 @@ async def login() -> Any:
     except Unauthenticated:
         return await render("login.html", None, next=target, error="Wrong user name or password."), 401
     response = redirect(target, 303)
-    response.set_cookie(
-        SESSION_COOKIE,
-        cookie,
-        max_age=int(service().settings.session_ttl),
-        httponly=True,
-        secure=True,
-        samesite="Strict",
-        path="/",
-    )
+    set_session_cookie(response, cookie, service().settings.session_ttl)
     return response
 
 
@@ -63,7 +55,7 @@ async def login() -> Any:
 async def logout(me: Viewer) -> Any:
     await service().logout(me.identity)
     response = redirect("/ui/login", 303)
-    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+    clear_session_cookie(response)
     return response
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +10,7 @@ import yaml
 from quart import Response, current_app, redirect, render_template, stream_with_context
 
 from controller import __version__
-from controller.api.sse import HEARTBEAT_SECONDS
+from controller.api.sse import HEARTBEAT_SECONDS, sse_response, sse_stream
 from controller.api.system import llama_server_facts
 from controller.auth.identity import Scope
 from controller.config import Config
@@ -105,9 +104,7 @@ async def events(me: Viewer) -> Response:
                 data = "".join(f"data: {line}\n" for line in html.strip().splitlines())
                 yield f"event: {row_id(row.name)}\n{data}\n".encode()
 
-    response = Response(stream(), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    response.timeout = None
-    return response
+    return sse_response(stream())
 
 
 @blueprint.get("/models/<name>/logs")
@@ -129,17 +126,10 @@ async def log_stream(me: Viewer, name: str) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         with found.logbook.subscription(entry.key) as queue:
             yield b": connected\n\n"
-            while True:
-                try:
-                    line = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
-                except TimeoutError:
-                    yield b": ping\n\n"
-                    continue
-                yield f"data: {json.dumps(line)}\n\n".encode()
+            async for event in sse_stream(queue):
+                yield event
 
-    response = Response(stream(), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    response.timeout = None
-    return response
+    return sse_response(stream())
 
 
 @blueprint.get("/models/<name>/logs/download")
