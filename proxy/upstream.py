@@ -272,9 +272,8 @@ class Upstream:
 
     async def _connect(self, address: Address) -> _Connection:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(*address, limit=_HEAD_LIMIT), self.timeouts.connect
-            )
+            async with asyncio.timeout(self.timeouts.connect):
+                reader, writer = await asyncio.open_connection(*address, limit=_HEAD_LIMIT)
         except (OSError, TimeoutError) as exc:
             raise UpstreamError("the model's backend refused the connection (it may have just stopped)") from exc
         sock = writer.get_extra_info("socket")
@@ -320,7 +319,8 @@ class Upstream:
     async def _exchange(self, connection: _Connection, request: bytes, method: str) -> UpstreamResponse:
         try:
             connection.writer.write(request)
-            await asyncio.wait_for(connection.writer.drain(), self.timeouts.write)
+            async with asyncio.timeout(self.timeouts.write):
+                await connection.writer.drain()
         except TimeoutError as exc:
             what = f"take the request within {self.timeouts.write:g}s"
             raise UpstreamTimeout(f"the model's backend did not {what}") from exc
@@ -329,7 +329,8 @@ class Upstream:
         reader = connection.reader
         while True:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeouts.response)
+                async with asyncio.timeout(self.timeouts.response):
+                    head = await reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError as exc:
                 if not exc.partial:
                     raise _NothingRead(_describe(exc)) from exc

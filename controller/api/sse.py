@@ -16,7 +16,8 @@ async def sse_stream(queue: asyncio.Queue[Any], encode: Callable[[Any], str] = j
     """Yield ``data:`` events for each queue item, and ``: ping`` when nothing happened for a while."""
     while True:
         try:
-            item = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+            async with asyncio.timeout(HEARTBEAT_SECONDS):
+                item = await queue.get()
         except TimeoutError:
             yield b": ping\n\n"
             continue

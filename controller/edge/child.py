@@ -139,7 +139,8 @@ class CaddyChild:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.to_thread(process.wait)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)

@@ -110,4 +110,5 @@ class EdgeSync:
                 delay = min(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)], self._interval)
                 failures += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()

@@ -174,7 +174,8 @@ class ManagedModel(ModelOwner):
     async def wait_progress(self, timeout: float) -> None:
         """Until it serves a request or gives its slot up (or ``timeout``: a failed load sets nothing)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._progress.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._progress.wait()
 
     def reserve(self) -> None:
         """The supervisor's admission granted this model a slot: have it running."""

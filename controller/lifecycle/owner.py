@@ -38,14 +38,23 @@ Probe = Callable[[Backend, float], Awaitable[bool]]
 SpecFactory = Callable[[Requirements], LaunchSpec]
 Publish = Callable[[dict[str, Any]], None]
 
+CANCEL_RETRY_SECONDS = 0.5
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` and wait until it has really ended (a cancelled task still runs until it yields)."""
-    if task is None or task.done():
+
+async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has really ended (a cancelled task still runs until it yields).
+
+    The cancellation is repeated while the task runs on: Python 3.11's ``asyncio.wait_for`` swallows one that
+    arrives just as what it awaits completes, and the liveness task, so cancelled mid-probe, went on probing
+    while the stop that waited for it hung forever (a model stuck in "stopping", its backend left running).
+    The caller's own cancellation is never swallowed here."""
+    if task is None:
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_SECONDS)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error of a task being stopped is of no interest
 
 
 class ModelOwner:

@@ -303,7 +303,8 @@ class ProcessRuntime:
             return
         self._signal(record.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(self._wait_gone(record, proc), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wait_gone(record, proc)
         except TimeoutError:
             log.warning("llama-server for %s ignored SIGTERM for %.0fs; killing it", record.model, timeout)
             self._signal(record.pid, signal.SIGKILL)

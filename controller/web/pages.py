@@ -92,7 +92,8 @@ async def events(me: Viewer) -> Response:
             yield b": connected\n\n"
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+                    async with asyncio.timeout(HEARTBEAT_SECONDS):
+                        event = await queue.get()
                 except TimeoutError:
                     yield b": ping\n\n"
                     continue

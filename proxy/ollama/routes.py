@@ -173,7 +173,8 @@ class OllamaRoutes:
 
         self._background.spawn(unload(), f"unload:{name}")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), _UNLOAD_WAIT)
+            async with asyncio.timeout(_UNLOAD_WAIT):
+                await done.wait()
 
     async def _load_only(
         self, directory: Restricted, send: Send, request: Common, kind: Literal["chat", "generate"]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from controller.errors import BackendStartFailed, ShuttingDown
+from controller.lifecycle.owner import cancel_and_wait
 from controller.lifecycle.state import State
 from controller.runtime.base import Backend
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
@@ -211,3 +212,31 @@ async def test_supervisor_models_contending_for_one_slot_each_get_served(tmp_pat
     rounds = [order[i : i + 4] for i in range(0, 12, 4)]
     assert all(sorted(each) == list("abcd") for each in rounds), order
     await supervisor.close()
+
+
+async def test_cancel_and_wait_ends_a_task_that_swallowed_its_cancellation() -> None:
+    """Python 3.11's asyncio.wait_for, cancelled just as what it awaited completed, returns the result and drops
+    the cancellation. The liveness task then probed on, and the stop waiting for it hung forever (CI: a model
+    stuck in "stopping", its llama-server orphaned). cancel_and_wait cancels again until the task ends."""
+    probes = 0
+
+    async def liveness() -> None:
+        nonlocal probes
+        swallowed = False
+        while True:
+            probes += 1
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True  # what wait_for did with the first one
+
+    task = asyncio.create_task(liveness())
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(cancel_and_wait(task))
+    await asyncio.wait({stopping}, timeout=5)  # waits without cancelling anything itself
+    ended = stopping.done() and task.cancelled()
+    for leftover in (stopping, task):
+        leftover.cancel()
+    assert ended, f"the task still runs ({probes} probes): the stop waiting for it would hang"

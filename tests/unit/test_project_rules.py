@@ -65,3 +65,17 @@ def test_rules_no_shell_strings_in_product_code() -> None:
         for path in (ROOT / package).rglob("*.py"):
             text = path.read_text()
             assert "shell=True" not in text and "os.system(" not in text and "os.popen(" not in text, path
+
+
+def test_rules_no_asyncio_wait_for() -> None:
+    """Python 3.11's asyncio.wait_for swallows a cancellation that arrives as what it awaits completes (a
+    cancelled liveness probe went on probing, and the stop waiting for it hung). asyncio.timeout does not."""
+    for folder in ("controller", "proxy"):
+        for path in (ROOT / folder).rglob("*.py"):
+            calls = [
+                node.lineno
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+                and isinstance(node.value, ast.Name) and node.value.id == "asyncio"
+            ]  # fmt: skip
+            assert not calls, f"{path.relative_to(ROOT)}:{calls}: use `async with asyncio.timeout(...)`"
