@@ -76,7 +76,10 @@ def _banner(config: Config) -> None:
     if config.edge.enabled:
         from controller.edge.edge import https_url
 
-        print(f"  HTTPS (Caddy edge): {https_url(config)}   trust its CA: llamacontroller edge ca --output ca.pem")
+        where = https_url(config)
+        if not config.edge.supervise and not config.edge.hostname:  # Caddy in its own container (compose)
+            where = f"{config.edge.admin.rpartition(':')[0]} listening on {config.edge.listen} (its published port)"
+        print(f"  HTTPS (Caddy edge): {where}   trust its CA: llamacontroller edge ca --output ca.pem")
     if config.runtime.kind == "docker":
         print(f"  runtime: docker, llama-server image {config.runtime.docker.image}")
     else:

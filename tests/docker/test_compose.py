@@ -164,6 +164,7 @@ def model_containers(engine: docker.DockerClient, project: Project) -> list[str]
 def test_compose_first_start_prints_the_admin_password_once(project: Project) -> None:
     logs = project.run("logs", "controller").stdout
     assert len(re.findall(r"created user 'admin' with password: \S+", logs)) == 1
+    assert "HTTPS (Caddy edge): edge listening on 0.0.0.0:443 (its published port)" in logs, "not 127.0.0.1"
 
 
 def test_compose_ollama_client_over_https(project: Project, access: tuple[str, ssl.SSLContext]) -> None:
