@@ -9,6 +9,24 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+CANCEL_RETRY_SECONDS = 0.5
+
+
+async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has really ended (a cancelled task still runs until it yields).
+
+    The cancellation is repeated while the task runs on: Python 3.11's ``asyncio.wait_for`` swallows one that
+    arrives just as what it awaits completes, and the liveness task, so cancelled mid-probe, went on probing
+    while the stop that waited for it hung forever (a model stuck in "stopping", its backend left running).
+    The caller's own cancellation is never swallowed here."""
+    if task is None:
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_SECONDS)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error of a task being stopped is of no interest
+
 
 class Background:
     def __init__(self) -> None:

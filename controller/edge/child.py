@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.edge.admin import EdgeError
+from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,4 @@ class CaddyChild:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 await asyncio.to_thread(process.wait)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

@@ -19,6 +19,7 @@ from typing import Any
 
 from controller.edge.admin import CaddyAdmin, EdgeError
 from controller.edge.render import EdgeSettings, render
+from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,7 @@ class EdgeSync:
         self._task = asyncio.create_task(self._run(), name="edge-sync")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self.admin.close()
 
     async def push(self) -> None:

@@ -27,6 +27,7 @@ from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, chec
 from controller.lifecycle.usage import Usage
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
+from proxy.background import cancel_and_wait
 
 log = logging.getLogger("controller.lifecycle.model")
 
@@ -37,24 +38,6 @@ STABLE_AFTER = 30.0  # a backend that ran this long resets the failure count (no
 Probe = Callable[[Backend, float], Awaitable[bool]]
 SpecFactory = Callable[[Requirements], LaunchSpec]
 Publish = Callable[[dict[str, Any]], None]
-
-CANCEL_RETRY_SECONDS = 0.5
-
-
-async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
-    """Cancel ``task`` and wait until it has really ended (a cancelled task still runs until it yields).
-
-    The cancellation is repeated while the task runs on: Python 3.11's ``asyncio.wait_for`` swallows one that
-    arrives just as what it awaits completes, and the liveness task, so cancelled mid-probe, went on probing
-    while the stop that waited for it hung forever (a model stuck in "stopping", its backend left running).
-    The caller's own cancellation is never swallowed here."""
-    if task is None:
-        return
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=CANCEL_RETRY_SECONDS)
-    if not task.cancelled():
-        task.exception()  # retrieved: an error of a task being stopped is of no interest
 
 
 class ModelOwner:

@@ -31,6 +31,7 @@ from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LogBook, read_log, rotated
+from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,7 @@ class _FileTail:
             await asyncio.sleep(_TAIL_INTERVAL)
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         self.read_new()
         if self._partial:
             self._logbook.append(self._model, self._partial.decode("utf-8", "replace"))
