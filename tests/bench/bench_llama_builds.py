@@ -16,13 +16,13 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 from controller.runtime.process import free_port
 from controller.settings import find_llama_server
+from tests.support.server import answers
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. " * 4
 
@@ -35,17 +35,9 @@ def measure(binary: str, model: Path, rounds: int) -> dict[str, float | str]:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"{binary} did not start:\n{log.read().decode(errors='replace')[-2000:]}")
-                time.sleep(0.05)
+            if not answers(f"{url}/health", process, 120):
+                log.seek(0)
+                raise RuntimeError(f"{binary} did not start:\n{log.read().decode(errors='replace')[-2000:]}")
             prompt_speed, gen_speed = [], []
             for index in range(rounds + 1):
                 body = {

@@ -23,7 +23,7 @@ import psutil
 import yaml
 
 from controller.config import validate_config
-from tests.support.server import bearer, provision_token, run_sync
+from tests.support.server import answers, bearer, provision_token, run_sync
 
 STANDIN = "tests.support.standin"
 failures: list[str] = []  # targets missed, over all runs
@@ -71,16 +71,8 @@ class Controller:
         log = (self.folder / "serve.log").open("ab")
         command = [sys.executable, "-m", "controller", "serve", "--config", str(self.config_path)]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not start: see {self.folder / 'serve.log'}")
-            time.sleep(0.05)
+        if not answers(f"{self.url}/readyz", self.process, 60):
+            raise RuntimeError(f"serve did not start: see {self.folder / 'serve.log'}")
         self._stop_sampling.clear()
         self._sampler = threading.Thread(target=self._sample, args=(self.process.pid,), daemon=True)
         self._sampler.start()

@@ -197,6 +197,20 @@ class ServeProcess:
         return target
 
 
+def answers(url: str, process: subprocess.Popen[Any], seconds: float) -> bool:
+    """Poll ``url`` until it answers 200 (True); False once ``process`` has exited or the time is up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 @contextmanager
 def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve") -> Iterator[ServeProcess]:
     """`llamacontroller serve --config ...` as a real process; stopped with SIGTERM (or already killed)."""
@@ -215,16 +229,8 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
     http = httpx.Client(base_url=url, headers=bearer(token), timeout=120)
     served = ServeProcess(process, url, log_path, token, http, config_path, config)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not become ready:\n{served.output()}")
-            time.sleep(0.05)
+        if not answers(f"{url}/readyz", process, 60):
+            raise RuntimeError(f"serve did not become ready:\n{served.output()}")
         yield served
     finally:
         served.http.close()
