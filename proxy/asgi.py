@@ -68,8 +68,18 @@ async def send_response(
     await send({"type": "http.response.body", "body": body})
 
 
+# One encoder for every answer: json.dumps with any non-default argument builds a new encoder per call, which
+# cost 1.4 µs of the 4.8 µs per Ollama line on the streaming path.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def compact_json(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON (no spaces, non-ASCII kept as is)."""
+    return _COMPACT.encode(value).encode()
+
+
 async def send_json(send: Send, status: int, value: Any, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    body = compact_json(value)
     await send_response(send, status, body, b"application/json; charset=utf-8", extra)
 
 

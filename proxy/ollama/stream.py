@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from proxy import measure
@@ -23,9 +23,18 @@ log = logging.getLogger(__name__)
 DONE = object()  # the upstream's ``data: [DONE]``
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second and its formatted date and time
+
+
 def created_at() -> str:
-    """RFC 3339 in UTC with fractional seconds, as Go's RFC3339Nano writes it."""
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    """RFC 3339 in UTC with microseconds, like Go's RFC3339Nano; the date and time are formatted once a second
+    (one line per streamed token asks for it)."""
+    global _second
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
 
 
 class SSEParser:

@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy import measure
+from proxy.asgi import compact_json
 from proxy.upstream import Upstream
 
-
-def encode(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+encode = compact_json
 
 
 def json_or_error(payload: bytes) -> Any:

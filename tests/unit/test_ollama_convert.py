@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 import pytest
@@ -298,3 +299,16 @@ def test_stream_output_is_json_per_line() -> None:
     for event in feed_in_pieces(CHAT_STREAM, 9):
         for line in accumulator.feed(event):
             assert "\n" not in json.dumps(line)
+
+
+def test_created_at_is_rfc3339_utc_now_with_microseconds() -> None:
+    from datetime import UTC, datetime
+
+    from proxy.ollama.stream import created_at
+
+    stamps = [created_at() for _ in range(3)]
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert abs((datetime.now(UTC) - moment).total_seconds()) < 5
+    assert stamps == sorted(stamps)
