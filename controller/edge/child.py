@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.edge.admin import EdgeError
+from controller.runtime.process import spawn_detached
 from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,7 @@ class CaddyChild:
             "HOME": str(self._home),
         }
         with self.log_path.open("ab") as log_file:
-            # Popen (not the loop's subprocess API): a child must never inherit the app's listening socket.
-            return subprocess.Popen(
-                [self._binary, "run", "--config", str(bootstrap)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-            )
+            return spawn_detached([self._binary, "run", "--config", str(bootstrap)], log_file, env)
 
     async def start(self) -> None:
         self._process = self._spawn()
