@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,7 +9,7 @@ import yaml
 from quart import Response, current_app, redirect, render_template, stream_with_context
 
 from controller import __version__
-from controller.api.sse import HEARTBEAT_SECONDS, sse_response, sse_stream
+from controller.api.sse import PING, heartbeat, sse_response, sse_stream
 from controller.api.system import llama_server_facts
 from controller.auth.identity import Scope
 from controller.config import Config
@@ -90,11 +89,8 @@ async def events(me: Viewer) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         with bus.subscription(lambda event: event.get("type") == "model_state" and allowed(event["model"])) as queue:
             yield b": connected\n\n"
-            while True:
-                try:
-                    async with asyncio.timeout(HEARTBEAT_SECONDS):
-                        event = await queue.get()
-                except TimeoutError:
+            async for event in heartbeat(queue):
+                if event is PING:
                     yield b": ping\n\n"
                     continue
                 try:
