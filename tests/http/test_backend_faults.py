@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from quart.typing import TestClientProtocol as Client
 
-from controller.app import create_app
 from controller.runtime.fake import FakeRuntime
-from tests.support.harness import fake_config
+from tests.support.harness import fake_app, fake_config
 from tests.support.scripted_http import Exchange, ScriptedServer, response
 
 STALL = 0.5
@@ -81,7 +80,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     backend = Backend()
     async with ScriptedServer(backend) as server:
         runtime = FakeRuntime(backend_url=server.url)
-        app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+        app = fake_app(config, runtime)
         async with app.test_app():
             yield World(app.test_client(), backend)
             for hang in backend.hangs:

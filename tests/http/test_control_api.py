@@ -10,9 +10,8 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.app import create_app
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
-from tests.support.harness import fake_config
+from tests.support.harness import fake_app, fake_config
 
 
 @pytest.fixture
@@ -25,7 +24,7 @@ async def app(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Quart]:
     )
     Path(config.models["broken"].path).write_bytes(b"definitely not gguf")
     runtime = FakeRuntime({"b:latest": FakeBehaviour(fail_start="llama-server exited with code 1")})
-    application = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+    application = fake_app(config, runtime)
     application.extensions["fake_runtime"] = runtime
     async with application.test_app():
         yield application

@@ -16,10 +16,9 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.app import create_app
 from controller.runtime.fake import FakeRuntime
 from controller.runtime.process import free_port
-from tests.support.harness import fake_config
+from tests.support.harness import fake_app, fake_config
 from tests.support.server import running_app
 from tests.support.standin import StandIn
 
@@ -37,7 +36,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     )
     async with StandIn(context_chars=200, batch_tokens=16) as standin:
         runtime = FakeRuntime(backend_url=standin.url)
-        app: Quart = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+        app: Quart = fake_app(config, runtime)
         async with app.test_app():
             yield World(app.test_client(), standin)
 

@@ -18,10 +18,9 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.app import create_app
 from controller.auth.service import AuthService
 from controller.runtime.fake import FakeRuntime
-from tests.support.harness import fake_config
+from tests.support.harness import fake_app, fake_config
 from tests.support.standin import StandIn
 
 FORBIDDEN_B = "these credentials may not use model 'b'"
@@ -47,7 +46,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     )
     async with StandIn() as standin:
         runtime = FakeRuntime(backend_url=standin.url)
-        app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+        app = fake_app(config, runtime)
         async with app.test_app():
             service: AuthService = app.extensions["llamacontroller.auth"]
             await service.add_user("root", "root-password", "admin", "tests")

@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.app import create_app
 from controller.runtime.fake import FakeRuntime
-from tests.support.harness import fake_config
+from tests.support.harness import fake_app, fake_config
 
 
 @pytest.fixture
@@ -28,7 +27,7 @@ async def app(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Quart]:
         scheduling={"max_loaded_models": 2},
     )
     runtime = FakeRuntime()
-    application = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+    application = fake_app(config, runtime)
     async with application.test_app():
         yield application
 

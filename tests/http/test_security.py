@@ -17,7 +17,6 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.app import create_app
 from controller.auth import secrets as auth_secrets
 from controller.auth.secrets import digest, new_token, sign_claims
 from controller.auth.service import AuthService
@@ -25,7 +24,7 @@ from controller.config import validate_config
 from controller.errors import ConfigError
 from controller.runtime.fake import FakeRuntime
 from controller.store.base import TokenRecord
-from tests.support.harness import fake_config
+from tests.support.harness import fake_app, fake_config
 
 
 @dataclass
@@ -49,7 +48,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         auth={"enabled": True, "token_cache_ttl": 0.2, "login_max_failures": 3, "identity_ttl": 1},
     )
     runtime = FakeRuntime()
-    app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+    app = fake_app(config, runtime)
     async with app.test_app():
         service: AuthService = app.extensions["llamacontroller.auth"]
         await service.add_user("root", "root-password", "admin", "tests")
@@ -404,7 +403,7 @@ async def test_security_first_start_creates_admin_once(
     config = fake_config(tmp_path, tiny_model, {"a": {}}, auth={"enabled": True})
     runtime = FakeRuntime()
     for run in range(2):
-        app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+        app = fake_app(config, runtime)
         async with app.test_app():
             pass
         out = capsys.readouterr().out
@@ -413,7 +412,7 @@ async def test_security_first_start_creates_admin_once(
             assert len(password) >= 16 and password not in caplog.text
         else:
             assert "password" not in out, "printed once only"
-    service_app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+    service_app = fake_app(config, runtime)
     async with service_app.test_app():
         response = await service_app.test_client(use_cookies=False).post(
             "/auth/login", json={"username": "admin", "password": password}

@@ -12,11 +12,10 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.app import create_app
 from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
 from controller.web.present import redact, safe_next, size, until
-from tests.support.harness import fake_config
+from tests.support.harness import fake_app, fake_config
 from tests.support.standin import StandIn
 
 
@@ -38,7 +37,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     )
     async with StandIn() as standin:
         runtime = FakeRuntime(backend_url=standin.url)
-        app = create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+        app = fake_app(config, runtime)
         async with app.test_app():
             service: AuthService = app.extensions["llamacontroller.auth"]
             await service.add_user("root", "root-password", "admin", "tests")

@@ -6,6 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from quart import Quart
+
+from controller.app import create_app
 from controller.catalog import Catalog
 from controller.config import Config, validate_config
 from controller.lifecycle.supervisor import Supervisor
@@ -41,3 +44,8 @@ def fake_supervisor(config: Config, runtime: FakeRuntime | None = None) -> tuple
     supervisor = Supervisor(config, runtime, Catalog(config), LogBook(), runtime.probe, events.append)
     supervisor.events = events  # type: ignore[attr-defined]
     return supervisor, runtime
+
+
+def fake_app(config: Config, runtime: FakeRuntime) -> Quart:
+    """The whole app over ``runtime`` (its own probe; a llama-server path that is never run)."""
+    return create_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
