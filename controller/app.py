@@ -145,11 +145,15 @@ def create_app(
 
 
 def make_runtime(config: Config, logbook: LogBook, binary: Callable[[], str]) -> Runtime:
-    """The runtime ``runtime.kind`` names (the docker SDK is imported only when it is used)."""
+    """The runtime ``runtime.kind`` names (the docker SDK and the Kubernetes client are imported only when used)."""
     if config.runtime.kind == "docker":
         from controller.runtime.docker import DockerRuntime
 
         return DockerRuntime(config, logbook, instance_id(config.data_dir))
+    if config.runtime.kind == "kubernetes":
+        from controller.runtime.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(config, logbook, instance_id(config.data_dir))
     return ProcessRuntime(config.data_dir, logbook, binary)
 
 

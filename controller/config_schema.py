@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from controller.errors import InvalidModelName
 from controller.names import validate_model_name
@@ -100,11 +100,68 @@ class DockerConfig(_Strict):
     path_map: dict[str, str] = Field(default_factory=dict)
 
 
+class PodResources(_Strict):
+    """A container's ``resources`` as Kubernetes writes them: quantities by resource name ("8Gi", "2")."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+class PodSettings(_Strict):
+    """Where and with what the kubernetes runtime schedules one model's pod (per model, over the runtime's)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    resources: PodResources = Field(default_factory=PodResources)
+    runtime_class_name: str | None = None  # e.g. "nvidia" where the cluster needs it for GPUs
+    gpu_count: int | None = Field(default=None, ge=0)  # GPUs for gpus: auto|all (a list asks for its length)
+
+
+class ModelsVolume(_Strict):
+    """The models as backend pods see them: a PersistentVolumeClaim (ReadOnlyMany) or a node's directory."""
+
+    claim_name: str | None = None
+    host_path: str | None = None
+    sub_path: str = ""
+    # Where the controller itself sees the same files: a model's path relative to this is its path in the pod.
+    mount_path: Path = Path("/models")
+
+
+class KubernetesConfig(PodSettings):
+    """``runtime.kind: kubernetes``: one Deployment and one ClusterIP Service per loaded model."""
+
+    namespace: str | None = None  # default: the controller's own (in a pod), else the kubeconfig context's
+    kubeconfig: Path | None = None  # default: the pod's service account, else KUBECONFIG / ~/.kube/config
+    context: str | None = None
+    instance: str | None = None  # labels this controller's backends; default: the data dir's instance id
+    image: str = "llamacontroller/llama-server:local"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_count: int | None = Field(default=0, ge=0)
+    models: ModelsVolume = Field(default_factory=ModelsVolume)
+    shm_size: ByteSize | None = 2**30
+    env: dict[str, str] = Field(default_factory=dict)
+    service_account: str | None = None  # the backends' own (none needs API access: default automount off)
+    liveness_period: Seconds = 10.0
+
+
 class RuntimeConfig(_Strict):
-    kind: Literal["process", "docker"] = "process"
+    kind: Literal["process", "docker", "kubernetes"] = "process"
     stop_timeout: Seconds = 10.0
     keep_backends_on_exit: bool = False
     docker: DockerConfig = Field(default_factory=DockerConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+
+    @model_validator(mode="after")
+    def _kubernetes_models(self) -> RuntimeConfig:
+        volume = self.kubernetes.models
+        if self.kind == "kubernetes" and (volume.claim_name is None) == (volume.host_path is None):
+            raise ValueError(
+                "runtime.kubernetes.models needs exactly one of claim_name (a PersistentVolumeClaim holding the "
+                "models) or host_path (a directory on every GPU node)"
+            )
+        return self
 
 
 class LlamaServerConfig(_Strict):
@@ -133,7 +190,8 @@ class ModelConfig(_Strict):
     aliases: list[str] = Field(default_factory=list)
     args: list[str] = Field(default_factory=list)
     gpus: GpuSelection | None = None  # default: defaults.gpus
-    container: ContainerSettings | None = None  # runtime.kind docker: overrides of runtime.docker
+    container: ContainerSettings | None = None  # docker and kubernetes: image, env, memory, shm_size over the runtime's
+    kubernetes: PodSettings | None = None  # runtime.kind kubernetes: node selector, tolerations, resources, GPUs
     ctx_size: int | None = Field(default=None, gt=0)
     n_gpu_layers: int | None = None
     keep_alive: KeepAlive | None = None

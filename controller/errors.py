@@ -24,6 +24,7 @@ Third-party and OS exceptions (sockets, subprocess) are translated at the bounda
     │   ├── ShuttingDown                 503  the controller is stopping
     │   ├── ModelStopping                503  the model was unloaded while the request waited
     │   ├── DockerUnavailable            503  the Docker engine does not answer, or refuses us (socket permissions)
+    │   ├── KubernetesUnavailable        503  the Kubernetes API does not answer, or refuses us (RBAC)
     │   └── EdgeError                    503  Caddy is unreachable or refused a configuration
     ├── BackendError                     502  the llama-server backend failed us
     │   ├── BackendStartFailed           502  it exited or was refused while starting
@@ -152,6 +153,10 @@ class ModelStopping(Unavailable):
 
 class DockerUnavailable(Unavailable):
     code = "docker_unavailable"
+
+
+class KubernetesUnavailable(Unavailable):
+    code = "kubernetes_unavailable"
 
 
 class EdgeError(Unavailable):

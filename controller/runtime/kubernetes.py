@@ -1,0 +1,333 @@
+"""Kubernetes runtime: each backend is a Deployment (one replica, Recreate) and a ClusterIP Service.
+
+Why it looks like this:
+- lightkube (0.x, on httpx, which the project already uses) is the client: measured against kubernetes-asyncio,
+  it imports in 0.2 s instead of 0.33 s and adds 12 MB of memory instead of 51 MB (docs/architecture.md).
+- Pod state comes from one watch over this controller's pods (label selector), never from polling: a list
+  gives the starting state and the resourceVersion to watch from; a broken watch (API server restart, 410 Gone)
+  lists again, so nothing that happened meanwhile is missed.
+- A backend is reached at its Service's cluster IP, not its DNS name: no lookup per connection (llama-server
+  closes the connection after each streamed answer) and no dependence on the cluster's DNS domain.
+- Each start labels its pods with a fresh ``run`` id: a terminating pod of the previous start of the same model
+  is never mistaken for the new one.
+- Everything is labelled (managed-by, instance, model, spec and realisation hashes), so a restarted controller
+  adopts what matches and deletes the rest; Services without their Deployment are removed too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from controller.config import Config
+from controller.errors import BackendStartFailed
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec
+from controller.runtime.kube_api import KubeApi, describe, kube_errors
+from controller.runtime.kube_objects import (
+    BACKEND,
+    CONTAINER,
+    MODEL_NAME,
+    PORT,
+    REALISED,
+    REQUIREMENTS,
+    RUN,
+    SPEC,
+    judge_pod,
+    owned_labels,
+    plan,
+    settings_for,
+)
+from controller.runtime.logs import START_MARKER, LogBook, LogFile, read_log
+from proxy.background import Background, cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0)
+GONE_POLL = 0.2  # seconds between checks that a stopped backend's pods are gone
+GONE_SLACK = 10.0  # past its grace period, a pod still there is deleted with no grace at all
+
+
+class KubernetesRuntime:
+    name = "kubernetes"
+
+    def __init__(self, config: Config, logbook: LogBook, instance: str) -> None:
+        self._config = config
+        self._settings = config.runtime.kubernetes
+        self._logbook = logbook
+        self._instance = self._settings.instance or instance
+        self._selector = owned_labels(self._instance)
+        self._log_dir = config.data_dir / "logs"
+        self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._client: KubeApi | None = None
+        self._namespace = ""
+        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}  # backend name → its exit
+        self._runs: dict[str, str] = {}  # backend name → the run id its current pods carry
+        self._models: dict[str, str] = {}  # backend name → model
+        self._stopping: set[str] = set()
+        self._pods: dict[str, dict[str, Any]] = {}  # this controller's pods as last seen, by name
+        self._followed: set[str] = set()
+        self._watching: asyncio.Task[None] | None = None
+        self._watch_ready = asyncio.Event()
+        self._background = Background()
+
+    # ------------------------------------------------------------------ the API
+
+    def _api(self) -> KubeApi:
+        if self._client is None:
+            self._client = KubeApi(self._settings.namespace, self._settings.kubeconfig, self._settings.context)
+            self._namespace = self._client.namespace
+        return self._client
+
+    # ------------------------------------------------------------------ start and stop
+
+    async def start(self, spec: LaunchSpec) -> Backend:
+        settings = settings_for(self._config, spec.model)
+        run = secrets.token_hex(4)
+        objects = plan(spec, settings, self._instance, run)
+        name = objects.name
+        with kube_errors(f"starting a pod for {spec.model}"):
+            api = self._api()
+            await self._ensure_watching()
+            await self._remove_leftover(name)
+            service = await api.create(objects.service)
+            self._expect(name, run, spec.model)
+            try:
+                await api.create(objects.deployment)
+            except BaseException:
+                self._forget(name)
+                with contextlib.suppress(Exception):
+                    await api.delete("Service", name)
+                raise
+        self._logbook.append(spec.model, f"{START_MARKER} deployment {self._namespace}/{name} (run {run})")
+        log.info("created deployment %s/%s for %s", self._namespace, name, spec.model)
+        self._judge_known_pods(name)
+        return Backend(
+            model=spec.model,
+            url=_service_url(service),
+            handle=name,
+            spec_hash=spec.spec_hash,
+            started_at=time.time(),
+            labels=dict(spec.labels),
+        )
+
+    async def _remove_leftover(self, name: str) -> None:
+        """Ours under this name from an earlier start that was not cleaned up (a crash mid-stop): delete it."""
+        api = self._api()
+        for kind in ("Deployment", "Service"):
+            found = await api.get(kind, name)
+            if found is None:
+                continue
+            labels = found["metadata"].get("labels") or {}
+            if any(labels.get(key) != value for key, value in self._selector.items()):
+                raise BackendStartFailed(
+                    f"a {kind} named {name} exists in namespace {self._namespace} that this controller "
+                    "does not manage: delete it, or give this controller another runtime.kubernetes.instance"
+                )
+            await self._delete_backend(name, grace=0)
+
+    async def stop(self, backend: Backend, timeout: float) -> None:
+        self._stopping.add(backend.handle)
+        try:
+            with kube_errors(f"stopping deployment {backend.handle}"):
+                await self._delete_backend(backend.handle, grace=max(1, round(timeout)))
+        finally:
+            self._stopping.discard(backend.handle)
+        self._resolve(backend.handle, ExitInfo(None, "stopped"))
+        self._runs.pop(backend.handle, None)  # its exit stays answered; later pods of the name are another run
+
+    async def _delete_backend(self, name: str, grace: int) -> None:
+        """Delete the Deployment, wait until its pods are gone (never two of a model), then the Service."""
+        api = self._api()
+        await api.delete("Deployment", name, grace)
+        give_up = time.monotonic() + grace + GONE_SLACK
+        forced = False
+        while (pods := (await api.list("Pod", {**self._selector, BACKEND: name}))[0]) != []:
+            if not forced and time.monotonic() > give_up:
+                for pod in pods:
+                    await api.delete("Pod", pod["metadata"]["name"], grace=0)
+                forced = True
+            await asyncio.sleep(GONE_POLL)
+        await api.delete("Service", name)
+
+    async def wait_exit(self, backend: Backend) -> ExitInfo:
+        future = self._exits.get(backend.handle)
+        if future is None:
+            future = self._expect(backend.handle, self._runs.get(backend.handle, ""), backend.model)
+        return await asyncio.shield(future)
+
+    async def list_managed(self) -> list[Backend]:
+        with kube_errors("listing the deployments of a previous run"):
+            api = self._api()
+            await self._ensure_watching()
+            deployments, _ = await api.list("Deployment", self._selector)
+            services = {
+                service["metadata"]["name"]: service for service in (await api.list("Service", self._selector))[0]
+            }
+            found = []
+            for deployment in deployments:
+                metadata = deployment["metadata"]
+                name, annotations = metadata["name"], metadata.get("annotations") or {}
+                model = annotations.get(MODEL_NAME, "")
+                expected = settings_for(self._config, model).realisation()
+                service = services.pop(name, None)
+                if service is None or (metadata.get("labels") or {}).get(REALISED) != expected:
+                    why = "its Service is missing" if service is None else "its image, resources or placement changed"
+                    log.info("deleting deployment %s left by a previous run: %s", name, why)
+                    await self._delete_backend(name, grace=0)
+                    continue
+                run = deployment["spec"]["template"]["metadata"]["labels"].get(RUN, "")
+                self._expect(name, run, model)
+                self._judge_known_pods(name)
+                found.append(
+                    Backend(
+                        model=model,
+                        url=_service_url(service),
+                        handle=name,
+                        spec_hash=metadata["labels"].get(SPEC, ""),
+                        started_at=_timestamp(metadata.get("creationTimestamp")),
+                        adopted=True,
+                        labels=json.loads(annotations.get(REQUIREMENTS, "{}")),
+                    )
+                )
+            for name in services:  # a Service whose Deployment is gone serves nothing
+                log.info("deleting service %s left by a previous run: its deployment is gone", name)
+                await api.delete("Service", name)
+        return found
+
+    def logs(self, model: str) -> AsyncIterator[bytes]:
+        return read_log(self._log_dir / f"{model}.log")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._watching)
+        self._background.cancel()
+        await self._background.drain()
+        if self._client is not None:
+            await self._client.close()
+
+    # ------------------------------------------------------------------ exits (the pod watch)
+
+    def _expect(self, name: str, run: str, model: str) -> asyncio.Future[ExitInfo]:
+        self._runs[name] = run
+        self._models[name] = model
+        future = self._exits.get(name)
+        if future is None or future.done():
+            future = self._exits[name] = asyncio.get_running_loop().create_future()
+        return future
+
+    def _forget(self, name: str) -> None:
+        self._exits.pop(name, None)
+        self._runs.pop(name, None)
+        self._models.pop(name, None)
+
+    def _resolve(self, name: str, info: ExitInfo) -> None:
+        future = self._exits.get(name)
+        if future is not None and not future.done():
+            future.set_result(info)
+
+    def _judge_known_pods(self, name: str) -> None:
+        """A pod the watch saw before this backend was expected (adoption) is judged now."""
+        for pod in list(self._pods.values()):
+            if (pod["metadata"].get("labels") or {}).get(BACKEND) == name:
+                self._on_pod("MODIFIED", pod)
+
+    async def _ensure_watching(self) -> None:
+        if self._watching is None:
+            self._watching = asyncio.create_task(self._watch_pods(), name="kubernetes-pod-watch")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10.0):  # the first list: starts and adoptions see known pods
+                await self._watch_ready.wait()
+
+    async def _watch_pods(self) -> None:
+        api = self._api()
+        attempt = 0
+        while True:
+            try:
+                listed, version = await api.list("Pod", self._selector)
+                pods = {pod["metadata"]["name"]: pod for pod in listed}
+                vanished = [pod for name, pod in self._pods.items() if name not in pods]
+                self._pods = pods
+                for pod in vanished:  # deleted while nobody listened
+                    self._on_pod_deleted(pod)
+                for pod in pods.values():
+                    self._on_pod("MODIFIED", pod)
+                self._watch_ready.set()
+                attempt = 0
+                async for kind, pod in api.watch("Pod", self._selector, version):
+                    if kind == "DELETED":
+                        self._pods.pop(pod["metadata"]["name"], None)
+                        self._on_pod_deleted(pod)
+                    else:
+                        self._pods[pod["metadata"]["name"]] = pod
+                        self._on_pod(kind, pod)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # API server gone, 410 Gone, a broken stream: list and watch again
+                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+                log.warning("pod watch lost (%s); listing again in %.1fs", describe(exc), delay)
+                attempt += 1
+                self._watch_ready.set()  # nobody waits on a watch that cannot start
+                await asyncio.sleep(delay)
+
+    def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
+        labels = pod["metadata"].get("labels") or {}
+        name = labels.get(BACKEND, "")
+        if name not in self._exits or labels.get(RUN) != self._runs.get(name):
+            return  # another controller's, or a previous start's pod on its way out
+        verdict = judge_pod(pod)
+        if verdict.running or verdict.failed:
+            self._follow(pod["metadata"]["name"], self._models[name])
+        if verdict.failed and name not in self._stopping:
+            self._resolve(name, ExitInfo(verdict.exit_code, verdict.failed))
+
+    def _on_pod_deleted(self, pod: dict[str, Any]) -> None:
+        self._followed.discard(pod["metadata"]["name"])
+        labels = pod["metadata"].get("labels") or {}
+        name = labels.get(BACKEND, "")
+        if name in self._stopping or name not in self._exits or labels.get(RUN) != self._runs.get(name):
+            return
+        self._resolve(name, ExitInfo(None, "its pod was deleted (evicted, drained, or deleted by hand)"))
+
+    # ------------------------------------------------------------------ logs
+
+    def _follow(self, pod_name: str, model: str) -> None:
+        """The pod's output into the model's ring buffer and log file (a terminated container's too)."""
+        if pod_name in self._followed:
+            return
+        self._followed.add(pod_name)
+        log_file = LogFile(self._log_dir / f"{model}.log")
+
+        async def read() -> None:
+            with contextlib.suppress(Exception):  # the pod is gone: its last lines are already in
+                async for line in self._api().log(pod_name, CONTAINER):
+                    text = line.rstrip("\r")
+                    log_file.write(text)
+                    self._logbook.append(model, text)
+
+        self._background.spawn(read(), f"pod-logs:{pod_name}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _service_url(service: dict[str, Any]) -> str:
+    address = (service.get("spec") or {}).get("clusterIP")
+    if not address or address == "None":
+        raise BackendStartFailed(f"service {service['metadata']['name']} has no cluster IP")
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{PORT}"
+
+
+def _timestamp(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return time.time()

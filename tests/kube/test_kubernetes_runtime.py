@@ -1,0 +1,279 @@
+"""`runtime.kind: kubernetes` against an emulated API server (tests/support/kubecluster.py): what the runtime
+creates, watches, deletes and adopts, and how each way a pod can fail reaches the lifecycle.
+
+The kubelet here is inert (pods are reported running, nothing runs); test_kubernetes_serve.py runs the real
+llama-server behind the same emulated API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.config import Config, validate_config
+from controller.errors import BackendStartFailed, KubernetesUnavailable
+from controller.runtime.base import LaunchSpec
+from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, RUN, backend_name
+from controller.runtime.kubernetes import KubernetesRuntime
+from controller.runtime.logs import LogBook
+from tests.support.kubecluster import Cluster, emulated_cluster, eventually
+
+NAMESPACE = "llm"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with emulated_cluster(tmp_path / "cluster", gpus=1) as emulated:
+        yield emulated
+
+
+def kube_config(tmp_path: Path, cluster: Cluster, big: dict[str, Any] | None = None, **kubernetes: Any) -> Config:
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    (models / "a.gguf").write_bytes(b"GGUF")
+    settings = {
+        "kubeconfig": str(cluster.kubeconfig(tmp_path / "kubeconfig")),
+        "instance": "test",
+        "models": {"claim_name": "models", "mount_path": str(models)},
+        **kubernetes,
+    }
+    return validate_config(
+        {
+            "server": {"data_dir": str(tmp_path / "data")},
+            "runtime": {"kind": "kubernetes", "stop_timeout": 1, "kubernetes": settings},
+            "models": {
+                "a:1b": {"path": str(models / "a.gguf")},
+                "big": {"path": str(models / "a.gguf"), "gpus": [0, 1], **(big or {})},
+            },
+        }
+    )
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path, cluster: Cluster) -> AsyncIterator[Callable[..., KubernetesRuntime]]:
+    made: list[KubernetesRuntime] = []
+
+    def make(**kubernetes: Any) -> KubernetesRuntime:
+        made.append(KubernetesRuntime(kube_config(tmp_path, cluster, **kubernetes), LogBook(), "unused"))
+        return made[-1]
+
+    yield make
+    for each in made:
+        await each.close()
+
+
+def spec(tmp_path: Path, model: str = "a:1b", **changes: Any) -> LaunchSpec:
+    return LaunchSpec(model=model, model_file=tmp_path / "models" / "a.gguf", args=("--alias", model), **changes)
+
+
+def pods_of(cluster: Cluster, model: str) -> list[dict[str, Any]]:
+    return cluster.find("Pod", {BACKEND: backend_name("test", model)})
+
+
+async def running_pod(cluster: Cluster, model: str = "a:1b") -> str:
+    def running() -> str | None:
+        pods = [p for p in pods_of(cluster, model) if p["status"].get("phase") == "Running"]
+        return pods[0]["metadata"]["name"] if pods else None
+
+    name: str = await eventually(running)
+    return name
+
+
+async def test_start_creates_a_service_and_a_deployment_and_stop_deletes_both(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    name = backend_name("test", "a:1b")
+    assert backend.handle == name and backend.model == "a:1b"
+    service = cluster.get("Service", NAMESPACE, name)
+    deployment = cluster.get("Deployment", NAMESPACE, name)
+    assert service is not None and deployment is not None
+    assert backend.url == f"http://{service['spec']['clusterIP']}:8080"
+    labels = deployment["metadata"]["labels"]
+    assert labels[MANAGED_BY] == "llamacontroller" and labels[INSTANCE] == "test"
+    assert deployment["metadata"]["annotations"][MODEL_NAME] == "a:1b"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["--model", "/models/a.gguf"]
+    assert await running_pod(cluster)
+
+    await kube.stop(backend, timeout=1)
+    assert cluster.get("Deployment", NAMESPACE, name) is None
+    assert cluster.get("Service", NAMESPACE, name) is None
+    assert pods_of(cluster, "a:1b") == []  # stop returns only once the pod is gone: never two of a model
+    assert (await kube.wait_exit(backend)).reason == "stopped"
+
+
+async def test_a_crashed_container_ends_the_backend_with_its_exit(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    cluster.set_container_state(
+        pod,
+        {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+        lastState={"terminated": {"exitCode": 1, "reason": "Error"}},
+        restartCount=1,
+    )
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 5)
+    assert exit_info.code == 1 and "exit code 1" in exit_info.reason
+    await kube.stop(backend, timeout=1)
+
+
+async def test_out_of_memory_is_said_in_words(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    cluster.set_container_state(await running_pod(cluster), {"terminated": {"exitCode": 137, "reason": "OOMKilled"}})
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 5)
+    assert exit_info.code == 137 and exit_info.reason.startswith("out of memory") and "OOMKilled" in exit_info.reason
+    await kube.stop(backend, timeout=1)
+
+
+async def test_an_image_that_cannot_be_pulled_fails_the_start(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    message = 'Back-off pulling image "llamacontroller/llama-server:nope"'
+    cluster.set_container_state(
+        await running_pod(cluster), {"waiting": {"reason": "ImagePullBackOff", "message": message}}
+    )
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 5)
+    assert exit_info.reason == f"ImagePullBackOff: {message}"
+    await kube.stop(backend, timeout=1)
+
+
+async def test_an_unschedulable_pod_fails_with_the_schedulers_reason(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path, "big:latest", gpus=(0, 1)))  # two GPUs; the cluster has one
+    deployment = cluster.get("Deployment", NAMESPACE, backend.handle)
+    assert deployment is not None
+    limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": "2"}
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 5)
+    assert exit_info.reason.startswith("no node can run it: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu")
+    await kube.stop(backend, timeout=1)
+    assert cluster.find("Pod") == [] and cluster.find("Deployment") == []
+
+
+async def test_a_pod_deleted_by_someone_else_ends_the_backend(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    cluster.delete("Pod", NAMESPACE, pod, grace=0)
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 5)
+    assert "deleted" in exit_info.reason
+    await kube.stop(backend, timeout=1)
+
+
+async def test_the_watch_resumes_after_410_gone_and_after_the_api_server_drops_it(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """An exit that happens while the watch is down is still reported: the runtime lists again."""
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    cluster.compact()
+    cluster.drop_watches()  # the next watch asks for a compacted version: 410, list again
+    cluster.set_container_state(pod, {"terminated": {"exitCode": 2, "reason": "Error"}})
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 10)
+    assert exit_info.code == 2
+    await kube.stop(backend, timeout=1)
+
+
+async def test_a_restarted_controller_adopts_its_backend_and_deletes_what_no_longer_matches(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    first = runtime()
+    kept = await first.start(spec(tmp_path))
+    changed = await first.start(spec(tmp_path, "big:latest", gpus="none"))
+    await running_pod(cluster)
+    await first.close()
+
+    # The next controller runs "big" on another image: that one is deleted, "a:1b" adopted.
+    second = runtime(big={"container": {"image": "llamacontroller/llama-server:other"}})
+    adopted = await second.list_managed()
+    assert [(b.model, b.handle, b.url, b.spec_hash, b.adopted) for b in adopted] == [
+        (kept.model, kept.handle, kept.url, kept.spec_hash, True)
+    ]
+    assert cluster.get("Deployment", NAMESPACE, changed.handle) is None
+    assert cluster.get("Service", NAMESPACE, changed.handle) is None
+    # The adopted backend is watched: its crash reaches the new controller.
+    cluster.set_container_state(await running_pod(cluster), {"terminated": {"exitCode": 3, "reason": "Error"}})
+    assert (await asyncio.wait_for(second.wait_exit(adopted[0]), 5)).code == 3
+    await second.stop(adopted[0], timeout=1)
+    assert cluster.find("Deployment") == [] and cluster.find("Service") == [] and cluster.find("Pod") == []
+
+
+async def test_an_orphaned_service_is_deleted_and_another_instances_objects_are_left_alone(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    ours = {MANAGED_BY: "llamacontroller", INSTANCE: "test"}
+    theirs = {MANAGED_BY: "llamacontroller", INSTANCE: "someone-else"}
+    for name, labels in (("llama-orphan-1", ours), ("llama-theirs-1", theirs)):
+        cluster.create("Service", NAMESPACE, {"metadata": {"name": name, "labels": labels}, "spec": {"selector": {}}})
+    assert await runtime().list_managed() == []
+    assert cluster.get("Service", NAMESPACE, "llama-orphan-1") is None
+    assert cluster.get("Service", NAMESPACE, "llama-theirs-1") is not None
+
+
+async def test_a_same_named_object_of_someone_else_is_not_touched(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    name = backend_name("test", "a:1b")
+    cluster.create("Service", NAMESPACE, {"metadata": {"name": name, "labels": {"team": "web"}}, "spec": {}})
+    with pytest.raises(BackendStartFailed, match="does not manage"):
+        await runtime().start(spec(tmp_path))
+    assert cluster.get("Service", NAMESPACE, name) is not None
+
+
+async def test_a_restarted_start_never_mistakes_the_previous_pod_for_its_own(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    first = await kube.start(spec(tmp_path))
+    await running_pod(cluster)
+    await kube.stop(first, timeout=1)
+    second = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    runs = {p["metadata"]["labels"][RUN] for p in pods_of(cluster, "a:1b")}
+    assert len(runs) == 1  # only the second start's pod exists
+    cluster.set_container_state(pod, {"terminated": {"exitCode": 4, "reason": "Error"}})
+    assert (await asyncio.wait_for(kube.wait_exit(second), 5)).code == 4
+    await kube.stop(second, timeout=1)
+
+
+async def test_model_files_outside_the_models_volume_are_refused_before_anything_is_created(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    elsewhere = LaunchSpec(model="a:1b", model_file=Path("/srv/other/a.gguf"))
+    with pytest.raises(BackendStartFailed, match=r"outside runtime\.kubernetes\.models\.mount_path"):
+        await runtime().start(elsewhere)
+    assert cluster.requests == []
+
+
+async def test_forbidden_says_which_permissions_are_missing(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """An API that answers 403 (RBAC) is a 503 with what the service account needs."""
+    cluster.forbidden = True
+    with pytest.raises(KubernetesUnavailable, match="the Role the Helm chart creates"):
+        await runtime().start(spec(tmp_path))
+
+
+async def test_no_configuration_is_a_clear_error(tmp_path: Path, runtime: Callable[..., KubernetesRuntime]) -> None:
+    kube = runtime(kubeconfig=str(tmp_path / "missing-kubeconfig"))
+    with pytest.raises(KubernetesUnavailable, match="no Kubernetes configuration found"):
+        await kube.start(spec(tmp_path))
