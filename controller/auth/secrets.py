@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -80,7 +81,9 @@ def load_or_create_key(path: Path) -> bytes:
         if len(key) < 32:
             raise RuntimeError(f"{path} holds too short a key; delete it to have a new one made") from None
         if path.stat().st_mode & 0o077:
-            path.chmod(0o600)
+            # A key mounted from a Kubernetes Secret is read-only, and its mode is the platform's to set.
+            with contextlib.suppress(OSError):
+                path.chmod(0o600)
         return key
     key = secrets.token_bytes(32)
     with os.fdopen(descriptor, "wb") as handle:
