@@ -26,7 +26,7 @@ from controller.runtime.docker import DockerRuntime
 from controller.runtime.instance import instance_id
 from controller.runtime.logs import LogBook
 from controller.runtime.process import free_port
-from tests.support.server import ServeProcess, serve_subprocess
+from tests.support.server import ServeProcess, serve_processes
 
 GEMMA = "gemma3:270m"
 
@@ -63,17 +63,8 @@ def models_dir(tmp_path: Path, tiny_model: Path) -> Path:
 def serve(tmp_path: Path, llama_server_image: str) -> Iterator[Callable[..., ServeProcess]]:
     """Start `serve` with a docker-runtime config; every server started is stopped, and the test fails if any
     container of its instance is left afterwards."""
-    started: list[Any] = []
-
-    def start(config: dict[str, Any], name: str = "serve") -> ServeProcess:
-        context = serve_subprocess(config, tmp_path, name)
-        served = context.__enter__()
-        started.append(context)
-        return served
-
-    yield start
-    for context in reversed(started):
-        context.__exit__(None, None, None)
+    with serve_processes(tmp_path) as start:
+        yield start
     engine = docker.from_env(version="auto")
     try:
         left = ours(engine, tmp_path) if (tmp_path / "data" / "instance-id").exists() else []

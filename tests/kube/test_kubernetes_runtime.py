@@ -178,15 +178,29 @@ async def test_a_pod_deleted_by_someone_else_ends_the_backend(
     await kube.stop(backend, timeout=1)
 
 
-async def test_the_watch_resumes_after_410_gone_and_after_the_api_server_drops_it(
+async def test_an_exit_while_the_api_server_restarts_is_still_seen(
     tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
 ) -> None:
-    """An exit that happens while the watch is down is still reported: the runtime lists again."""
     kube = runtime()
     backend = await kube.start(spec(tmp_path))
     pod = await running_pod(cluster)
-    cluster.compact()
-    cluster.drop_watches()  # the next watch asks for a compacted version: 410, list again
+    cluster.drop_watches()  # the stream breaks off; the runtime lists again after a short pause
+    cluster.set_container_state(pod, {"terminated": {"exitCode": 2, "reason": "Error"}})  # while nobody watches
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 10)
+    assert exit_info.code == 2
+    await kube.stop(backend, timeout=1)
+
+
+async def test_a_watch_resumed_from_a_compacted_version_gets_410_and_lists_again(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    cluster.create("Service", "elsewhere", {"metadata": {"name": "unrelated"}, "spec": {"selector": {}}})
+    cluster.compact()  # the version the runtime would resume from is gone ...
+    cluster.drop_watches(cleanly=True)  # ... and its watch ends the normal way: it resumes, gets 410 Gone
+    await eventually(lambda: cluster.gone_answers)
     cluster.set_container_state(pod, {"terminated": {"exitCode": 2, "reason": "Error"}})
     exit_info = await asyncio.wait_for(kube.wait_exit(backend), 10)
     assert exit_info.code == 2

@@ -22,7 +22,7 @@ import pytest
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, backend_name
 from controller.runtime.process import free_port
 from tests.support.kubecluster import Cluster, emulated_cluster
-from tests.support.server import ServeProcess, llama_server_or_skip, serve_subprocess
+from tests.support.server import ServeProcess, llama_server_or_skip, serve_processes
 
 GEMMA = "gemma3:270m"
 INSTANCE_NAME = "serve-test"
@@ -66,17 +66,8 @@ def kube_config(tmp_path: Path, cluster: Cluster, models: dict[str, Any]) -> dic
 @pytest.fixture
 def serve(tmp_path: Path, cluster: Cluster) -> Iterator[Callable[..., ServeProcess]]:
     """Every controller started is stopped; afterwards nothing of this instance may be left in the cluster."""
-    started: list[Any] = []
-
-    def start(config: dict[str, Any], name: str = "serve") -> ServeProcess:
-        context = serve_subprocess(config, tmp_path, name)
-        served = context.__enter__()
-        started.append(context)
-        return served
-
-    yield start
-    for context in reversed(started):
-        context.__exit__(None, None, None)
+    with serve_processes(tmp_path) as start:
+        yield start
     assert left(cluster) == [], "a clean stop must delete every Deployment, Service and Pod it made"
 
 

@@ -95,8 +95,10 @@ class Cluster:
         self.last_version = 100
         self.changed = threading.Condition()
         self.watch_generation = 0
+        self.clean_end = False
         self.containers: dict[str, Container] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every call, for assertions
+        self.gone_answers = 0  # watches answered 410 Gone
         self.ips = itertools.count(1)
         self.free_gpus = self.gpus
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -166,10 +168,12 @@ class Cluster:
             self.oldest = self.last_version
             self.history.clear()
 
-    def drop_watches(self) -> None:
-        """End every open watch stream, as an API server restart does."""
+    def drop_watches(self, cleanly: bool = False) -> None:
+        """End every open watch stream: broken off, as an API server restart does, or ``cleanly``, as when a
+        watch's timeoutSeconds runs out (a client then resumes from the last version it saw)."""
         with self.changed:
             self.watch_generation += 1
+            self.clean_end = cleanly
             self.changed.notify_all()
 
     # ------------------------------------------------------------------ what the API does
@@ -499,12 +503,13 @@ class Cluster:
         self._start_chunks(request, "application/json")
         try:
             if since < self.oldest:
+                self.gone_answers += 1
                 gone = status(410, "Expired", f"too old resource version: {since} ({self.oldest})")
                 self._chunk(request, json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
             else:
                 for event in self._events(kind, namespace, selector, since, deadline, generation):
                     self._chunk(request, json.dumps(event).encode() + b"\n")
-            if self.watch_generation != generation:
+            if self.watch_generation != generation and not self.clean_end:
                 request.close_connection = True
                 return  # a restart: the stream breaks off with no last chunk
             self._chunk(request, b"")

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -241,3 +241,14 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def serve_processes(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """``start(config, name)`` runs `serve` (serve_subprocess); every one started is stopped on exit, last first."""
+    with ExitStack() as stack:
+
+        def start(config: dict[str, Any], name: str = "serve") -> ServeProcess:
+            return stack.enter_context(serve_subprocess(config, tmp_path, name))
+
+        yield start
