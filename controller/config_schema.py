@@ -144,6 +144,9 @@ class KubernetesConfig(PodSettings):
     env: dict[str, str] = Field(default_factory=dict)
     service_account: str | None = None  # the backends' own (none needs API access: default automount off)
     liveness_period: Seconds = 10.0
+    # How long a pod may stay unschedulable before its load fails: 0 fails at once; on a cluster whose
+    # autoscaler adds GPU nodes on demand, the minutes a node takes to join (and raise startup_timeout too).
+    unschedulable_timeout: Seconds = 0.0
 
 
 class RuntimeConfig(_Strict):

@@ -292,6 +292,7 @@ class PodVerdict:
     failed: str | None
     exit_code: int | None = None
     running: bool = False
+    unschedulable: bool = False  # may clear by itself (a cluster autoscaler adding a node)
 
 
 def judge_pod(pod: dict[str, Any]) -> PodVerdict:
@@ -304,7 +305,7 @@ def judge_pod(pod: dict[str, Any]) -> PodVerdict:
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
             message = str(condition.get("message") or "no node fits the pod")
-            return PodVerdict(f"no node can run it: {message.strip()}")
+            return PodVerdict(f"no node can run it: {message.strip()}", unschedulable=True)
     if status.get("phase") == "Failed":
         reason = status.get("reason") or "Failed"
         return PodVerdict(f"the pod failed ({reason}): {status.get('message') or 'no message'}")

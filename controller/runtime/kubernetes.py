@@ -71,6 +71,7 @@ class KubernetesRuntime:
         self._runs: dict[str, str] = {}  # backend name → the run id its current pods carry
         self._models: dict[str, str] = {}  # backend name → model
         self._stopping: set[str] = set()
+        self._patience: dict[str, asyncio.TimerHandle] = {}  # backend name → when its unschedulable pod fails
         self._pods: dict[str, dict[str, Any]] = {}  # this controller's pods as last seen, by name
         self._followed: set[str] = set()
         self._watching: asyncio.Task[None] | None = None
@@ -140,6 +141,7 @@ class KubernetesRuntime:
         finally:
             self._stopping.discard(backend.handle)
         self._resolve(backend.handle, ExitInfo(None, "stopped"))
+        self._cancel_patience(backend.handle)
         self._runs.pop(backend.handle, None)  # its exit stays answered; later pods of the name are another run
 
     async def _delete_backend(self, name: str, grace: int) -> None:
@@ -205,6 +207,8 @@ class KubernetesRuntime:
         return read_log(self._log_dir / f"{model}.log")
 
     async def close(self) -> None:
+        for name in list(self._patience):
+            self._cancel_patience(name)
         await cancel_and_wait(self._watching)
         self._background.cancel()
         await self._background.drain()
@@ -283,8 +287,32 @@ class KubernetesRuntime:
         verdict = judge_pod(pod)
         if verdict.running or verdict.failed:
             self._follow(pod["metadata"]["name"], self._models[name])
-        if verdict.failed and name not in self._stopping:
-            self._resolve(name, ExitInfo(verdict.exit_code, verdict.failed))
+        if not verdict.failed or name in self._stopping:
+            self._cancel_patience(name)
+            return
+        wait = self._settings.unschedulable_timeout
+        if verdict.unschedulable and wait > 0:
+            if name not in self._patience:
+                self._patience[name] = asyncio.get_running_loop().call_later(wait, self._still_unschedulable, name)
+            return
+        self._resolve(name, ExitInfo(verdict.exit_code, verdict.failed))
+
+    def _still_unschedulable(self, name: str) -> None:
+        """runtime.kubernetes.unschedulable_timeout has passed: fail if no pod of this start got a node."""
+        self._patience.pop(name, None)
+        wait = self._settings.unschedulable_timeout
+        for pod in self._pods.values():
+            labels = pod["metadata"].get("labels") or {}
+            verdict = judge_pod(pod)
+            if labels.get(BACKEND) == name and labels.get(RUN) == self._runs.get(name) and verdict.unschedulable:
+                reason = f"{verdict.failed} (for {wait:g}s: runtime.kubernetes.unschedulable_timeout)"
+                self._resolve(name, ExitInfo(None, reason))
+                return
+
+    def _cancel_patience(self, name: str) -> None:
+        timer = self._patience.pop(name, None)
+        if timer is not None:
+            timer.cancel()
 
     def _on_pod_deleted(self, pod: dict[str, Any]) -> None:
         self._followed.discard(pod["metadata"]["name"])

@@ -182,3 +182,20 @@ def test_notes_say_where_the_url_and_the_first_admin_password_are(helm: str) -> 
     assert "kubectl -n ai get service llm-llamacontroller-edge" in notes
     assert "logs deploy/llm-llamacontroller-controller | grep \"created user 'admin'\"" in notes
     assert "llamacontroller edge ca" in notes
+
+
+def test_config_values_merge_into_the_rendered_config_key_by_key(
+    helm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = subprocess.run(
+        [helm, "template", "llm", str(CHART), "--set", "config.runtime.kubernetes.unschedulable_timeout=480"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [config_map] = [d for d in documents(result.stdout) if d["kind"] == "ConfigMap"]
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    monkeypatch.setenv("REDIS_PASSWORD", "secret")
+    kubernetes = load_config(path).runtime.kubernetes
+    assert kubernetes.unschedulable_timeout == 480 and kubernetes.models.claim_name == "llm-models"

@@ -166,6 +166,36 @@ async def test_an_unschedulable_pod_fails_with_the_schedulers_reason(
     assert cluster.find("Pod") == [] and cluster.find("Deployment") == []
 
 
+async def test_with_unschedulable_timeout_a_node_that_joins_in_time_is_waited_for(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """A cluster autoscaler adding a GPU node: the pod is unschedulable for a while, then runs."""
+    kube = runtime(unschedulable_timeout=1.5)
+    backend = await kube.start(spec(tmp_path, "big:latest", gpus=(0, 1)))
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    await eventually(
+        lambda: any(c.items() >= unschedulable.items() for p in cluster.find("Pod") for c in p["status"]["conditions"])
+    )
+    cluster.add_gpus(1)
+    await running_pod(cluster, "big:latest")
+    exit_watch = asyncio.ensure_future(kube.wait_exit(backend))
+    await asyncio.sleep(2.0)  # past the timeout: the pod got its node, nothing failed
+    assert not exit_watch.done()
+    await kube.stop(backend, timeout=1)
+    assert (await exit_watch).reason == "stopped"
+
+
+async def test_with_unschedulable_timeout_a_pod_still_waiting_then_fails_with_the_reason(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime(unschedulable_timeout=0.5)
+    backend = await kube.start(spec(tmp_path, "big:latest", gpus=(0, 1)))
+    exit_info = await asyncio.wait_for(kube.wait_exit(backend), 5)
+    assert exit_info.reason.startswith("no node can run it: 0/3 nodes are available")
+    assert exit_info.reason.endswith("(for 0.5s: runtime.kubernetes.unschedulable_timeout)")
+    await kube.stop(backend, timeout=1)
+
+
 async def test_a_pod_deleted_by_someone_else_ends_the_backend(
     tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
 ) -> None:

@@ -248,6 +248,9 @@ class Cluster:
             "status": {"phase": "Pending", "conditions": []},
         }
         _, pod = self.create("Pod", meta["namespace"], pod)
+        self._schedule(pod)
+
+    def _schedule(self, pod: dict[str, Any]) -> None:
         wanted = sum(int((c.get("resources") or {}).get("limits", {}).get(GPU, 0)) for c in pod["spec"]["containers"])
         with self.changed:
             fits = wanted <= self.free_gpus
@@ -267,6 +270,14 @@ class Cluster:
         pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
         pod = self._commit("Pod", "MODIFIED", pod)
         self._run_container(pod, wanted)
+
+    def add_gpus(self, count: int) -> None:
+        """A node with ``count`` more GPUs joins (a cluster autoscaler's work): pending pods are scheduled again."""
+        with self.changed:
+            self.free_gpus += count
+        for pod in self.find("Pod"):
+            if "nodeName" not in pod["spec"] and "deletionTimestamp" not in pod["metadata"]:
+                threading.Thread(target=self._schedule, args=(pod,), daemon=True).start()
 
     def _run_container(self, pod: dict[str, Any], gpus: int) -> None:
         name = pod["metadata"]["name"]
