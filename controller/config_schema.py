@@ -134,6 +134,8 @@ class KubernetesConfig(PodSettings):
     kubeconfig: Path | None = None  # default: the pod's service account, else KUBECONFIG / ~/.kube/config
     context: str | None = None
     instance: str | None = None  # labels this controller's backends; default: the data dir's instance id
+    # The controller's own Deployment: backends name it as their owner, so deleting it (helm uninstall) deletes them.
+    owner_deployment: str | None = None
     image: str = "llamacontroller/llama-server:local"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list)

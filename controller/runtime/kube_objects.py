@@ -123,6 +123,19 @@ def _first_set(*values: int | None) -> int:
     return next(v for v in values if v is not None)
 
 
+def owner_reference(deployment: dict[str, Any]) -> dict[str, Any]:
+    """A reference to the controller's own Deployment: it outlives controller pods, not the release."""
+    metadata = deployment["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
 def gpu_count(gpus: GpuSelection, configured: int) -> int:
     """GPUs to ask the scheduler for: a list names devices (Kubernetes picks which, so its length counts)."""
     if gpus == "none":
@@ -164,8 +177,11 @@ def path_in_pod(path: Path, settings: PodPlanSettings) -> str:
     return str(PurePosixPath(MODELS_MOUNT) / PurePosixPath(relative.as_posix()))
 
 
-def plan(spec: LaunchSpec, settings: PodPlanSettings, instance: str, run: str) -> BackendObjects:
-    """The Deployment and Service for one backend; ``run`` marks this start's pods apart from a previous one's."""
+def plan(
+    spec: LaunchSpec, settings: PodPlanSettings, instance: str, run: str, owner: dict[str, Any] | None = None
+) -> BackendObjects:
+    """The Deployment and Service for one backend; ``run`` marks this start's pods apart from a previous one's.
+    ``owner`` (an ownerReference): when that object is deleted (helm uninstall), Kubernetes deletes these too."""
     name = backend_name(instance, spec.model)
     args = ["--model", path_in_pod(spec.model_file, settings)]
     if spec.mmproj is not None:
@@ -181,7 +197,9 @@ def plan(spec: LaunchSpec, settings: PodPlanSettings, instance: str, run: str) -
         BACKEND: name,
     }
     annotations = {MODEL_NAME: spec.model, REQUIREMENTS: json.dumps(dict(spec.labels), sort_keys=True)}
-    metadata = {"name": name, "labels": labels, "annotations": annotations}
+    metadata: dict[str, Any] = {"name": name, "labels": labels, "annotations": annotations}
+    if owner is not None:
+        metadata["ownerReferences"] = [owner]
     pod_labels = {**owned_labels(instance), BACKEND: name, RUN: run, MODEL: labels[MODEL]}
     deployment = {
         "apiVersion": "apps/v1",

@@ -41,6 +41,7 @@ from controller.runtime.kube_objects import (
     SPEC,
     judge_pod,
     owned_labels,
+    owner_reference,
     plan,
     settings_for,
 )
@@ -77,6 +78,7 @@ class KubernetesRuntime:
         self._watching: asyncio.Task[None] | None = None
         self._watch_ready = asyncio.Event()
         self._background = Background()
+        self._owner_reference: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ the API
 
@@ -91,10 +93,11 @@ class KubernetesRuntime:
     async def start(self, spec: LaunchSpec) -> Backend:
         settings = settings_for(self._config, spec.model)
         run = secrets.token_hex(4)
-        objects = plan(spec, settings, self._instance, run)
-        name = objects.name
+        plan(spec, settings, self._instance, run)  # refuses a model file outside the volume before any call
         with kube_errors(f"starting a pod for {spec.model}"):
             api = self._api()
+            objects = plan(spec, settings, self._instance, run, await self._owner())
+            name = objects.name
             await self._ensure_watching()
             await self._remove_leftover(name)
             service = await api.create(objects.service)
@@ -117,6 +120,19 @@ class KubernetesRuntime:
             started_at=time.time(),
             labels=dict(spec.labels),
         )
+
+    async def _owner(self) -> dict[str, Any] | None:
+        """The ownerReference to runtime.kubernetes.owner_deployment, looked up once (None when unset or gone)."""
+        wanted = self._settings.owner_deployment
+        if wanted is None:
+            return None
+        if self._owner_reference is None:
+            found = await self._api().get("Deployment", wanted)
+            if found is None:
+                log.warning("owner deployment %s not found: backends are created without an owner", wanted)
+                return None
+            self._owner_reference = owner_reference(found)
+        return self._owner_reference
 
     async def _remove_leftover(self, name: str) -> None:
         """Ours under this name from an earlier start that was not cleaned up (a crash mid-stop): delete it."""

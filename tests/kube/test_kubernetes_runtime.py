@@ -196,6 +196,42 @@ async def test_with_unschedulable_timeout_a_pod_still_waiting_then_fails_with_th
     await kube.stop(backend, timeout=1)
 
 
+async def test_backends_are_owned_by_the_controllers_deployment_and_go_with_it(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """helm uninstall deletes the controller's Deployment: the garbage collector takes the backends with it."""
+    controller = {
+        "metadata": {"name": "llm-controller"},
+        "spec": {"replicas": 0, "template": {"metadata": {}, "spec": {}}},
+    }
+    _, owner = cluster.create("Deployment", NAMESPACE, controller)
+    kube = runtime(owner_deployment="llm-controller")
+    backend = await kube.start(spec(tmp_path))
+    await running_pod(cluster)
+    for kind in ("Deployment", "Service"):
+        found = cluster.get(kind, NAMESPACE, backend.handle)
+        assert found is not None
+        [reference] = found["metadata"]["ownerReferences"]
+        assert (reference["kind"], reference["name"], reference["uid"]) == (
+            "Deployment",
+            "llm-controller",
+            owner["metadata"]["uid"],
+        )
+    cluster.delete("Deployment", NAMESPACE, "llm-controller", grace=0)
+    assert "deleted" in (await asyncio.wait_for(kube.wait_exit(backend), 5)).reason
+    await eventually(lambda: not cluster.find("Pod") and not cluster.find("Service") and not cluster.find("Deployment"))
+
+
+async def test_a_missing_owner_deployment_is_no_reason_to_fail(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime(owner_deployment="not-there")
+    backend = await kube.start(spec(tmp_path))
+    deployment = cluster.get("Deployment", NAMESPACE, backend.handle)
+    assert deployment is not None and "ownerReferences" not in deployment["metadata"]
+    await kube.stop(backend, timeout=1)
+
+
 async def test_a_pod_deleted_by_someone_else_ends_the_backend(
     tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
 ) -> None:

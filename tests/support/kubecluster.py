@@ -193,7 +193,7 @@ class Cluster:
         if kind == "Deployment":
             body["status"] = {"replicas": 0}
         created = self._commit(kind, "ADDED", body)
-        if kind == "Deployment":
+        if kind == "Deployment" and body["spec"].get("replicas", 1) > 0:
             threading.Thread(target=self._make_pod, args=(created,), daemon=True).start()
         return 201, created
 
@@ -205,12 +205,16 @@ class Cluster:
             self._delete_pod(found, grace)
             return 200, found
         self._commit(kind, "DELETED", found)
-        if kind == "Deployment":
-            for pod in self.find("Pod"):
-                owners = pod["metadata"].get("ownerReferences") or []
-                if any(owner.get("uid") == found["metadata"]["uid"] for owner in owners):
-                    self._delete_pod(pod, grace)
+        self._collect_garbage(found["metadata"]["uid"], grace)
         return 200, found
+
+    def _collect_garbage(self, uid: str, grace: int | None) -> None:
+        """The garbage collector: what names the deleted object as its owner goes too (in the background)."""
+        for kind in ("Deployment", "Service", "Pod"):
+            for dependant in self.find(kind):
+                if any(owner.get("uid") == uid for owner in dependant["metadata"].get("ownerReferences") or []):
+                    meta = dependant["metadata"]
+                    self.delete(kind, meta["namespace"], meta["name"], grace)
 
     def _delete_pod(self, pod: dict[str, Any], grace: int | None) -> None:
         template_grace = pod["spec"].get("terminationGracePeriodSeconds", 30)

@@ -65,7 +65,7 @@ capabilities:
 {{- if .Values.models.subPath -}}
 {{- $_ := set $volume "sub_path" .Values.models.subPath -}}
 {{- end -}}
-{{- $kubernetes := dict "instance" .Release.Name "image" (include "llamacontroller.image" $images.llamaServer) "image_pull_policy" $images.llamaServer.pullPolicy "gpu_count" $backends.gpuCount "gpu_resource" $backends.gpuResource "models" $volume "shm_size" $backends.shmSize -}}
+{{- $kubernetes := dict "instance" .Release.Name "owner_deployment" (printf "%s-controller" $name) "image" (include "llamacontroller.image" $images.llamaServer) "image_pull_policy" $images.llamaServer.pullPolicy "gpu_count" $backends.gpuCount "gpu_resource" $backends.gpuResource "models" $volume "shm_size" $backends.shmSize -}}
 {{- with .Values.imagePullSecrets }}{{ $_ := set $kubernetes "image_pull_secrets" . }}{{ end -}}
 {{- with $backends.runtimeClassName }}{{ $_ := set $kubernetes "runtime_class_name" . }}{{ end -}}
 {{- with $backends.nodeSelector }}{{ $_ := set $kubernetes "node_selector" . }}{{ end -}}
