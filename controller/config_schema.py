@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from controller.errors import InvalidModelName
-from controller.names import validate_model_name
+from controller.names import canonical, validate_model_name
 from proxy.keepalive import DurationError, parse_go_duration, parse_keep_alive
 
 
@@ -331,6 +331,10 @@ class Config(_Strict):
             except InvalidModelName as exc:
                 raise ValueError(exc.message) from exc
         return models
+
+    def configured_model(self, model: str) -> ModelConfig | None:
+        """The ``models:`` entry whose canonical name is ``model`` (None for a model found in models_dir)."""
+        return next((entry for name, entry in self.models.items() if canonical(name) == model), None)
 
     @property
     def data_dir(self) -> Path:

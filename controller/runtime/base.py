@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -28,6 +30,17 @@ def visible_devices(gpus: GpuSelection) -> str | None:
     if gpus == "none":
         return ""
     return ",".join(str(gpu) for gpu in gpus)
+
+
+def epoch_seconds(stamp: str) -> float:
+    """An RFC 3339 UTC time as Docker and Kubernetes write it (``2026-11-26T12:50:01.123456789Z``, the fraction
+    optional) in seconds since the epoch; now when it cannot be read (a backend's start is then this moment)."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    try:
+        moment = datetime.fromisoformat(whole).replace(tzinfo=UTC)
+    except ValueError:
+        return time.time()
+    return moment.timestamp() + float(f"0.{fraction[:6] or 0}")
 
 
 @dataclass(frozen=True)

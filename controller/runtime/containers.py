@@ -59,7 +59,8 @@ def container_name(instance: str, model: str) -> str:
 def settings_for(config: Config, model: str) -> ContainerSettings:
     """``runtime.docker`` with the model's own ``container`` settings over it."""
     base = config.runtime.docker
-    override = next((m.container for name, m in config.models.items() if canonical(name) == model), None)
+    entry = config.configured_model(model)
+    override = entry.container if entry else None
     merged = ContainerSettings(
         image=base.image, memory=base.memory, shm_size=base.shm_size, ulimits=base.ulimits, env=base.env
     )

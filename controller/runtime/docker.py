@@ -33,7 +33,7 @@ from docker.types import DeviceRequest, Mount, Ulimit
 
 from controller.config import Config
 from controller.errors import BackendStartFailed
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
 from controller.runtime.containers import (
     INSTANCE,
     MANAGED,
@@ -227,7 +227,7 @@ class DockerRuntime:
             url=url,
             handle=container.id or "",
             spec_hash=labels.get(SPEC, ""),
-            started_at=_timestamp(started),
+            started_at=epoch_seconds(started),
             adopted=adopted,
             labels=json.loads(labels.get(REQUIREMENTS, "{}")),
         )
@@ -396,15 +396,3 @@ class DockerRuntime:
         thread = threading.Thread(target=read, name=f"docker-logs:{model}", daemon=True)
         self._followers[container_id] = thread
         thread.start()
-
-
-def _timestamp(started: str) -> float:
-    """Docker's RFC 3339 time with nanoseconds (``2026-11-26T12:50:01.123456789Z``) as epoch seconds."""
-    from datetime import UTC, datetime
-
-    whole, _, fraction = started.rstrip("Z").partition(".")
-    try:
-        moment = datetime.fromisoformat(whole).replace(tzinfo=UTC)
-    except ValueError:
-        return time.time()
-    return moment.timestamp() + float(f"0.{fraction[:6] or 0}")

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -85,12 +85,11 @@ class BackendObjects:
     name: str
     deployment: dict[str, Any]
     service: dict[str, Any]
-    labels: dict[str, str] = field(default_factory=dict)
 
 
 def settings_for(config: Config, model: str) -> PodPlanSettings:
     base: KubernetesConfig = config.runtime.kubernetes
-    entry = next((m for name, m in config.models.items() if canonical(name) == model), None)
+    entry = config.configured_model(model)
     container = entry.container if entry else None
     pod = entry.kubernetes if entry else None
     startup = entry.startup_timeout if entry and entry.startup_timeout is not None else None
@@ -225,7 +224,7 @@ def plan(
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
-    return BackendObjects(name, deployment, service, labels)
+    return BackendObjects(name, deployment, service)
 
 
 def _pod_spec(spec: LaunchSpec, settings: PodPlanSettings, args: list[str]) -> dict[str, Any]:

@@ -23,12 +23,11 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 from controller.config import Config
 from controller.errors import BackendStartFailed
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
 from controller.runtime.kube_api import KubeApi, describe, kube_errors
 from controller.runtime.kube_objects import (
     BACKEND,
@@ -67,7 +66,6 @@ class KubernetesRuntime:
         self._log_dir = config.data_dir / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._client: KubeApi | None = None
-        self._namespace = ""
         self._exits: dict[str, asyncio.Future[ExitInfo]] = {}  # backend name → its exit
         self._runs: dict[str, str] = {}  # backend name → the run id its current pods carry
         self._models: dict[str, str] = {}  # backend name → model
@@ -85,7 +83,6 @@ class KubernetesRuntime:
     def _api(self) -> KubeApi:
         if self._client is None:
             self._client = KubeApi(self._settings.namespace, self._settings.kubeconfig, self._settings.context)
-            self._namespace = self._client.namespace
         return self._client
 
     # ------------------------------------------------------------------ start and stop
@@ -93,9 +90,9 @@ class KubernetesRuntime:
     async def start(self, spec: LaunchSpec) -> Backend:
         settings = settings_for(self._config, spec.model)
         run = secrets.token_hex(4)
-        plan(spec, settings, self._instance, run)  # refuses a model file outside the volume before any call
         with kube_errors(f"starting a pod for {spec.model}"):
             api = self._api()
+            # plan refuses a model file outside the models volume before anything is created
             objects = plan(spec, settings, self._instance, run, await self._owner())
             name = objects.name
             await self._ensure_watching()
@@ -109,8 +106,8 @@ class KubernetesRuntime:
                 with contextlib.suppress(Exception):
                     await api.delete("Service", name)
                 raise
-        self._logbook.append(spec.model, f"{START_MARKER} deployment {self._namespace}/{name} (run {run})")
-        log.info("created deployment %s/%s for %s", self._namespace, name, spec.model)
+        self._logbook.append(spec.model, f"{START_MARKER} deployment {self._api().namespace}/{name} (run {run})")
+        log.info("created deployment %s/%s for %s", self._api().namespace, name, spec.model)
         self._judge_known_pods(name)
         return Backend(
             model=spec.model,
@@ -144,7 +141,7 @@ class KubernetesRuntime:
             labels = found["metadata"].get("labels") or {}
             if any(labels.get(key) != value for key, value in self._selector.items()):
                 raise BackendStartFailed(
-                    f"a {kind} named {name} exists in namespace {self._namespace} that this controller "
+                    f"a {kind} named {name} exists in namespace {self._api().namespace} that this controller "
                     "does not manage: delete it, or give this controller another runtime.kubernetes.instance"
                 )
             await self._delete_backend(name, grace=0)
@@ -209,7 +206,7 @@ class KubernetesRuntime:
                         url=_service_url(service),
                         handle=name,
                         spec_hash=metadata["labels"].get(SPEC, ""),
-                        started_at=_timestamp(metadata.get("creationTimestamp")),
+                        started_at=epoch_seconds(metadata.get("creationTimestamp", "")),
                         adopted=True,
                         labels=json.loads(annotations.get(REQUIREMENTS, "{}")),
                     )
@@ -255,7 +252,7 @@ class KubernetesRuntime:
         """A pod the watch saw before this backend was expected (adoption) is judged now."""
         for pod in list(self._pods.values()):
             if (pod["metadata"].get("labels") or {}).get(BACKEND) == name:
-                self._on_pod("MODIFIED", pod)
+                self._on_pod(pod)
 
     async def _ensure_watching(self) -> None:
         if self._watching is None:
@@ -276,7 +273,7 @@ class KubernetesRuntime:
                 for pod in vanished:  # deleted while nobody listened
                     self._on_pod_deleted(pod)
                 for pod in pods.values():
-                    self._on_pod("MODIFIED", pod)
+                    self._on_pod(pod)
                 self._watch_ready.set()
                 attempt = 0
                 async for kind, pod in api.watch("Pod", self._selector, version):
@@ -285,7 +282,7 @@ class KubernetesRuntime:
                         self._on_pod_deleted(pod)
                     else:
                         self._pods[pod["metadata"]["name"]] = pod
-                        self._on_pod(kind, pod)
+                        self._on_pod(pod)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # API server gone, 410 Gone, a broken stream: list and watch again
@@ -295,11 +292,17 @@ class KubernetesRuntime:
                 self._watch_ready.set()  # nobody waits on a watch that cannot start
                 await asyncio.sleep(delay)
 
-    def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
+    def _backend_of(self, pod: dict[str, Any]) -> str | None:
+        """The backend this pod is the current start of; None for a previous start's pod on its way out, or
+        one of a backend this controller does not (or no longer) expect."""
         labels = pod["metadata"].get("labels") or {}
         name = labels.get(BACKEND, "")
-        if name not in self._exits or labels.get(RUN) != self._runs.get(name):
-            return  # another controller's, or a previous start's pod on its way out
+        return name if name in self._exits and labels.get(RUN) == self._runs.get(name) else None
+
+    def _on_pod(self, pod: dict[str, Any]) -> None:
+        name = self._backend_of(pod)
+        if name is None:
+            return
         verdict = judge_pod(pod)
         if verdict.running or verdict.failed:
             self._follow(pod["metadata"]["name"], self._models[name])
@@ -318,9 +321,8 @@ class KubernetesRuntime:
         self._patience.pop(name, None)
         wait = self._settings.unschedulable_timeout
         for pod in self._pods.values():
-            labels = pod["metadata"].get("labels") or {}
             verdict = judge_pod(pod)
-            if labels.get(BACKEND) == name and labels.get(RUN) == self._runs.get(name) and verdict.unschedulable:
+            if self._backend_of(pod) == name and verdict.unschedulable:
                 reason = f"{verdict.failed} (for {wait:g}s: runtime.kubernetes.unschedulable_timeout)"
                 self._resolve(name, ExitInfo(None, reason))
                 return
@@ -332,9 +334,8 @@ class KubernetesRuntime:
 
     def _on_pod_deleted(self, pod: dict[str, Any]) -> None:
         self._followed.discard(pod["metadata"]["name"])
-        labels = pod["metadata"].get("labels") or {}
-        name = labels.get(BACKEND, "")
-        if name in self._stopping or name not in self._exits or labels.get(RUN) != self._runs.get(name):
+        name = self._backend_of(pod)
+        if name is None or name in self._stopping:
             return
         self._resolve(name, ExitInfo(None, "its pod was deleted (evicted, drained, or deleted by hand)"))
 
@@ -366,12 +367,3 @@ def _service_url(service: dict[str, Any]) -> str:
         raise BackendStartFailed(f"service {service['metadata']['name']} has no cluster IP")
     host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{PORT}"
-
-
-def _timestamp(value: Any) -> float:
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    return time.time()
