@@ -26,9 +26,8 @@ from controller.runtime.docker import DockerRuntime
 from controller.runtime.instance import instance_id
 from controller.runtime.logs import LogBook
 from controller.runtime.process import free_port
+from tests.support.ollama_checks import GEMMA, gemma_stream_embed_and_ps
 from tests.support.server import ServeProcess, serve_processes
-
-GEMMA = "gemma3:270m"
 
 
 def docker_config(root: Path, models: dict[str, Any], **sections: Any) -> dict[str, Any]:
@@ -99,11 +98,7 @@ def test_docker_ollama_client_end_to_end_with_gemma(
         assert running[0].attrs["HostConfig"]["Init"] is True
         mounts = running[0].attrs["Mounts"]
         assert [(m["Source"], m["Destination"], m["RW"]) for m in mounts] == [(str(models_dir), "/models", False)]
-        parts = list(client.generate(GEMMA, prompt="The sky is", stream=True, options={"num_predict": 8}))
-        assert len(parts) > 2 and parts[-1].done
-        embedded = client.embed(GEMMA, input=["a", "b"])  # restarts the container with --embeddings
-        assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 640
-        assert [m.model for m in client.ps().models] == [GEMMA]
+        gemma_stream_embed_and_ps(client)  # embeddings: restarts the container with --embeddings
         client.chat("a", messages=[{"role": "user", "content": "x"}], options={"num_predict": 2})  # a switch
         assert [c.labels[MODEL] for c in ours(engine, tmp_path)] == ["a:latest"]
         client.generate("a", keep_alive=0)  # unload

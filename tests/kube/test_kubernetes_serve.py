@@ -22,9 +22,9 @@ import pytest
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, backend_name
 from controller.runtime.process import free_port
 from tests.support.kubecluster import Cluster, emulated_cluster
+from tests.support.ollama_checks import GEMMA, gemma_stream_embed_and_ps
 from tests.support.server import ServeProcess, llama_server_or_skip, serve_processes
 
-GEMMA = "gemma3:270m"
 INSTANCE_NAME = "serve-test"
 pytestmark = pytest.mark.integration
 
@@ -96,11 +96,7 @@ def test_kubernetes_ollama_client_end_to_end_with_gemma(
         [pod] = running_pods(cluster, GEMMA)
         args = pod["spec"]["containers"][0]["args"]
         assert args[:2] == ["--model", f"/models/{gemma.name}"]
-        parts = list(client.generate(GEMMA, prompt="The sky is", stream=True, options={"num_predict": 8}))
-        assert len(parts) > 2 and parts[-1].done
-        embedded = client.embed(GEMMA, input=["a", "b"])  # a new Deployment with --embeddings
-        assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 640
-        assert [m.model for m in client.ps().models] == [GEMMA]
+        gemma_stream_embed_and_ps(client)  # embeddings: a new Deployment with --embeddings
         client.chat("a", messages=[{"role": "user", "content": "x"}], options={"num_predict": 2})  # a switch
         assert [o["metadata"]["name"] for o in cluster.find("Deployment")] == [backend_name(INSTANCE_NAME, "a:latest")]
         # The pod's own output, followed through the API into the model's log.

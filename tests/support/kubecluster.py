@@ -27,7 +27,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,12 +34,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.support.server import answers
+
 ROUTES = {  # (api prefix, plural) → kind
     ("api/v1", "pods"): "Pod",
     ("api/v1", "services"): "Service",
     ("apis/apps/v1", "deployments"): "Deployment",
 }
 GPU = "nvidia.com/gpu"
+STARTUP_SECONDS = 600  # the longest a real container is given to answer /health
 
 
 def now() -> str:
@@ -287,7 +289,7 @@ class Cluster:
         name = pod["metadata"]["name"]
         log_path = self.work_dir / f"{name}.log"
         log_path.touch()
-        process = None
+        process, argv = None, []
         if self.kubelet == "real":
             argv = self._argv(pod)
             with log_path.open("ab") as out:
@@ -314,7 +316,7 @@ class Cluster:
         )
         self._commit("Pod", "MODIFIED", current)
         if process is not None:
-            threading.Thread(target=self._supervise, args=(current, process), daemon=True).start()
+            threading.Thread(target=self._supervise, args=(current, process, argv), daemon=True).start()
 
     def _argv(self, pod: dict[str, Any]) -> list[str]:
         assert self.binary, "kubelet='real' needs the llama-server binary"
@@ -334,18 +336,12 @@ class Cluster:
                 args[index] = host
         return [self.binary, *args]
 
-    def _supervise(self, pod: dict[str, Any], process: subprocess.Popen[bytes]) -> None:
+    def _supervise(self, pod: dict[str, Any], process: subprocess.Popen[bytes], argv: list[str]) -> None:
         """Readiness from /health, and an exit reported the way a kubelet does (then CrashLoopBackOff)."""
         name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
-        args = pod["spec"]["containers"][0]["args"]
-        url = f"http://{self._argv(pod)[self._argv(pod).index('--host') + 1]}:{args[args.index('--port') + 1]}/health"
-        while process.poll() is None and not self.closing:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url, timeout=1) as answer:
-                    if answer.status == 200:
-                        self._update_container(namespace, name, {"ready": True})
-                        break
-            time.sleep(0.1)
+        url = f"http://{argv[argv.index('--host') + 1]}:{argv[argv.index('--port') + 1]}/health"
+        if answers(url, process, STARTUP_SECONDS):
+            self._update_container(namespace, name, {"ready": True})
         code = process.wait()
         container = self.containers.get(name)
         if container is None or container.stopping or self.closing:
