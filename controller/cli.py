@@ -80,8 +80,9 @@ def _banner(config: Config) -> None:
         if not config.edge.supervise and not config.edge.hostname:  # Caddy in its own container (compose)
             where = f"{config.edge.admin.rpartition(':')[0]} listening on {config.edge.listen} (its published port)"
         print(f"  HTTPS (Caddy edge): {where}   trust its CA: llamacontroller edge ca --output ca.pem")
-    if config.runtime.kind == "docker":
-        print(f"  runtime: docker, llama-server image {config.runtime.docker.image}")
+    image = config.runtime.llama_server_image
+    if image is not None:  # the controller itself needs no llama-server (its image has none)
+        print(f"  runtime: {config.runtime.kind}, llama-server image {image}")
     else:
         binary = find_llama_server(config.llama_server.binary)
         print(f"  llama-server {llama_server_version(binary)}: {binary}")

@@ -158,6 +158,11 @@ class RuntimeConfig(_Strict):
     docker: DockerConfig = Field(default_factory=DockerConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
+    @property
+    def llama_server_image(self) -> str | None:
+        """The llama-server image a container runtime starts (a model may name its own); None: a local binary."""
+        return {"docker": self.docker.image, "kubernetes": self.kubernetes.image}.get(self.kind)
+
     @model_validator(mode="after")
     def _kubernetes_models(self) -> RuntimeConfig:
         volume = self.kubernetes.models

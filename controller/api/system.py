@@ -17,8 +17,9 @@ blueprint = Blueprint("control_system", __name__, url_prefix="/control/v1")
 
 
 async def llama_server_facts(config: Config) -> dict[str, Any]:
-    if config.runtime.kind == "docker":
-        return {"image": config.runtime.docker.image}
+    image = config.runtime.llama_server_image
+    if image is not None:
+        return {"image": image}
     try:
         binary = await asyncio.to_thread(find_llama_server, config.llama_server.binary)
     except LlamaControllerError as exc:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from controller.cli import main
+from controller.api.system import llama_server_facts
+from controller.cli import _banner, main
+from controller.config import validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 
@@ -40,3 +43,20 @@ def test_cli_serve_without_llama_server_says_how_to_get_one(tmp_path: Path, caps
     config.write_text(f"llama_server:\n  binary: {tmp_path / 'no-such-binary'}\nmodels_dir: {tmp_path}\n")
     assert main(["serve", "--config", str(config), "--data-dir", str(tmp_path)]) == 2
     assert "is not an executable file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_a_container_runtime_needs_no_local_llama_server(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The app image has no llama-server: with a container runtime the start-up banner names the image instead."""
+    config = validate_config(
+        {
+            "llama_server": {"binary": str(tmp_path / "no-such-binary")},
+            "edge": {"enabled": False},
+            "runtime": {"kind": kind, "kubernetes": {"models": {"claim_name": "models"}}},
+        }
+    )
+    _banner(config)
+    assert f"runtime: {kind}, llama-server image llamacontroller/llama-server:local" in capsys.readouterr().out
+    assert asyncio.run(llama_server_facts(config)) == {"image": "llamacontroller/llama-server:local"}
