@@ -44,34 +44,35 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, gemma_mod
 
 
 def test_surface_anthropic_client_on_messages(server: ServeProcess) -> None:
-    client = anthropic.Anthropic(base_url=server.url, api_key=server.token, max_retries=0)
-    reply = client.messages.create(model=GEMMA, max_tokens=12, messages=[{"role": "user", "content": "Say hello."}])
-    assert reply.role == "assistant" and reply.content and reply.content[0].type == "text"
-    assert reply.usage.output_tokens > 0
-    with client.messages.stream(
-        model=GEMMA, max_tokens=8, messages=[{"role": "user", "content": "Count to three."}]
-    ) as stream:
-        text = "".join(stream.text_stream)
-    assert text
-    counted = client.messages.count_tokens(model=GEMMA, messages=[{"role": "user", "content": "Hello there"}])
-    assert counted.input_tokens > 0
+    # Every client is closed: one left to the garbage collector warns (an error here) in whichever test runs then.
+    with anthropic.Anthropic(base_url=server.url, api_key=server.token, max_retries=0) as client:
+        reply = client.messages.create(model=GEMMA, max_tokens=12, messages=[{"role": "user", "content": "Say hello."}])
+        assert reply.role == "assistant" and reply.content and reply.content[0].type == "text"
+        assert reply.usage.output_tokens > 0
+        with client.messages.stream(
+            model=GEMMA, max_tokens=8, messages=[{"role": "user", "content": "Count to three."}]
+        ) as stream:
+            text = "".join(stream.text_stream)
+        assert text
+        counted = client.messages.count_tokens(model=GEMMA, messages=[{"role": "user", "content": "Hello there"}])
+        assert counted.input_tokens > 0
 
 
 def test_surface_anthropic_client_errors_are_anthropic_errors(server: ServeProcess) -> None:
-    unauthenticated = anthropic.Anthropic(base_url=server.url, api_key="lc_bad_token", max_retries=0)
-    with pytest.raises(anthropic.AuthenticationError):
-        unauthenticated.messages.create(model=GEMMA, max_tokens=4, messages=[{"role": "user", "content": "x"}])
-    client = anthropic.Anthropic(base_url=server.url, api_key=server.token, max_retries=0)
-    with pytest.raises(anthropic.NotFoundError) as missing:
-        client.messages.create(model="nope", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    with anthropic.Anthropic(base_url=server.url, api_key="lc_bad_token", max_retries=0) as unauthenticated:
+        with pytest.raises(anthropic.AuthenticationError):
+            unauthenticated.messages.create(model=GEMMA, max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    with anthropic.Anthropic(base_url=server.url, api_key=server.token, max_retries=0) as client:
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            client.messages.create(model="nope", max_tokens=4, messages=[{"role": "user", "content": "x"}])
     assert "model 'nope' not found" in str(missing.value)
 
 
 def test_surface_openai_client_on_responses(server: ServeProcess) -> None:
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0)
-    response = client.responses.create(model=GEMMA, input="Say hello.", max_output_tokens=12)
-    assert response.output_text
-    events = list(client.responses.create(model=GEMMA, input="Count to three.", max_output_tokens=8, stream=True))
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0) as client:
+        response = client.responses.create(model=GEMMA, input="Say hello.", max_output_tokens=12)
+        assert response.output_text
+        events = list(client.responses.create(model=GEMMA, input="Count to three.", max_output_tokens=8, stream=True))
     assert any(event.type == "response.output_text.delta" for event in events)
     assert events[-1].type == "response.completed"
 
