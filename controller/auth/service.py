@@ -257,10 +257,14 @@ class AuthService:
 
     async def login(self, username: str, password: str, client: str) -> tuple[str, User]:
         """Check the password (throttled per user and address) and open a new session: (cookie, user)."""
+        if not isinstance(username, str) or _USER_NAME.fullmatch(username) is None:
+            # No account has such a name: refuse before anything is counted or audited, so a sign-in with a
+            # 20 MB name costs nothing to keep.
+            raise Unauthenticated("invalid user name or password")
         key = f"login:{username}:{client}"
         if await self.ephemeral.failures(key) >= self.settings.login_max_failures:
             raise RateLimited("too many failed sign-ins: wait and try again", self.settings.login_window)
-        user = await self.store.get_user(username) if username else None
+        user = await self.store.get_user(username)
         if not verify_password(password, user.password_hash if user else None) or user is None or user.disabled:
             await self.ephemeral.add_failure(key, self.settings.login_window)
             await self._audit("login_failed", username, username, {"client": client})

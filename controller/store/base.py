@@ -10,11 +10,21 @@ next to the store: in-process for SQLite (a single process), shared counters in 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 Role = Literal["admin", "user"]
+
+# Every stored field is bounded by size, not only the tables by count, so no input can grow the store
+# without limit (a 20 MB user name at sign-in once filled the data dir): 10,000 audit events of at most
+# about 1.5 KB each, and counter keys of at most 200 characters.
+AUDIT_KEEP = 10_000
+MAX_AUDIT_TEXT = 128  # action, actor, target
+MAX_AUDIT_DETAIL = 1024  # the detail as JSON
+MAX_COUNTER_KEY = 200
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,32 @@ class AuditEvent:
     actor: str  # who did it ("cli" for the command line)
     target: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded_audit(event: AuditEvent) -> AuditEvent:
+    """The event as it is stored: each text field clipped, an oversized detail replaced by its clipped JSON."""
+    detail = event.detail
+    text = json.dumps(detail)  # ASCII: characters are bytes
+    if len(text) > MAX_AUDIT_DETAIL:
+        detail = {"truncated": text[: MAX_AUDIT_DETAIL // 2]}  # half: escaping it again at most doubles it
+    return replace(
+        event,
+        action=clip(event.action, MAX_AUDIT_TEXT),
+        actor=clip(event.actor, MAX_AUDIT_TEXT),
+        target=clip(event.target, MAX_AUDIT_TEXT),
+        detail=detail,
+    )
+
+
+def counter_key(key: str) -> str:
+    """A counter's key of bounded size: a long one keeps its start and gets a digest of the whole."""
+    if len(key) <= MAX_COUNTER_KEY:
+        return key
+    return f"{key[:64]}#{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 class Store(Protocol):

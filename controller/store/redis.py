@@ -17,11 +17,19 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from controller.errors import Conflict, NotFound, Unavailable
-from controller.store.base import AuditEvent, Role, SessionRecord, TokenRecord, User
+from controller.store.base import (
+    AUDIT_KEEP,
+    AuditEvent,
+    Role,
+    SessionRecord,
+    TokenRecord,
+    User,
+    bounded_audit,
+    counter_key,
+)
 
 PREFIX = "lc:"
 SCHEMA_VERSION = 1
-_AUDIT_KEEP = 10_000
 
 # Token bucket in one round trip, atomic across replicas: KEYS[1] bucket; ARGV now, per_minute.
 _TAKE = """
@@ -236,6 +244,7 @@ class RedisStore:
     # ------------------------------------------------------------------ audit
 
     async def add_audit(self, event: AuditEvent) -> None:
+        event = bounded_audit(event)
         value = json.dumps(
             {
                 "at": event.at,
@@ -247,7 +256,7 @@ class RedisStore:
         )
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.lpush(f"{PREFIX}audit", value)
-            pipe.ltrim(f"{PREFIX}audit", 0, _AUDIT_KEEP - 1)
+            pipe.ltrim(f"{PREFIX}audit", 0, AUDIT_KEEP - 1)
             await self._call(pipe.execute())
 
     async def list_audit(self, limit: int = 100) -> Sequence[AuditEvent]:
@@ -266,14 +275,16 @@ class RedisEphemeral:
     async def take(self, key: str, per_minute: int) -> float:
         if self._take is None:
             self._take = self._store.client.register_script(_TAKE)
-        wait = await self._store._call(self._take(keys=[f"{PREFIX}rl:{key}"], args=[time.time(), per_minute]))
+        wait = await self._store._call(
+            self._take(keys=[f"{PREFIX}rl:{counter_key(key)}"], args=[time.time(), per_minute])
+        )
         return float(wait)
 
     async def failures(self, key: str) -> int:
-        return int(await self._store._call(self._store.client.get(f"{PREFIX}fail:{key}")) or 0)
+        return int(await self._store._call(self._store.client.get(f"{PREFIX}fail:{counter_key(key)}")) or 0)
 
     async def add_failure(self, key: str, window: float) -> int:
-        full = f"{PREFIX}fail:{key}"
+        full = f"{PREFIX}fail:{counter_key(key)}"
         async with self._store.client.pipeline(transaction=True) as pipe:
             pipe.incr(full)
             pipe.expire(full, max(1, int(window)), nx=True)
@@ -281,11 +292,11 @@ class RedisEphemeral:
         return int(count)
 
     async def clear_failures(self, key: str) -> None:
-        await self._store._call(self._store.client.delete(f"{PREFIX}fail:{key}"))
+        await self._store._call(self._store.client.delete(f"{PREFIX}fail:{counter_key(key)}"))
 
     async def claim_nonce(self, nonce: str, ttl: float) -> bool:
         created = await self._store._call(
-            self._store.client.set(f"{PREFIX}nonce:{nonce}", "1", nx=True, px=max(1, int(ttl * 1000)))
+            self._store.client.set(f"{PREFIX}nonce:{counter_key(nonce)}", "1", nx=True, px=max(1, int(ttl * 1000)))
         )
         return bool(created)
 

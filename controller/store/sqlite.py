@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controller.errors import Conflict, NotFound, Unavailable
-from controller.store.base import AuditEvent, Role, SessionRecord, TokenRecord, User
+from controller.store.base import (
+    AUDIT_KEEP,
+    AuditEvent,
+    Role,
+    SessionRecord,
+    TokenRecord,
+    User,
+    bounded_audit,
+)
 
 T = TypeVar("T")
 
@@ -64,7 +72,6 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE users ADD COLUMN models TEXT NOT NULL DEFAULT '[]';
     """,
 )
-_AUDIT_KEEP = 10_000
 
 
 def _token(row: sqlite3.Row) -> TokenRecord:
@@ -281,12 +288,14 @@ class SqliteStore:
     # ------------------------------------------------------------------ audit
 
     async def add_audit(self, event: AuditEvent) -> None:
+        event = bounded_audit(event)
+
         def work(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO audit (at, action, actor, target, detail) VALUES (?, ?, ?, ?, ?)",
                 (event.at, event.action, event.actor, event.target, json.dumps(event.detail)),
             )
-            db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (_AUDIT_KEEP,))
+            db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (AUDIT_KEEP,))
 
         await self._run(work)
 

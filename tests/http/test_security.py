@@ -24,6 +24,7 @@ from controller.config import validate_config
 from controller.errors import ConfigError
 from controller.runtime.fake import FakeRuntime
 from controller.store.base import TokenRecord
+from controller.store.ephemeral import InProcessEphemeral
 from tests.support.harness import fake_app, fake_config
 
 
@@ -482,3 +483,22 @@ async def test_security_a_users_allow_list_binds_its_tokens(world: World) -> Non
     assert [m["name"] for m in tags["models"]] == ["a:latest"]
     refused = await world.client.post("/api/show", json={"model": "b"}, headers=headers)
     assert refused.status_code == 403
+
+
+async def test_security_sign_in_with_an_impossible_name_stores_nothing(world: World) -> None:
+    """A sign-in with a huge name once grew the process and the store file by the name's size per try."""
+    store, ephemeral = world.service.store, world.service.ephemeral
+    before = await store.list_audit(1000)
+    huge = "x" * 1_000_000
+    for username in (huge, "alice\n", "../alice", "alice bob", ""):
+        response = await login(world, username, "whatever-password")
+        assert response.status_code == 401, username[:20]
+        assert await response.get_json() == {"error": "invalid user name or password", "code": "unauthenticated"}
+        web = await world.client.post("/ui/login", form={"username": username, "password": "whatever-password"})
+        assert web.status_code == 401
+    assert await store.list_audit(1000) == before, "nothing audited for a name no account can have"
+    assert isinstance(ephemeral, InProcessEphemeral) and not ephemeral._failures, "nothing counted either"
+    for _ in range(3):  # a possible name is still counted and throttled as before
+        await login(world, "alice", "wrong-password")
+    assert (await login(world, "alice", "alice-password")).status_code == 429
+

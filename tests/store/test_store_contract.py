@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -11,7 +12,17 @@ import pytest
 import redis
 
 from controller.errors import Conflict, NotFound
-from controller.store.base import AuditEvent, Ephemeral, SessionRecord, Store, TokenRecord, User
+from controller.store.base import (
+    MAX_AUDIT_DETAIL,
+    MAX_AUDIT_TEXT,
+    MAX_COUNTER_KEY,
+    AuditEvent,
+    Ephemeral,
+    SessionRecord,
+    Store,
+    TokenRecord,
+    User,
+)
 from controller.store.ephemeral import InProcessEphemeral
 from controller.store.redis import RedisEphemeral, RedisStore
 from controller.store.sqlite import MIGRATIONS, SqliteStore
@@ -205,3 +216,34 @@ async def test_store_redis_graceful_restart_loses_nothing(tmp_path: Path) -> Non
         stored = await store.get_token(token().id)
         assert stored is not None and stored.revoked
         await store.close()
+
+
+async def test_store_bounds_every_stored_field_by_size(backend: tuple[Store, Ephemeral], tmp_path: Path) -> None:
+    """Audit events and counters keep a bounded size whatever a caller hands them (a sign-in once stored a
+    20 MB user name in both)."""
+    store, ephemeral = backend
+    huge = "é" * 1_000_000
+    for index in range(5):
+        await store.add_audit(AuditEvent(float(index), huge, huge, huge, {"name": huge, "n": index}))
+        assert await ephemeral.add_failure(f"login:{huge}{index}", 60) == 1
+        assert await ephemeral.take(f"token:{huge}{index}", 10) == 0.0
+        assert await ephemeral.claim_nonce(f"{huge}{index}", 5) is True
+    assert await ephemeral.failures(f"login:{huge}0") == 1, "long keys still count, each apart"
+    assert await ephemeral.claim_nonce(f"{huge}0", 5) is False
+    events = await store.list_audit(10)
+    assert len(events) == 5 and events[0].at == 4.0
+    for event in events:
+        assert max(len(event.action), len(event.actor), len(event.target)) <= MAX_AUDIT_TEXT
+        assert len(json.dumps(event.detail)) <= 2 * MAX_AUDIT_DETAIL
+        assert event.actor.startswith("éé")
+    if isinstance(store, SqliteStore):
+        size = sum(path.stat().st_size for path in tmp_path.glob("store.db*"))
+        assert size < 1_000_000, f"{size} bytes for 5 events with 4 MB of text each"
+        for table in (ephemeral._failures, ephemeral._buckets, ephemeral._nonces):  # type: ignore[attr-defined]
+            assert table and max(len(key) for key in table) <= MAX_COUNTER_KEY
+    else:
+        assert isinstance(store, RedisStore)
+        keys = await store.client.keys("*")
+        assert keys and max(len(key) for key in keys) <= MAX_COUNTER_KEY + 20
+        used = sum([await store.client.memory_usage(key) or 0 for key in keys])
+        assert used < 1_000_000, f"{used} bytes for 5 events with 4 MB of text each"
