@@ -25,13 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from controller.auth.bounds import Grant, check_glob_count, check_name, check_rpm, expiry_seconds, within_maker
 from controller.auth.identity import ROLE_SCOPES, Identity, Scope
 from controller.auth.secrets import (
     digest,
     hash_password,
     load_or_create_key,
     new_token,
-    parse_expiry,
     parse_token,
     same,
     sign_claims,
@@ -74,6 +74,7 @@ class Request:
 
 
 def _validate_globs(globs: tuple[str, ...]) -> None:
+    check_glob_count(globs)
     for glob in globs:
         validate_model_name(glob.replace("*", "x").replace("?", "x"))
 
@@ -188,7 +189,16 @@ class AuthService:
         scopes = frozenset(token.scopes)
         if owner.role != "admin":
             scopes -= {Scope.ADMIN}  # a token never gives more than its owner has
-        return Identity(owner.name, "token", scopes, token.models, owner.models, token_id=token.id, rpm=token.rpm)
+        return Identity(
+            owner.name,
+            "token",
+            scopes,
+            token.models,
+            owner.models,
+            token_id=token.id,
+            rpm=token.rpm,
+            expires_at=token.expires_at,
+        )
 
     def _touch(self, token_id: str) -> None:
         now = time.time()
@@ -224,6 +234,8 @@ class AuthService:
             "mdl": list(identity.models),
             "omd": list(identity.owner_models),
             "tid": identity.token_id,
+            "rpm": identity.rpm,
+            "tex": identity.expires_at,
             "exp": time.time() + self.settings.identity_ttl,
             "m": method,
             "p": path,
@@ -248,6 +260,8 @@ class AuthService:
             tuple(claims.get("mdl") or ()),
             tuple(claims.get("omd") or ()),
             token_id=claims.get("tid"),
+            rpm=claims.get("rpm"),
+            expires_at=claims.get("tex"),
         )
 
     # ------------------------------------------------------------------ sessions
@@ -339,8 +353,9 @@ class AuthService:
         creator: Identity | None = None,
     ) -> tuple[str, TokenRecord]:
         """Returns (the secret token, shown once; its record). A ``creator`` who is not an admin may make
-        tokens only for itself and only with scopes it has (the CLI passes none: it acts as the machine's
-        administrator)."""
+        tokens only for itself and only with scopes it has; a creator that is a token bounds the new one by
+        its own models, rate and expiry (controller/auth/bounds.py). The CLI passes none: it acts as the
+        machine's administrator."""
         if creator is not None and not creator.is_admin:
             if owner != creator.subject:
                 raise Forbidden("you can create tokens only for yourself")
@@ -355,22 +370,24 @@ class AuthService:
             raise BadRequest(f"scopes must be some of {[s.value for s in Scope]}")
         if Scope.ADMIN in scopes and user.role != "admin":
             raise BadRequest("only admins may own tokens with the admin scope")
+        check_name(name)
         _validate_globs(tuple(models))
-        if rpm is not None and rpm <= 0:
-            raise BadRequest("rpm must be a positive number of requests per minute")
-        seconds = expires if isinstance(expires, int | float) else parse_expiry(expires)
-        token, token_id, secret_hash = new_token()
+        seconds = expiry_seconds(expires)
         now = time.time()
+        grant = Grant(tuple(models), check_rpm(rpm), now + seconds if seconds else None)
+        if creator is not None and creator.token_id is not None:
+            grant = within_maker(creator, grant, never=isinstance(expires, str) and seconds is None)
+        token, token_id, secret_hash = new_token()
         record = TokenRecord(
             id=token_id,
             name=name,
             owner=owner,
             secret_hash=secret_hash,
             scopes=tuple(sorted(set(scopes))),
-            models=tuple(models),
-            expires_at=now + seconds if seconds else None,
+            models=grant.models,
+            expires_at=grant.expires_at,
             created_at=now,
-            rpm=rpm,
+            rpm=grant.rpm,
         )
         await self.store.add_token(record)
         await self._audit("token_created", actor, token_id, {"name": name, "owner": owner, "scopes": scopes})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -108,6 +109,11 @@ def counter_key(key: str) -> str:
     if len(key) <= MAX_COUNTER_KEY:
         return key
     return f"{key[:64]}#{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A stored time as a finite number; ``inf``/``NaN`` (written before inputs were checked) read as never."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 class Store(Protocol):

@@ -26,6 +26,7 @@ from controller.store.base import (
     User,
     bounded_audit,
     counter_key,
+    finite_or_none,
 )
 
 PREFIX = "lc:"
@@ -79,7 +80,7 @@ def _token(data: dict[str, str]) -> TokenRecord:
         secret_hash=data["secret_hash"],
         scopes=tuple(json.loads(data["scopes"])),
         models=tuple(json.loads(data["models"])),
-        expires_at=optional("expires_at"),
+        expires_at=finite_or_none(optional("expires_at")),
         revoked=data.get("revoked") == "1",
         created_at=float(data["created_at"]),
         last_used_at=optional("last_used_at"),

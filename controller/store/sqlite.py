@@ -24,6 +24,7 @@ from controller.store.base import (
     TokenRecord,
     User,
     bounded_audit,
+    finite_or_none,
 )
 
 T = TypeVar("T")
@@ -82,7 +83,7 @@ def _token(row: sqlite3.Row) -> TokenRecord:
         secret_hash=row["secret_hash"],
         scopes=tuple(json.loads(row["scopes"])),
         models=tuple(json.loads(row["models"])),
-        expires_at=row["expires_at"],
+        expires_at=finite_or_none(row["expires_at"]),
         revoked=bool(row["revoked"]),
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
