@@ -81,7 +81,8 @@ def _validate_globs(globs: tuple[str, ...]) -> None:
 
 def validate_user_name(name: str) -> str:
     if not isinstance(name, str) or _USER_NAME.fullmatch(name) is None:
-        raise BadRequest(f"invalid user name {name!r}: letters, digits, '.', '_' and '-', at most 64")
+        shown = repr(name[:65]) + ("…" if len(name) > 65 else "") if isinstance(name, str) else "(not text)"
+        raise BadRequest(f"invalid user name {shown}: letters, digits, '.', '_' and '-', at most 64")
     return name
 
 
@@ -275,7 +276,7 @@ class AuthService:
             # No account has such a name: refuse before anything is counted or audited, so a sign-in with a
             # 20 MB name costs nothing to keep.
             raise Unauthenticated("invalid user name or password")
-        key = f"login:{username}:{client}"
+        key = f"login:{username.lower()}:{client}"  # names ignore case, so does the throttle
         if await self.ephemeral.failures(key) >= self.settings.login_max_failures:
             raise RateLimited("too many failed sign-ins: wait and try again", self.settings.login_window)
         user = await self.store.get_user(username)
@@ -321,14 +322,14 @@ class AuthService:
     async def set_password(self, name: str, password: str, actor: str) -> None:
         if len(password) < 8:
             raise BadRequest("passwords need at least 8 characters")
-        await self.store.update_user(name, password_hash=hash_password(password))
-        await self.store.delete_user_sessions(name)
+        user = await self.store.update_user(name, password_hash=hash_password(password))
+        await self.store.delete_user_sessions(user.name)
         await self._audit("password_changed", actor, name)
 
     async def set_disabled(self, name: str, disabled: bool, actor: str) -> User:
         user = await self.store.update_user(name, disabled=disabled)
         if disabled:
-            await self.store.delete_user_sessions(name)
+            await self.store.delete_user_sessions(user.name)
         self._cache.clear()
         await self._audit("user_disabled" if disabled else "user_enabled", actor, name)
         return user
@@ -357,7 +358,7 @@ class AuthService:
         its own models, rate and expiry (controller/auth/bounds.py). The CLI passes none: it acts as the
         machine's administrator."""
         if creator is not None and not creator.is_admin:
-            if owner != creator.subject:
+            if owner.lower() != creator.subject.lower():
                 raise Forbidden("you can create tokens only for yourself")
             beyond = [scope for scope in scopes if not creator.has(scope)]
             if beyond:
@@ -381,7 +382,7 @@ class AuthService:
         record = TokenRecord(
             id=token_id,
             name=name,
-            owner=owner,
+            owner=user.name,  # as stored, whatever the case asked for
             secret_hash=secret_hash,
             scopes=tuple(sorted(set(scopes))),
             models=grant.models,
@@ -390,7 +391,7 @@ class AuthService:
             rpm=grant.rpm,
         )
         await self.store.add_token(record)
-        await self._audit("token_created", actor, token_id, {"name": name, "owner": owner, "scopes": scopes})
+        await self._audit("token_created", actor, token_id, {"name": name, "owner": user.name, "scopes": scopes})
         return token, record
 
     async def tokens_for(self, viewer: Identity) -> list[TokenRecord]:

@@ -30,7 +30,6 @@ from controller.store.base import (
 )
 
 PREFIX = "lc:"
-SCHEMA_VERSION = 1
 
 # Token bucket in one round trip, atomic across replicas: KEYS[1] bucket; ARGV now, per_minute.
 _TAKE = """
@@ -55,7 +54,21 @@ async def _initial(client: aioredis.Redis) -> None:
     return None  # version 1 is the layout described above; nothing existed before it
 
 
-MIGRATIONS: tuple[Migration, ...] = (_initial,)
+async def _fold_user_names(client: aioredis.Redis) -> None:
+    """2: a user's key holds its lower-cased name (names ignore case); a record written before under another
+    spelling moves there, unless a name differing only in case holds it already: then it stays where it is,
+    reachable by its exact spelling."""
+    names: set[str] = await client.smembers(f"{PREFIX}users")  # type: ignore[assignment]  # decoded responses
+    for name in names:
+        if name != name.lower():
+            await client.renamenx(f"{PREFIX}user:{name}", _user_key(name))
+
+
+MIGRATIONS: tuple[Migration, ...] = (_initial, _fold_user_names)
+
+
+def _user_key(name: str) -> str:
+    return f"{PREFIX}user:{name.lower()}"
 
 
 def _user(data: dict[str, str]) -> User:
@@ -130,16 +143,26 @@ class RedisStore:
             "created_at": str(user.created_at),
             "models": json.dumps(list(user.models)),
         }
-        key = f"{PREFIX}user:{user.name}"
-        # HSETNX on "name" claims the name atomically; the other fields follow.
+        key = _user_key(user.name)
+        # HSETNX on "name" claims the name, in any case, atomically; the other fields follow.
         if not await self._call(self.client.hsetnx(key, "name", user.name)):
-            raise Conflict(f"user '{user.name}' exists already")
+            raise Conflict(f"user '{user.name}' exists already (user names ignore case)")
         await self._call(self.client.hset(key, mapping=fields))
         await self._call(self.client.sadd(f"{PREFIX}users", user.name))
 
+    async def _find_user(self, name: str) -> tuple[str, dict[str, str]] | None:
+        """(key, fields) of a user named in any case: where names written before differ only in case, the
+        exact spelling first (see _fold_user_names)."""
+        keys = [f"{PREFIX}user:{name}", _user_key(name)] if name != name.lower() else [_user_key(name)]
+        for key in keys:
+            data = await self._call(self.client.hgetall(key))
+            if data.get("password_hash"):
+                return key, data
+        return None
+
     async def get_user(self, name: str) -> User | None:
-        data = await self._call(self.client.hgetall(f"{PREFIX}user:{name}"))
-        return _user(data) if data.get("password_hash") else None
+        found = await self._find_user(name)
+        return _user(found[1]) if found else None
 
     async def list_users(self) -> Sequence[User]:
         names = sorted(await self._call(self.client.smembers(f"{PREFIX}users")))
@@ -155,8 +178,10 @@ class RedisStore:
         role: Role | None = None,
         models: tuple[str, ...] | None = None,
     ) -> User:
-        if await self.get_user(name) is None:
+        found = await self._find_user(name)
+        if found is None:
             raise NotFound(f"user '{name}' not found")
+        key, data = found
         changes: dict[Any, Any] = {}
         if models is not None:
             changes["models"] = json.dumps(list(models))
@@ -167,10 +192,9 @@ class RedisStore:
         if role is not None:
             changes["role"] = role
         if changes:
-            await self._call(self.client.hset(f"{PREFIX}user:{name}", mapping=changes))
-        user = await self.get_user(name)
-        assert user is not None
-        return user
+            await self._call(self.client.hset(key, mapping=changes))
+            data = await self._call(self.client.hgetall(key))
+        return _user(data)
 
     # ------------------------------------------------------------------ tokens
 

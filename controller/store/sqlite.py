@@ -72,6 +72,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE users ADD COLUMN models TEXT NOT NULL DEFAULT '[]';
     """,
+    # 3: user names ignore case (uniqueness is checked on insert: names written before may differ in case only)
+    """
+    CREATE INDEX users_by_folded_name ON users (name COLLATE NOCASE);
+    """,
+)
+# A name in any case; where names written before differ only in case: the exact spelling, else the
+# lower-case one, else the oldest.
+_FIND_USER = (
+    "SELECT * FROM users WHERE name = ? COLLATE NOCASE ORDER BY name = ? DESC, name = lower(name) DESC, rowid LIMIT 1"
 )
 
 
@@ -163,9 +172,10 @@ class SqliteStore:
     async def add_user(self, user: User) -> None:
         def work(db: sqlite3.Connection) -> None:
             try:
-                db.execute(
+                # One statement, so no other writer (the CLI) slips in between the check and the insert.
+                added = db.execute(
                     "INSERT INTO users (name, password_hash, role, disabled, created_at, models)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    " SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM users WHERE name = ? COLLATE NOCASE)",
                     (
                         user.name,
                         user.password_hash,
@@ -173,15 +183,18 @@ class SqliteStore:
                         int(user.disabled),
                         user.created_at,
                         json.dumps(user.models),
+                        user.name,
                     ),
-                )
+                ).rowcount
             except sqlite3.IntegrityError:
-                raise Conflict(f"user '{user.name}' exists already") from None
+                added = 0
+            if not added:
+                raise Conflict(f"user '{user.name}' exists already (user names ignore case)")
 
         await self._run(work)
 
     async def get_user(self, name: str) -> User | None:
-        row = await self._run(lambda db: db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone())
+        row = await self._run(lambda db: db.execute(_FIND_USER, (name, name)).fetchone())
         return _user(row) if row else None
 
     async def list_users(self) -> Sequence[User]:
@@ -208,11 +221,13 @@ class SqliteStore:
             changes["role"] = role
 
         def work(db: sqlite3.Connection) -> sqlite3.Row:
-            for column, value in changes.items():  # column names come from the fixed set above
-                db.execute(f"UPDATE users SET {column} = ? WHERE name = ?", (value, name))  # noqa: S608
-            found: sqlite3.Row | None = db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
-            if found is None:
+            row: sqlite3.Row | None = db.execute(_FIND_USER, (name, name)).fetchone()
+            if row is None:
                 raise NotFound(f"user '{name}' not found")
+            stored = row["name"]
+            for column, value in changes.items():  # column names come from the fixed set above
+                db.execute(f"UPDATE users SET {column} = ? WHERE name = ?", (value, stored))  # noqa: S608
+            found: sqlite3.Row = db.execute("SELECT * FROM users WHERE name = ?", (stored,)).fetchone()
             return found
 
         row = await self._run(work)

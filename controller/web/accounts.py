@@ -144,7 +144,7 @@ async def change_user(me: Viewer, name: str, action: str) -> Any:
     auth = service()
     try:
         if action in ("disable", "enable"):
-            if name == me.name and action == "disable":
+            if name.lower() == me.name.lower() and action == "disable":
                 raise BadRequest("you cannot disable your own account")
             await auth.set_disabled(name, action == "disable", me.name)
             notice = f"{name} is {action}d."

@@ -625,3 +625,22 @@ async def test_security_token_listing_is_json_whatever_was_stored_before(world: 
     listed = {t["id"]: t for t in strict_json(await listing.get_data(as_text=True))["tokens"]}
     assert listed[token_id]["expires_at"] is None, "an infinite expiry reads as never, which it meant"
     assert (await get(world, "/api/tags", bearer(token)))[0] == 200
+
+
+async def test_security_user_names_ignore_case(world: World) -> None:
+    """`Root` could be added beside `root`, and `ROOT` could not sign in as root."""
+    response = await login(world, "ROOT", "root-password")
+    assert response.status_code == 200 and (await response.get_json())["user"] == "root"
+    admin = bearer(world.tokens["admin"])
+    added = await world.client.post("/control/v1/users", json={"name": "Root", "password": "x" * 12}, headers=admin)
+    assert added.status_code == 409
+    assert (await added.get_json())["error"] == "user 'Root' exists already (user names ignore case)"
+    for spelling in ("alice", "ALICE", "Alice"):  # one throttle, whatever the spelling
+        assert (await login(world, spelling, "wrong-password")).status_code == 401
+    assert (await login(world, "aLiCe", "alice-password")).status_code == 429
+    status, made = await make(world, admin, owner="ALICE")
+    assert status == 201 and made["owner"] == "alice"
+    alice = bearer(world.tokens["inference"])
+    assert (await make(world, alice, owner="Alice"))[0] == 201, "a user's own name, in any case, is its own"
+    disabled = await world.client.post("/control/v1/users/ALICE/disable", headers=admin)
+    assert disabled.status_code == 200 and (await disabled.get_json())["name"] == "alice"

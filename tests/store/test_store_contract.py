@@ -247,3 +247,66 @@ async def test_store_bounds_every_stored_field_by_size(backend: tuple[Store, Eph
         assert keys and max(len(key) for key in keys) <= MAX_COUNTER_KEY + 20
         used = sum([await store.client.memory_usage(key) or 0 for key in keys])
         assert used < 1_000_000, f"{used} bytes for 5 events with 4 MB of text each"
+
+
+async def test_store_user_names_ignore_case(backend: tuple[Store, Ephemeral]) -> None:
+    """`Admin` and `admin` could both be added, and signing in needed the exact spelling."""
+    store, _ = backend
+    await store.add_user(User("Alice", "h", "user", False, 1.0))
+    for other in ("alice", "ALICE", "Alice"):
+        with pytest.raises(Conflict, match="user names ignore case"):
+            await store.add_user(User(other, "x", "admin", False, 2.0))
+    assert await store.get_user("aLiCe") == User("Alice", "h", "user", False, 1.0)
+    changed = await store.update_user("ALICE", disabled=True)
+    assert changed == User("Alice", "h", "user", True, 1.0)
+    assert await store.list_users() == [changed]
+
+
+async def test_store_sqlite_upgrade_keeps_names_that_differ_only_in_case(tmp_path: Path) -> None:
+    """Names written before they ignored case: each keeps its exact spelling; another spelling reaches the
+    lower-case one; no new one may join them."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        for script in MIGRATIONS[:2]:
+            db.executescript(script)
+        for name, role in (("Admin", "admin"), ("admin", "user"), ("Bob", "user")):
+            db.execute("INSERT INTO users VALUES (?, 'h', ?, 0, 1.0, '[]')", (name, role))
+        db.execute("PRAGMA user_version=2")
+    store = SqliteStore(tmp_path / "old.db")
+    await store.open()
+    await check_names_that_differ_only_in_case(store)
+    await store.close()
+
+
+async def test_store_redis_upgrade_keeps_names_that_differ_only_in_case(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    client.set("lc:schema", 1)
+    for name, role in (("Admin", "admin"), ("admin", "user"), ("Bob", "user")):
+        fields = {"name": name, "password_hash": "h", "role": role, "disabled": "0", "created_at": "1.0"}
+        client.hset(f"lc:user:{name}", mapping=fields)  # type: ignore[arg-type]
+        client.sadd("lc:users", name)
+    store = RedisStore(redis_url)
+    await store.open()
+    assert client.get("lc:schema") == "2" and client.exists("lc:user:bob") and not client.exists("lc:user:Bob")
+    await check_names_that_differ_only_in_case(store)
+    await store.close()
+
+
+async def check_names_that_differ_only_in_case(store: Store) -> None:
+    assert [(u.name, u.role) for u in await store.list_users()] == [
+        ("Admin", "admin"),
+        ("Bob", "user"),
+        ("admin", "user"),
+    ]
+    assert (await store.get_user("Admin")).role == "admin"  # type: ignore[union-attr]
+    assert (await store.get_user("admin")).role == "user"  # type: ignore[union-attr]
+    assert (await store.get_user("ADMIN")).name == "admin"  # type: ignore[union-attr]
+    assert (await store.get_user("bob")).name == "Bob"  # type: ignore[union-attr]
+    assert (await store.update_user("Admin", disabled=True)).name == "Admin"
+    assert (await store.get_user("admin")).disabled is False  # type: ignore[union-attr]
+    with pytest.raises(Conflict):
+        await store.add_user(User("BOB", "x", "user", False, 2.0))
+    with pytest.raises(Conflict):
+        await store.add_user(User("aDmIn", "x", "user", False, 2.0))
