@@ -124,6 +124,9 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def problem(self) -> str | None:
+        """Why the store cannot be trusted now (``/readyz`` asks), or None. Cheap: called on every probe."""
+
     async def add_user(self, user: User) -> None:
         """Raise Conflict when the name is taken."""
 

@@ -127,6 +127,9 @@ class RedisStore:
             await self._call(migrate(self.client))
             await self._call(self.client.set(f"{PREFIX}schema", number))
 
+    async def problem(self) -> None:
+        return None  # an unreachable Redis shows in the requests that need it (503)
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from controller.store.base import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -118,6 +121,8 @@ class SqliteStore:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._reported: str | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -157,9 +162,29 @@ class SqliteStore:
                     raise
             self.path.chmod(0o600)
             db.isolation_level = "DEFERRED"
+            opened = os.stat(self.path)
+            self._file = (opened.st_dev, opened.st_ino)
             return db
 
         self._db = await asyncio.to_thread(connect)
+
+    async def problem(self) -> str | None:
+        """Whether the file at the path is still the one open (one stat): deleted or replaced while running,
+        every write would go to a file that is gone at the next start."""
+        if self._file is None:
+            return None
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            found: str | None = f"the store file {self.path} was deleted while running"
+        except OSError as exc:
+            found = f"the store file {self.path} cannot be checked: {exc.strerror}"
+        else:
+            found = None if (now.st_dev, now.st_ino) == self._file else f"the store file {self.path} was replaced"
+        if found is not None and found != self._reported:
+            log.error("%s: writes go to the old file and are lost at the next start; restart the controller", found)
+        self._reported = found
+        return found
 
     async def close(self) -> None:
         if self._db is not None:
