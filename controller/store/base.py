@@ -21,11 +21,12 @@ Role = Literal["admin", "user"]
 
 # Every stored field is bounded by size, not only the tables by count, so no input can grow the store
 # without limit (a 20 MB user name at sign-in once filled the data dir): 10,000 audit events of at most
-# about 1.5 KB each, and counter keys of at most 200 characters.
+# about 1.5 KB each, counter keys of at most 200 characters, and 20 web sessions per user.
 AUDIT_KEEP = 10_000
 MAX_AUDIT_TEXT = 128  # action, actor, target
 MAX_AUDIT_DETAIL = 1024  # the detail as JSON
 MAX_COUNTER_KEY = 200
+MAX_SESSIONS_PER_USER = 20  # a further sign-in ends the oldest: a user's sessions take bounded room
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ class Store(Protocol):
     async def touch_token(self, token_id: str, at: float) -> None:
         """Record the last use (field-level: never undoes a concurrent revocation)."""
 
-    async def add_session(self, session: SessionRecord) -> None: ...
+    async def add_session(self, session: SessionRecord) -> None:
+        """Keeps the user's newest ``MAX_SESSIONS_PER_USER`` sessions; older ones end."""
 
     async def get_session(self, id_hash: str) -> SessionRecord | None:
         """None for unknown or expired sessions."""

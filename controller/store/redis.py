@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from controller.errors import Conflict, NotFound, Unavailable
 from controller.store.base import (
     AUDIT_KEEP,
+    MAX_SESSIONS_PER_USER,
     AuditEvent,
     Role,
     SessionRecord,
@@ -248,7 +249,24 @@ class RedisStore:
         ttl = max(1, int(session.expires_at - time.time()))
         value = json.dumps({"user": session.user, "created_at": session.created_at, "expires_at": session.expires_at})
         await self._call(self.client.set(f"{PREFIX}session:{session.id_hash}", value, ex=ttl))
-        await self._call(self.client.sadd(f"{PREFIX}user-sessions:{session.user}", session.id_hash))
+        index = f"{PREFIX}user-sessions:{session.user}"
+        await self._call(self.client.sadd(index, session.id_hash))
+        if await self._call(self.client.scard(index)) > MAX_SESSIONS_PER_USER:
+            await self._prune_sessions(index)
+
+    async def _prune_sessions(self, index: str) -> None:
+        """Drop the index's expired sessions, then end the oldest beyond the bound (the index once only grew)."""
+        hashes = list(await self._call(self.client.smembers(index)))
+        values = await self._call(self.client.mget([f"{PREFIX}session:{h}" for h in hashes]))
+        live = sorted(
+            ((json.loads(value)["created_at"], h) for h, value in zip(hashes, values, strict=True) if value),
+            reverse=True,
+        )
+        ended = [h for h, value in zip(hashes, values, strict=True) if not value]
+        ended += [h for _, h in live[MAX_SESSIONS_PER_USER:]]
+        if ended:
+            await self._call(self.client.delete(*(f"{PREFIX}session:{h}" for h in ended)))
+            await self._call(self.client.srem(index, *ended))
 
     async def get_session(self, id_hash: str) -> SessionRecord | None:
         value = await self._call(self.client.get(f"{PREFIX}session:{id_hash}"))

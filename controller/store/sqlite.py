@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from controller.errors import Conflict, NotFound, Unavailable
 from controller.store.base import (
     AUDIT_KEEP,
+    MAX_SESSIONS_PER_USER,
     AuditEvent,
     Role,
     SessionRecord,
@@ -308,6 +309,11 @@ class SqliteStore:
             db.execute(
                 "INSERT INTO sessions (id_hash, user, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (session.id_hash, session.user, session.created_at, session.expires_at),
+            )
+            db.execute(
+                "DELETE FROM sessions WHERE user = ? AND id_hash NOT IN"
+                " (SELECT id_hash FROM sessions WHERE user = ? ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+                (session.user, session.user, MAX_SESSIONS_PER_USER),
             )
 
         await self._run(work)

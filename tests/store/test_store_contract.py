@@ -16,6 +16,7 @@ from controller.store.base import (
     MAX_AUDIT_DETAIL,
     MAX_AUDIT_TEXT,
     MAX_COUNTER_KEY,
+    MAX_SESSIONS_PER_USER,
     AuditEvent,
     Ephemeral,
     SessionRecord,
@@ -310,3 +311,22 @@ async def check_names_that_differ_only_in_case(store: Store) -> None:
         await store.add_user(User("BOB", "x", "user", False, 2.0))
     with pytest.raises(Conflict):
         await store.add_user(User("aDmIn", "x", "user", False, 2.0))
+
+
+async def test_store_keeps_a_bounded_number_of_sessions_per_user(backend: tuple[Store, Ephemeral]) -> None:
+    """Every sign-in added a session that stayed until it expired (and, in Redis, an index entry that stayed
+    for good): a user signing in in a loop grew the store without bound."""
+    store, _ = backend
+    await store.add_user(User("alice", "h", "admin", False, 1.0))
+    now = time.time()
+    stale = SessionRecord("f" * 64, "alice", now - 10, now + 0.5)
+    await store.add_session(stale)
+    await asyncio.sleep(1.1)
+    sessions = [SessionRecord(f"{index:064x}", "alice", now + index, now + 600) for index in range(25)]
+    for session in sessions:
+        await store.add_session(session)
+    kept = [session for session in sessions if await store.get_session(session.id_hash) == session]
+    assert kept == sessions[-MAX_SESSIONS_PER_USER:], "the newest stay, the oldest end"
+    if isinstance(store, RedisStore):
+        index = await store.client.smembers("lc:user-sessions:alice")
+        assert index == {session.id_hash for session in kept}, "ended and expired ones leave the index"
