@@ -644,3 +644,12 @@ async def test_security_user_names_ignore_case(world: World) -> None:
     assert (await make(world, alice, owner="Alice"))[0] == 201, "a user's own name, in any case, is its own"
     disabled = await world.client.post("/control/v1/users/ALICE/disable", headers=admin)
     assert disabled.status_code == 200 and (await disabled.get_json())["name"] == "alice"
+
+
+async def test_security_audit_limit_takes_ascii_digits_only(world: World) -> None:
+    admin = bearer(world.tokens["admin"])
+    for limit in ("²", "٣", "9" * 400, "-1", "1.5"):
+        response = await world.client.get("/control/v1/audit", query_string={"limit": limit}, headers=admin)
+        assert response.status_code == 400, limit
+        assert await response.get_json() == {"error": "'limit' must be a whole number", "code": "bad_request"}
+    assert len((await get(world, "/control/v1/audit?limit=2", admin))[1]["events"]) == 2
