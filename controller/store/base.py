@@ -21,7 +21,7 @@ Role = Literal["admin", "user"]
 
 # Every stored field is bounded by size, not only the tables by count, so no input can grow the store
 # without limit (a 20 MB user name at sign-in once filled the data dir): 10,000 audit events of at most
-# about 1.5 KB each, counter keys of at most 200 characters, and 20 web sessions per user.
+# about 2.5 KB each (25 MB in all), counter keys of at most 200 characters, and 20 web sessions per user.
 AUDIT_KEEP = 10_000
 MAX_AUDIT_TEXT = 128  # action, actor, target
 MAX_AUDIT_DETAIL = 1024  # the detail as JSON
