@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -14,6 +15,7 @@ from controller.errors import BadRequest
 from controller.store.base import User
 
 blueprint = Blueprint("control_admin", __name__, url_prefix="/control/v1")
+_WHOLE = re.compile(r"[0-9]{1,9}")
 
 
 def _service() -> AuthService:
@@ -132,7 +134,7 @@ async def enable_user(name: str) -> dict[str, Any]:
 @blueprint.get("/audit")
 async def audit() -> dict[str, Any]:
     raw = request.args.get("limit", "100")
-    if not raw.isdigit():
+    if _WHOLE.fullmatch(raw) is None:  # ASCII digits: str.isdigit() also takes '²', which int() refuses
         raise BadRequest("'limit' must be a whole number")
     events = await _service().store.list_audit(min(int(raw), 1000))
     return {"events": [asdict(event) for event in events]}

@@ -30,7 +30,8 @@ class Identity:
     owner_models: tuple[str, ...] = ()  # the owning user's allow-list, which every token of theirs obeys too
     token_id: str | None = None
     session_hash: str | None = None
-    rpm: int | None = None
+    rpm: int | None = None  # a token's own bounds, which any token it makes must keep within
+    expires_at: float | None = None
 
     def has(self, scope: str) -> bool:
         return scope == AUTHENTICATED or Scope.ADMIN in self.scopes or scope in self.scopes
@@ -42,10 +43,10 @@ class Identity:
     def allows_model(self, name: str) -> bool:
         """Globs match the catalog name, case-insensitively (``gemma3*``, ``llama3.2:3b``); a token's list and
         its owner's list must both allow it."""
-        return _matches(self.models, name) and _matches(self.owner_models, name)
+        return glob_allows(self.models, name) and glob_allows(self.owner_models, name)
 
 
-def _matches(globs: tuple[str, ...], name: str) -> bool:
+def glob_allows(globs: tuple[str, ...], name: str) -> bool:
     if not globs:
         return True
     lowered = name.lower()

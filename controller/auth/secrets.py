@@ -20,7 +20,7 @@ from controller.errors import BadRequest
 
 TOKEN_PREFIX = "lc_"  # noqa: S105 - a visible prefix, not a secret
 _TOKEN = re.compile(r"lc_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
-_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_DURATION = re.compile(r"([0-9]{1,12})\s*([smhdw])")  # bounded: a longer number would overflow a float
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # A real argon2 hash verified when the user does not exist, so timing does not reveal user names.
 _DUMMY_HASH = argon2.hash(secrets.token_urlsafe(16))

@@ -25,13 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from controller.auth.bounds import Grant, check_glob_count, check_name, check_rpm, expiry_seconds, within_maker
 from controller.auth.identity import ROLE_SCOPES, Identity, Scope
 from controller.auth.secrets import (
     digest,
     hash_password,
     load_or_create_key,
     new_token,
-    parse_expiry,
     parse_token,
     same,
     sign_claims,
@@ -74,13 +74,15 @@ class Request:
 
 
 def _validate_globs(globs: tuple[str, ...]) -> None:
+    check_glob_count(globs)
     for glob in globs:
         validate_model_name(glob.replace("*", "x").replace("?", "x"))
 
 
 def validate_user_name(name: str) -> str:
     if not isinstance(name, str) or _USER_NAME.fullmatch(name) is None:
-        raise BadRequest(f"invalid user name {name!r}: letters, digits, '.', '_' and '-', at most 64")
+        shown = repr(name[:65]) + ("…" if len(name) > 65 else "") if isinstance(name, str) else "(not text)"
+        raise BadRequest(f"invalid user name {shown}: letters, digits, '.', '_' and '-', at most 64")
     return name
 
 
@@ -188,7 +190,16 @@ class AuthService:
         scopes = frozenset(token.scopes)
         if owner.role != "admin":
             scopes -= {Scope.ADMIN}  # a token never gives more than its owner has
-        return Identity(owner.name, "token", scopes, token.models, owner.models, token_id=token.id, rpm=token.rpm)
+        return Identity(
+            owner.name,
+            "token",
+            scopes,
+            token.models,
+            owner.models,
+            token_id=token.id,
+            rpm=token.rpm,
+            expires_at=token.expires_at,
+        )
 
     def _touch(self, token_id: str) -> None:
         now = time.time()
@@ -224,6 +235,8 @@ class AuthService:
             "mdl": list(identity.models),
             "omd": list(identity.owner_models),
             "tid": identity.token_id,
+            "rpm": identity.rpm,
+            "tex": identity.expires_at,
             "exp": time.time() + self.settings.identity_ttl,
             "m": method,
             "p": path,
@@ -248,6 +261,8 @@ class AuthService:
             tuple(claims.get("mdl") or ()),
             tuple(claims.get("omd") or ()),
             token_id=claims.get("tid"),
+            rpm=claims.get("rpm"),
+            expires_at=claims.get("tex"),
         )
 
     # ------------------------------------------------------------------ sessions
@@ -257,10 +272,14 @@ class AuthService:
 
     async def login(self, username: str, password: str, client: str) -> tuple[str, User]:
         """Check the password (throttled per user and address) and open a new session: (cookie, user)."""
-        key = f"login:{username}:{client}"
+        if not isinstance(username, str) or _USER_NAME.fullmatch(username) is None:
+            # No account has such a name: refuse before anything is counted or audited, so a sign-in with a
+            # 20 MB name costs nothing to keep.
+            raise Unauthenticated("invalid user name or password")
+        key = f"login:{username.lower()}:{client}"  # names ignore case, so does the throttle
         if await self.ephemeral.failures(key) >= self.settings.login_max_failures:
             raise RateLimited("too many failed sign-ins: wait and try again", self.settings.login_window)
-        user = await self.store.get_user(username) if username else None
+        user = await self.store.get_user(username)
         if not verify_password(password, user.password_hash if user else None) or user is None or user.disabled:
             await self.ephemeral.add_failure(key, self.settings.login_window)
             await self._audit("login_failed", username, username, {"client": client})
@@ -303,14 +322,14 @@ class AuthService:
     async def set_password(self, name: str, password: str, actor: str) -> None:
         if len(password) < 8:
             raise BadRequest("passwords need at least 8 characters")
-        await self.store.update_user(name, password_hash=hash_password(password))
-        await self.store.delete_user_sessions(name)
+        user = await self.store.update_user(name, password_hash=hash_password(password))
+        await self.store.delete_user_sessions(user.name)
         await self._audit("password_changed", actor, name)
 
     async def set_disabled(self, name: str, disabled: bool, actor: str) -> User:
         user = await self.store.update_user(name, disabled=disabled)
         if disabled:
-            await self.store.delete_user_sessions(name)
+            await self.store.delete_user_sessions(user.name)
         self._cache.clear()
         await self._audit("user_disabled" if disabled else "user_enabled", actor, name)
         return user
@@ -335,10 +354,11 @@ class AuthService:
         creator: Identity | None = None,
     ) -> tuple[str, TokenRecord]:
         """Returns (the secret token, shown once; its record). A ``creator`` who is not an admin may make
-        tokens only for itself and only with scopes it has (the CLI passes none: it acts as the machine's
-        administrator)."""
+        tokens only for itself and only with scopes it has; a creator that is a token bounds the new one by
+        its own models, rate and expiry (controller/auth/bounds.py). The CLI passes none: it acts as the
+        machine's administrator."""
         if creator is not None and not creator.is_admin:
-            if owner != creator.subject:
+            if owner.lower() != creator.subject.lower():
                 raise Forbidden("you can create tokens only for yourself")
             beyond = [scope for scope in scopes if not creator.has(scope)]
             if beyond:
@@ -351,25 +371,27 @@ class AuthService:
             raise BadRequest(f"scopes must be some of {[s.value for s in Scope]}")
         if Scope.ADMIN in scopes and user.role != "admin":
             raise BadRequest("only admins may own tokens with the admin scope")
+        check_name(name)
         _validate_globs(tuple(models))
-        if rpm is not None and rpm <= 0:
-            raise BadRequest("rpm must be a positive number of requests per minute")
-        seconds = expires if isinstance(expires, int | float) else parse_expiry(expires)
-        token, token_id, secret_hash = new_token()
+        seconds = expiry_seconds(expires)
         now = time.time()
+        grant = Grant(tuple(models), check_rpm(rpm), now + seconds if seconds else None)
+        if creator is not None and creator.token_id is not None:
+            grant = within_maker(creator, grant, never=isinstance(expires, str) and seconds is None)
+        token, token_id, secret_hash = new_token()
         record = TokenRecord(
             id=token_id,
             name=name,
-            owner=owner,
+            owner=user.name,  # as stored, whatever the case asked for
             secret_hash=secret_hash,
             scopes=tuple(sorted(set(scopes))),
-            models=tuple(models),
-            expires_at=now + seconds if seconds else None,
+            models=grant.models,
+            expires_at=grant.expires_at,
             created_at=now,
-            rpm=rpm,
+            rpm=grant.rpm,
         )
         await self.store.add_token(record)
-        await self._audit("token_created", actor, token_id, {"name": name, "owner": owner, "scopes": scopes})
+        await self._audit("token_created", actor, token_id, {"name": name, "owner": user.name, "scopes": scopes})
         return token, record
 
     async def tokens_for(self, viewer: Identity) -> list[TokenRecord]:

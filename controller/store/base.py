@@ -10,11 +10,23 @@ next to the store: in-process for SQLite (a single process), shared counters in 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 Role = Literal["admin", "user"]
+
+# Every stored field is bounded by size, not only the tables by count, so no input can grow the store
+# without limit (a 20 MB user name at sign-in once filled the data dir): 10,000 audit events of at most
+# about 2.5 KB each (25 MB in all), counter keys of at most 200 characters, and 20 web sessions per user.
+AUDIT_KEEP = 10_000
+MAX_AUDIT_TEXT = 128  # action, actor, target
+MAX_AUDIT_DETAIL = 1024  # the detail as JSON
+MAX_COUNTER_KEY = 200
+MAX_SESSIONS_PER_USER = 20  # a further sign-in ends the oldest: a user's sessions take bounded room
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,37 @@ class AuditEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded_audit(event: AuditEvent) -> AuditEvent:
+    """The event as it is stored: each text field clipped, an oversized detail replaced by its clipped JSON."""
+    detail = event.detail
+    text = json.dumps(detail)  # ASCII: characters are bytes
+    if len(text) > MAX_AUDIT_DETAIL:
+        detail = {"truncated": text[: MAX_AUDIT_DETAIL // 2]}  # half: escaping it again at most doubles it
+    return replace(
+        event,
+        action=clip(event.action, MAX_AUDIT_TEXT),
+        actor=clip(event.actor, MAX_AUDIT_TEXT),
+        target=clip(event.target, MAX_AUDIT_TEXT),
+        detail=detail,
+    )
+
+
+def counter_key(key: str) -> str:
+    """A counter's key of bounded size: a long one keeps its start and gets a digest of the whole."""
+    if len(key) <= MAX_COUNTER_KEY:
+        return key
+    return f"{key[:64]}#{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A stored time as a finite number; ``inf``/``NaN`` (written before inputs were checked) read as never."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 class Store(Protocol):
     kind: str
 
@@ -81,6 +124,9 @@ class Store(Protocol):
         """Connect and apply pending migrations."""
 
     async def close(self) -> None: ...
+
+    async def problem(self) -> str | None:
+        """Why the store cannot be trusted now (``/readyz`` asks), or None. Cheap: called on every probe."""
 
     async def add_user(self, user: User) -> None:
         """Raise Conflict when the name is taken."""
@@ -112,7 +158,8 @@ class Store(Protocol):
     async def touch_token(self, token_id: str, at: float) -> None:
         """Record the last use (field-level: never undoes a concurrent revocation)."""
 
-    async def add_session(self, session: SessionRecord) -> None: ...
+    async def add_session(self, session: SessionRecord) -> None:
+        """Keeps the user's newest ``MAX_SESSIONS_PER_USER`` sessions; older ones end."""
 
     async def get_session(self, id_hash: str) -> SessionRecord | None:
         """None for unknown or expired sessions."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-_MAX_KEYS = 100_000  # bounded: keys come from client input (token ids, user names, addresses)
+from controller.store.base import counter_key
+
+_MAX_KEYS = 100_000  # bounded by count here and by size in counter_key: keys come from client input
 
 
 class InProcessEphemeral:
@@ -21,6 +23,7 @@ class InProcessEphemeral:
                 del table[key]
 
     async def take(self, key: str, per_minute: int) -> float:
+        key = counter_key(key)
         now = self._clock()
         tokens, updated = self._buckets.get(key, (float(per_minute), now))
         tokens = min(float(per_minute), tokens + (now - updated) * per_minute / 60.0)
@@ -32,10 +35,12 @@ class InProcessEphemeral:
         return (1.0 - tokens) * 60.0 / per_minute
 
     async def failures(self, key: str) -> int:
+        key = counter_key(key)
         count, expires = self._failures.get(key, (0, 0.0))
         return count if self._clock() < expires else 0
 
     async def add_failure(self, key: str, window: float) -> int:
+        key = counter_key(key)
         now = self._clock()
         count, expires = self._failures.get(key, (0, 0.0))
         if now >= expires:
@@ -45,9 +50,11 @@ class InProcessEphemeral:
         return count + 1
 
     async def clear_failures(self, key: str) -> None:
+        key = counter_key(key)
         self._failures.pop(key, None)
 
     async def claim_nonce(self, nonce: str, ttl: float) -> bool:
+        nonce = counter_key(nonce)
         now = self._clock()
         if len(self._nonces) > _MAX_KEYS // 10:
             self._nonces = {n: e for n, e in self._nonces.items() if e > now}

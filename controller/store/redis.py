@@ -17,11 +17,20 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from controller.errors import Conflict, NotFound, Unavailable
-from controller.store.base import AuditEvent, Role, SessionRecord, TokenRecord, User
+from controller.store.base import (
+    AUDIT_KEEP,
+    MAX_SESSIONS_PER_USER,
+    AuditEvent,
+    Role,
+    SessionRecord,
+    TokenRecord,
+    User,
+    bounded_audit,
+    counter_key,
+    finite_or_none,
+)
 
 PREFIX = "lc:"
-SCHEMA_VERSION = 1
-_AUDIT_KEEP = 10_000
 
 # Token bucket in one round trip, atomic across replicas: KEYS[1] bucket; ARGV now, per_minute.
 _TAKE = """
@@ -46,7 +55,21 @@ async def _initial(client: aioredis.Redis) -> None:
     return None  # version 1 is the layout described above; nothing existed before it
 
 
-MIGRATIONS: tuple[Migration, ...] = (_initial,)
+async def _fold_user_names(client: aioredis.Redis) -> None:
+    """2: a user's key holds its lower-cased name (names ignore case); a record written before under another
+    spelling moves there, unless a name differing only in case holds it already: then it stays where it is,
+    reachable by its exact spelling."""
+    names: set[str] = await client.smembers(f"{PREFIX}users")  # type: ignore[assignment]  # decoded responses
+    for name in names:
+        if name != name.lower():
+            await client.renamenx(f"{PREFIX}user:{name}", _user_key(name))
+
+
+MIGRATIONS: tuple[Migration, ...] = (_initial, _fold_user_names)
+
+
+def _user_key(name: str) -> str:
+    return f"{PREFIX}user:{name.lower()}"
 
 
 def _user(data: dict[str, str]) -> User:
@@ -71,7 +94,7 @@ def _token(data: dict[str, str]) -> TokenRecord:
         secret_hash=data["secret_hash"],
         scopes=tuple(json.loads(data["scopes"])),
         models=tuple(json.loads(data["models"])),
-        expires_at=optional("expires_at"),
+        expires_at=finite_or_none(optional("expires_at")),
         revoked=data.get("revoked") == "1",
         created_at=float(data["created_at"]),
         last_used_at=optional("last_used_at"),
@@ -105,6 +128,9 @@ class RedisStore:
             await self._call(migrate(self.client))
             await self._call(self.client.set(f"{PREFIX}schema", number))
 
+    async def problem(self) -> None:
+        return None  # an unreachable Redis shows in the requests that need it (503)
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
@@ -121,16 +147,26 @@ class RedisStore:
             "created_at": str(user.created_at),
             "models": json.dumps(list(user.models)),
         }
-        key = f"{PREFIX}user:{user.name}"
-        # HSETNX on "name" claims the name atomically; the other fields follow.
+        key = _user_key(user.name)
+        # HSETNX on "name" claims the name, in any case, atomically; the other fields follow.
         if not await self._call(self.client.hsetnx(key, "name", user.name)):
-            raise Conflict(f"user '{user.name}' exists already")
+            raise Conflict(f"user '{user.name}' exists already (user names ignore case)")
         await self._call(self.client.hset(key, mapping=fields))
         await self._call(self.client.sadd(f"{PREFIX}users", user.name))
 
+    async def _find_user(self, name: str) -> tuple[str, dict[str, str]] | None:
+        """(key, fields) of a user named in any case: where names written before differ only in case, the
+        exact spelling first (see _fold_user_names)."""
+        keys = [f"{PREFIX}user:{name}", _user_key(name)] if name != name.lower() else [_user_key(name)]
+        for key in keys:
+            data = await self._call(self.client.hgetall(key))
+            if data.get("password_hash"):
+                return key, data
+        return None
+
     async def get_user(self, name: str) -> User | None:
-        data = await self._call(self.client.hgetall(f"{PREFIX}user:{name}"))
-        return _user(data) if data.get("password_hash") else None
+        found = await self._find_user(name)
+        return _user(found[1]) if found else None
 
     async def list_users(self) -> Sequence[User]:
         names = sorted(await self._call(self.client.smembers(f"{PREFIX}users")))
@@ -146,8 +182,10 @@ class RedisStore:
         role: Role | None = None,
         models: tuple[str, ...] | None = None,
     ) -> User:
-        if await self.get_user(name) is None:
+        found = await self._find_user(name)
+        if found is None:
             raise NotFound(f"user '{name}' not found")
+        key, data = found
         changes: dict[Any, Any] = {}
         if models is not None:
             changes["models"] = json.dumps(list(models))
@@ -158,10 +196,9 @@ class RedisStore:
         if role is not None:
             changes["role"] = role
         if changes:
-            await self._call(self.client.hset(f"{PREFIX}user:{name}", mapping=changes))
-        user = await self.get_user(name)
-        assert user is not None
-        return user
+            await self._call(self.client.hset(key, mapping=changes))
+            data = await self._call(self.client.hgetall(key))
+        return _user(data)
 
     # ------------------------------------------------------------------ tokens
 
@@ -212,7 +249,24 @@ class RedisStore:
         ttl = max(1, int(session.expires_at - time.time()))
         value = json.dumps({"user": session.user, "created_at": session.created_at, "expires_at": session.expires_at})
         await self._call(self.client.set(f"{PREFIX}session:{session.id_hash}", value, ex=ttl))
-        await self._call(self.client.sadd(f"{PREFIX}user-sessions:{session.user}", session.id_hash))
+        index = f"{PREFIX}user-sessions:{session.user}"
+        await self._call(self.client.sadd(index, session.id_hash))
+        if await self._call(self.client.scard(index)) > MAX_SESSIONS_PER_USER:
+            await self._prune_sessions(index)
+
+    async def _prune_sessions(self, index: str) -> None:
+        """Drop the index's expired sessions, then end the oldest beyond the bound (the index once only grew)."""
+        hashes = list(await self._call(self.client.smembers(index)))
+        values = await self._call(self.client.mget([f"{PREFIX}session:{h}" for h in hashes]))
+        live = sorted(
+            ((json.loads(value)["created_at"], h) for h, value in zip(hashes, values, strict=True) if value),
+            reverse=True,
+        )
+        ended = [h for h, value in zip(hashes, values, strict=True) if not value]
+        ended += [h for _, h in live[MAX_SESSIONS_PER_USER:]]
+        if ended:
+            await self._call(self.client.delete(*(f"{PREFIX}session:{h}" for h in ended)))
+            await self._call(self.client.srem(index, *ended))
 
     async def get_session(self, id_hash: str) -> SessionRecord | None:
         value = await self._call(self.client.get(f"{PREFIX}session:{id_hash}"))
@@ -236,6 +290,7 @@ class RedisStore:
     # ------------------------------------------------------------------ audit
 
     async def add_audit(self, event: AuditEvent) -> None:
+        event = bounded_audit(event)
         value = json.dumps(
             {
                 "at": event.at,
@@ -247,7 +302,7 @@ class RedisStore:
         )
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.lpush(f"{PREFIX}audit", value)
-            pipe.ltrim(f"{PREFIX}audit", 0, _AUDIT_KEEP - 1)
+            pipe.ltrim(f"{PREFIX}audit", 0, AUDIT_KEEP - 1)
             await self._call(pipe.execute())
 
     async def list_audit(self, limit: int = 100) -> Sequence[AuditEvent]:
@@ -266,14 +321,16 @@ class RedisEphemeral:
     async def take(self, key: str, per_minute: int) -> float:
         if self._take is None:
             self._take = self._store.client.register_script(_TAKE)
-        wait = await self._store._call(self._take(keys=[f"{PREFIX}rl:{key}"], args=[time.time(), per_minute]))
+        wait = await self._store._call(
+            self._take(keys=[f"{PREFIX}rl:{counter_key(key)}"], args=[time.time(), per_minute])
+        )
         return float(wait)
 
     async def failures(self, key: str) -> int:
-        return int(await self._store._call(self._store.client.get(f"{PREFIX}fail:{key}")) or 0)
+        return int(await self._store._call(self._store.client.get(f"{PREFIX}fail:{counter_key(key)}")) or 0)
 
     async def add_failure(self, key: str, window: float) -> int:
-        full = f"{PREFIX}fail:{key}"
+        full = f"{PREFIX}fail:{counter_key(key)}"
         async with self._store.client.pipeline(transaction=True) as pipe:
             pipe.incr(full)
             pipe.expire(full, max(1, int(window)), nx=True)
@@ -281,11 +338,11 @@ class RedisEphemeral:
         return int(count)
 
     async def clear_failures(self, key: str) -> None:
-        await self._store._call(self._store.client.delete(f"{PREFIX}fail:{key}"))
+        await self._store._call(self._store.client.delete(f"{PREFIX}fail:{counter_key(key)}"))
 
     async def claim_nonce(self, nonce: str, ttl: float) -> bool:
         created = await self._store._call(
-            self._store.client.set(f"{PREFIX}nonce:{nonce}", "1", nx=True, px=max(1, int(ttl * 1000)))
+            self._store.client.set(f"{PREFIX}nonce:{counter_key(nonce)}", "1", nx=True, px=max(1, int(ttl * 1000)))
         )
         return bool(created)
 

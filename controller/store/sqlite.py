@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -16,9 +18,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controller.errors import Conflict, NotFound, Unavailable
-from controller.store.base import AuditEvent, Role, SessionRecord, TokenRecord, User
+from controller.store.base import (
+    AUDIT_KEEP,
+    MAX_SESSIONS_PER_USER,
+    AuditEvent,
+    Role,
+    SessionRecord,
+    TokenRecord,
+    User,
+    bounded_audit,
+    finite_or_none,
+)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -63,8 +76,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE users ADD COLUMN models TEXT NOT NULL DEFAULT '[]';
     """,
+    # 3: user names ignore case (uniqueness is checked on insert: names written before may differ in case only)
+    """
+    CREATE INDEX users_by_folded_name ON users (name COLLATE NOCASE);
+    """,
 )
-_AUDIT_KEEP = 10_000
+# A name in any case; where names written before differ only in case: the exact spelling, else the
+# lower-case one, else the oldest.
+_FIND_USER = (
+    "SELECT * FROM users WHERE name = ? COLLATE NOCASE ORDER BY name = ? DESC, name = lower(name) DESC, rowid LIMIT 1"
+)
 
 
 def _token(row: sqlite3.Row) -> TokenRecord:
@@ -75,7 +96,7 @@ def _token(row: sqlite3.Row) -> TokenRecord:
         secret_hash=row["secret_hash"],
         scopes=tuple(json.loads(row["scopes"])),
         models=tuple(json.loads(row["models"])),
-        expires_at=row["expires_at"],
+        expires_at=finite_or_none(row["expires_at"]),
         revoked=bool(row["revoked"]),
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
@@ -101,6 +122,8 @@ class SqliteStore:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._reported: str | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -140,9 +163,29 @@ class SqliteStore:
                     raise
             self.path.chmod(0o600)
             db.isolation_level = "DEFERRED"
+            opened = os.stat(self.path)
+            self._file = (opened.st_dev, opened.st_ino)
             return db
 
         self._db = await asyncio.to_thread(connect)
+
+    async def problem(self) -> str | None:
+        """Whether the file at the path is still the one open (one stat): deleted or replaced while running,
+        every write would go to a file that is gone at the next start."""
+        if self._file is None:
+            return None
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            found: str | None = f"the store file {self.path} was deleted while running"
+        except OSError as exc:
+            found = f"the store file {self.path} cannot be checked: {exc.strerror}"
+        else:
+            found = None if (now.st_dev, now.st_ino) == self._file else f"the store file {self.path} was replaced"
+        if found is not None and found != self._reported:
+            log.error("%s: writes go to the old file and are lost at the next start; restart the controller", found)
+        self._reported = found
+        return found
 
     async def close(self) -> None:
         if self._db is not None:
@@ -155,9 +198,10 @@ class SqliteStore:
     async def add_user(self, user: User) -> None:
         def work(db: sqlite3.Connection) -> None:
             try:
-                db.execute(
+                # One statement, so no other writer (the CLI) slips in between the check and the insert.
+                added = db.execute(
                     "INSERT INTO users (name, password_hash, role, disabled, created_at, models)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    " SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM users WHERE name = ? COLLATE NOCASE)",
                     (
                         user.name,
                         user.password_hash,
@@ -165,15 +209,18 @@ class SqliteStore:
                         int(user.disabled),
                         user.created_at,
                         json.dumps(user.models),
+                        user.name,
                     ),
-                )
+                ).rowcount
             except sqlite3.IntegrityError:
-                raise Conflict(f"user '{user.name}' exists already") from None
+                added = 0
+            if not added:
+                raise Conflict(f"user '{user.name}' exists already (user names ignore case)")
 
         await self._run(work)
 
     async def get_user(self, name: str) -> User | None:
-        row = await self._run(lambda db: db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone())
+        row = await self._run(lambda db: db.execute(_FIND_USER, (name, name)).fetchone())
         return _user(row) if row else None
 
     async def list_users(self) -> Sequence[User]:
@@ -200,11 +247,13 @@ class SqliteStore:
             changes["role"] = role
 
         def work(db: sqlite3.Connection) -> sqlite3.Row:
-            for column, value in changes.items():  # column names come from the fixed set above
-                db.execute(f"UPDATE users SET {column} = ? WHERE name = ?", (value, name))  # noqa: S608
-            found: sqlite3.Row | None = db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
-            if found is None:
+            row: sqlite3.Row | None = db.execute(_FIND_USER, (name, name)).fetchone()
+            if row is None:
                 raise NotFound(f"user '{name}' not found")
+            stored = row["name"]
+            for column, value in changes.items():  # column names come from the fixed set above
+                db.execute(f"UPDATE users SET {column} = ? WHERE name = ?", (value, stored))  # noqa: S608
+            found: sqlite3.Row = db.execute("SELECT * FROM users WHERE name = ?", (stored,)).fetchone()
             return found
 
         row = await self._run(work)
@@ -261,6 +310,11 @@ class SqliteStore:
                 "INSERT INTO sessions (id_hash, user, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (session.id_hash, session.user, session.created_at, session.expires_at),
             )
+            db.execute(
+                "DELETE FROM sessions WHERE user = ? AND id_hash NOT IN"
+                " (SELECT id_hash FROM sessions WHERE user = ? ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+                (session.user, session.user, MAX_SESSIONS_PER_USER),
+            )
 
         await self._run(work)
 
@@ -281,12 +335,14 @@ class SqliteStore:
     # ------------------------------------------------------------------ audit
 
     async def add_audit(self, event: AuditEvent) -> None:
+        event = bounded_audit(event)
+
         def work(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO audit (at, action, actor, target, detail) VALUES (?, ?, ?, ?, ?)",
                 (event.at, event.action, event.actor, event.target, json.dumps(event.detail)),
             )
-            db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (_AUDIT_KEEP,))
+            db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (AUDIT_KEEP,))
 
         await self._run(work)
 

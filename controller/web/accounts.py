@@ -6,6 +6,7 @@ from typing import Any
 
 from quart import Response, redirect, request
 
+from controller.auth.bounds import parse_rpm
 from controller.auth.identity import ALL_SCOPES, Scope
 from controller.auth.views import clear_session_cookie, set_session_cookie
 from controller.errors import BadRequest, LlamaControllerError, RateLimited, Unauthenticated
@@ -82,17 +83,14 @@ async def create_token(me: Viewer) -> Any:
     """The secret is shown in this answer only (with a copy button)."""
     form = await request.form
     chosen = [scope for scope in form.getlist("scopes") if scope in ALL_SCOPES] or [Scope.INFERENCE.value]
-    rpm_text = form.get("rpm", "").strip()
     try:
-        if rpm_text and not rpm_text.isdigit():
-            raise BadRequest("requests per minute must be a whole number")
         secret, _ = await service().create_token(
             me.name,
             form.get("name", "").strip() or "unnamed",
             chosen,
             _globs(form.get("models", "")),
             form.get("expires", "").strip() or None,
-            int(rpm_text) if rpm_text else None,
+            parse_rpm(form.get("rpm", "")),
             me.name,
             creator=me.identity,
         )
@@ -146,7 +144,7 @@ async def change_user(me: Viewer, name: str, action: str) -> Any:
     auth = service()
     try:
         if action in ("disable", "enable"):
-            if name == me.name and action == "disable":
+            if name.lower() == me.name.lower() and action == "disable":
                 raise BadRequest("you cannot disable your own account")
             await auth.set_disabled(name, action == "disable", me.name)
             notice = f"{name} is {action}d."

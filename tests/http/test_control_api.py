@@ -45,6 +45,28 @@ async def test_http_health_and_ready(client: Client) -> None:
     assert response.status_code == 200 and (await response.get_json()) == {"status": "ready"}
 
 
+async def test_http_ready_fails_when_the_store_file_is_deleted_or_replaced(
+    app: Quart, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleted or replaced under a running controller, the store's writes went to a file gone at the next
+    start, and nothing said so."""
+    path = app.extensions["llamacontroller.config"].store_path
+    moved = path.with_name("moved.db")
+    path.rename(moved)
+    response = await client.get("/readyz")
+    body = await response.get_json()
+    assert response.status_code == 503 and body["status"] == "store failed"
+    assert body["error"] == f"the store file {path} was deleted while running"
+    assert f"the store file {path} was deleted while running" in caplog.text
+    await client.get("/readyz")
+    assert caplog.text.count("was deleted while running") == 1, "said once, not on every probe"
+    path.write_bytes(moved.read_bytes())  # a copy in its place: another file all the same
+    response = await client.get("/readyz")
+    assert response.status_code == 503 and (await response.get_json())["error"] == f"the store file {path} was replaced"
+    moved.replace(path)  # the very file back: ready again
+    assert (await client.get("/readyz")).status_code == 200
+
+
 async def test_http_models_list_shows_catalog_and_state(client: Client) -> None:
     body = await (await client.get("/control/v1/models")).get_json()
     by_name = {m["name"]: m for m in body["models"]}

@@ -24,6 +24,7 @@ from controller.config import validate_config
 from controller.errors import ConfigError
 from controller.runtime.fake import FakeRuntime
 from controller.store.base import TokenRecord
+from controller.store.ephemeral import InProcessEphemeral
 from tests.support.harness import fake_app, fake_config
 
 
@@ -482,3 +483,173 @@ async def test_security_a_users_allow_list_binds_its_tokens(world: World) -> Non
     assert [m["name"] for m in tags["models"]] == ["a:latest"]
     refused = await world.client.post("/api/show", json={"model": "b"}, headers=headers)
     assert refused.status_code == 403
+
+
+async def test_security_sign_in_with_an_impossible_name_stores_nothing(world: World) -> None:
+    """A sign-in with a huge name once grew the process and the store file by the name's size per try."""
+    store, ephemeral = world.service.store, world.service.ephemeral
+    before = await store.list_audit(1000)
+    huge = "x" * 1_000_000
+    for username in (huge, "alice\n", "../alice", "alice bob", ""):
+        response = await login(world, username, "whatever-password")
+        assert response.status_code == 401, username[:20]
+        assert await response.get_json() == {"error": "invalid user name or password", "code": "unauthenticated"}
+        web = await world.client.post("/ui/login", form={"username": username, "password": "whatever-password"})
+        assert web.status_code == 401
+    assert await store.list_audit(1000) == before, "nothing audited for a name no account can have"
+    assert isinstance(ephemeral, InProcessEphemeral) and not ephemeral._failures, "nothing counted either"
+    for _ in range(3):  # a possible name is still counted and throttled as before
+        await login(world, "alice", "wrong-password")
+    assert (await login(world, "alice", "alice-password")).status_code == 429
+
+
+async def restricted(world: World, models: list[str], rpm: int | None, expires: str | None) -> str:
+    token, _ = await world.service.create_token("alice", "restricted", ["inference"], models, expires, rpm, "tests")
+    return token
+
+
+async def make(world: World, headers: dict[str, str], **body: Any) -> tuple[int, Any]:
+    response = await world.client.post("/control/v1/tokens", json={"name": "child", **body}, headers=headers)
+    return response.status_code, await response.get_json()
+
+
+async def test_security_a_token_made_with_a_token_inherits_its_bounds(world: World) -> None:
+    """A token limited to one model, 5 rpm and 1 h once made a token with no list, no rate and no expiry."""
+    maker = bearer(await restricted(world, ["a"], 5, "1h"))
+    maker_expiry = (await world.service.store.list_tokens())[-1].expires_at
+    status, child = await make(world, maker)
+    assert status == 201
+    assert (child["models"], child["rpm"], child["expires_at"]) == (["a"], 5, maker_expiry)
+    refused = await world.client.post("/api/show", json={"model": "b"}, headers=bearer(child["token"]))
+    assert refused.status_code == 403, "the inherited list is enforced"
+
+
+async def test_security_a_token_cannot_give_models_beyond_its_own(world: World) -> None:
+    maker = bearer(await restricted(world, ["a", "gemma3*"], None, None))
+    for models in (["b"], ["*"], ["a", "b"], ["gemma*"], ["a*"]):
+        status, body = await make(world, maker, models=models)
+        assert status == 403 and "beyond its own" in body["error"], models
+    for models in (["a"], ["A:latest"], ["gemma3:1b*"], ["gemma3:270m"], ["gemma3*", "a"]):
+        status, body = await make(world, maker, models=models)
+        assert status == 201 and body["models"] == models, models
+    unlisted = bearer(await restricted(world, [], None, None))
+    assert (await make(world, unlisted, models=["b"]))[0] == 201, "a maker without a list gives any"
+
+
+async def test_security_a_token_cannot_give_a_higher_rate_than_its_own(world: World) -> None:
+    maker = bearer(await restricted(world, [], 5, None))
+    status, body = await make(world, maker, rpm=6)
+    assert status == 403 and body["error"] == "a token cannot give a higher rate than its own 5 requests per minute"
+    assert (await make(world, maker, rpm=1))[1]["rpm"] == 1
+    assert (await make(world, maker, rpm=5))[1]["rpm"] == 5
+
+
+async def test_security_a_token_cannot_outlive_its_maker(world: World) -> None:
+    maker = bearer(await restricted(world, [], None, "1h"))
+    for expires in ("2h", "never", 7200):
+        status, body = await make(world, maker, expires=expires)
+        assert status == 403 and body["error"] == "a token cannot give an expiry later than its own", expires
+    status, body = await make(world, maker, expires="30m")
+    assert status == 201 and body["expires_at"] < time.time() + 1801
+
+
+async def test_security_token_bounds_hold_through_the_edge(world: World) -> None:
+    """The edge's signed identity carries the maker's rate and expiry, so the bounds hold behind Caddy too."""
+    maker = bearer(await restricted(world, ["a"], 5, "1h"))
+    checked = await verify(world, "POST", "/control/v1/tokens", maker)
+    assert checked.status_code == 200
+    identity = {"X-LlamaController-Identity": checked.headers["X-LlamaController-Identity"]}
+    status, child = await make(world, identity)
+    assert status == 201 and (child["models"], child["rpm"]) == (["a"], 5) and child["expires_at"] is not None
+
+
+async def test_security_sessions_and_admin_tokens_without_bounds_still_make_any_token(world: World) -> None:
+    status, body = await make(world, bearer(world.tokens["admin"]), models=["b"], rpm=1000, expires="never")
+    assert status == 201 and body["expires_at"] is None
+    response = await login(world, "alice", "alice-password")
+    session = {
+        "Cookie": f"lc_session={session_cookie(response)}",
+        "X-CSRF-Token": (await response.get_json())["csrf_token"],
+    }
+    status, body = await make(world, session, models=["b"], rpm=1000)
+    assert status == 201 and body["models"] == ["b"]
+
+
+def strict_json(text: str) -> Any:
+    """JSON as the RFC has it: NaN and Infinity are not JSON (Python's json module accepts them)."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"name": "x", "expires": Infinity}',
+        '{"name": "x", "expires": -Infinity}',
+        '{"name": "x", "expires": NaN}',
+        '{"name": "x", "expires": 1e400}',
+        '{"name": "x", "expires": ' + "9" * 400 + "}",
+        '{"name": "x", "expires": "' + "9" * 400 + 'd"}',
+        '{"name": "x", "expires": "99999999999w"}',
+        '{"name": "x", "expires": 0}',
+        '{"name": "x", "expires": -60}',
+        '{"name": "x", "expires": true}',
+        '{"name": "x", "rpm": ' + "9" * 400 + "}",
+        '{"name": "x", "rpm": 0}',
+        '{"name": "x", "rpm": 1e3}',
+        '{"name": "' + "x" * 101 + '"}',
+        '{"name": "x", "models": [' + ",".join(['"a"'] * 65) + "]}",
+    ],
+)
+async def test_security_token_numbers_are_finite_and_bounded(world: World, body: str) -> None:
+    """`expires: Infinity` was once stored, and every later listing answered invalid JSON; a 400-digit number
+    was a 500."""
+    admin = bearer(world.tokens["admin"])
+    response = await world.client.post(
+        "/control/v1/tokens", data=body, headers={**admin, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, await response.get_data(as_text=True)
+    listing = await world.client.get("/control/v1/tokens", headers=admin)
+    assert listing.status_code == 200 and len(strict_json(await listing.get_data(as_text=True))["tokens"]) == 6
+
+
+async def test_security_token_listing_is_json_whatever_was_stored_before(world: World) -> None:
+    token, token_id, secret_hash = new_token()
+    await world.service.store.add_token(
+        TokenRecord(token_id, "old", "alice", secret_hash, ("inference",), expires_at=float("inf"), created_at=1.0)
+    )
+    listing = await world.client.get("/control/v1/tokens", headers=bearer(world.tokens["admin"]))
+    listed = {t["id"]: t for t in strict_json(await listing.get_data(as_text=True))["tokens"]}
+    assert listed[token_id]["expires_at"] is None, "an infinite expiry reads as never, which it meant"
+    assert (await get(world, "/api/tags", bearer(token)))[0] == 200
+
+
+async def test_security_user_names_ignore_case(world: World) -> None:
+    """`Root` could be added beside `root`, and `ROOT` could not sign in as root."""
+    response = await login(world, "ROOT", "root-password")
+    assert response.status_code == 200 and (await response.get_json())["user"] == "root"
+    admin = bearer(world.tokens["admin"])
+    added = await world.client.post("/control/v1/users", json={"name": "Root", "password": "x" * 12}, headers=admin)
+    assert added.status_code == 409
+    assert (await added.get_json())["error"] == "user 'Root' exists already (user names ignore case)"
+    for spelling in ("alice", "ALICE", "Alice"):  # one throttle, whatever the spelling
+        assert (await login(world, spelling, "wrong-password")).status_code == 401
+    assert (await login(world, "aLiCe", "alice-password")).status_code == 429
+    status, made = await make(world, admin, owner="ALICE")
+    assert status == 201 and made["owner"] == "alice"
+    alice = bearer(world.tokens["inference"])
+    assert (await make(world, alice, owner="Alice"))[0] == 201, "a user's own name, in any case, is its own"
+    disabled = await world.client.post("/control/v1/users/ALICE/disable", headers=admin)
+    assert disabled.status_code == 200 and (await disabled.get_json())["name"] == "alice"
+
+
+async def test_security_audit_limit_takes_ascii_digits_only(world: World) -> None:
+    admin = bearer(world.tokens["admin"])
+    for limit in ("²", "٣", "9" * 400, "-1", "1.5"):
+        response = await world.client.get("/control/v1/audit", query_string={"limit": limit}, headers=admin)
+        assert response.status_code == 400, limit
+        assert await response.get_json() == {"error": "'limit' must be a whole number", "code": "bad_request"}
+    assert len((await get(world, "/control/v1/audit?limit=2", admin))[1]["events"]) == 2

@@ -129,6 +129,18 @@ async def test_web_tokens_are_made_shown_once_and_revoked(world: World) -> None:
     assert "revoked" in await (await world.client.get("/ui/tokens")).get_data(as_text=True)
 
 
+async def test_web_token_form_numbers_are_checked(world: World) -> None:
+    """'²' passes str.isdigit() and then fails int(): the form once answered 500 for it."""
+    csrf = await sign_in(world, "bob", "bob-password")
+    for rpm, expires in (("²", ""), ("9" * 400, ""), ("0", ""), ("-5", ""), ("", "9" * 400 + "d"), ("", "0d")):
+        form = {"csrf_token": csrf, "name": "x", "scopes": "inference", "rpm": rpm, "expires": expires}
+        refused = await world.client.post("/ui/tokens", form=form)
+        assert refused.status_code == 400, (rpm[:5], expires[:5])
+        assert 'role="alert"' in await refused.get_data(as_text=True)
+    made = await world.client.post("/ui/tokens", form={"csrf_token": csrf, "name": "x", "rpm": " 30 ", "expires": "2w"})
+    assert made.status_code == 201
+
+
 async def test_web_a_user_sees_only_allowed_models_and_no_admin_pages(world: World) -> None:
     await sign_in(world, "bob", "bob-password")
     page = await (await world.client.get("/ui/")).get_data(as_text=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -11,7 +12,18 @@ import pytest
 import redis
 
 from controller.errors import Conflict, NotFound
-from controller.store.base import AuditEvent, Ephemeral, SessionRecord, Store, TokenRecord, User
+from controller.store.base import (
+    MAX_AUDIT_DETAIL,
+    MAX_AUDIT_TEXT,
+    MAX_COUNTER_KEY,
+    MAX_SESSIONS_PER_USER,
+    AuditEvent,
+    Ephemeral,
+    SessionRecord,
+    Store,
+    TokenRecord,
+    User,
+)
 from controller.store.ephemeral import InProcessEphemeral
 from controller.store.redis import RedisEphemeral, RedisStore
 from controller.store.sqlite import MIGRATIONS, SqliteStore
@@ -205,3 +217,116 @@ async def test_store_redis_graceful_restart_loses_nothing(tmp_path: Path) -> Non
         stored = await store.get_token(token().id)
         assert stored is not None and stored.revoked
         await store.close()
+
+
+async def test_store_bounds_every_stored_field_by_size(backend: tuple[Store, Ephemeral], tmp_path: Path) -> None:
+    """Audit events and counters keep a bounded size whatever a caller hands them (a sign-in once stored a
+    20 MB user name in both)."""
+    store, ephemeral = backend
+    huge = "é" * 1_000_000
+    for index in range(5):
+        await store.add_audit(AuditEvent(float(index), huge, huge, huge, {"name": huge, "n": index}))
+        assert await ephemeral.add_failure(f"login:{huge}{index}", 60) == 1
+        assert await ephemeral.take(f"token:{huge}{index}", 10) == 0.0
+        assert await ephemeral.claim_nonce(f"{huge}{index}", 5) is True
+    assert await ephemeral.failures(f"login:{huge}0") == 1, "long keys still count, each apart"
+    assert await ephemeral.claim_nonce(f"{huge}0", 5) is False
+    events = await store.list_audit(10)
+    assert len(events) == 5 and events[0].at == 4.0
+    for event in events:
+        assert max(len(event.action), len(event.actor), len(event.target)) <= MAX_AUDIT_TEXT
+        assert len(json.dumps(event.detail)) <= 2 * MAX_AUDIT_DETAIL
+        assert event.actor.startswith("éé")
+    if isinstance(store, SqliteStore):
+        size = sum(path.stat().st_size for path in tmp_path.glob("store.db*"))
+        assert size < 1_000_000, f"{size} bytes for 5 events with 4 MB of text each"
+        for table in (ephemeral._failures, ephemeral._buckets, ephemeral._nonces):  # type: ignore[attr-defined]
+            assert table and max(len(key) for key in table) <= MAX_COUNTER_KEY
+    else:
+        assert isinstance(store, RedisStore)
+        keys = await store.client.keys("*")
+        assert keys and max(len(key) for key in keys) <= MAX_COUNTER_KEY + 20
+        used = sum([await store.client.memory_usage(key) or 0 for key in keys])
+        assert used < 1_000_000, f"{used} bytes for 5 events with 4 MB of text each"
+
+
+async def test_store_user_names_ignore_case(backend: tuple[Store, Ephemeral]) -> None:
+    """`Admin` and `admin` could both be added, and signing in needed the exact spelling."""
+    store, _ = backend
+    await store.add_user(User("Alice", "h", "user", False, 1.0))
+    for other in ("alice", "ALICE", "Alice"):
+        with pytest.raises(Conflict, match="user names ignore case"):
+            await store.add_user(User(other, "x", "admin", False, 2.0))
+    assert await store.get_user("aLiCe") == User("Alice", "h", "user", False, 1.0)
+    changed = await store.update_user("ALICE", disabled=True)
+    assert changed == User("Alice", "h", "user", True, 1.0)
+    assert await store.list_users() == [changed]
+
+
+async def test_store_sqlite_upgrade_keeps_names_that_differ_only_in_case(tmp_path: Path) -> None:
+    """Names written before they ignored case: each keeps its exact spelling; another spelling reaches the
+    lower-case one; no new one may join them."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        for script in MIGRATIONS[:2]:
+            db.executescript(script)
+        for name, role in (("Admin", "admin"), ("admin", "user"), ("Bob", "user")):
+            db.execute("INSERT INTO users VALUES (?, 'h', ?, 0, 1.0, '[]')", (name, role))
+        db.execute("PRAGMA user_version=2")
+    store = SqliteStore(tmp_path / "old.db")
+    await store.open()
+    await check_names_that_differ_only_in_case(store)
+    await store.close()
+
+
+async def test_store_redis_upgrade_keeps_names_that_differ_only_in_case(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    client.set("lc:schema", 1)
+    for name, role in (("Admin", "admin"), ("admin", "user"), ("Bob", "user")):
+        fields = {"name": name, "password_hash": "h", "role": role, "disabled": "0", "created_at": "1.0"}
+        client.hset(f"lc:user:{name}", mapping=fields)  # type: ignore[arg-type]
+        client.sadd("lc:users", name)
+    store = RedisStore(redis_url)
+    await store.open()
+    assert client.get("lc:schema") == "2" and client.exists("lc:user:bob") and not client.exists("lc:user:Bob")
+    await check_names_that_differ_only_in_case(store)
+    await store.close()
+
+
+async def check_names_that_differ_only_in_case(store: Store) -> None:
+    assert [(u.name, u.role) for u in await store.list_users()] == [
+        ("Admin", "admin"),
+        ("Bob", "user"),
+        ("admin", "user"),
+    ]
+    assert (await store.get_user("Admin")).role == "admin"  # type: ignore[union-attr]
+    assert (await store.get_user("admin")).role == "user"  # type: ignore[union-attr]
+    assert (await store.get_user("ADMIN")).name == "admin"  # type: ignore[union-attr]
+    assert (await store.get_user("bob")).name == "Bob"  # type: ignore[union-attr]
+    assert (await store.update_user("Admin", disabled=True)).name == "Admin"
+    assert (await store.get_user("admin")).disabled is False  # type: ignore[union-attr]
+    with pytest.raises(Conflict):
+        await store.add_user(User("BOB", "x", "user", False, 2.0))
+    with pytest.raises(Conflict):
+        await store.add_user(User("aDmIn", "x", "user", False, 2.0))
+
+
+async def test_store_keeps_a_bounded_number_of_sessions_per_user(backend: tuple[Store, Ephemeral]) -> None:
+    """Every sign-in added a session that stayed until it expired (and, in Redis, an index entry that stayed
+    for good): a user signing in in a loop grew the store without bound."""
+    store, _ = backend
+    await store.add_user(User("alice", "h", "admin", False, 1.0))
+    now = time.time()
+    stale = SessionRecord("f" * 64, "alice", now - 10, now + 0.5)
+    await store.add_session(stale)
+    await asyncio.sleep(1.1)
+    sessions = [SessionRecord(f"{index:064x}", "alice", now + index, now + 600) for index in range(25)]
+    for session in sessions:
+        await store.add_session(session)
+    kept = [session for session in sessions if await store.get_session(session.id_hash) == session]
+    assert kept == sessions[-MAX_SESSIONS_PER_USER:], "the newest stay, the oldest end"
+    if isinstance(store, RedisStore):
+        index = await store.client.smembers("lc:user-sessions:alice")
+        assert index == {session.id_hash for session in kept}, "ended and expired ones leave the index"
