@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy import measure
+from proxy.upstream import bearer
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class Lease:
     model: str  # the catalog's name for the model (requests may have used an alias)
     url: str  # backend base URL, e.g. http://127.0.0.1:40123
     load_duration: float  # seconds this request waited for the model to be ready
+    api_key: str = field(default="", repr=False)  # the backend's own key: only the gateway sends it
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The header that opens the backend; the client's own credentials never reach it."""
+        return bearer(self.api_key)
 
 
 @dataclass(frozen=True)

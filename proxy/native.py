@@ -51,7 +51,8 @@ class NativeRoutes:
 
         async def work() -> None:
             async with Restricted.for_scope(self._directory, scope).lease(name) as lease:
-                await forward(self._upstream, send, method, lease.url, body or None, content_type, extra, target=target)
+                headers = {**extra, **lease.credentials}
+                await forward(self._upstream, send, method, lease.url, body or None, content_type, headers, target=target)
 
         await run_until_disconnect(receive, work())
         return name

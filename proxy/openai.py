@@ -52,7 +52,7 @@ class OpenAIRoutes:
         async def work() -> None:
             directory = Restricted.for_scope(self._directory, scope)
             async with directory.lease(name, embeddings=path in EMBEDDING_PATHS) as lease:
-                await forward(self._upstream, send, "POST", lease.url + path, body, extra=extra)
+                await forward(self._upstream, send, "POST", lease.url + path, body, extra={**extra, **lease.credentials})
 
         await run_until_disconnect(receive, work())
         return name

@@ -278,7 +278,8 @@ class OllamaRoutes:
             while True:
                 payload = encode({**body, "stream": streaming})
                 measure.note_backend_contact()
-                async with self._upstream.request("POST", lease.url + call.path, payload, call.headers) as response:
+                headers = {**call.headers, **lease.credentials}
+                async with self._upstream.request("POST", lease.url + call.path, payload, headers) as response:
                     if response.status >= 400:
                         body = self._shorter(call, body, response.status, await response.read())
                         continue  # sent again, shorter
@@ -340,7 +341,8 @@ class OllamaRoutes:
         async with directory.lease(request.model, keep_alive=request.keep_alive, embeddings=True) as lease:
             if not request.inputs:
                 return {"vectors": []}
-            result = await embed(self._upstream, lease.url, request.inputs, request.truncate, passed_headers(scope))
+            headers = {**passed_headers(scope), **lease.credentials}
+            result = await embed(self._upstream, lease.url, request.inputs, request.truncate, headers)
         return {
             "vectors": result.vectors,
             "total_duration": _nanoseconds(time.perf_counter() - started),
