@@ -289,6 +289,7 @@ class Supervisor:
         keep_alive: float | None = None,
         embeddings: bool = False,
         ctx_size: int | None = None,
+        num_predict: int | None = None,
         exclusive: bool = False,
         allowed: Allowed | None = None,
     ) -> AsyncIterator[Lease]:
@@ -299,6 +300,7 @@ class Supervisor:
         entry = await self.resolve(name, allowed)
         entry.require_loadable()
         profile = self.profile(entry)
+        profile.check_limits(ctx_size, num_predict)
         model = self._model(profile)
         wanted = Requirements(embeddings=embeddings, ctx_size=ctx_size, ctx_requested=ctx_size is not None)
 
@@ -307,7 +309,7 @@ class Supervisor:
 
         async with model.lease(profile.effective(wanted), keep_alive, admit) as backend:
             waited = time.monotonic() - started
-            yield Lease(model=entry.name, url=backend.url, load_duration=waited, api_key=backend.api_key)
+            yield Lease(entry.name, backend.url, waited, api_key=backend.api_key, max_predict=profile.max_predict)
 
     async def load(self, name: str, *, exclusive: bool = False, keep_alive: float | None = None) -> ModelInfo:
         """Make ``name`` ready (switching away from the others when ``exclusive``) and return its info."""
