@@ -95,6 +95,7 @@ class ModelInfo:
 
 Allowed = Callable[[str], bool]  # may the caller use the model of this name?
 ALLOW_MODEL_KEY = "llamacontroller.allow_model"  # where the auth layer leaves the predicate in the ASGI scope
+HAS_SCOPE_KEY = "llamacontroller.has_scope"  # and the caller's scopes, as a predicate (``"metrics"`` → bool)
 
 
 class ModelDirectory(Protocol):
