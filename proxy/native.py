@@ -3,7 +3,9 @@
 The backend gets the path and query exactly as the client sent them (``raw_path``, still percent-encoded):
 decoding first would turn ``%3F`` into a query, ``%23`` into a fragment and ``%2F`` into a new path segment.
 
-Two things are not passed through as is, judged on the path as llama-server routes it (percent-decoded):
+Three things are not passed through as is, judged on the path as llama-server routes it (percent-decoded):
+- a generation's ``n_predict`` / ``max_tokens`` above the model's ``max_predict`` is lowered to it (or
+  refused, with ``over_limit: refuse``): see proxy/limits.py;
 - ``/metrics`` (every backend's counters) needs the ``metrics`` scope, as the controller's ``/metrics`` does;
 - answers that describe the server (``/props``, ``/slots``) lose ``model_path``: where the model files lie on
   the host is the operator's business, not an inference token's.
@@ -23,18 +25,34 @@ from proxy.asgi import (
     Receive,
     Scope,
     Send,
+    compact_json,
     header,
+    parse_json_object,
     read_body,
     run_until_disconnect,
 )
 from proxy.directory import HAS_SCOPE_KEY, ModelDirectory, Restricted
 from proxy.forward import forward, passed_headers
+from proxy.limits import asked_predict, clamp_predict
 from proxy.upstream import Upstream
 
 PREFIX = "/llama/"
 _PREFIX_BYTES = PREFIX.encode()
 METRICS_SCOPE = "metrics"
 _SCRUBBED_PATHS = frozenset({"/props", "/slots"})
+GENERATING_PATHS = frozenset(  # llama-server's routes that generate tokens (most also without /v1)
+    {
+        "/completion",
+        "/completions",
+        "/v1/completions",
+        "/chat/completions",
+        "/v1/chat/completions",
+        "/infill",
+        "/responses",
+        "/v1/responses",
+        "/v1/messages",
+    }
+)
 _HIDDEN_KEYS = frozenset({"model_path"})
 _MAX_SCRUBBED = 4 << 20  # a description (a few KiB) larger than this is refused, never buffered
 
@@ -120,13 +138,16 @@ class NativeRoutes:
         method: str = scope["method"]
         extra = passed_headers(scope)
         answer: Send = _Scrubbing(send) if path in _SCRUBBED_PATHS and method == "GET" else send
+        # A generation's body is read (llama-server takes only JSON there) so that max_predict holds on it too.
+        request = parse_json_object(body) if method == "POST" and path in GENERATING_PATHS else None
+        asked = asked_predict(request) if request is not None else None
 
         async def work() -> None:
-            async with Restricted.for_scope(self._directory, scope).lease(name) as lease:
+            async with Restricted.for_scope(self._directory, scope).lease(name, num_predict=asked) as lease:
+                clamped = clamp_predict(request, lease.max_predict) if request is not None else None
+                sent = (body if clamped is None else compact_json(clamped)) or None
                 headers = {**extra, **lease.credentials}
-                await forward(
-                    self._upstream, answer, method, lease.url, body or None, content_type, headers, target=target
-                )
+                await forward(self._upstream, answer, method, lease.url, sent, content_type, headers, target=target)
 
         await run_until_disconnect(receive, work())
         return name

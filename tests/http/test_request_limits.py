@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from controller.runtime.fake import FakeRuntime
-from proxy.limits import asked_predict, clamp_predict
 from tests.support.harness import fake_app, fake_config
 from tests.support.standin import Recorded, StandIn
 
@@ -25,8 +24,11 @@ class Outcome:
     sent: list[Recorded]  # what reached the backend
 
 
-async def post(tmp_path: Path, tiny_model: Path, path: str, body: Any, **defaults: Any) -> Outcome:
-    config = fake_config(tmp_path, tiny_model, {"tiny": {"ctx_size": 256, "max_ctx": 512}}, defaults=defaults)
+async def post(
+    tmp_path: Path, tiny_model: Path, path: str, body: Any, model: dict[str, Any] | None = None, **defaults: Any
+) -> Outcome:
+    model = {"ctx_size": 256, "max_ctx": 512} if model is None else model
+    config = fake_config(tmp_path, tiny_model, {"tiny": model}, defaults=defaults)
     async with StandIn() as standin:
         runtime = FakeRuntime(backend_url=standin.url)
         app = fake_app(config, runtime)
@@ -39,6 +41,14 @@ async def post(tmp_path: Path, tiny_model: Path, path: str, body: Any, **default
 def ctx_of(runtime: FakeRuntime) -> int:
     args = runtime.starts[-1].args
     return int(args[args.index("--ctx-size") + 1]) // int(args[args.index("--parallel") + 1])
+
+
+async def test_by_default_no_request_generates_without_bound(tmp_path: Path, tiny_model: Path) -> None:
+    openai = {"model": "tiny", "messages": MESSAGES, "max_tokens": 10**9}
+    outcome = await post(tmp_path, tiny_model, "/v1/chat/completions", openai, model={})
+    assert outcome.status == 200 and outcome.sent[-1].body["max_tokens"] == 16384
+    args = outcome.runtime.starts[-1].args
+    assert args[args.index("--n-predict") + 1] == "16384"  # for a request that names no limit, or -1
 
 
 async def test_a_num_ctx_above_max_ctx_is_clamped_by_default(tmp_path: Path, tiny_model: Path) -> None:
@@ -80,6 +90,8 @@ async def test_every_backend_is_started_with_max_predict_as_its_default(tmp_path
         ),
         ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),
         ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_completion_tokens": 1e300}, None),
+        ("/llama/tiny/completion", {"prompt": "x", "n_predict": 10**9}, "n_predict"),
+        ("/llama/tiny/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10**9}, "max_tokens"),
     ],
 )
 async def test_a_larger_request_is_lowered_to_max_predict_on_every_route(
@@ -91,7 +103,24 @@ async def test_a_larger_request_is_lowered_to_max_predict_on_every_route(
     assert sent[field or "max_completion_tokens"] == 64  # llama-server would have served 10**9 as asked
 
 
+async def test_a_native_generation_body_the_gateway_cannot_read_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    config = fake_config(tmp_path, tiny_model, {"tiny": {}})
+    async with StandIn() as standin:
+        app = fake_app(config, FakeRuntime(backend_url=standin.url))
+        async with app.test_app():
+            nested = b'{"prompt": "x", "n_predict": 1000000000, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            response = await app.test_client().post(
+                "/llama/tiny/completion", data=nested, headers={"Content-Type": "application/json"}
+            )
+            assert response.status_code == 400
+            assert not any(r.target == "/completion" for r in standin.requests)
+            tokenized = await app.test_client().post("/llama/tiny/tokenize", json={"content": "x"})
+            assert tokenized.status_code == 200  # other paths pass as they are
+
+
 def test_asked_and_clamped_fields() -> None:
+    from proxy.limits import asked_predict, clamp_predict
+
     assert asked_predict({"max_tokens": 5, "n_predict": 9}) == 9 and asked_predict({"max_tokens": True}) is None
     assert asked_predict({"max_tokens": float("inf")}) == 1 << 62 and asked_predict({}) is None
     assert clamp_predict({"max_tokens": 5, "n_predict": -1}, 4) == {"max_tokens": 4, "n_predict": -1}
