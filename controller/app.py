@@ -29,6 +29,7 @@ from controller.metrics import ControllerMetrics
 from controller.observability import EventBus
 from controller.runtime.base import Runtime
 from controller.runtime.instance import instance_id
+from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
 from controller.settings import find_llama_server, supported_flags
@@ -74,7 +75,17 @@ def create_app(
             counted.on_event(event)
         events.publish(event)
 
-    supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), publish)
+    http_probe = HttpProbe(upstream)
+    supervisor = Supervisor(
+        config,
+        runtime,
+        Catalog(config),
+        logbook,
+        probe or http_probe,
+        publish,
+        keys=BackendKeys.from_secrets_dir(config.secrets_dir),
+        key_check=None if probe else http_probe.key_accepted,  # a test's stand-in probe knows no keys
+    )
     counted = ControllerMetrics(registry, supervisor)
     edge = Edge(config, events.publish) if config.edge.enabled else None
     gateway = Gateway(

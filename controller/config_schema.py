@@ -184,6 +184,12 @@ GpuSelection = Literal["auto", "all", "none"] | list[Annotated[int, Field(ge=0)]
 
 class ModelDefaults(_Strict):
     ctx_size: int = Field(default=4096, gt=0)
+    # What any inference token may ask of a shared model: the context a request's num_ctx may raise it to (a
+    # restart; null: up to the trained context) and the tokens one request may generate, on every route (null:
+    # until the context is full, or forever with --context-shift).
+    max_ctx: int | None = Field(default=32768, gt=0)
+    max_predict: int | None = Field(default=16384, gt=0)
+    over_limit: Literal["clamp", "refuse"] = "clamp"  # refuse: a 400 naming the limit (where the gateway reads it)
     n_gpu_layers: int | None = None
     keep_alive: KeepAlive = 300.0
     startup_timeout: Seconds = 120.0
@@ -203,6 +209,8 @@ class ModelConfig(_Strict):
     container: ContainerSettings | None = None  # docker and kubernetes: image, env, memory, shm_size over the runtime's
     kubernetes: PodSettings | None = None  # runtime.kind kubernetes: node selector, tolerations, resources, GPUs
     ctx_size: int | None = Field(default=None, gt=0)
+    max_ctx: int | None = Field(default=None, gt=0)  # default: defaults.max_ctx
+    max_predict: int | None = Field(default=None, gt=0)  # default: defaults.max_predict
     n_gpu_layers: int | None = None
     keep_alive: KeepAlive | None = None
     startup_timeout: Seconds | None = None

@@ -23,8 +23,9 @@ from prometheus_client.registry import Collector
 from controller.errors import LlamaControllerError
 from controller.lifecycle.state import State
 from controller.lifecycle.supervisor import Supervisor
+from controller.runtime.base import Backend
 from proxy.measure import LATENCY_BUCKETS
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, bearer
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,12 @@ class BackendFamilies:
 
 async def scrape_backends(supervisor: Supervisor, upstream: Upstream) -> list[BackendFamilies]:
     """Every ready backend's ``/metrics`` (llama-server runs with ``--metrics``), fetched concurrently."""
-    ready = [(info.name, info.live.backend_url) for info in await supervisor.models() if info.live.state == State.READY]
 
-    async def one(model: str, url: str) -> BackendFamilies | None:
+    async def one(model: str, backend: Backend) -> BackendFamilies | None:
         try:
             async with asyncio.timeout(BACKEND_SCRAPE_TIMEOUT):
-                async with upstream.request("GET", f"{url}/metrics", None) as response:
+                request = upstream.request("GET", f"{backend.url}/metrics", None, bearer(backend.api_key))
+                async with request as response:
                     body = await response.read()
             if response.status != 200:
                 return None  # a backend started without --metrics (an older binary) has none to give
@@ -168,7 +169,7 @@ async def scrape_backends(supervisor: Supervisor, upstream: Upstream) -> list[Ba
             log.debug("metrics of %s not scraped: %s", model, exc)
             return None
 
-    found = await asyncio.gather(*(one(model, url) for model, url in ready if url))
+    found = await asyncio.gather(*(one(model, backend) for model, backend in supervisor.ready_backends()))
     return [families for families in found if families is not None]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from controller.catalog import CatalogEntry
 from controller.config import Config
+from controller.errors import BadRequest
 from controller.lifecycle.requirements import ModelPolicy, Requirements
 from controller.runtime.base import GpuSelection, LaunchSpec
 
@@ -50,6 +51,9 @@ class ModelProfile:
     memory: int  # estimated bytes, for the budget
     configured_ctx: int  # tokens per request from the config, before a request raises it
     trained_ctx: int | None
+    max_ctx: int | None  # the most a request's num_ctx may raise the context to (never below configured_ctx)
+    max_predict: int | None  # tokens one request may generate, on every route (--n-predict and proxy/limits.py)
+    refuse_over_limit: bool  # a request above a limit is refused (400) rather than clamped
     n_gpu_layers: int | None
     embeddings_always: bool
     needs_pooling: bool  # a chat model serving embeddings needs --pooling (else /v1/embeddings is a 400)
@@ -73,9 +77,30 @@ class ModelProfile:
         return self.entry.name
 
     def context_size(self, requirements: Requirements) -> int:
-        """Context per request: the largest asked for, else configured; never above what the model was trained for."""
-        wanted = max(self.configured_ctx, requirements.ctx_size or 0)
+        """Context per request: the largest asked for, else configured; never above max_ctx (for what a request
+        asks) nor above what the model was trained for."""
+        asked = requirements.ctx_size or 0
+        if self.max_ctx is not None:
+            asked = min(asked, max(self.max_ctx, self.configured_ctx))
+        wanted = max(self.configured_ctx, asked)
         return min(wanted, self.trained_ctx) if self.trained_ctx else wanted
+
+    def check_limits(self, ctx_size: int | None, num_predict: int | None) -> None:
+        """With ``over_limit: refuse``, a request above max_ctx or max_predict is a 400 that names the limit;
+        otherwise it is clamped (context_size here, proxy/limits.py in the gateway)."""
+        if not self.refuse_over_limit:
+            return
+        ctx_limit = None if self.max_ctx is None else max(self.max_ctx, self.configured_ctx)
+        if ctx_size is not None and ctx_limit is not None and ctx_size > ctx_limit:
+            raise BadRequest(
+                f"num_ctx {ctx_size} is above the most model '{self.name}' allows per request "
+                f"({ctx_limit}, max_ctx in the config)"
+            )
+        if num_predict is not None and self.max_predict is not None and num_predict > self.max_predict:
+            raise BadRequest(
+                f"num_predict {num_predict} is above the most model '{self.name}' generates per request "
+                f"({self.max_predict}, max_predict in the config)"
+            )
 
     def effective(self, wanted: Requirements) -> Requirements:
         """Requirements with the context the backend would really get (configured, raised by a request's
@@ -93,6 +118,10 @@ class ModelProfile:
         parallel = self.policy.max_concurrent
         # -c is the total KV size shared by the slots: each request gets ctx tokens (Ollama's num_ctx).
         args = ["--ctx-size", str(self.context_size(requirements) * parallel), "--parallel", str(parallel)]
+        if self.max_predict is not None:
+            # llama-server's default for a request that names no limit (or -1); the gateway lowers a request's
+            # own larger n_predict / max_tokens (proxy/limits.py), which llama-server would serve as asked.
+            args += ["--n-predict", str(self.max_predict)]
         args += self.base_args
         if requirements.embeddings or self.embeddings_always:
             args.append("--embeddings")
@@ -166,6 +195,9 @@ def build_profile(entry: CatalogEntry, config: Config, supported_flags: Collecti
         memory=model.memory if model and model.memory else entry.size,
         configured_ctx=model.ctx_size if model and model.ctx_size else config.defaults.ctx_size,
         trained_ctx=meta.context_length if meta else None,
+        max_ctx=model.max_ctx if model and model.max_ctx else config.defaults.max_ctx,
+        max_predict=model.max_predict if model and model.max_predict else config.defaults.max_predict,
+        refuse_over_limit=config.defaults.over_limit == "refuse",
         n_gpu_layers=n_gpu_layers,
         embeddings_always=bool(model and model.embeddings),
         needs_pooling=meta is None or meta.pooling_type is None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy import measure
+from proxy.upstream import bearer
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,13 @@ class Lease:
     model: str  # the catalog's name for the model (requests may have used an alias)
     url: str  # backend base URL, e.g. http://127.0.0.1:40123
     load_duration: float  # seconds this request waited for the model to be ready
+    api_key: str = field(default="", repr=False)  # the backend's own key: only the gateway sends it
+    max_predict: int | None = None  # tokens one request may generate (the model's max_predict); None: no limit
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The header that opens the backend; the client's own credentials never reach it."""
+        return bearer(self.api_key)
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class ModelInfo:
 
 Allowed = Callable[[str], bool]  # may the caller use the model of this name?
 ALLOW_MODEL_KEY = "llamacontroller.allow_model"  # where the auth layer leaves the predicate in the ASGI scope
+HAS_SCOPE_KEY = "llamacontroller.has_scope"  # and the caller's scopes, as a predicate (``"metrics"`` → bool)
 
 
 class ModelDirectory(Protocol):
@@ -97,9 +106,13 @@ class ModelDirectory(Protocol):
         keep_alive: float | None = None,
         embeddings: bool = False,
         ctx_size: int | None = None,
+        num_predict: int | None = None,
         allowed: Allowed | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
         """Wait until ``name`` is ready (loading it if needed) and hold it while the block runs.
+
+        ``ctx_size`` and ``num_predict`` are what an Ollama request asked for: the model's limits may refuse
+        them (BadRequest) or clamp them.
 
         ``allowed`` is the caller's model allow-list; a refusal raises Forbidden (see
         ``Supervisor.resolve`` for the one rule every caller goes through)."""
@@ -127,11 +140,22 @@ class Restricted:
 
     @asynccontextmanager
     async def lease(
-        self, name: str, *, keep_alive: float | None = None, embeddings: bool = False, ctx_size: int | None = None
+        self,
+        name: str,
+        *,
+        keep_alive: float | None = None,
+        embeddings: bool = False,
+        ctx_size: int | None = None,
+        num_predict: int | None = None,
     ) -> AsyncIterator[Lease]:
         began = time.perf_counter()
         held = self._inner.lease(
-            name, keep_alive=keep_alive, embeddings=embeddings, ctx_size=ctx_size, allowed=self._allowed
+            name,
+            keep_alive=keep_alive,
+            embeddings=embeddings,
+            ctx_size=ctx_size,
+            num_predict=num_predict,
+            allowed=self._allowed,
         )
         async with held as lease:
             measure.note_wait(time.perf_counter() - began)  # loading, queueing: the model's time, not ours

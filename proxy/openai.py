@@ -9,9 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from controller.errors import BadRequest
-from proxy.asgi import Receive, Scope, Send, parse_json_object, read_body, run_until_disconnect, send_json
+from proxy.asgi import (
+    Receive,
+    Scope,
+    Send,
+    compact_json,
+    parse_json_object,
+    read_body,
+    run_until_disconnect,
+    send_json,
+)
 from proxy.directory import ModelDirectory, ModelInfo, Restricted
 from proxy.forward import forward, passed_headers
+from proxy.limits import asked_predict, clamp_predict
 from proxy.upstream import Upstream
 
 EMBEDDING_PATHS = frozenset({"/v1/embeddings"})  # need a backend started with --embeddings
@@ -51,8 +61,12 @@ class OpenAIRoutes:
 
         async def work() -> None:
             directory = Restricted.for_scope(self._directory, scope)
-            async with directory.lease(name, embeddings=path in EMBEDDING_PATHS) as lease:
-                await forward(self._upstream, send, "POST", lease.url + path, body, extra=extra)
+            embeddings = path in EMBEDDING_PATHS
+            async with directory.lease(name, embeddings=embeddings, num_predict=asked_predict(request)) as lease:
+                clamped = clamp_predict(request, lease.max_predict)
+                sent = body if clamped is None else compact_json(clamped)
+                headers = {**extra, **lease.credentials}
+                await forward(self._upstream, send, "POST", lease.url + path, sent, extra=headers)
 
         await run_until_disconnect(receive, work())
         return name

@@ -245,6 +245,11 @@ class UpstreamResponse:
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
 
+def bearer(api_key: str) -> dict[str, str]:
+    """The ``Authorization`` header for a backend's own API key (none for a backend started without one)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _request_bytes(
     method: str, target: bytes, address: Address, body: bytes, headers: Mapping[str, str] | None
 ) -> bytes:

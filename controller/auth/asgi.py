@@ -17,7 +17,7 @@ from controller.auth.service import AuthService, Request
 from controller.errors import AuthError, LlamaControllerError, RateLimited, Unavailable
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
 from proxy.dialects import error_body
-from proxy.directory import ALLOW_MODEL_KEY
+from proxy.directory import ALLOW_MODEL_KEY, HAS_SCOPE_KEY
 
 IDENTITY_KEY = "llamacontroller.identity"
 
@@ -85,4 +85,5 @@ class AuthMiddleware:
                 return
             scope[IDENTITY_KEY] = identity
             scope[ALLOW_MODEL_KEY] = identity.allows_model
+            scope[HAS_SCOPE_KEY] = identity.has
         await self.app(scope, receive, send)

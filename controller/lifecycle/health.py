@@ -1,4 +1,9 @@
-"""Readiness and liveness: llama-server's ``GET /health`` answers 200 when ready (503 while loading)."""
+"""Readiness and liveness: llama-server's ``GET /health`` answers 200 when ready (503 while loading).
+
+llama-server leaves /health open even when it has an API key; the probes send the backend's key anyway,
+so a probe never depends on which paths a llama-server version exempts. ``key_accepted`` asks a path the
+key guards (``/props``): a backend adopted from an earlier controller is kept only if it opens to the key
+derived for it."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from controller.errors import UpstreamError
 from controller.runtime.base import Backend
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, bearer
 
 
 class HttpProbe:
@@ -17,9 +22,16 @@ class HttpProbe:
         self._upstream = upstream or Upstream()
 
     async def __call__(self, backend: Backend, timeout: float) -> bool:
+        return await self._answers_200(backend, "/health", timeout)
+
+    async def key_accepted(self, backend: Backend, timeout: float) -> bool:
+        return await self._answers_200(backend, "/props", timeout)
+
+    async def _answers_200(self, backend: Backend, path: str, timeout: float) -> bool:
         try:
             async with asyncio.timeout(timeout):
-                async with self._upstream.request("GET", f"{backend.url}/health", None) as response:
+                headers = bearer(backend.api_key)
+                async with self._upstream.request("GET", f"{backend.url}{path}", None, headers) as response:
                     await response.read()
                     return response.status == 200
         except (UpstreamError, TimeoutError):

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from controller.errors import (
@@ -159,7 +160,7 @@ class ModelOwner:
         self._running = self._wanted
         try:
             spec = self._make_spec(self._running)
-            backend = await self._runtime.start(spec)
+            backend = replace(await self._runtime.start(spec), api_key=spec.api_key)
         except LlamaControllerError as exc:
             self._fail(exc, ran_for=0.0)
             return

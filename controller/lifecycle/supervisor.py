@@ -25,8 +25,10 @@ from controller.errors import Forbidden, LlamaControllerError, ModelNotFound, No
 from controller.lifecycle.model import ManagedModel, Probe, Publish
 from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, Wait, choose_victims
 from controller.lifecycle.requirements import NOTHING_SPECIAL, Requirements
+from controller.lifecycle.state import State
 from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import Backend, LaunchSpec, Runtime
+from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook
 from proxy.background import Background
 from proxy.directory import Allowed, Lease, LiveState, ModelInfo
@@ -61,6 +63,9 @@ class Supervisor:
         probe: Probe,
         publish: Publish,
         supported_flags: Collection[str] = (),
+        *,
+        keys: BackendKeys | None = None,
+        key_check: Probe | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -69,6 +74,8 @@ class Supervisor:
         self._probe = probe
         self._publish = publish
         self._flags = frozenset(supported_flags)
+        self._keys = keys or BackendKeys.ephemeral()
+        self._key_check = key_check  # does an adopted backend accept the key derived for it?
         self._models: dict[str, ManagedModel] = {}
         self._profiles: dict[str, ModelProfile] = {}
         self._admission = asyncio.Lock()  # held to decide, never to wait
@@ -103,7 +110,8 @@ class Supervisor:
         adopted = 0
         for model_key, candidates in by_model.items():
             taken = False
-            for backend in candidates:
+            for found in candidates:
+                backend = self._keys.recover(found)
                 try:
                     reason = await self._adoption_refusal(backend, adopted, taken)
                     if reason is None:
@@ -135,6 +143,8 @@ class Supervisor:
             return "its command line or model file changed"
         if not await self._probe(backend, 2.0):
             return "it does not answer /health"
+        if self._key_check is not None and not await self._key_check(backend, 2.0):
+            return "it does not accept the API key derived for it (was identity.key replaced?)"
         return None
 
     async def close(self) -> None:
@@ -163,7 +173,7 @@ class Supervisor:
             def make_spec(requirements: Requirements) -> LaunchSpec:
                 current = self.catalog.get(key) or profile.entry
                 current.require_loadable()
-                return self.profile(current).spec(requirements)
+                return self._keys.issue(self.profile(current).spec(requirements))
 
             model = ManagedModel(
                 key,
@@ -279,6 +289,7 @@ class Supervisor:
         keep_alive: float | None = None,
         embeddings: bool = False,
         ctx_size: int | None = None,
+        num_predict: int | None = None,
         exclusive: bool = False,
         allowed: Allowed | None = None,
     ) -> AsyncIterator[Lease]:
@@ -289,6 +300,7 @@ class Supervisor:
         entry = await self.resolve(name, allowed)
         entry.require_loadable()
         profile = self.profile(entry)
+        profile.check_limits(ctx_size, num_predict)
         model = self._model(profile)
         wanted = Requirements(embeddings=embeddings, ctx_size=ctx_size, ctx_requested=ctx_size is not None)
 
@@ -296,7 +308,8 @@ class Supervisor:
             return self._admit(model, profile, exclusive)
 
         async with model.lease(profile.effective(wanted), keep_alive, admit) as backend:
-            yield Lease(model=entry.name, url=backend.url, load_duration=time.monotonic() - started)
+            waited = time.monotonic() - started
+            yield Lease(entry.name, backend.url, waited, api_key=backend.api_key, max_predict=profile.max_predict)
 
     async def load(self, name: str, *, exclusive: bool = False, keep_alive: float | None = None) -> ModelInfo:
         """Make ``name`` ready (switching away from the others when ``exclusive``) and return its info."""
@@ -349,6 +362,15 @@ class Supervisor:
 
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         return self.info(await self.resolve(name, allowed))
+
+    def ready_backends(self) -> list[tuple[str, Backend]]:
+        """(catalog name, backend) of every ready model, key included: for scraping the backends' /metrics."""
+        found = []
+        for model in self._models.values():
+            entry = self.catalog.get(model.name)
+            if model.state is State.READY and model.backend is not None and entry is not None:
+                found.append((entry.name, model.backend))
+        return found
 
     def view(self, name: str) -> LiveState:
         """A model's live state by canonical name or spelling (tests, diagnostics)."""

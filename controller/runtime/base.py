@@ -55,6 +55,9 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment from the config
     fingerprint: str = ""  # file identity (size, mtime) so a replaced model file is not adopted
     labels: Mapping[str, str] = field(default_factory=dict)  # kept with the backend, read back on adoption
+    # The backend's own API key (runtime/keys.py): a new one per start, so never part of spec_hash; each runtime
+    # hands it to llama-server without putting it on a command line, and it never appears in a repr.
+    api_key: str = field(default="", repr=False)
 
     @property
     def spec_hash(self) -> str:
@@ -84,6 +87,7 @@ class Backend:
     started_at: float  # wall clock, seconds since the epoch
     adopted: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
+    api_key: str = field(default="", repr=False)  # what the gateway and the probes send it (runtime/keys.py)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ LABEL = "io.llamacontroller"
 MANAGED, MODEL, SPEC, INSTANCE = f"{LABEL}.managed", f"{LABEL}.model", f"{LABEL}.spec", f"{LABEL}.instance"
 REALISED, REQUIREMENTS = f"{LABEL}.container", f"{LABEL}.requirements"
 PORT = 8080  # llama-server's port inside its container
+API_KEY_ENV = "LLAMA_API_KEY"  # llama-server's environment variable for --api-key
 MODELS_MOUNT = "/models"
 MMPROJ_MOUNT = "/mmproj"
 NVIDIA_TOOLKIT_HELP = (
@@ -111,13 +112,20 @@ def plan(spec: LaunchSpec, settings: ContainerSettings, instance: str, path_map:
         image=image,
         command=command,
         labels=labels,
-        environment={**settings.env, **spec.env},
+        environment={**settings.env, **spec.env, **api_key_env(spec)},
         mounts=mounts,
         gpus=spec.gpus,
         memory=settings.memory,
         shm_size=settings.shm_size,
         ulimits=dict(settings.ulimits),
     )
+
+
+def api_key_env(spec: LaunchSpec) -> dict[str, str]:
+    """llama-server reads its API key from the environment too: there it stays out of the argv that every
+    user of the host sees in ``ps`` (a container's processes are the host's). ``docker inspect`` shows it, to
+    those who hold the Docker socket, who own the host anyway."""
+    return {API_KEY_ENV: spec.api_key} if spec.api_key else {}
 
 
 def realisation_hash(settings: ContainerSettings) -> str:

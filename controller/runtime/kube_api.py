@@ -14,13 +14,13 @@ from typing import Any, Literal
 import httpx
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import Pod, Service
+from lightkube.resources.core_v1 import Pod, Secret, Service
 from lightkube.types import CascadeType
 
 from controller.errors import BackendStartFailed, KubernetesUnavailable
 
-Kind = Literal["Deployment", "Service", "Pod"]
-_KINDS: dict[str, Any] = {"Deployment": Deployment, "Service": Service, "Pod": Pod}
+Kind = Literal["Deployment", "Service", "Pod", "Secret"]
+_KINDS: dict[str, Any] = {"Deployment": Deployment, "Service": Service, "Pod": Pod, "Secret": Secret}
 
 
 class KubeApi:
@@ -99,7 +99,7 @@ def kube_errors(action: str) -> Iterator[None]:
         if code in (401, 403):
             raise KubernetesUnavailable(
                 f"{action}: the Kubernetes API refused ({code}): {message}. The controller's service account "
-                "needs the Role the Helm chart creates (deployments, services, pods, pods/log, events)"
+                "needs the Role the Helm chart creates (deployments, services, pods, pods/log, events, secrets)"
             ) from exc
         raise BackendStartFailed(f"{action}: the Kubernetes API refused ({code}): {message}") from exc
     except (httpx.HTTPError, OSError) as exc:

@@ -8,11 +8,12 @@ controllers in one namespace apart) and its exact name travels in an annotation.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,6 +32,7 @@ INSTANCE, MODEL, SPEC = f"{GROUP}/instance", f"{GROUP}/model", f"{GROUP}/spec"
 BACKEND, RUN, REALISED = f"{GROUP}/backend", f"{GROUP}/run", f"{GROUP}/realisation"
 MODEL_NAME, REQUIREMENTS = f"{GROUP}/model-name", f"{GROUP}/requirements"  # annotations: any text
 CONTAINER = "llama-server"
+API_KEY_ENV, API_KEY_ITEM = "LLAMA_API_KEY", "api-key"  # llama-server's variable for --api-key; the Secret's item
 PORT = 8080
 MODELS_MOUNT = "/models"
 STARTUP_PERIOD = 2  # seconds between startup probes: a ready backend is noticed within this long
@@ -85,6 +87,7 @@ class BackendObjects:
     name: str
     deployment: dict[str, Any]
     service: dict[str, Any]
+    secret: dict[str, Any] | None = field(default=None, repr=False)  # the backend's API key, when it has one
 
 
 def settings_for(config: Config, model: str) -> PodPlanSettings:
@@ -210,7 +213,7 @@ def plan(
             "selector": {"matchLabels": {BACKEND: name}},
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": {MODEL_NAME: spec.model}},
-                "spec": _pod_spec(spec, settings, args),
+                "spec": _pod_spec(spec, settings, args, name),
             },
         },
     }
@@ -224,19 +227,29 @@ def plan(
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
-    return BackendObjects(name, deployment, service)
+    secret = None
+    if spec.api_key:
+        # A Secret, not a plain env value: those who may read Deployments (a "view" role) may not read Secrets.
+        encoded = base64.b64encode(spec.api_key.encode()).decode()
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque"}
+        secret["data"] = {API_KEY_ITEM: encoded}
+    return BackendObjects(name, deployment, service, secret)
 
 
-def _pod_spec(spec: LaunchSpec, settings: PodPlanSettings, args: list[str]) -> dict[str, Any]:
+def _pod_spec(spec: LaunchSpec, settings: PodPlanSettings, args: list[str], name: str) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
-    env = {**settings.env, **spec.env}
+    values = sorted({**settings.env, **spec.env}.items())
+    env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in values]
+    if spec.api_key:  # from the backend's Secret: never in the Deployment, nor on llama-server's command line
+        secret = {"name": name, "key": API_KEY_ITEM}
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": secret}})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": args,
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": [{"name": key, "value": value} for key, value in sorted(env.items())],
+        "env": env,
         "resources": _resources(spec.gpus, settings),
         # Loading a model takes up to startup_timeout; liveness starts only after the startup probe passed.
         "startupProbe": {

@@ -12,6 +12,8 @@ Why it looks like this:
   is never mistaken for the new one.
 - Everything is labelled (managed-by, instance, model, spec and realisation hashes), so a restarted controller
   adopts what matches and deletes the rest; Services without their Deployment are removed too.
+- A backend's API key is in a Secret of the backend's name, read by its pod through the environment; the
+  controller creates and deletes it but never lists Secrets (adoption derives the key again: runtime/keys.py).
 """
 
 from __future__ import annotations
@@ -97,14 +99,22 @@ class KubernetesRuntime:
             name = objects.name
             await self._ensure_watching()
             await self._remove_leftover(name)
-            service = await api.create(objects.service)
+            if objects.secret is not None:
+                await api.create(objects.secret)  # before the pod that reads it
+            try:
+                service = await api.create(objects.service)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await api.delete("Secret", name)
+                raise
             self._expect(name, run, spec.model)
             try:
                 await api.create(objects.deployment)
             except BaseException:
                 self._forget(name)
-                with contextlib.suppress(Exception):
-                    await api.delete("Service", name)
+                for kind in ("Service", "Secret"):
+                    with contextlib.suppress(Exception):
+                        await api.delete(kind, name)
                 raise
         self._logbook.append(spec.model, f"{START_MARKER} deployment {self._api().namespace}/{name} (run {run})")
         log.info("created deployment %s/%s for %s", self._api().namespace, name, spec.model)
@@ -134,7 +144,7 @@ class KubernetesRuntime:
     async def _remove_leftover(self, name: str) -> None:
         """Ours under this name from an earlier start that was not cleaned up (a crash mid-stop): delete it."""
         api = self._api()
-        for kind in ("Deployment", "Service"):
+        for kind in ("Deployment", "Service", "Secret"):
             found = await api.get(kind, name)
             if found is None:
                 continue
@@ -170,6 +180,7 @@ class KubernetesRuntime:
                 forced = True
             await asyncio.sleep(GONE_POLL)
         await api.delete("Service", name)
+        await api.delete("Secret", name)
 
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         future = self._exits.get(backend.handle)
@@ -214,6 +225,7 @@ class KubernetesRuntime:
             for name in services:  # a Service whose Deployment is gone serves nothing
                 log.info("deleting service %s left by a previous run: its deployment is gone", name)
                 await api.delete("Service", name)
+                await api.delete("Secret", name)
         return found
 
     def logs(self, model: str) -> AsyncIterator[bytes]:

@@ -9,6 +9,8 @@ Why it looks like this:
 - A pid file (JSON) records pid, start time, port, model and spec hash. The start time (from
   /proc/<pid>/stat) guards against pid reuse: a pid whose start time differs is not ours.
 - An adopted process is not our child, so its exit is watched through a pidfd (falling back to polling).
+- The backend's API key reaches llama-server in a file of mode 0600 in the run dir (``--api-key-file``):
+  on the command line every local user would read it in ``ps``.
 """
 
 from __future__ import annotations
@@ -148,6 +150,23 @@ class ProcessRuntime:
     def _pid_path(self, model: str) -> Path:
         return self._run_dir / f"{model}.json"
 
+    def key_path(self, model: str) -> Path:
+        return self._run_dir / f"{model}.key"
+
+    def _write_key_file(self, spec: LaunchSpec) -> None:
+        """The key, readable by this user only, written whole before llama-server can look (then renamed)."""
+        path = self.key_path(spec.model)
+        temporary = path.with_suffix(".key-tmp")
+        temporary.unlink(missing_ok=True)
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(spec.api_key + "\n")
+            temporary.replace(path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise BackendStartFailed(f"cannot write the key file of {spec.model}: {exc.strerror or exc}") from exc
+
     def command(self, spec: LaunchSpec, port: int) -> tuple[list[str], dict[str, str]]:
         """The spec realised as a local process: argv (binary first) and environment."""
         try:
@@ -158,6 +177,8 @@ class ProcessRuntime:
         if spec.mmproj is not None:
             argv += ["--mmproj", str(spec.mmproj)]
         argv += [*spec.args, "--host", self._host, "--port", str(port)]
+        if spec.api_key:
+            argv += ["--api-key-file", str(self.key_path(spec.model))]
         env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIX)}
         env.update(spec.env)
         devices = visible_devices(spec.gpus)
@@ -168,6 +189,8 @@ class ProcessRuntime:
     async def start(self, spec: LaunchSpec) -> Backend:
         port = free_port(self._host)
         argv, env = self.command(spec, port)
+        if spec.api_key:
+            self._write_key_file(spec)
         log_path = self.log_path(spec.model)
         if log_path.exists() and log_path.stat().st_size > ROTATE_BYTES:
             log_path.replace(rotated(log_path))
@@ -176,6 +199,7 @@ class ProcessRuntime:
             try:
                 proc = spawn_detached(argv, log_file, env)
             except OSError as exc:
+                self.key_path(spec.model).unlink(missing_ok=True)
                 raise BackendStartFailed(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
         record = PidRecord(
             pid=proc.pid,
@@ -234,6 +258,7 @@ class ProcessRuntime:
         with contextlib.suppress(OSError, ValueError):
             if json.loads(path.read_text()).get("pid") == record.pid:
                 path.unlink()
+                self.key_path(record.model).unlink(missing_ok=True)
 
     def _is_ours(self, record: PidRecord) -> bool:
         ticks = process_start_ticks(record.pid)
@@ -331,6 +356,7 @@ class ProcessRuntime:
             if str(record.pid) not in self._records and not self._is_ours(record):
                 log.info("pid file for %s names a process that is gone; removing it", record.model)
                 path.unlink(missing_ok=True)
+                self.key_path(record.model).unlink(missing_ok=True)
                 continue
             log_path = Path(record.log_path)
             offset = max(0, log_path.stat().st_size - 64 * 1024) if log_path.exists() else 0

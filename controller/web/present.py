@@ -6,12 +6,12 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit
 
 from controller.names import canonical
 from proxy.directory import ModelInfo
 
 SECRET_KEY = re.compile(r"(password|secret|token|key|credential)", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):([^@/]+)@")
 REDACTED = "••••••"
 
 
@@ -107,8 +107,35 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         if SECRET_KEY.search(key) and value:
             return REDACTED
-        return URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", value)
+        return redact_url(value)
     return value
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the secrets of a URL replaced, found by parsing it as redis-py and urllib do (the userinfo
+    ends at the *last* ``@`` of the authority, so a password may contain ``@``; ``?password=`` counts too),
+    never by pattern. What is not a URL comes back unchanged."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if not parts.scheme or "://" not in text:
+        return text
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:{REDACTED}@{host}"
+    else:
+        netloc = parts.netloc
+    pairs = []
+    for pair in parts.query.split("&") if parts.query else []:
+        name, equals, _ = pair.partition("=")
+        secret = equals and SECRET_KEY.search(unquote_plus(name))
+        pairs.append(f"{name}={REDACTED}" if secret else pair)
+    scheme = text[: text.index("://")]  # as written (urlsplit lowers it; urlunsplit drops unix://'s slashes)
+    query = "?" + "&".join(pairs) if parts.query else ""
+    fragment = "#" + parts.fragment if parts.fragment else ""
+    return f"{scheme}://{netloc}{parts.path}{query}{fragment}"
 
 
 def safe_next(target: str | None) -> str:

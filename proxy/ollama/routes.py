@@ -15,6 +15,7 @@ from proxy.asgi import Receive, Scope, Send, header, parse_json_object, read_bod
 from proxy.background import Background
 from proxy.directory import Lease, ModelDirectory, ModelInfo, Restricted
 from proxy.forward import passed_headers
+from proxy.limits import clamp_predict
 from proxy.ollama import info as render
 from proxy.ollama.convert import chat_body, generate_chat_body, native_body, openai_messages
 from proxy.ollama.embeddings import embed, normalise
@@ -241,8 +242,9 @@ class OllamaRoutes:
         call = _Call(path, body, passed_headers(scope), _shrinker(request))
 
         async def work() -> None:
+            options = request.options
             async with directory.lease(
-                request.model, keep_alive=request.keep_alive, ctx_size=request.options.num_ctx
+                request.model, keep_alive=request.keep_alive, ctx_size=options.num_ctx, num_predict=options.num_predict
             ) as lease:
                 await self._relay(send, lease, call, accumulator, started)
 
@@ -273,12 +275,13 @@ class OllamaRoutes:
         streaming = accumulator.streaming
         began = False
         parser = SSEParser()
-        body = call.body
+        body = clamp_predict(call.body, lease.max_predict) or call.body
         try:
             while True:
                 payload = encode({**body, "stream": streaming})
                 measure.note_backend_contact()
-                async with self._upstream.request("POST", lease.url + call.path, payload, call.headers) as response:
+                headers = {**call.headers, **lease.credentials}
+                async with self._upstream.request("POST", lease.url + call.path, payload, headers) as response:
                     if response.status >= 400:
                         body = self._shorter(call, body, response.status, await response.read())
                         continue  # sent again, shorter
@@ -340,7 +343,8 @@ class OllamaRoutes:
         async with directory.lease(request.model, keep_alive=request.keep_alive, embeddings=True) as lease:
             if not request.inputs:
                 return {"vectors": []}
-            result = await embed(self._upstream, lease.url, request.inputs, request.truncate, passed_headers(scope))
+            headers = {**passed_headers(scope), **lease.credentials}
+            result = await embed(self._upstream, lease.url, request.inputs, request.truncate, headers)
         return {
             "vectors": result.vectors,
             "total_duration": _nanoseconds(time.perf_counter() - started),

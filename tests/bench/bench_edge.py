@@ -28,7 +28,7 @@ import httpx
 from controller.edge.render import VERIFY_PATH, streaming_proxy
 from controller.runtime.process import free_port
 from tests.bench.bench_gateway import RawClient, percentile
-from tests.support.server import serve_subprocess
+from tests.support.server import backend_headers, serve_subprocess
 from tests.support.tinymodel import write_tiny_model
 
 ALT_PREFIX = "/with-forward-auth"
@@ -58,12 +58,16 @@ def forward_auth(app: str) -> dict[str, Any]:
     }
 
 
-def with_alternative_routes(config: dict[str, Any], app: str, backend: str) -> dict[str, Any]:
+def with_alternative_routes(
+    config: dict[str, Any], app: str, backend: str, backend_auth: dict[str, str]
+) -> dict[str, Any]:
     """The pushed config plus the two plans measured against it: forward_auth before the gateway, and
-    forward_auth before the model's backend."""
+    forward_auth before the model's backend (which Caddy then opens with the backend's own key)."""
+    direct = streaming_proxy(backend)
+    direct["headers"] = {**direct["headers"], "request": {"set": {k: [v] for k, v in backend_auth.items()}}}
     routes = [
         (ALT_PREFIX, streaming_proxy(app)),
-        (DIRECT_PREFIX, streaming_proxy(backend)),
+        (DIRECT_PREFIX, direct),
     ]
     for prefix, proxy in routes:
         alternative = {
@@ -99,7 +103,8 @@ def main() -> None:
             backend_port = int(backend.rsplit(":", 1)[1])
             pushed = httpx.get(f"http://127.0.0.1:{admin_port}/config/").json()
             app = f"127.0.0.1:{port}"
-            extended = with_alternative_routes(pushed, app, f"127.0.0.1:{backend_port}")
+            backend_auth = backend_headers(root / "data", "tiny:latest")
+            extended = with_alternative_routes(pushed, app, f"127.0.0.1:{backend_port}", backend_auth)
             httpx.post(f"http://127.0.0.1:{admin_port}/load", json=extended).raise_for_status()
             tls = ssl.create_default_context(cafile=served.ca_file())
             auth = {"Authorization": f"Bearer {served.token}"}
@@ -107,7 +112,11 @@ def main() -> None:
                 {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
             ).encode()
             targets = [
-                ("direct llama-server (HTTP)", RawClient("127.0.0.1", backend_port), "/v1/chat/completions"),
+                (
+                    "direct llama-server (HTTP)",
+                    RawClient("127.0.0.1", backend_port, backend_auth),
+                    "/v1/chat/completions",
+                ),
                 ("gateway (HTTP)", RawClient("127.0.0.1", port, auth), "/v1/chat/completions"),
                 (
                     "edge: TLS+gateway",

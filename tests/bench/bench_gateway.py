@@ -27,7 +27,7 @@ import httpx
 from controller.runtime.process import free_port
 from proxy.ollama.convert import chat_body
 from proxy.ollama.requests import parse_chat
-from tests.support.server import serve_subprocess
+from tests.support.server import backend_headers, serve_subprocess
 from tests.support.tinymodel import write_tiny_model
 
 
@@ -113,7 +113,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def latency(gateway_port: int, backend_port: int, requests: int, token: str) -> list[dict[str, Any]]:
+def latency(
+    gateway_port: int, backend_port: int, requests: int, token: str, backend_auth: dict[str, str]
+) -> list[dict[str, Any]]:
     openai_body = json.dumps(
         {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
     ).encode()
@@ -134,7 +136,7 @@ def latency(gateway_port: int, backend_port: int, requests: int, token: str) -> 
     ]
     results = []
     for label, path, body, direct_body in cases:
-        direct = RawClient("127.0.0.1", backend_port)
+        direct = RawClient("127.0.0.1", backend_port, backend_auth)  # the backend's own key, as the gateway sends
         gateway = RawClient("127.0.0.1", gateway_port, {"Authorization": f"Bearer {token}"})
         for _ in range(20):  # warm-up: connections, prompt cache
             direct.post("/v1/chat/completions", direct_body)
@@ -185,7 +187,7 @@ async def throughput(url: str, body: dict[str, Any], ollama: bool, headers: dict
 
 
 def streaming(
-    gateway: str, backend: str, model: str, tokens: int, rounds: int, auth: dict[str, str]
+    gateway: str, backend: str, model: str, tokens: int, rounds: int, auth: dict[str, str], backend_auth: dict[str, str]
 ) -> list[dict[str, Any]]:
     """Each gateway path against its own direct baseline: the identical upstream request, interleaved."""
     prompt = [{"role": "user", "content": "Tell me a long story."}]
@@ -199,8 +201,8 @@ def streaming(
     translated = chat_body(parse_chat(api))
     direct_url = f"{backend}/v1/chat/completions"
     pairs = [
-        ("/v1 passthrough", (direct_url, v1, False, {}), (f"{gateway}/v1/chat/completions", v1, False, auth)),
-        ("/api/chat NDJSON", (direct_url, translated, False, {}), (f"{gateway}/api/chat", api, True, auth)),
+        ("/v1 passthrough", (direct_url, v1, False, backend_auth), (f"{gateway}/v1/chat/completions", v1, False, auth)),
+        ("/api/chat NDJSON", (direct_url, translated, False, backend_auth), (f"{gateway}/api/chat", api, True, auth)),
     ]
     rows = []
     for label, direct_case, gateway_case in pairs:
@@ -237,7 +239,8 @@ def main() -> None:
         with serve_subprocess(config, root) as served:
             gateway = served.url
             backend = served.http.post("/control/v1/models/tiny/load", timeout=60).json()["backend_url"]
-            rows = latency(port, int(backend.rsplit(":", 1)[1]), args.requests, served.token)
+            tiny_key = backend_headers(root / "data", "tiny:latest")
+            rows = latency(port, int(backend.rsplit(":", 1)[1]), args.requests, served.token, tiny_key)
             print(f"\nadded latency, non-streaming, max_tokens 1, {args.requests} interleaved requests per target (ms)")
             print(
                 f"{'path':<32}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'direct p99':>12}{'gw p99':>9}"
@@ -248,10 +251,13 @@ def main() -> None:
                     f"{r['label']:<32}{r['direct_p50']:>11.2f}{r['gateway_p50']:>9.2f}{r['added_p50']:>11.2f}"
                     f"{r['direct_p99']:>12.2f}{r['gateway_p99']:>9.2f}{r['added_p99']:>11.2f}"
                 )
-            streams = streaming(gateway, backend, "tiny", 2000, 5, served.headers)
+            streams = streaming(gateway, backend, "tiny", 2000, 5, served.headers, tiny_key)
             if args.gemma:
                 gemma_backend = served.http.post("/control/v1/models/gemma3:270m/load", timeout=120).json()
-                streams += streaming(gateway, gemma_backend["backend_url"], "gemma3:270m", 96, 5, served.headers)
+                gemma_key = backend_headers(root / "data", "gemma3:270m")
+                streams += streaming(
+                    gateway, gemma_backend["backend_url"], "gemma3:270m", 96, 5, served.headers, gemma_key
+                )
             print("\nstreaming, 4 concurrent streams, tokens/s (median of interleaved rounds)")
             print(f"{'path':<36}{'direct':>10}{'gateway':>10}{'ratio':>9}")
             for r in streams:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import httpx
 import ollama
 import pytest
 
@@ -96,6 +97,11 @@ def test_docker_ollama_client_end_to_end_with_gemma(
         running = [c for c in ours(engine, tmp_path) if c.status == "running"]
         assert [c.labels[MODEL] for c in running] == [GEMMA]
         assert running[0].attrs["HostConfig"]["Init"] is True
+        # Only the gateway holds the backend's key: in the container's environment, never on its command line.
+        backend = served.http.get(f"/control/v1/models/{GEMMA}").json()["backend_url"]
+        assert httpx.get(f"{backend}/props", timeout=10).status_code == 401
+        assert any(env.startswith("LLAMA_API_KEY=") for env in running[0].attrs["Config"]["Env"])
+        assert not any("api-key" in arg or "API_KEY" in arg for arg in running[0].attrs["Args"])
         mounts = running[0].attrs["Mounts"]
         assert [(m["Source"], m["Destination"], m["RW"]) for m in mounts] == [(str(models_dir), "/models", False)]
         gemma_stream_embed_and_ps(client)  # embeddings: restarts the container with --embeddings

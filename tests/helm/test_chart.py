@@ -150,7 +150,16 @@ def test_the_controller_may_do_only_what_the_runtime_needs_in_its_namespace(helm
     granted = {
         (group, resource) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]
     }
-    assert granted == {("apps", "deployments"), ("", "services"), ("", "pods"), ("", "pods/log"), ("", "events")}
+    assert granted == {
+        ("apps", "deployments"),
+        ("", "services"),
+        ("", "pods"),
+        ("", "pods/log"),
+        ("", "events"),
+        ("", "secrets"),  # the backends' API keys: created and deleted by name, never listed or watched
+    }
+    [secrets] = [rule for rule in role["rules"] if rule["resources"] == ["secrets"]]
+    assert secrets["verbs"] == ["get", "create", "delete"]
     [controller] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-controller")]
     assert controller["spec"]["replicas"] == 1 and controller["spec"]["strategy"] == {"type": "Recreate"}
 

@@ -27,6 +27,7 @@ from tests.support.standin import StandIn
 class World:
     client: Client
     standin: StandIn
+    runtime: FakeRuntime
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         runtime = FakeRuntime(backend_url=standin.url)
         app: Quart = fake_app(config, runtime)
         async with app.test_app():
-            yield World(app.test_client(), standin)
+            yield World(app.test_client(), standin, runtime)
 
 
 async def post(world: World, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -77,7 +78,7 @@ async def test_relay_thinking_of_earlier_turns_is_kept(world: World) -> None:
     assert sent[1] == {"role": "assistant", "content": "a", "reasoning_content": "because"}
 
 
-async def test_relay_request_id_and_trace_context_reach_the_backend_credentials_do_not(world: World) -> None:
+async def test_relay_request_id_and_trace_context_reach_the_backend_client_credentials_do_not(world: World) -> None:
     headers = {
         "X-Request-Id": "req-42",
         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
@@ -94,7 +95,31 @@ async def test_relay_request_id_and_trace_context_reach_the_backend_credentials_
     sent = world.standin.last("/v1/chat/completions").headers
     assert sent["x-request-id"] == "req-42" and sent["tracestate"] == "vendor=1"
     assert sent["traceparent"] == headers["traceparent"]
-    assert "authorization" not in sent and "cookie" not in sent
+    assert "cookie" not in sent
+    # The backend gets its own key from the gateway, never the client's credentials.
+    assert sent["authorization"] == f"Bearer {world.runtime.starts[-1].api_key}"
+    assert "lc_secret_never_forwarded" not in json.dumps(sent)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "backend_path"),
+    [
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False}, "/v1/chat"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "raw": True, "stream": False}, "/completion"),
+        ("/api/embed", {"model": "tiny", "input": "x"}, "/v1/embeddings"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}, "/v1/chat"),
+        ("/llama/tiny/tokenize", {"content": "x"}, "/tokenize"),
+    ],
+)
+async def test_relay_every_route_opens_the_backend_with_its_own_key(
+    world: World, path: str, body: Any, backend_path: str
+) -> None:
+    response = await world.client.post(path, json=body, headers={"Authorization": "Bearer client-token"})
+    assert response.status_code == 200, await response.get_data()
+    key = world.runtime.starts[-1].api_key
+    assert len(key) == 64
+    sent = [r for r in world.standin.requests if r.target.startswith(backend_path)]
+    assert sent and all(r.headers.get("authorization") == f"Bearer {key}" for r in sent)
 
 
 async def test_relay_a_request_id_is_made_when_none_is_sent(world: World) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.server import backend_processes, bearer, real_config, running_app
+from tests.support.server import backend_headers, backend_processes, bearer, real_config, running_app
 
 Models = Callable[..., dict[str, dict[str, Any]]]
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
@@ -59,6 +59,29 @@ async def test_real_load_unload_and_switch(tmp_path: Path, tiny_models: Models) 
         unloaded = (await client.post("/control/v1/models/a/unload")).json()
         assert unloaded["state"] == "stopped" and unloaded["backend_url"] is None
         assert backend_processes(path_of(models, "a")) == []
+
+
+async def test_real_backend_answers_the_gateway_only(tmp_path: Path, tiny_models: Models) -> None:
+    models = tiny_models("a")
+    async with running_app(real_config(tmp_path, models)) as running:
+        client = running.client
+        url = (await client.post("/control/v1/models/a/load")).json()["backend_url"]
+        async with httpx.AsyncClient(timeout=30) as direct:  # a local user who found the port
+            chat = {"model": "a", **CHAT}
+            assert (await direct.post(f"{url}/v1/chat/completions", json=chat)).status_code == 401
+            key_file = tmp_path / "data" / "run" / "a:latest.key"
+            key = key_file.read_text().strip()
+            assert len(key) == 64 and key_file.stat().st_mode & 0o077 == 0
+            assert (await direct.get(f"{url}/props")).status_code == 401
+            assert (await direct.get(f"{url}/metrics")).status_code == 401
+            with_token = await direct.post(f"{url}/completion", json={"prompt": "x"}, headers=bearer(running.token))
+            assert with_token.status_code == 401, "a LlamaController token is no key to a backend"
+            assert (await direct.get(f"{url}/health")).status_code == 200  # open: kubelet probes need no key
+            assert (await direct.post(f"{url}/v1/chat/completions", json=chat, headers=bearer(key))).status_code == 200
+        assert (await client.post("/v1/chat/completions", json={"model": "a", **CHAT})).status_code == 200
+        assert (await client.get("/llama/a/props")).status_code == 200
+        (process,) = backend_processes(path_of(models, "a"))
+        assert key not in " ".join(process.cmdline()) and "--api-key-file" in process.cmdline()
 
 
 async def test_real_on_demand_load_from_chat_and_streaming(tmp_path: Path, tiny_models: Models) -> None:
@@ -286,7 +309,9 @@ async def test_real_client_disconnect_cancels_the_generation(tmp_path: Path, lon
         backend = (await state(client, "a"))["backend_url"]  # asked directly: the gateway would queue it
         deadline = time.monotonic() + 3
         while True:
-            slots = (await client.get(f"{backend}/slots")).json()
+            slots = (
+                await client.get(f"{backend}/slots", headers=backend_headers(tmp_path / "data", "a:latest"))
+            ).json()
             busy = [s for s in slots if s["is_processing"]]
             in_flight = (await state(client, "a"))["in_flight"]
             if (not busy and in_flight == 0) or time.monotonic() > deadline:

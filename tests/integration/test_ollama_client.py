@@ -23,7 +23,7 @@ import ollama
 import pytest
 
 from controller.runtime.process import free_port
-from tests.support.server import ServeProcess, serve_subprocess
+from tests.support.server import ServeProcess, backend_headers, serve_subprocess
 from tests.support.tinymodel import TOOLS_CHAT_TEMPLATE, write_tiny_model
 
 pytestmark = pytest.mark.gemma
@@ -333,11 +333,22 @@ def test_ollama_client_disconnect_frees_the_slot(server: ServeProcess) -> None:
         lines = response.iter_lines()  # kept: dropping the iterator would already close the stream
         assert not json.loads(next(lines))["done"]
         # (llama-server may run more slots than asked for: any of them)
-        assert any(slot["is_processing"] for slot in httpx.get(f"{backend}/slots").json()), "the generation runs"
+        assert any(
+            slot["is_processing"]
+            for slot in httpx.get(
+                f"{backend}/slots", headers=backend_headers(server.config["server"]["data_dir"], "long:latest")
+            ).json()
+        ), "the generation runs"
     deadline = time.monotonic() + 3
     busy: list[Any] = []
     while time.monotonic() < deadline:
-        busy = [s for s in httpx.get(f"{backend}/slots").json() if s["is_processing"]]
+        busy = [
+            s
+            for s in httpx.get(
+                f"{backend}/slots", headers=backend_headers(server.config["server"]["data_dir"], "long:latest")
+            ).json()
+            if s["is_processing"]
+        ]
         if not busy:
             break
         time.sleep(0.05)

@@ -8,6 +8,8 @@ llama-server behind the same emulated API.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from controller.config import Config, validate_config
 from controller.errors import BackendStartFailed, KubernetesUnavailable
 from controller.runtime.base import LaunchSpec
+from controller.runtime.keys import BackendKeys
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, RUN, backend_name
 from controller.runtime.kubernetes import KubernetesRuntime
 from controller.runtime.logs import LogBook
@@ -107,6 +110,21 @@ async def test_start_creates_a_service_and_a_deployment_and_stop_deletes_both(
     assert cluster.get("Service", NAMESPACE, name) is None
     assert pods_of(cluster, "a:1b") == []  # stop returns only once the pod is gone: never two of a model
     assert (await kube.wait_exit(backend)).reason == "stopped"
+
+
+async def test_the_backends_key_is_in_a_secret_its_pod_reads_and_that_goes_with_the_backend(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    keyed = BackendKeys.ephemeral().issue(spec(tmp_path))
+    backend = await kube.start(keyed)
+    secret = cluster.get("Secret", NAMESPACE, backend.handle)
+    assert secret is not None and base64.b64decode(secret["data"]["api-key"]).decode() == keyed.api_key
+    assert cluster.environments[await running_pod(cluster)]["LLAMA_API_KEY"] == keyed.api_key
+    assert keyed.api_key not in json.dumps([cluster.find("Deployment"), cluster.find("Service"), cluster.find("Pod")])
+    await kube.stop(backend, timeout=1)
+    assert cluster.get("Secret", NAMESPACE, backend.handle) is None
+    assert ("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets") not in cluster.requests  # never listed
 
 
 async def test_a_crashed_container_ends_the_backend_with_its_exit(

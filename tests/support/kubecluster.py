@@ -1,16 +1,18 @@
 """An emulated Kubernetes cluster for the kubernetes runtime's tests: no real API server can run here.
 
 It speaks the API's JSON over real HTTP on 127.0.0.1 (create, get, list with label selectors, delete with
-grace periods, watch streams with resource versions and 410 Gone, pod logs) for Deployments, Services and
-Pods, and plays the parts of the rest of a cluster just enough to exercise the runtime:
+grace periods, watch streams with resource versions and 410 Gone, pod logs) for Deployments, Services,
+Secrets and Pods, and plays the parts of the rest of a cluster just enough to exercise the runtime:
 
 - the deployment controller makes one Pod per Deployment, and deleting the Deployment deletes it;
 - the scheduler places it on one of ``nodes`` nodes, or marks it Unschedulable when it asks for more
   ``nvidia.com/gpu`` than the cluster has free (with the scheduler's own wording);
-- the kubelet either runs the container for real (``kubelet="real"``: the real llama-server binary, its
-  ``/models`` path mapped to a host folder, listening on the cluster IP of the Service that selects the pod —
-  kube-proxy's part, on a 127.x loopback address) or only reports it running (``kubelet="inert"``). A real
-  container that exits is reported the way a kubelet does: terminated, then CrashLoopBackOff.
+- the kubelet builds the container's environment (values, and Secret items: a missing Secret is a
+  CreateContainerConfigError) and either runs the container for real (``kubelet="real"``: the real
+  llama-server binary, its ``/models`` path mapped to a host folder, listening on the cluster IP of the Service
+  that selects the pod — kube-proxy's part, on a 127.x loopback address) or only reports it running
+  (``kubelet="inert"``). A real container that exits is reported the way a kubelet does: terminated, then
+  CrashLoopBackOff.
 
 Faults are injected by the tests: ``set_container_state`` (OOMKilled, ImagePullBackOff...), ``compact``
 (old resource versions answer 410 Gone), ``drop_watches`` (an API server restart, seen by clients).
@@ -19,9 +21,11 @@ Faults are injected by the tests: ``set_container_state`` (OOMKilled, ImagePullB
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -39,6 +43,7 @@ from tests.support.server import answers
 ROUTES = {  # (api prefix, plural) → kind
     ("api/v1", "pods"): "Pod",
     ("api/v1", "services"): "Service",
+    ("api/v1", "secrets"): "Secret",
     ("apis/apps/v1", "deployments"): "Deployment",
 }
 GPU = "nvidia.com/gpu"
@@ -99,6 +104,7 @@ class Cluster:
         self.watch_generation = 0
         self.clean_end = False
         self.containers: dict[str, Container] = {}
+        self.environments: dict[str, dict[str, str]] = {}  # pod name → the environment its container got
         self.requests: list[tuple[str, str]] = []  # (method, path) of every call, for assertions
         self.gone_answers = 0  # watches answered 410 Gone
         self.ips = itertools.count(1)
@@ -212,7 +218,7 @@ class Cluster:
 
     def _collect_garbage(self, uid: str, grace: int | None) -> None:
         """The garbage collector: what names the deleted object as its owner goes too (in the background)."""
-        for kind in ("Deployment", "Service", "Pod"):
+        for kind in ("Deployment", "Service", "Secret", "Pod"):
             for dependant in self.find(kind):
                 if any(owner.get("uid") == uid for owner in dependant["metadata"].get("ownerReferences") or []):
                     meta = dependant["metadata"]
@@ -290,10 +296,23 @@ class Cluster:
         log_path = self.work_dir / f"{name}.log"
         log_path.touch()
         process, argv = None, []
+        environment = self._environment(pod)
+        if environment is None:  # the kubelet cannot build the container: a Secret it names is missing
+            missing = "a Secret the container's environment names was not found"
+            waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": missing}}
+            pod["status"]["containerStatuses"] = [{"name": "llama-server", "ready": False, "state": waiting}]
+            self._commit("Pod", "MODIFIED", pod)
+            return
         if self.kubelet == "real":
             argv = self._argv(pod)
             with log_path.open("ab") as out:
-                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                process = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={**os.environ, **environment},
+                )
         else:
             time.sleep(self.start_delay)
         self.containers[name] = Container(process, log_path, gpus)
@@ -317,6 +336,22 @@ class Cluster:
         self._commit("Pod", "MODIFIED", current)
         if process is not None:
             threading.Thread(target=self._supervise, args=(current, process, argv), daemon=True).start()
+
+    def _environment(self, pod: dict[str, Any]) -> dict[str, str] | None:
+        """The container's environment as the kubelet builds it: values, and items of Secrets (None: one is
+        missing, which the kubelet reports as CreateContainerConfigError)."""
+        environment: dict[str, str] = {}
+        for item in pod["spec"]["containers"][0].get("env") or []:
+            reference = (item.get("valueFrom") or {}).get("secretKeyRef")
+            if reference is None:
+                environment[item["name"]] = item.get("value", "")
+                continue
+            secret = self.get("Secret", pod["metadata"]["namespace"], reference["name"])
+            if secret is None or reference["key"] not in (secret.get("data") or {}):
+                return None
+            environment[item["name"]] = base64.b64decode(secret["data"][reference["key"]]).decode()
+        self.environments[pod["metadata"]["name"]] = environment
+        return environment
 
     def _argv(self, pod: dict[str, Any]) -> list[str]:
         assert self.binary, "kubelet='real' needs the llama-server binary"

@@ -95,6 +95,12 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def backend_headers(data_dir: Path | str, model: str) -> dict[str, str]:
+    """What opens a process-runtime backend to a test or bench that asks llama-server directly: its own key,
+    from the key file the controller wrote (``model`` is the catalog key, e.g. ``tiny:latest``)."""
+    return bearer((Path(data_dir) / "run" / f"{model}.key").read_text().strip())
+
+
 @dataclass
 class RunningApp:
     url: str

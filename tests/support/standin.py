@@ -45,6 +45,7 @@ class StandIn:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[Recorded] = field(default_factory=list)
+    model_path: str = "/srv/private/models/tiny.gguf"
     _server: asyncio.Server | None = None
 
     @property
@@ -136,6 +137,16 @@ class StandIn:
             return await self._json(writer, 200, final)
         if path in ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/rerank", "/v1/reranking"):
             return await self._json(writer, 200, {"served_by": "standin", "path": path, "model": body.get("model")})
+        if path == "/props":  # llama-server says where its model file lies
+            props = {"model_path": self.model_path, "total_slots": 1, "default_generation_settings": {"n_ctx": 64}}
+            return await self._json(writer, 200, props)
+        if path == "/metrics":
+            text = b"# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 0\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(text) + text
+            )
+            await writer.drain()
+            return True
         if path.startswith("/echo"):
             return await self._json(writer, 200, {"method": method, "target": target, "body": body})
         return await self._json(
