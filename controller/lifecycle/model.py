@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 from controller.errors import LlamaControllerError, ModelStopping, ShuttingDown
 from controller.lifecycle.owner import ModelOwner, Probe, Publish, SpecFactory
 from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
-from controller.lifecycle.state import OCCUPYING, Goal, State
+from controller.lifecycle.state import OCCUPYING, Goal, State, fresh
 from controller.lifecycle.usage import Usage
 from controller.runtime.base import Backend, ExitInfo, Runtime
 from controller.runtime.logs import LogBook
@@ -191,7 +191,7 @@ class ManagedModel(ModelOwner):
             raise ShuttingDown("the server is shutting down")
         if self._state is State.FAILED and self._goal is Goal.IDLE and time.monotonic() < self._retry_at:
             assert self.last_error is not None
-            raise self.last_error
+            raise fresh(self.last_error)  # a new one per request: see ``fresh``
 
     @asynccontextmanager
     async def lease(

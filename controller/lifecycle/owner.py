@@ -23,7 +23,7 @@ from controller.errors import (
 )
 from controller.lifecycle.health import watch_liveness
 from controller.lifecycle.requirements import ModelPolicy, Requirements
-from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, log_hint
+from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, fresh, log_hint
 from controller.lifecycle.usage import Usage
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
@@ -78,7 +78,7 @@ class ModelOwner:
         check_transition(self._state, new)
         old, self._state = self._state, new
         if error is not None:
-            self.last_error = error
+            self.last_error = fresh(error)  # kept through the backoff: it must hold no request's frames
         log.info("model %s: %s → %s%s", self.name, old, new, f" ({error.message})" if error else "")
         event = {
             "type": "model_state",
@@ -197,6 +197,7 @@ class ModelOwner:
         backend = self._backend
         assert backend is not None
         self._unhealthy = None
+        self.last_error = None
         self.load_duration = time.monotonic() - started if started else 0.0
         self._ready_since = time.monotonic()
         self._usage.ready()
@@ -232,7 +233,7 @@ class ModelOwner:
     def _reject_ready(self, error: LlamaControllerError) -> None:
         for waiter in self._ready_waiters:
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(fresh(error))  # one object per request: see ``fresh``
         self._ready_waiters.clear()
 
     async def _serve(self) -> None:

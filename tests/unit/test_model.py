@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,44 @@ async def test_model_close_stops_the_backend_and_rejects_waiters() -> None:
         await waiter
     with pytest.raises(ShuttingDown):
         await h.ready()
+
+
+def depth(error: BaseException) -> int:
+    return len(traceback.extract_tb(error.__traceback__))
+
+
+async def test_model_each_request_gets_its_own_error_and_the_kept_one_holds_no_frames() -> None:
+    """One exception object was raised again for every request refused during a backoff (and given to every
+    waiter of a failed start): each raise added that request's frames to its traceback, and the model held them
+    all, with what they referenced (300 refusals: 31 MB), until it recovered."""
+    h = make(behaviour=FakeBehaviour(fail_start="broken"))
+    waiters = await asyncio.gather(*(h.ready() for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(error, BackendStartFailed) for error in waiters)
+    assert len({id(error) for error in waiters}) == 3, "waiters of one failed start share one exception"
+    with pytest.raises(BackendStartFailed):
+        await h.ready()  # the second failure in a row: the next requests are refused during the backoff
+    refused: list[BaseException] = []
+    depths = []
+    for _ in range(20):
+        try:
+            await h.ready()
+        except BackendStartFailed as exc:
+            refused.append(exc)
+            depths.append(depth(exc))
+    assert len(refused) == 20 and len({id(error) for error in refused}) == 20
+    assert len(set(depths)) == 1, f"the traceback grows with every refusal: {depths}"
+    kept = h.model.last_error
+    assert kept is not None and kept.__traceback__ is None and all(error is not kept for error in refused)
+    assert str(kept) == "broken"
+    await h.model.close()
+
+
+async def test_model_recovery_clears_the_last_error() -> None:
+    h = make(behaviour=FakeBehaviour(fail_start="broken"))
+    with pytest.raises(BackendStartFailed):
+        await h.ready()
+    assert h.model.last_error is not None
+    h.runtime.behaviours[NAME] = FakeBehaviour()
+    await h.ready()  # one failure: no backoff yet
+    assert h.model.last_error is None, "a ready model keeps no error (nor what it references)"
+    await h.model.close()
