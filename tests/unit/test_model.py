@@ -21,7 +21,7 @@ from controller.errors import (
 from controller.lifecycle.model import ManagedModel
 from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import State, backoff_delay
-from controller.runtime.base import LaunchSpec
+from controller.runtime.base import Backend, LaunchSpec
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
 from controller.runtime.logs import LogBook
 
@@ -29,8 +29,10 @@ NAME = "m:latest"
 
 
 class Harness:
-    def __init__(self, policy: ModelPolicy, behaviour: FakeBehaviour | None = None) -> None:
-        self.runtime = FakeRuntime({NAME: behaviour or FakeBehaviour()})
+    def __init__(
+        self, policy: ModelPolicy, behaviour: FakeBehaviour | None = None, runtime: FakeRuntime | None = None
+    ) -> None:
+        self.runtime = runtime or FakeRuntime({NAME: behaviour or FakeBehaviour()})
         self.events: list[dict[str, Any]] = []
         self.logbook = LogBook()
         self.model = ManagedModel(
@@ -40,6 +42,8 @@ class Harness:
     @staticmethod
     def spec(requirements: Requirements) -> LaunchSpec:
         flags = ("--embeddings",) if requirements.embeddings else ()
+        if requirements.ctx_size:
+            flags += ("--ctx-size", str(requirements.ctx_size))
         return LaunchSpec(NAME, Path("m.gguf"), flags)
 
     def states(self) -> list[str]:
@@ -275,6 +279,59 @@ async def test_model_close_stops_the_backend_and_rejects_waiters() -> None:
         await waiter
     with pytest.raises(ShuttingDown):
         await h.ready()
+
+
+class SmallMemory(FakeRuntime):
+    """A machine where a backend with a context over ``CTX_LIMIT`` does not start (its KV cache does not fit)."""
+
+    async def start(self, spec: LaunchSpec) -> Backend:
+        if "--ctx-size" in spec.args and int(spec.args[spec.args.index("--ctx-size") + 1]) > CTX_LIMIT:
+            self.starts.append(spec)
+            raise BackendStartFailed("failed to allocate the KV cache")
+        return await super().start(spec)
+
+    def contexts(self) -> list[str]:
+        return [spec.args[spec.args.index("--ctx-size") + 1] for spec in self.starts]
+
+
+CTX_LIMIT = 8192
+PLAIN = Requirements(ctx_size=4096)  # what a request that asks for nothing gets (the configured context)
+OVERSIZED = Requirements(ctx_size=32768, ctx_requested=True)  # num_ctx 32768
+
+
+async def test_model_an_oversized_request_does_not_break_the_model_for_the_next_ones() -> None:
+    """A failed start kept its requirements: every later start asked for num_ctx 32768 again and failed, for
+    every client, until an unload. Later starts ask for what their own requests need, and the backoff after
+    repeated failures refuses only requests that ask for what failed."""
+    h = Harness(ModelPolicy(health_interval=0.05), runtime=SmallMemory())
+    with pytest.raises(BackendStartFailed, match="KV cache"):
+        await h.ready(OVERSIZED)
+    await h.ready(PLAIN)
+    assert h.runtime.contexts() == ["32768", "4096"]
+    await h.model.stop()
+    with pytest.raises(BackendStartFailed, match="KV cache"):
+        await h.ready(OVERSIZED)  # the second failure in a row: the model is in its backoff, for what failed
+    with pytest.raises(BackendStartFailed):  # the same request again is refused at once
+        await h.ready(OVERSIZED)
+    assert h.runtime.contexts() == ["32768", "4096", "32768"]
+    await h.ready(PLAIN)  # a request that needs less is served at once
+    assert h.runtime.contexts() == ["32768", "4096", "32768", "4096"]
+    await h.model.close()
+
+
+async def test_model_failed_start_fails_only_the_requests_that_asked_for_more() -> None:
+    h = Harness(ModelPolicy(health_interval=0.05), runtime=SmallMemory())
+    oversized, plain, embeddings = await asyncio.gather(
+        h.ready(OVERSIZED),
+        h.ready(PLAIN),
+        h.ready(Requirements(embeddings=True, ctx_size=4096)),
+        return_exceptions=True,
+    )
+    assert isinstance(oversized, BackendStartFailed)
+    assert isinstance(plain, Backend) and isinstance(embeddings, Backend) and plain.handle == embeddings.handle
+    assert h.runtime.contexts() == ["32768", "4096"], "started again with what the others need"
+    assert h.runtime.starts[-1].args[0] == "--embeddings"
+    await h.model.close()
 
 
 def depth(error: BaseException) -> int:
