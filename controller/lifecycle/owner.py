@@ -24,7 +24,7 @@ from controller.errors import (
 )
 from controller.lifecycle.health import watch_liveness
 from controller.lifecycle.requirements import ModelPolicy, Requirements
-from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, log_hint
+from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, fresh, log_hint
 from controller.lifecycle.usage import Usage
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
@@ -61,7 +61,7 @@ class ModelOwner:
     _adoptee: Backend | None
     _running: Requirements
     _wanted: Requirements
-    _ready_waiters: list[asyncio.Future[Backend]]
+    _ready_waiters: list[tuple[Requirements, asyncio.Future[Backend]]]  # each request's needs, its waiter
     _stop_waiters: list[asyncio.Future[None]]
     _wake: asyncio.Event
     _usage: Usage
@@ -69,6 +69,7 @@ class ModelOwner:
     last_error: LlamaControllerError | None
     failures: int
     _retry_at: float
+    _failed_with: Requirements | None  # what the last failed backend was asked for: the backoff is for that
     load_duration: float
     starts: int
 
@@ -79,7 +80,7 @@ class ModelOwner:
         check_transition(self._state, new)
         old, self._state = self._state, new
         if error is not None:
-            self.last_error = error
+            self.last_error = fresh(error)  # kept through the backoff: it must hold no request's frames
         log.info("model %s: %s → %s%s", self.name, old, new, f" ({error.message})" if error else "")
         event = {
             "type": "model_state",
@@ -124,7 +125,8 @@ class ModelOwner:
                 await self._runtime.stop(backend, self.policy.stop_timeout)
         await cancel_and_wait(self._liveness)
         if State.FAILED in ALLOWED[self._state]:
-            self._fail(LlamaControllerError(f"model '{self.label}': internal error, see the server log"), 0.0)
+            error = LlamaControllerError(f"model '{self.label}': internal error, see the server log")
+            self._fail(error, 0.0, wanted=self._running)
         await self._sleep(1.0)
 
     async def _step(self) -> None:
@@ -138,7 +140,7 @@ class ModelOwner:
         elif goal is Goal.RUN and self._adoptee is not None:
             self._take_over(self._adoptee)
         elif goal is Goal.RUN:
-            delay = self._retry_at - time.monotonic() if state is State.FAILED else 0.0
+            delay = self._backoff_left()
             if delay > 0:
                 await self._sleep(delay)
             else:
@@ -162,7 +164,7 @@ class ModelOwner:
             spec = self._make_spec(self._running)
             backend = replace(await self._runtime.start(spec), api_key=spec.api_key)
         except LlamaControllerError as exc:
-            self._fail(exc, ran_for=0.0)
+            self._start_failed(exc)
             return
         # Recorded at once: from here a stop or a shutdown stops this backend (it is never lost).
         self._backend = backend
@@ -179,16 +181,15 @@ class ModelOwner:
                 break
             if gone.done():
                 self._backend = self._gone = None
-                self._fail(self._start_error(gone.result()), ran_for=0.0)
+                self._start_failed(self._start_error(gone.result()))
                 return
             if time.monotonic() > deadline:
                 await self._kill()
-                self._fail(
+                self._start_failed(
                     StartupTimeout(
                         f"model '{self.label}' did not become ready within {self.policy.startup_timeout:g}s "
                         "(defaults.startup_timeout)"
-                    ),
-                    ran_for=0.0,
+                    )
                 )
                 return
             await self._sleep(START_POLL_INTERVAL, gone)
@@ -198,6 +199,7 @@ class ModelOwner:
         backend = self._backend
         assert backend is not None
         self._unhealthy = None
+        self.last_error = self._failed_with = None
         self.load_duration = time.monotonic() - started if started else 0.0
         self._ready_since = time.monotonic()
         self._usage.ready()
@@ -206,7 +208,7 @@ class ModelOwner:
             watch_liveness(backend, self._probe, self.policy.health_interval, self._unresponsive),
             name=f"liveness:{self.name}",
         )
-        for waiter in self._ready_waiters:
+        for _, waiter in self._ready_waiters:
             if not waiter.done():
                 waiter.set_result(backend)
         self._ready_waiters.clear()
@@ -218,22 +220,64 @@ class ModelOwner:
         """The backend's own first error line since its last start (the cause, not the aftermath)."""
         return log_hint(self._logbook.tail(self.name, 200), last_resort)
 
-    def _fail(self, error: LlamaControllerError, ran_for: float) -> None:
-        """Record a failed start or a crash; waiters get the error; backoff before the next start."""
-        self.failures = 1 if ran_for >= STABLE_AFTER else self.failures + 1
-        self._retry_at = time.monotonic() + backoff_delay(self.failures)
-        self._backend, self._gone = None, None
-        self._set_state(State.FAILED, error)
+    def backs_off(self, requirements: Requirements) -> bool:
+        """Whether a start for ``requirements`` waits out the backoff: only if it asks for all that failed."""
+        return self._failed_with is not None and self._failed_with.satisfied_by(requirements)
+
+    def _backoff_left(self) -> float:
+        """Seconds before the next start. The backoff is for what failed: requests that all need less (the
+        oversized one failed, they ask for the usual) start at once. A pinned model's restart always waits."""
+        if self._state is not State.FAILED:
+            return 0.0
+        waiting = [needs for needs, waiter in self._ready_waiters if not waiter.done()]
+        if waiting and not self.backs_off(Requirements.merge_all(waiting)):
+            return 0.0
+        return self._retry_at - time.monotonic()
+
+    def _start_failed(self, error: LlamaControllerError) -> None:
+        """A start failed. The requests that asked the most of it (a larger num_ctx, embeddings) may be the
+        cause: when others wait that need less, only those get the error and the model starts again with what
+        the others need. Either way no later start asks for what failed unless its own requests do: one
+        oversized request must not break the model for everyone."""
+        tried = self._running
+        waiting = [(needs, waiter) for needs, waiter in self._ready_waiters if not waiter.done()]
+        needed = Requirements.merge_all(needs for needs, _ in waiting)
+        if not tried.satisfied_by(needed):  # it asked for more than anyone waiting needs (the asker left)
+            culprits, rest = [], waiting
+        else:
+            most = max((needs.weight for needs, _ in waiting), default=None)
+            culprits = [(needs, waiter) for needs, waiter in waiting if needs.weight == most]
+            rest = [(needs, waiter) for needs, waiter in waiting if needs.weight != most]
+        if not rest or self._goal is not Goal.RUN:
+            self._fail(error, ran_for=0.0, wanted=Requirements())
+            return
+        self._record_failure(error, ran_for=0.0)
+        for _, waiter in culprits:
+            waiter.set_exception(fresh(error))
+        self._ready_waiters = rest
+        self._wanted = Requirements.merge_all(needs for needs, _ in rest)  # the goal stays "run": start again
+
+    def _fail(self, error: LlamaControllerError, ran_for: float, wanted: Requirements) -> None:
+        """Record a failed start or a crash; waiters get the error; backoff before the next start, which
+        asks for ``wanted`` (and what its own requests need)."""
+        self._record_failure(error, ran_for)
         self._reject_ready(error)
         # A pinned model restarts by itself and keeps its slot; others free it and start on demand.
         if self._goal is Goal.RUN:
             self._goal = Goal.RUN if self.policy.pinned else Goal.IDLE
-        self._wanted = self._running
+        self._wanted = wanted
+
+    def _record_failure(self, error: LlamaControllerError, ran_for: float) -> None:
+        self.failures = 1 if ran_for >= STABLE_AFTER else self.failures + 1
+        self._retry_at = time.monotonic() + backoff_delay(self.failures)
+        self._failed_with = self._running
+        self._backend, self._gone = None, None
+        self._set_state(State.FAILED, error)
 
     def _reject_ready(self, error: LlamaControllerError) -> None:
-        for waiter in self._ready_waiters:
+        for _, waiter in self._ready_waiters:
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(fresh(error))  # one object per request: see ``fresh``
         self._ready_waiters.clear()
 
     async def _serve(self) -> None:
@@ -248,6 +292,7 @@ class ModelOwner:
                     f"model '{self.label}' backend stopped unexpectedly: {reason}{self._log_hint(last_resort=False)}"
                 ),
                 ran_for=time.monotonic() - self._ready_since,
+                wanted=self._running,  # it ran with them: a crash is not theirs to blame
             )
             return
         usage = self._usage

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -26,6 +26,18 @@ class Requirements:
         if self.embeddings and not running.embeddings:
             return False
         return self.ctx_size is None or (running.ctx_size or 0) >= self.ctx_size
+
+    @property
+    def weight(self) -> tuple[int, bool]:
+        """How much a backend must give: the context (its memory) first, then the embeddings endpoint."""
+        return (self.ctx_size or 0, self.embeddings)
+
+    @classmethod
+    def merge_all(cls, every: Iterable[Requirements]) -> Requirements:
+        merged = cls()
+        for one in every:
+            merged = merged.merge(one)
+        return merged
 
     def as_labels(self) -> dict[str, str]:
         """Kept with the backend (pid file, container labels) so an adopted one is understood again."""

@@ -81,6 +81,7 @@ class Supervisor:
         self._admission = asyncio.Lock()  # held to decide, never to wait
         self._turns = asyncio.Lock()  # admissions that must make room, in arrival order (asyncio locks are FIFO)
         self._claim: Loaded | None = None  # the room the admission whose turn it is is waiting for
+        self._evicting: set[str] = set()  # the models it stopped: their requests queue behind it
         self._closing = False
         self._background = Background()
         self.ready = False
@@ -197,8 +198,10 @@ class Supervisor:
         A slot that is free is taken at once. When others must make room, admissions take turns, first come
         first served (``_turns``, held across the wait for the victims), and the room being made is claimed
         (``_claim``) so a newcomer cannot take it: models contending for too few slots are served in rotation,
-        none starved. The decision lock covers the decision and the stop intents, never a wait, so requests
-        for models that hold a slot, and loads that need no room, go ahead."""
+        none starved. The models it stops (``_evicting``), for a switch too, are not admitted again before
+        it: their waiting requests take a turn behind it, or a busy victim would be restarted into the room
+        freed for the switch, again and again. The decision lock covers the decision and the stop intents,
+        never a wait, so requests for models that hold a slot, and loads that need no room, go ahead."""
         if model.holds_slot and not exclusive:
             return
         if await self._admission_round(model, profile, exclusive, may_evict=False):
@@ -209,6 +212,7 @@ class Supervisor:
                     exclusive = exclusive and any(m is not model for m in self.loaded())
             finally:
                 self._claim = None
+                self._evicting.clear()
 
     async def _admission_round(
         self, model: ManagedModel, profile: ModelProfile, exclusive: bool, may_evict: bool
@@ -219,6 +223,8 @@ class Supervisor:
                 raise ShuttingDown("the server is shutting down")
             if model.holds_slot and not exclusive:
                 return True
+            if not may_evict and model.name in self._evicting:
+                return False  # stopped to make room for the admission whose turn it is: queue behind it
             others = [self._as_loaded(m) for m in self.loaded() if m is not model]
             claim = self._claim
             if not may_evict and claim is not None and claim.name != model.name:
@@ -245,6 +251,7 @@ class Supervisor:
                     self._claim = Loaded(
                         profile.key, in_flight=1, memory=profile.memory, gpus=profile.budget_gpus, settling=True
                     )
+                self._evicting.update(decision.victims)
                 log.info("evicting %s to make room for %s", ", ".join(decision.victims), profile.name)
                 for victim in victims:
                     victim.request_stop()

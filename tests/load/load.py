@@ -4,7 +4,8 @@ targets; the exit status is 1 when one was missed.
 
 - stream: 500 concurrent streams, direct to the backend and through the gateway (OpenAI and Ollama),
   against a paced scripted backend and against the tiny real model; a queue past its depth (503s).
-- switch: 4 clients each wanting a different model with max_loaded_models 1, for 2 minutes.
+- switch: 4 clients each wanting a different model with max_loaded_models 1, for 2 minutes; then a switch
+  while another model serves steady traffic, which must complete within twice (unload + load).
 - restart: 20 controller restarts (half SIGKILL) while clients keep sending; restart-docker: the same 20 with the
   docker runtime (needs a Docker Engine; builds the llama-server image if missing).
 - store: 1,000 token verifications a second against SQLite and Redis, revocations mixed in.
@@ -243,6 +244,72 @@ def switch_run(root: Path, quick: bool) -> None:
     print(f"  most backends at once: {census.most_in_all}")
     print(f"  backends left after the controller stopped: {left} ({check(left == 0, 'switch leftovers')})")
     check(set(outcomes) <= {"answered", "error 503"}, f"switch: unexpected outcomes {outcomes}")
+    traffic_switch_run(root, quick)
+
+
+def traffic_switch_run(root: Path, quick: bool) -> None:
+    """A switch asked for while another model serves steady traffic completes within twice (unload + load): the
+    busy model's waiting requests queue behind the switch instead of restarting it into the room made."""
+    names = ["busy", "next"]
+    models = models_of(root, names)
+    files = [m["path"] for m in models.values()]
+    controller = Controller(base_config(root, models, scheduling={"max_loaded_models": 1}), root / "traffic-switch")
+    controller.start()
+    outcomes: dict[str, int] = {}
+    try:
+        quiet, switches = asyncio.run(_traffic_switches(controller, 2 if quick else 5, outcomes))
+    finally:
+        controller.stop()
+    time.sleep(1)
+    left = stop_backends(files)
+    baseline, typical = median(quiet), median(switches)
+    print("\nswitch under traffic: 3 clients keep one model busy, max_loaded_models 1")
+    print(f"  unload + load, nothing running: median {baseline:.2f} s over {len(quiet)}")
+    print(f"  switch to the other model meanwhile: {', '.join(f'{s:.2f}' for s in switches)} s")
+    verdict = check(typical <= 2 * baseline and max(switches) < float("inf"), "switch under traffic")
+    print(f"  median switch {typical:.2f} s, at most twice the quiet unload + load ({verdict})")
+    print(f"  requests: {outcomes}; backends left: {left} ({check(left == 0, 'switch under traffic leftovers')})")
+    check(set(outcomes) <= {"answered", "error 503"}, f"switch under traffic: unexpected outcomes {outcomes}")
+
+
+async def _traffic_switches(
+    controller: Controller, rounds: int, outcomes: dict[str, int]
+) -> tuple[list[float], list[float]]:
+    """Seconds for each quiet unload + load, then for each switch while "busy" has traffic (inf: none in 60 s)."""
+    control = f"{controller.url}/control/v1/models"
+    async with httpx.AsyncClient(timeout=120, headers=controller.headers) as client:
+
+        async def timed(*calls: tuple[str, dict[str, Any]]) -> float:
+            started = time.monotonic()
+            for path, body in calls:
+                (await client.post(f"{control}/{path}", json=body)).raise_for_status()
+            return time.monotonic() - started
+
+        quiet = []
+        for _ in range(rounds):
+            await timed(("busy/load", {}))
+            quiet.append(await timed(("busy/unload", {}), ("next/load", {})))
+            await timed(("next/unload", {}))
+        await timed(("busy/load", {}))
+        done = asyncio.Event()
+        askers = [
+            asyncio.create_task(
+                keep_asking(controller.url, controller.headers, "busy", lambda: not done.is_set(), outcomes)
+            )
+            for _ in range(3)
+        ]
+        switches = []
+        try:
+            for _ in range(rounds):
+                await asyncio.sleep(1)  # the traffic has "busy" back
+                try:
+                    switches.append(await asyncio.wait_for(timed(("next/load", {"exclusive": True})), 60))
+                except TimeoutError:
+                    switches.append(float("inf"))
+        finally:
+            done.set()
+            await asyncio.gather(*askers)
+    return quiet, switches
 
 
 def process_census(files: list[str]) -> Callable[[], dict[str, int]]:

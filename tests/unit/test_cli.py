@@ -21,9 +21,13 @@ def test_cli_config_check_accepts_the_example(capsys: pytest.CaptureFixture[str]
 
 def test_cli_config_check_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text('models:\n  "gemma3:270m":\n    path: g.gguf\n    ctx_size: 0\nserver:\n  lisen: x\n')
+    bad.write_text(
+        'models:\n  "gemma3:270m":\n    path: g.gguf\n    ctx_size: 0\nserver:\n  lisen: x\n'
+        "defaults:\n  health_interval: 0\n"
+    )
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err
+    assert "defaults.health_interval: must be more than 0 seconds" in err
     assert 'models."gemma3:270m".ctx_size: must be > 0' in err
     assert "server.lisen: unknown field; did you mean 'listen'?" in err
 

@@ -143,3 +143,19 @@ def test_config_compose_file_validates_with_the_env_example(hostname: str, mode:
     assert config.runtime.docker.path_map == {"/models": "/srv/models"}
     assert config.edge.hostname == (hostname or None) and config.edge.tls.mode == mode
     assert config.edge.tls.email == (email or None)
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"defaults": {"health_interval": 0}}, "defaults.health_interval"),
+        ({"defaults": {"health_interval": "0s"}}, "defaults.health_interval"),
+        ({"edge": {"reconcile_interval": 0}}, "edge.reconcile_interval"),
+        ({"runtime": {"kubernetes": {"liveness_period": -1}}}, "runtime.kubernetes.liveness_period"),
+    ],
+)
+def test_config_periods_must_be_positive(section: dict[str, object], field: str) -> None:
+    """health_interval 0 was accepted and probed /health without pause (158,695 probes a second, a whole core)."""
+    assert problems(section) == [
+        f"{field}: must be more than 0 seconds: it is how often something repeats (0 would never pause)"
+    ]

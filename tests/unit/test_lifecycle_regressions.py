@@ -240,3 +240,36 @@ async def test_cancel_and_wait_ends_a_task_that_swallowed_its_cancellation() -> 
     for leftover in (stopping, task):
         leftover.cancel()
     assert ended, f"the task still runs ({probes} probes): the stop waiting for it would hang"
+
+
+async def test_supervisor_switch_completes_while_the_victim_has_traffic(tmp_path: Path, tiny_model: Path) -> None:
+    """A switch stops a model that serves steady traffic. Its waiting requests used to admit it again into the
+    room freed for the switch before the switch could take it (98 restarts of the victim in 8 s, the switch never
+    done). They now queue behind the switch: the switch's model starts before the victim starts again."""
+    cfg = config(tmp_path, tiny_model, {"a": {}, "b": {}})  # one slot (scheduling.max_loaded_models)
+    behaviours = {n: FakeBehaviour(ready_after=0.01) for n in ("a:latest", "b:latest")}
+    supervisor, runtime = fake_supervisor(cfg, FakeRuntime(behaviours))
+    await supervisor.start()
+    await supervisor.load("a")
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        while not stop.is_set():
+            async with supervisor.lease("a"):
+                await asyncio.sleep(0.01)
+
+    clients = [asyncio.create_task(traffic()) for _ in range(4)]
+    await asyncio.sleep(0.05)
+    before = len(runtime.starts)
+    switch = asyncio.create_task(supervisor.load("b", exclusive=True))
+    try:
+        await asyncio.wait({switch}, timeout=10)  # a generous deadline: before the fix it never completed
+        started = [spec.model for spec in runtime.starts[before:]]
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+    restarts = started[: started.index("b:latest")] if "b:latest" in started else started
+    assert switch.done(), f"the switch never completed; the victim restarted {len(restarts)} times meanwhile"
+    assert (await switch).name == "b"
+    assert restarts == [], "the victim's waiting requests restarted it before the switch"
+    await supervisor.close()

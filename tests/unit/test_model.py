@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from controller.errors import (
 from controller.lifecycle.model import ManagedModel
 from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import State, backoff_delay
-from controller.runtime.base import LaunchSpec
+from controller.runtime.base import Backend, LaunchSpec
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
 from controller.runtime.logs import LogBook
 
@@ -28,8 +29,10 @@ NAME = "m:latest"
 
 
 class Harness:
-    def __init__(self, policy: ModelPolicy, behaviour: FakeBehaviour | None = None) -> None:
-        self.runtime = FakeRuntime({NAME: behaviour or FakeBehaviour()})
+    def __init__(
+        self, policy: ModelPolicy, behaviour: FakeBehaviour | None = None, runtime: FakeRuntime | None = None
+    ) -> None:
+        self.runtime = runtime or FakeRuntime({NAME: behaviour or FakeBehaviour()})
         self.events: list[dict[str, Any]] = []
         self.logbook = LogBook()
         self.model = ManagedModel(
@@ -39,6 +42,8 @@ class Harness:
     @staticmethod
     def spec(requirements: Requirements) -> LaunchSpec:
         flags = ("--embeddings",) if requirements.embeddings else ()
+        if requirements.ctx_size:
+            flags += ("--ctx-size", str(requirements.ctx_size))
         return LaunchSpec(NAME, Path("m.gguf"), flags)
 
     def states(self) -> list[str]:
@@ -274,3 +279,97 @@ async def test_model_close_stops_the_backend_and_rejects_waiters() -> None:
         await waiter
     with pytest.raises(ShuttingDown):
         await h.ready()
+
+
+class SmallMemory(FakeRuntime):
+    """A machine where a backend with a context over ``CTX_LIMIT`` does not start (its KV cache does not fit)."""
+
+    async def start(self, spec: LaunchSpec) -> Backend:
+        if "--ctx-size" in spec.args and int(spec.args[spec.args.index("--ctx-size") + 1]) > CTX_LIMIT:
+            self.starts.append(spec)
+            raise BackendStartFailed("failed to allocate the KV cache")
+        return await super().start(spec)
+
+    def contexts(self) -> list[str]:
+        return [spec.args[spec.args.index("--ctx-size") + 1] for spec in self.starts]
+
+
+CTX_LIMIT = 8192
+PLAIN = Requirements(ctx_size=4096)  # what a request that asks for nothing gets (the configured context)
+OVERSIZED = Requirements(ctx_size=32768, ctx_requested=True)  # num_ctx 32768
+
+
+async def test_model_an_oversized_request_does_not_break_the_model_for_the_next_ones() -> None:
+    """A failed start kept its requirements: every later start asked for num_ctx 32768 again and failed, for
+    every client, until an unload. Later starts ask for what their own requests need, and the backoff after
+    repeated failures refuses only requests that ask for what failed."""
+    h = Harness(ModelPolicy(health_interval=0.05), runtime=SmallMemory())
+    with pytest.raises(BackendStartFailed, match="KV cache"):
+        await h.ready(OVERSIZED)
+    await h.ready(PLAIN)
+    assert h.runtime.contexts() == ["32768", "4096"]
+    await h.model.stop()
+    with pytest.raises(BackendStartFailed, match="KV cache"):
+        await h.ready(OVERSIZED)  # the second failure in a row: the model is in its backoff, for what failed
+    with pytest.raises(BackendStartFailed):  # the same request again is refused at once
+        await h.ready(OVERSIZED)
+    assert h.runtime.contexts() == ["32768", "4096", "32768"]
+    await h.ready(PLAIN)  # a request that needs less is served at once
+    assert h.runtime.contexts() == ["32768", "4096", "32768", "4096"]
+    await h.model.close()
+
+
+async def test_model_failed_start_fails_only_the_requests_that_asked_for_more() -> None:
+    h = Harness(ModelPolicy(health_interval=0.05), runtime=SmallMemory())
+    oversized, plain, embeddings = await asyncio.gather(
+        h.ready(OVERSIZED),
+        h.ready(PLAIN),
+        h.ready(Requirements(embeddings=True, ctx_size=4096)),
+        return_exceptions=True,
+    )
+    assert isinstance(oversized, BackendStartFailed)
+    assert isinstance(plain, Backend) and isinstance(embeddings, Backend) and plain.handle == embeddings.handle
+    assert h.runtime.contexts() == ["32768", "4096"], "started again with what the others need"
+    assert h.runtime.starts[-1].args[0] == "--embeddings"
+    await h.model.close()
+
+
+def depth(error: BaseException) -> int:
+    return len(traceback.extract_tb(error.__traceback__))
+
+
+async def test_model_each_request_gets_its_own_error_and_the_kept_one_holds_no_frames() -> None:
+    """One exception object was raised again for every request refused during a backoff (and given to every
+    waiter of a failed start): each raise added that request's frames to its traceback, and the model held them
+    all, with what they referenced (300 refusals: 31 MB), until it recovered."""
+    h = make(behaviour=FakeBehaviour(fail_start="broken"))
+    waiters = await asyncio.gather(*(h.ready() for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(error, BackendStartFailed) for error in waiters)
+    assert len({id(error) for error in waiters}) == 3, "waiters of one failed start share one exception"
+    with pytest.raises(BackendStartFailed):
+        await h.ready()  # the second failure in a row: the next requests are refused during the backoff
+    refused: list[BaseException] = []
+    depths = []
+    for _ in range(20):
+        try:
+            await h.ready()
+        except BackendStartFailed as exc:
+            refused.append(exc)
+            depths.append(depth(exc))
+    assert len(refused) == 20 and len({id(error) for error in refused}) == 20
+    assert len(set(depths)) == 1, f"the traceback grows with every refusal: {depths}"
+    kept = h.model.last_error
+    assert kept is not None and kept.__traceback__ is None and all(error is not kept for error in refused)
+    assert str(kept) == "broken"
+    await h.model.close()
+
+
+async def test_model_recovery_clears_the_last_error() -> None:
+    h = make(behaviour=FakeBehaviour(fail_start="broken"))
+    with pytest.raises(BackendStartFailed):
+        await h.ready()
+    assert h.model.last_error is not None
+    h.runtime.behaviours[NAME] = FakeBehaviour()
+    await h.ready()  # one failure: no backoff yet
+    assert h.model.last_error is None, "a ready model keeps no error (nor what it references)"
+    await h.model.close()
