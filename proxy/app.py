@@ -156,7 +156,7 @@ class Gateway:
         finally:
             ended = time.perf_counter()
             elapsed = ended - timing.started
-            self.metrics.observe(route.label, model, tracking.status, timing, ended)
+            self.metrics.observe(route.label, timing.model, tracking.status, timing, ended)
             access_log.info(
                 "%s %s model=%s status=%s %.1fms id=%s",
                 method,

@@ -40,6 +40,7 @@ class RequestTiming:
     first_body_at: float | None = None
     bodies: int = 0
     timings: dict[str, Any] | None = None
+    model: str | None = None  # the catalog's name of the model, once it was found and allowed (metrics)
     _carry: bytes = field(default=b"", repr=False)
 
     def added(self, ended: float) -> float:
@@ -61,6 +62,14 @@ def note_wait(seconds: float) -> None:
     timing = current.get()
     if timing is not None:
         timing.waited += seconds
+
+
+def note_model(name: str) -> None:
+    """The catalog's name of the model the request was allowed to use: the only model label of its metrics
+    (a client's spelling of it is not one: each spelling would be a new series)."""
+    timing = current.get()
+    if timing is not None:
+        timing.model = name
 
 
 def note_timings(timings: Any) -> None:
