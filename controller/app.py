@@ -33,6 +33,7 @@ from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
 from controller.settings import find_llama_server, supported_flags
 from controller.store import make_store
+from proxy.access import AccessLog
 from proxy.app import Gateway
 from proxy.asgi import ASGIApp, Receive, Scope, Send
 from proxy.dialects import control_error, describe
@@ -77,17 +78,17 @@ def create_app(
     supervisor = Supervisor(config, runtime, Catalog(config), logbook, probe or HttpProbe(upstream), publish)
     counted = ControllerMetrics(registry, supervisor)
     edge = Edge(config, events.publish) if config.edge.enabled else None
-    gateway = Gateway(
-        supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream, GatewayMetrics(registry)
-    )
+    gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
 
     async def verify(scope: Scope, receive: Receive, send: Send) -> None:
         await forward_auth(scope, send, auth)
 
-    # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
-    app.asgi_app = cast(Any, AuthMiddleware(gateway, auth, verify, counted.auth_refused))  # type: ignore[method-assign]
+    # The access log (and the gateway's metrics) around everything, refusals included; then authentication;
+    # then the gateway (hot path); then Quart (the rest).
+    authenticated = AuthMiddleware(gateway, auth, verify, counted.auth_refused)
+    app.asgi_app = cast(Any, AccessLog(authenticated, GatewayMetrics(registry)))  # type: ignore[method-assign]
     app.extensions["llamacontroller.metrics"] = counted
     app.extensions["llamacontroller.auth"] = auth
     app.extensions["llamacontroller.config"] = config

@@ -38,7 +38,7 @@ def uvicorn_server(app: Any, config: Config) -> uvicorn.Server:
         loop="uvloop",
         http="httptools",
         lifespan="on",
-        access_log=False,  # the gateway writes its own line per request, with the model
+        access_log=False,  # proxy/access.py writes its own line per request, with the model
         log_config=None,  # keep the application's logging set-up
         timeout_keep_alive=75,
         timeout_graceful_shutdown=int(config.runtime.stop_timeout) or None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from urllib.parse import quote, unquote
 
 from controller.errors import NotFound
+from proxy import measure
 from proxy.asgi import Receive, Scope, Send, header, read_body, run_until_disconnect
 from proxy.directory import ModelDirectory, Restricted
 from proxy.forward import forward, passed_headers
@@ -44,6 +45,7 @@ class NativeRoutes:
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> str:
         name, target = split_native_target(scope)
+        measure.note_asked(name)
         body = await read_body(scope, receive, self._max_body)
         content_type = (header(scope, b"content-type") or b"application/json").decode("latin-1")
         method: str = scope["method"]

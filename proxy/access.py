@@ -1,0 +1,79 @@
+"""The outermost layer: one access-log line for every HTTP request, whoever answered it.
+
+Authentication refusals (401/403/429), the gateway's answers and the control plane's (Quart) all pass through
+here, so bad keys and probing leave a trace too. The line names the model the request asked for (also when it
+failed), the status, the time and the request id; every value a client chose is escaped (``proxy.logsafe``).
+The same wrapper of ``send`` records what the gateway's metrics need (``proxy.measure``), so a streamed chunk
+passes through one wrapper, not two.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from proxy import measure
+from proxy.asgi import ASGIApp, Message, Receive, Scope, Send
+from proxy.forward import request_id
+from proxy.logsafe import loggable
+
+access_log = logging.getLogger("llamacontroller.access")
+
+ROUTE_KEY = "llamacontroller.route"  # the gateway's name of the route (metrics); absent for the control plane
+_MODEL_LIMIT = 128
+
+
+class Tracking:
+    """Wraps ``send`` to remember the status, to give every answer its request id, to note when the answer's
+    pieces leave (metrics), and to drop the body of HEAD responses."""
+
+    def __init__(self, send: Send, head: bool, request_id: str, timing: measure.RequestTiming) -> None:
+        self._send = send
+        self._head = head
+        self._request_id = request_id.encode()
+        self._timing = timing
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._timing.status = int(message["status"])
+            message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", self._request_id)]}
+        elif message["type"] == "http.response.body":
+            if message.get("body"):
+                timing = self._timing
+                timing.bodies += 1
+                if timing.first_body_at is None:
+                    timing.first_body_at = time.perf_counter()
+            if self._head:
+                message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
+        await self._send(message)
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp, metrics: measure.GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timing = measure.RequestTiming(time.perf_counter())
+        measure.current.set(timing)  # this request's task (and the tasks it starts) see it
+        method: str = scope["method"]
+        rid = request_id(scope)
+        try:
+            await self.app(scope, receive, Tracking(send, method == "HEAD", rid, timing))
+        finally:
+            ended = time.perf_counter()
+            route: str | None = scope.get(ROUTE_KEY)
+            if route is not None:
+                self.metrics.observe(route, timing.model, timing.status, timing, ended)
+            access_log.info(
+                "%s %s model=%s status=%s %.1fms id=%s",
+                loggable(method, 16),
+                loggable(scope["path"]),
+                loggable(timing.asked, _MODEL_LIMIT) if timing.asked else "-",
+                timing.status or "-",
+                (ended - timing.started) * 1000,
+                rid,
+            )
