@@ -36,8 +36,10 @@ from controller.store import make_store
 from proxy.access import AccessLog
 from proxy.app import Gateway
 from proxy.asgi import ASGIApp, Receive, Scope, Send
+from proxy.background import cancel_and_wait
 from proxy.dialects import control_error, describe
 from proxy.measure import GatewayMetrics
+from proxy.peers import TrustedProxies
 from proxy.upstream import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ def create_app(
     counted = ControllerMetrics(registry, supervisor)
     edge = Edge(config, events.publish) if config.edge.enabled else None
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
+    peers = TrustedProxies(config.server.trusted_proxies)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
 
@@ -88,7 +91,7 @@ def create_app(
     # The access log (and the gateway's metrics) around everything, refusals included; then authentication;
     # then the gateway (hot path); then Quart (the rest).
     authenticated = AuthMiddleware(gateway, auth, verify, counted.auth_refused)
-    app.asgi_app = cast(Any, AccessLog(authenticated, GatewayMetrics(registry)))  # type: ignore[method-assign]
+    app.asgi_app = cast(Any, AccessLog(authenticated, GatewayMetrics(registry), peers))  # type: ignore[method-assign]
     app.extensions["llamacontroller.metrics"] = counted
     app.extensions["llamacontroller.auth"] = auth
     app.extensions["llamacontroller.config"] = config
@@ -124,6 +127,7 @@ def create_app(
                 )
         else:
             log.warning("authentication is DISABLED (auth.enabled: false): anyone who can connect is admin")
+        resolving = asyncio.create_task(peers.keep_resolved(), name="trusted-proxies")
         try:
             await supervisor.start()
             if edge is not None:
@@ -134,6 +138,7 @@ def create_app(
                 on_ready(app)
             yield
         finally:  # also when start-up failed half-way: nothing started may outlive the controller
+            await cancel_and_wait(resolving)
             if edge is not None:
                 await edge.close()
             await supervisor.close()

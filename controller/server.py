@@ -43,6 +43,8 @@ def uvicorn_server(app: Any, config: Config) -> uvicorn.Server:
         timeout_keep_alive=75,
         timeout_graceful_shutdown=int(config.runtime.stop_timeout) or None,
         server_header=False,
-        proxy_headers=False,  # forwarded headers are the edge's business, not a per-request cost here
+        # Not uvicorn's proxy_headers (a rewrite of every request's scope): the client's address behind the edge
+        # is read only where it is used (proxy/peers.py).
+        proxy_headers=False,
     )
     return uvicorn.Server(settings)

@@ -2,9 +2,9 @@
 
 Authentication refusals (401/403/429), the gateway's answers and the control plane's (Quart) all pass through
 here, so bad keys and probing leave a trace too. The line names the model the request asked for (also when it
-failed), the status, the time and the request id; every value a client chose is escaped (``proxy.logsafe``).
-The same wrapper of ``send`` records what the gateway's metrics need (``proxy.measure``), so a streamed chunk
-passes through one wrapper, not two.
+failed), the status, the time, the request id and the client's address (through the edge, see ``proxy.peers``);
+every value a client chose is escaped (``proxy.logsafe``). The same wrapper of ``send`` records what the
+gateway's metrics need (``proxy.measure``), so a streamed chunk passes through one wrapper, not two.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from proxy import measure
 from proxy.asgi import ASGIApp, Message, Receive, Scope, Send
 from proxy.forward import request_id
 from proxy.logsafe import loggable
+from proxy.peers import PEERS_KEY, TrustedProxies
 
 access_log = logging.getLogger("llamacontroller.access")
 
@@ -49,9 +50,10 @@ class Tracking:
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp, metrics: measure.GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: measure.GatewayMetrics, peers: TrustedProxies) -> None:
         self.app = app
         self.metrics = metrics
+        self.peers = peers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +61,7 @@ class AccessLog:
             return
         timing = measure.RequestTiming(time.perf_counter())
         measure.current.set(timing)  # this request's task (and the tasks it starts) see it
+        scope[PEERS_KEY] = self.peers
         method: str = scope["method"]
         rid = request_id(scope)
         try:
@@ -69,11 +72,12 @@ class AccessLog:
             if route is not None:
                 self.metrics.observe(route, timing.model, timing.status, timing, ended)
             access_log.info(
-                "%s %s model=%s status=%s %.1fms id=%s",
+                "%s %s model=%s status=%s %.1fms id=%s client=%s",
                 loggable(method, 16),
                 loggable(scope["path"]),
                 loggable(timing.asked, _MODEL_LIMIT) if timing.asked else "-",
                 timing.status or "-",
                 (ended - timing.started) * 1000,
                 rid,
+                loggable(self.peers.client(scope) or "-"),
             )

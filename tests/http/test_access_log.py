@@ -63,7 +63,7 @@ async def test_access_log_refusals_of_the_auth_layer_are_logged(world: World) ->
 async def test_access_log_refusals_carry_the_request_id(world: World) -> None:
     response = await world.client.get("/api/tags", headers={"X-Request-Id": "probe-1"})
     assert response.status_code == 401 and response.headers["X-Request-Id"] == "probe-1"
-    assert world.line("GET /api/tags ").endswith(" id=probe-1")
+    assert world.line("GET /api/tags ").endswith(" id=probe-1 client=-")
 
 
 async def test_access_log_control_plane_requests_are_logged(world: World) -> None:
