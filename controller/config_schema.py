@@ -71,6 +71,7 @@ class ServerConfig(_Strict):
     listen: str = "127.0.0.1:11434"
     data_dir: Path = Path("~/.local/share/llamacontroller")
     max_body_bytes: ByteSize = 64 * 2**20
+    max_header_bytes: ByteSize = Field(default=64 * 2**10, ge=1024)  # request line and headers; more get 431
     # Peers whose X-Forwarded-For names the client (the edge): addresses, networks, host names. The embedded
     # edge reaches the app over loopback.
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
