@@ -7,9 +7,10 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from functools import cache
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry
-from quart import Quart
+from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from controller import __version__, web
@@ -107,6 +108,7 @@ def create_app(
     app.register_blueprint(web.blueprint)
     app.register_blueprint(auth_views.blueprint)
     _register_error_handlers(app)
+    _relative_redirects(app)
 
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
@@ -161,6 +163,20 @@ def make_runtime(config: Config, logbook: LogBook, binary: Callable[[], str]) ->
 
         return KubernetesRuntime(config, logbook, instance_id(config.data_dir))
     return ProcessRuntime(config.data_dir, logbook, binary)
+
+
+def _relative_redirects(app: Quart) -> None:
+    @app.after_request
+    async def relative_location(response: Response) -> Response:
+        """A redirect to this app names a path only. Quart's trailing-slash redirect (``/ui`` → ``/ui/``) is
+        absolute, built from the app's own scheme and the request's Host: behind the HTTPS edge that is
+        ``http://`` (a downgrade) and whatever host a client wrote (an open redirect)."""
+        location = response.headers.get("Location")
+        if location and "://" in location:
+            parts = urlsplit(location)
+            if parts.netloc == request.host:
+                response.headers["Location"] = urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))
+        return response
 
 
 def _register_error_handlers(app: Quart) -> None:
