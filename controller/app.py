@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry
 from quart import Quart, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
@@ -19,6 +19,7 @@ from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
 from controller.auth.service import AuthService
 from controller.auth.verify import forward_auth
+from controller.bodies import BoundedRequest, too_large
 from controller.catalog import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
@@ -56,6 +57,7 @@ def create_app(
 ) -> Quart:
     """Build the whole application; ``runtime``/``probe``/``binary`` are for tests (a fake runtime)."""
     app = Quart("controller")
+    app.request_class = BoundedRequest
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     logbook = LogBook()
@@ -183,6 +185,10 @@ def _register_error_handlers(app: Quart) -> None:
     @app.errorhandler(LlamaControllerError)
     async def our_error(exc: LlamaControllerError) -> tuple[dict[str, Any], int]:
         return control_error(exc.message, exc.code), exc.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def body_too_large(exc: RequestEntityTooLarge) -> tuple[dict[str, Any], int]:
+        return await our_error(too_large(exc))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
