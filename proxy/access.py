@@ -22,6 +22,7 @@ access_log = logging.getLogger("llamacontroller.access")
 
 ROUTE_KEY = "llamacontroller.route"  # the gateway's name of the route (metrics); absent for the control plane
 _MODEL_LIMIT = 128
+_PROBES = frozenset({"/healthz", "/readyz"})
 
 
 class Tracking:
@@ -71,13 +72,22 @@ class AccessLog:
             route: str | None = scope.get(ROUTE_KEY)
             if route is not None:
                 self.metrics.observe(route, timing.model, timing.status, timing, ended)
-            access_log.info(
-                "%s %s model=%s status=%s %.1fms id=%s client=%s",
-                loggable(method, 16),
-                loggable(scope["path"]),
-                loggable(timing.asked, _MODEL_LIMIT) if timing.asked else "-",
-                timing.status or "-",
-                (ended - timing.started) * 1000,
-                rid,
-                loggable(self.peers.client(scope) or "-"),
-            )
+            self._log(scope, method, rid, timing, ended)
+
+    def _log(self, scope: Scope, method: str, rid: str, timing: measure.RequestTiming, ended: float) -> None:
+        path: str = scope["path"]
+        # A health probe that passes (kubelet asks every 5 s) is news only when debugging.
+        level = logging.DEBUG if timing.status == 200 and path in _PROBES else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        access_log.log(
+            level,
+            "%s %s model=%s status=%s %.1fms id=%s client=%s",
+            loggable(method, 16),
+            loggable(path),
+            loggable(timing.asked, _MODEL_LIMIT) if timing.asked else "-",
+            timing.status or "-",
+            (ended - timing.started) * 1000,
+            rid,
+            loggable(self.peers.client(scope) or "-"),
+        )

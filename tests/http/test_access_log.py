@@ -67,8 +67,17 @@ async def test_access_log_refusals_carry_the_request_id(world: World) -> None:
 
 
 async def test_access_log_control_plane_requests_are_logged(world: World) -> None:
+    assert (await world.client.get("/ui/login")).status_code == 200
+    assert " status=200 " in world.line("GET /ui/login ")
+
+
+async def test_access_log_passing_health_probes_are_debug_lines(world: World) -> None:
+    """kubelet asks every few seconds: tens of thousands of lines a day that say nothing."""
     assert (await world.client.get("/healthz")).status_code == 200
-    assert " status=200 " in world.line("GET /healthz ")
+    assert not [line for line in world.lines() if line.startswith("GET /healthz ")]
+    world.caplog.set_level(logging.DEBUG, logger="llamacontroller.access")
+    assert (await world.client.get("/readyz")).status_code == 200
+    assert " status=200 " in world.line("GET /readyz ")
 
 
 async def test_access_log_names_the_model_of_a_failed_request(world: World) -> None:
