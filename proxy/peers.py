@@ -92,9 +92,10 @@ class TrustedProxies:
         if not host or not self.trusts(host):
             return host
         forwarded: bytes | None = None
-        for name, value in scope.get("headers", ()):
+        for name, value in reversed(scope.get("headers", ())):  # the last copy; Caddy adds its own at the end
             if name == b"x-forwarded-for":
                 forwarded = value
+                break
         if not forwarded:
             return host
         last = forwarded.rpartition(b",")[2].strip().decode("latin-1")
