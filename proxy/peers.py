@@ -7,7 +7,8 @@ reverse proxy sets ``X-Forwarded-For`` to the address it was reached from, repla
 cannot choose its own address.
 
 The address is worked out lazily, where one is used (the sign-in throttle, the audit log, the access log), not
-per request in front of everything as uvicorn's ``proxy_headers`` would: the gateway's hot path pays nothing.
+per request in front of everything as uvicorn's ``proxy_headers`` would: on the gateway's path it costs a
+backwards scan of the headers and a pattern match, for the access-log line, after the answer has left.
 Host names among the trusted proxies (compose's ``edge``, a headless Service in Kubernetes) are resolved in the
 background and again every ``RESOLVE_INTERVAL``, since an edge that restarts may come back on a new address.
 """
@@ -48,19 +49,18 @@ class TrustedProxies:
     """The peers whose ``X-Forwarded-For`` is believed: addresses, networks (CIDR) and host names."""
 
     def __init__(self, entries: Iterable[str]) -> None:
-        self._addresses: set[str] = set()
+        addresses: set[str] = set()
         self._networks: list[Network] = []
-        self.names: tuple[str, ...] = ()
         names: list[str] = []
         for entry in entries:
             if "/" in entry:
                 self._networks.append(ipaddress.ip_network(entry.strip(), strict=False))
             elif (address := _address(entry)) is not None:
-                self._addresses.add(address)
+                addresses.add(address)
             else:
                 names.append(entry.strip())
         self.names = tuple(names)
-        self._static = frozenset(self._addresses)
+        self._static = frozenset(addresses)
         self._resolved: frozenset[str] = frozenset()
         self._verdicts: dict[str, bool] = {}
 
