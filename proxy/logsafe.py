@@ -9,6 +9,7 @@ is cut. Printable text, the usual case, is returned as it is after one C-level c
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 LIMIT = 512
 _CUT = "…"
@@ -24,9 +25,20 @@ def loggable(value: object, limit: int | None = LIMIT) -> str:
 
 
 class OneLineFormatter(logging.Formatter):
-    """Every message as one line, whatever it was built from (a traceback still follows on its own lines):
-    the safety net under the values each log call escapes itself."""
+    """Every message as one line, whatever it was built from: the safety net under the values each log call
+    escapes itself. A traceback still takes lines of its own, each marked with ``  | `` (its last line quotes
+    the exception's message, which may carry a client's text): no line of the log can pass for an entry."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = loggable(record.message, None)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return _marked(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return _marked(super().formatStack(stack_info))
+
+
+def _marked(text: str) -> str:
+    return "\n".join("  | " + loggable(line, None) for line in text.split("\n"))

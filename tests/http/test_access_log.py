@@ -118,6 +118,13 @@ def test_access_log_every_log_message_is_one_line() -> None:
         root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
         logging.getLogger("tests").warning("name %s", "x\nFORGED INFO line\x1b[2J")
         assert stream.getvalue().count("\n") == 1 and "name x\\nFORGED INFO line\\x1b[2J" in stream.getvalue()
+        try:
+            raise ValueError("bad model 'a\nFORGED INFO line'")
+        except ValueError:
+            logging.getLogger("tests").exception("failed")
+        lines = stream.getvalue().splitlines()
+        assert not [line for line in lines if line.startswith("FORGED")]
+        assert lines[2:] and all(line.startswith("  | ") for line in lines[2:]), lines
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
