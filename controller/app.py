@@ -7,10 +7,11 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from functools import cache
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry
-from quart import Quart
-from werkzeug.exceptions import HTTPException
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
@@ -18,6 +19,7 @@ from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
 from controller.auth.service import AuthService
 from controller.auth.verify import forward_auth
+from controller.bodies import BoundedRequest, too_large
 from controller.catalog import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
@@ -34,10 +36,13 @@ from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
 from controller.settings import find_llama_server, supported_flags
 from controller.store import make_store
+from proxy.access import AccessLog
 from proxy.app import Gateway
 from proxy.asgi import ASGIApp, Receive, Scope, Send
+from proxy.background import cancel_and_wait
 from proxy.dialects import control_error, describe
 from proxy.measure import GatewayMetrics
+from proxy.peers import TrustedProxies
 from proxy.upstream import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ def create_app(
 ) -> Quart:
     """Build the whole application; ``runtime``/``probe``/``binary`` are for tests (a fake runtime)."""
     app = Quart("controller")
+    app.request_class = BoundedRequest
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     logbook = LogBook()
@@ -88,17 +94,18 @@ def create_app(
     )
     counted = ControllerMetrics(registry, supervisor)
     edge = Edge(config, events.publish) if config.edge.enabled else None
-    gateway = Gateway(
-        supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream, GatewayMetrics(registry)
-    )
+    gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
+    peers = TrustedProxies(config.server.trusted_proxies)
     store, ephemeral = make_store(config)
     auth = AuthService.from_config(config, store, ephemeral)
 
     async def verify(scope: Scope, receive: Receive, send: Send) -> None:
         await forward_auth(scope, send, auth)
 
-    # Authentication in front of everything; then the gateway (hot path); then Quart (the rest).
-    app.asgi_app = cast(Any, AuthMiddleware(gateway, auth, verify, counted.auth_refused))  # type: ignore[method-assign]
+    # The access log (and the gateway's metrics) around everything, refusals included; then authentication;
+    # then the gateway (hot path); then Quart (the rest).
+    authenticated = AuthMiddleware(gateway, auth, verify, counted.auth_refused)
+    app.asgi_app = cast(Any, AccessLog(authenticated, GatewayMetrics(registry), peers))  # type: ignore[method-assign]
     app.extensions["llamacontroller.metrics"] = counted
     app.extensions["llamacontroller.auth"] = auth
     app.extensions["llamacontroller.config"] = config
@@ -114,6 +121,7 @@ def create_app(
     app.register_blueprint(web.blueprint)
     app.register_blueprint(auth_views.blueprint)
     _register_error_handlers(app)
+    _relative_redirects(app)
 
     @app.while_serving
     async def lifespan() -> AsyncGenerator[None, None]:
@@ -134,6 +142,7 @@ def create_app(
                 )
         else:
             log.warning("authentication is DISABLED (auth.enabled: false): anyone who can connect is admin")
+        resolving = asyncio.create_task(peers.keep_resolved(), name="trusted-proxies")
         try:
             await supervisor.start()
             if edge is not None:
@@ -144,6 +153,7 @@ def create_app(
                 on_ready(app)
             yield
         finally:  # also when start-up failed half-way: nothing started may outlive the controller
+            await cancel_and_wait(resolving)
             if edge is not None:
                 await edge.close()
             await supervisor.close()
@@ -168,10 +178,28 @@ def make_runtime(config: Config, logbook: LogBook, binary: Callable[[], str]) ->
     return ProcessRuntime(config.data_dir, logbook, binary)
 
 
+def _relative_redirects(app: Quart) -> None:
+    @app.after_request
+    async def relative_location(response: Response) -> Response:
+        """A redirect to this app names a path only. Quart's trailing-slash redirect (``/ui`` → ``/ui/``) is
+        absolute, built from the app's own scheme and the request's Host: behind the HTTPS edge that is
+        ``http://`` (a downgrade) and whatever host a client wrote (an open redirect)."""
+        location = response.headers.get("Location")
+        if location and "://" in location:
+            parts = urlsplit(location)
+            if parts.netloc == request.host:
+                response.headers["Location"] = urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))
+        return response
+
+
 def _register_error_handlers(app: Quart) -> None:
     @app.errorhandler(LlamaControllerError)
     async def our_error(exc: LlamaControllerError) -> tuple[dict[str, Any], int]:
         return control_error(exc.message, exc.code), exc.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def body_too_large(exc: RequestEntityTooLarge) -> tuple[dict[str, Any], int]:
+        return await our_error(too_large(exc))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,6 +67,9 @@ KeepAlive = Annotated[float, BeforeValidator(_keep_alive)]
 ByteSize = Annotated[int, BeforeValidator(_byte_size), Field(ge=0)]
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,11 +78,28 @@ class ServerConfig(_Strict):
     listen: str = "127.0.0.1:11434"
     data_dir: Path = Path("~/.local/share/llamacontroller")
     max_body_bytes: ByteSize = 64 * 2**20
+    max_header_bytes: ByteSize = Field(default=64 * 2**10, ge=1024)  # request line and headers; more get 431
+    # Peers whose X-Forwarded-For names the client (the edge): addresses, networks, host names. The embedded
+    # edge reaches the app over loopback.
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         return _host_port(value, "127.0.0.1:11434")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _HOST_NAME.fullmatch(entry):
+                    raise ValueError(
+                        f"{entry!r} is not an address, a network (10.0.0.0/8) or a host name (edge)"
+                    ) from None
+        return value
 
 
 class ContainerSettings(_Strict):

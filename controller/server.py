@@ -2,17 +2,23 @@
 
 uvicorn rather than Hypercorn: measured side by side on these machines, the same raw-ASGI gateway added
 0.7 ms (p50) over direct llama-server under uvicorn + httptools and 1.0 ms under Hypercorn (h11), see
-docs/architecture.md. Binding first means a port already in use is reported before anything starts.
+docs/architecture.md. Binding first means a port already in use is reported before anything starts. Request
+heads are bounded (``server.max_header_bytes``): the app's port is reachable without the edge in front of it
+(other pods, local users), so it cannot rely on Caddy's limits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from controller.config import Config
+from proxy.asgi import compact_json
+from proxy.dialects import error_body
 
 
 def bind(listen: str) -> socket.socket:
@@ -32,17 +38,87 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
+class _BoundedHead(HttpToolsProtocol):
+    """httptools with a bound on a request's head (request line and headers), which httptools itself lacks:
+    it buffers a header until its end, so a client could grow the server by sending one that never ends
+    (uvicorn's h11_max_incomplete_event_size is for h11 only).
+
+    Bytes are counted from the end of one request to the end of the next one's headers; a head that would pass
+    ``max_head`` bytes is answered 431 (in the dialect of its path) before the parser sees more of it, and the
+    connection is closed. The body is never counted (it has its own limit, server.max_body_bytes). The usual
+    read costs one addition and one comparison; only a read that would cross the limit is searched for the
+    head's end."""
+
+    max_head = 64 * 2**10
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head: int | None = 0  # bytes of the request head read so far; None while in a body
+        self._begun = False  # the parser has seen the start of the current request
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is not None:
+            size = len(data)
+            if self._head + size > self.max_head:
+                end = data.find(b"\r\n\r\n")  # the head may end in this read, the body follow
+                size = size if end < 0 else end + 4
+                if self._head + size > self.max_head:
+                    self._refuse(data)
+                    return
+            self._head += size
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._begun = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._head = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._head, self._begun = 0, False
+        super().on_message_complete()
+
+    def _refuse(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:  # never in the middle of an answer
+            if self._begun:
+                url: bytes = self.url
+            else:  # the request line is in this read, not parsed yet
+                line = data.lstrip(b"\r\n").partition(b"\r\n")[0].split(b" ")
+                url = line[1] if len(line) > 1 else b"/"
+            path = url.partition(b"?")[0].decode("latin-1") or "/"
+            message = f"request headers are larger than the limit of {self.max_head} bytes"
+            body = compact_json(error_body(path, 431, message, "request_header_fields_too_large"))
+            head = (
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: application/json; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            )
+            self.transport.write(head + body)
+        self.transport.close()
+
+
+def bounded_httptools(max_head: int) -> type[asyncio.Protocol]:
+    """The protocol class for ``uvicorn.Config(http=...)``: httptools with request heads bounded."""
+    return type("BoundedHttpTools", (_BoundedHead,), {"max_head": max_head})
+
+
 def uvicorn_server(app: Any, config: Config) -> uvicorn.Server:
     settings = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=bounded_httptools(config.server.max_header_bytes),
         lifespan="on",
-        access_log=False,  # the gateway writes its own line per request, with the model
+        access_log=False,  # proxy/access.py writes its own line per request, with the model
         log_config=None,  # keep the application's logging set-up
         timeout_keep_alive=75,
         timeout_graceful_shutdown=int(config.runtime.stop_timeout) or None,
         server_header=False,
-        proxy_headers=False,  # forwarded headers are the edge's business, not a per-request cost here
+        # Not uvicorn's proxy_headers (a rewrite of every request's scope): the client's address behind the edge
+        # is read only where it is used (proxy/peers.py).
+        proxy_headers=False,
     )
     return uvicorn.Server(settings)

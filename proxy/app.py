@@ -2,32 +2,28 @@
 
 The Ollama surface (``/`` and ``/api/*``), OpenAI's ``/v1/*`` and the native ``/llama/*`` are answered here
 without a framework; every other request goes to ``fallback`` (the Quart app: control API, health, UI).
-Errors leave in the caller's dialect. One access-log line per request: method, path, model, status, latency.
+Errors leave in the caller's dialect. The access log and the per-request metrics are ``proxy.access``'s, the
+layer outside authentication, so that refusals are logged too.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from controller.errors import MethodNotAllowed, NotFound
 from proxy import measure
-from proxy.asgi import ASGIApp, Message, Receive, Scope, Send, send_json
+from proxy.access import ROUTE_KEY, access_log
+from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
 from proxy.dialects import describe, error_body
 from proxy.directory import ModelDirectory
-from proxy.forward import REQUEST_ID_KEY, request_id
+from proxy.logsafe import loggable
 from proxy.native import PREFIX as NATIVE_PREFIX
 from proxy.native import NativeRoutes
 from proxy.ollama.routes import OllamaRoutes
 from proxy.openai import PASSTHROUGH_PATHS, OpenAIRoutes
 from proxy.upstream import Upstream
-
-access_log = logging.getLogger("llamacontroller.access")
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[str | None]]
 
@@ -39,32 +35,6 @@ class Route:
     label: str = "other"  # the route's name in metrics
 
 
-class _Tracking:
-    """Wraps ``send`` to remember the status (for the access log and the error path), to give every answer
-    its request id, to note when the answer's pieces leave (metrics), and to drop the body of HEAD responses."""
-
-    def __init__(self, send: Send, head: bool, request_id: str, timing: measure.RequestTiming) -> None:
-        self._send = send
-        self._head = head
-        self._request_id = request_id.encode()
-        self._timing = timing
-        self.status = 0
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = int(message["status"])
-            message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", self._request_id)]}
-        elif message["type"] == "http.response.body":
-            if message.get("body"):
-                timing = self._timing
-                timing.bodies += 1
-                if timing.first_body_at is None:
-                    timing.first_body_at = time.perf_counter()
-            if self._head:
-                message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
-        await self._send(message)
-
-
 class Gateway:
     def __init__(
         self,
@@ -72,7 +42,6 @@ class Gateway:
         fallback: ASGIApp,
         max_body: int,
         upstream: Upstream | None = None,
-        metrics: measure.GatewayMetrics | None = None,
     ) -> None:
         self.directory = directory
         self.fallback = fallback
@@ -81,7 +50,6 @@ class Gateway:
         self.native = NativeRoutes(directory, self.upstream, max_body)
         self.ollama = OllamaRoutes(directory, self.upstream, max_body)
         self.routes = self._route_table()
-        self.metrics = metrics or measure.GatewayMetrics(CollectorRegistry())
 
     def _route_table(self) -> dict[str, Route]:
         def ollama(methods: str, handler: Callable[[Scope, Receive, Send], Awaitable[Any]]) -> Route:
@@ -136,36 +104,23 @@ class Gateway:
         raise NotFound(f"no such endpoint: {scope['path']}")
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
-        timing = measure.RequestTiming(time.perf_counter())
-        measure.current.set(timing)  # this request's task (and the tasks it starts) see it
+        """Run the route; an error before the answer began is answered in the caller's dialect. The access
+        log line and the metrics are written by the layer outside (``proxy.access``)."""
+        scope[ROUTE_KEY] = route.label
         method: str = scope["method"]
-        tracking = _Tracking(send, method == "HEAD", request_id(scope), timing)
-        model: str | None = None
         try:
             if route.methods and method not in route.methods:
                 allowed = ", ".join(sorted(route.methods))
                 raise MethodNotAllowed(f"{method} is not allowed on {scope['path']}; use {allowed}")
             handler = route.handler if route.methods else self._not_found
-            model = await handler(scope, receive, tracking)
+            measure.note_asked(await handler(scope, receive, send))
         except Exception as exc:
-            if tracking.status:  # the response began: nothing more can be said in it
-                access_log.warning("error after the response began: %s", exc)
+            timing = measure.current.get()
+            if timing is not None and timing.status:  # the response began: nothing more can be said in it
+                access_log.warning("error after the response began: %s", loggable(exc))
             else:
                 status, message, code = describe(exc)
-                await send_json(tracking, status, error_body(scope["path"], status, message, code))
-        finally:
-            ended = time.perf_counter()
-            elapsed = ended - timing.started
-            self.metrics.observe(route.label, model, tracking.status, timing, ended)
-            access_log.info(
-                "%s %s model=%s status=%s %.1fms id=%s",
-                method,
-                scope["path"],
-                model or "-",
-                tracking.status or "-",
-                elapsed * 1000,
-                scope[REQUEST_ID_KEY],
-            )
+                await send_json(send, status, error_body(scope["path"], status, message, code))
 
     async def close(self) -> None:
         await self.ollama.close()

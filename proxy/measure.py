@@ -40,6 +40,9 @@ class RequestTiming:
     first_body_at: float | None = None
     bodies: int = 0
     timings: dict[str, Any] | None = None
+    status: int = 0  # the answer's status, once it began
+    asked: str | None = None  # the model the request named, as it spelled it (the access log)
+    model: str | None = None  # the catalog's name of that model, once it was found and allowed (metrics)
     _carry: bytes = field(default=b"", repr=False)
 
     def added(self, ended: float) -> float:
@@ -61,6 +64,21 @@ def note_wait(seconds: float) -> None:
     timing = current.get()
     if timing is not None:
         timing.waited += seconds
+
+
+def note_asked(name: Any) -> None:
+    """The model a request names, as soon as its body is read (so a request that fails still names it)."""
+    timing = current.get()
+    if timing is not None and isinstance(name, str) and timing.asked is None:
+        timing.asked = name
+
+
+def note_model(name: str) -> None:
+    """The catalog's name of the model the request was allowed to use: the only model label of its metrics
+    (a client's spelling of it is not one: each spelling would be a new series)."""
+    timing = current.get()
+    if timing is not None:
+        timing.model = name
 
 
 def note_timings(timings: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from controller.errors import BackendError, Forbidden, NotFound
+from proxy import measure
 from proxy.asgi import (
     Message,
     Receive,
@@ -133,6 +134,7 @@ class NativeRoutes:
         has_scope: Callable[[str], bool] | None = scope.get(HAS_SCOPE_KEY)
         if path == "/metrics" and has_scope is not None and not has_scope(METRICS_SCOPE):
             raise Forbidden("a backend's /metrics needs a token with the 'metrics' scope")
+        measure.note_asked(name)
         body = await read_body(scope, receive, self._max_body)
         content_type = (header(scope, b"content-type") or b"application/json").decode("latin-1")
         method: str = scope["method"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from controller.errors import BadRequest
+from proxy import measure
 from proxy.asgi import (
     Receive,
     Scope,
@@ -54,6 +55,7 @@ class OpenAIRoutes:
         body = await read_body(scope, receive, self._max_body)
         request = parse_json_object(body)
         name = request.get("model")
+        measure.note_asked(name)
         if not isinstance(name, str) or not name:
             raise BadRequest("'model' is required and must be a string")
         path: str = scope["path"]
@@ -78,5 +80,6 @@ class OpenAIRoutes:
     async def get_model(self, scope: Scope, receive: Receive, send: Send) -> str:
         """GET /v1/models/<name>."""
         name: str = scope["path"][len("/v1/models/") :]
+        measure.note_asked(name)
         await send_json(send, 200, model_object(await Restricted.for_scope(self._directory, scope).model(name)))
         return name

@@ -18,6 +18,7 @@ from controller.errors import AuthError, LlamaControllerError, RateLimited, Unav
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
 from proxy.dialects import error_body
 from proxy.directory import ALLOW_MODEL_KEY, HAS_SCOPE_KEY
+from proxy.peers import client_address
 
 IDENTITY_KEY = "llamacontroller.identity"
 
@@ -44,8 +45,8 @@ def request_of(scope: Any, path: str | None = None, method: str | None = None) -
             cookies = {k: m.value for k, m in SimpleCookie(headers["cookie"]).items()}
         except CookieError:
             cookies = {}
-    client = scope.get("client") or ("", 0)
-    return Request(method or scope["method"], path or scope["path"], headers, str(client[0]), cookies)
+    client = client_address(scope)  # through the edge: the address it forwarded, not the edge's own
+    return Request(method or scope["method"], path or scope["path"], headers, client, cookies)
 
 
 class AuthMiddleware:

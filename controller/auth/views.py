@@ -12,6 +12,7 @@ from controller.auth.asgi import auth_headers, identity_of
 from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.errors import AuthError, BadRequest, LlamaControllerError
 from proxy.dialects import error_body
+from proxy.peers import client_address
 
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -30,8 +31,7 @@ def _error(exc: LlamaControllerError, path: str) -> Response:
 
 
 def _client() -> str:
-    client = request.scope.get("client") or ("", 0)
-    return str(client[0])
+    return client_address(request.scope)
 
 
 def set_session_cookie(response: SansIOResponse, cookie: str, ttl: float) -> None:

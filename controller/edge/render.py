@@ -20,7 +20,9 @@ Routes of the HTTPS server, in order:
 4. everything else — ``/``, ``/api/*``, ``/v1/*``, ``/llama/*`` (streaming) and ``/ui``, ``/control``,
    ``/metrics`` … — to the app, which authenticates every request itself. Measured
    (tests/bench/bench_edge.py), a forward_auth round trip in front of the gateway cost 0.6 to 0.9 ms at p50, as
-   much as TLS and the gateway together, and bought nothing the gateway's own check does not do.
+   much as TLS and the gateway together, and bought nothing the gateway's own check does not do. Caddy sets
+   ``X-Forwarded-For`` to the address it was reached from, replacing any a client sent (no ``trusted_proxies``
+   here, on purpose): the app believes that header from the edge alone (``server.trusted_proxies``).
 
 Errors of the edge itself answer in the caller's dialect too: a body cut by ``request_body`` (413), and an app
 that cannot be reached while it restarts (503, never Caddy's empty 502).

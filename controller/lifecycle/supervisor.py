@@ -30,6 +30,7 @@ from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import Backend, LaunchSpec, Runtime
 from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook
+from proxy import measure
 from proxy.background import Background
 from proxy.directory import Allowed, Lease, LiveState, ModelInfo
 
@@ -286,6 +287,7 @@ class Supervisor:
             raise
         if allowed is not None and not allowed(entry.name):
             raise forbidden(name)
+        measure.note_model(entry.name)  # the request's metrics are labelled with this name, never its spelling
         return entry
 
     @asynccontextmanager

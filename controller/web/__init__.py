@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from controller.bodies import too_large
 from controller.errors import LlamaControllerError
 from controller.web import accounts, pages  # noqa: F401 - their routes register on the blueprint
 from controller.web.base import blueprint, htmx, viewer
@@ -26,6 +29,12 @@ async def page_error(exc: LlamaControllerError) -> Any:
         ),
         exc.status,
     )
+
+
+@blueprint.errorhandler(RequestEntityTooLarge)
+async def form_too_large(exc: RequestEntityTooLarge) -> Any:
+    """A form over the limit (the sign-in form has a small one): the 413 as a page, like any other error."""
+    return await page_error(too_large(exc))
 
 
 def _escape(text: str) -> str:

@@ -14,13 +14,13 @@ from controller.store.base import Role
 from controller.web.base import Viewer, blueprint, page, service, viewer
 from controller.web.pages import render
 from controller.web.present import ago, safe_next
+from proxy.peers import client_address
 
 SCOPE_ORDER = [Scope.INFERENCE, Scope.MODELS, Scope.METRICS, Scope.ADMIN]
 
 
 def _client() -> str:
-    client = request.scope.get("client") or ("", 0)
-    return str(client[0])
+    return client_address(request.scope)
 
 
 def _globs(text: str) -> list[str]:

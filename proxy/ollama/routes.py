@@ -112,7 +112,9 @@ class OllamaRoutes:
         await self._background.drain()
 
     async def _json(self, scope: Scope, receive: Receive) -> dict[str, Any]:
-        return parse_json_object(await read_body(scope, receive, self._max_body))
+        body = parse_json_object(await read_body(scope, receive, self._max_body))
+        measure.note_asked(body.get("model") or body.get("name"))  # named in the log line even if it fails
+        return body
 
     # ------------------------------------------------------------------ simple endpoints
 

@@ -27,7 +27,7 @@ from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeSync
 from controller.runtime.process import free_port
-from tests.support.server import ServeProcess, edge_section, serve_subprocess
+from tests.support.server import TESTER_PASSWORD, ServeProcess, edge_section, serve_subprocess
 
 pytestmark = pytest.mark.gemma
 GEMMA = "gemma3:270m"
@@ -128,6 +128,24 @@ def test_edge_client_identity_header_never_passes(served: ServeProcess, ca: ssl.
     assert alone.status_code == 401 and "authentication required" in alone.json()["error"]
     both = httpx.get(f"{served.https_url}/api/tags", headers={**forged, **served.headers}, verify=ca)
     assert both.status_code == 200 and both.json()["models"]
+
+
+def test_edge_one_client_cannot_lock_everyone_out_of_an_account(served: ServeProcess, ca: ssl.SSLContext) -> None:
+    """Through the edge every connection to the app comes from Caddy: the sign-in throttle keys on the address
+    Caddy forwards. Two clients on two loopback addresses; the guesser's own X-Forwarded-For is replaced."""
+
+    def sign_in(source: str, password: str, forwarded: str | None = None) -> int:
+        transport = httpx.HTTPTransport(local_address=source, verify=ca)
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        with httpx.Client(base_url=served.https_url, transport=transport, headers=headers) as client:
+            body = {"username": "tester", "password": password}
+            return client.post("/auth/login", json=body).status_code
+
+    for _ in range(5):  # auth.login_max_failures
+        assert sign_in("127.0.0.2", "wrong-password") == 401
+    assert sign_in("127.0.0.2", TESTER_PASSWORD) == 429
+    assert sign_in("127.0.0.2", TESTER_PASSWORD, forwarded="198.51.100.7") == 429, "a forged header is replaced"
+    assert sign_in("127.0.0.3", TESTER_PASSWORD) == 200, "another client signs in"
 
 
 def test_edge_internal_paths_are_not_routed(https: httpx.Client) -> None:

@@ -85,6 +85,15 @@ def test_edge_render_keeps_the_admin_block_and_sends_llama_paths_to_the_app() ->
     assert "match" not in last and last["handle"][-1]["upstreams"] == [{"dial": "127.0.0.1:11434"}]
 
 
+@pytest.mark.parametrize("mode", sorted(SETTINGS))
+def test_edge_render_lets_caddy_replace_a_client_x_forwarded_for(mode: str) -> None:
+    """The app takes the client's address from the edge's X-Forwarded-For: Caddy writes it afresh unless a
+    server trusts the peer in front of it (trusted_proxies), and no handler may pass a client's copy on."""
+    text = json.dumps(render(SETTINGS[mode]))
+    assert "trusted_proxies" not in text and "client_ip_headers" not in text
+    assert "X-Forwarded-For" not in text
+
+
 def test_edge_render_hsts_only_for_a_real_hostname() -> None:
     def common_headers(mode: str) -> dict[str, Any]:
         routes = render(SETTINGS[mode])["apps"]["http"]["servers"]["edge"]["routes"]

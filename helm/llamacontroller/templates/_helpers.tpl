@@ -84,7 +84,7 @@ capabilities:
 {{- if .Values.edge.httpRedirect }}{{ $_ := set $edge "http_redirect" "0.0.0.0:80" }}{{ end -}}
 {{- with .Values.edge.hostname }}{{ $_ := set $edge "hostname" . }}{{ end -}}
 {{- $config := dict
-  "server" (dict "listen" "0.0.0.0:11434" "data_dir" "/data")
+  "server" (dict "listen" "0.0.0.0:11434" "data_dir" "/data" "trusted_proxies" (list (printf "%s-edge-pods" $name)))
   "models_dir" "/models"
   "runtime" (dict "kind" "kubernetes" "stop_timeout" 20 "kubernetes" $kubernetes)
   "store" (dict "kind" "redis" "redis_url" $redisUrl)

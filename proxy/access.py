@@ -1,0 +1,93 @@
+"""The outermost layer: one access-log line for every HTTP request, whoever answered it.
+
+Authentication refusals (401/403/429), the gateway's answers and the control plane's (Quart) all pass through
+here, so bad keys and probing leave a trace too. The line names the model the request asked for (also when it
+failed), the status, the time, the request id and the client's address (through the edge, see ``proxy.peers``);
+every value a client chose is escaped (``proxy.logsafe``). The same wrapper of ``send`` records what the
+gateway's metrics need (``proxy.measure``), so a streamed chunk passes through one wrapper, not two.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from proxy import measure
+from proxy.asgi import ASGIApp, Message, Receive, Scope, Send
+from proxy.forward import request_id
+from proxy.logsafe import loggable
+from proxy.peers import PEERS_KEY, TrustedProxies
+
+access_log = logging.getLogger("llamacontroller.access")
+
+ROUTE_KEY = "llamacontroller.route"  # the gateway's name of the route (metrics); absent for the control plane
+_MODEL_LIMIT = 128
+_PROBES = frozenset({"/healthz", "/readyz"})
+
+
+class Tracking:
+    """Wraps ``send`` to remember the status, to give every answer its request id, to note when the answer's
+    pieces leave (metrics), and to drop the body of HEAD responses."""
+
+    def __init__(self, send: Send, head: bool, request_id: str, timing: measure.RequestTiming) -> None:
+        self._send = send
+        self._head = head
+        self._request_id = request_id.encode()
+        self._timing = timing
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._timing.status = int(message["status"])
+            message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", self._request_id)]}
+        elif message["type"] == "http.response.body":
+            if message.get("body"):
+                timing = self._timing
+                timing.bodies += 1
+                if timing.first_body_at is None:
+                    timing.first_body_at = time.perf_counter()
+            if self._head:
+                message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
+        await self._send(message)
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp, metrics: measure.GatewayMetrics, peers: TrustedProxies) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.peers = peers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timing = measure.RequestTiming(time.perf_counter())
+        measure.current.set(timing)  # this request's task (and the tasks it starts) see it
+        scope[PEERS_KEY] = self.peers
+        method: str = scope["method"]
+        rid = request_id(scope)
+        try:
+            await self.app(scope, receive, Tracking(send, method == "HEAD", rid, timing))
+        finally:
+            ended = time.perf_counter()
+            route: str | None = scope.get(ROUTE_KEY)
+            if route is not None:
+                self.metrics.observe(route, timing.model, timing.status, timing, ended)
+            self._log(scope, method, rid, timing, ended)
+
+    def _log(self, scope: Scope, method: str, rid: str, timing: measure.RequestTiming, ended: float) -> None:
+        path: str = scope["path"]
+        # A health probe that passes (kubelet asks every 5 s) is news only when debugging.
+        level = logging.DEBUG if timing.status == 200 and path in _PROBES else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        access_log.log(
+            level,
+            "%s %s model=%s status=%s %.1fms id=%s client=%s",
+            loggable(method, 16),
+            loggable(path),
+            loggable(timing.asked, _MODEL_LIMIT) if timing.asked else "-",
+            timing.status or "-",
+            (ended - timing.started) * 1000,
+            rid,
+            loggable(self.peers.client(scope) or "-"),
+        )
