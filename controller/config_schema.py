@@ -345,7 +345,10 @@ class AuthConfig(_Strict):
     identity_ttl: Seconds = 30.0  # lifetime of the signed identity header that the edge forwards
     session_ttl: Seconds = 12 * 3600.0
     token_cache_ttl: Seconds = 5.0  # a revocation takes effect within this long
-    login_max_failures: int = Field(default=5, gt=0)
+    login_max_failures: int = Field(default=5, gt=0, le=1_000_000)
+    # Across every address: an address is the client's own say on a trusted listener (a local user on the
+    # embedded loopback port), so one user's guesses are bounded whatever address they claim.
+    login_max_failures_per_user: int = Field(default=50, gt=0, le=1_000_000)
     login_window: Seconds = 900.0
     secrets_dir: Path | None = None  # identity-signing and session keys; default <data_dir>/secrets
 

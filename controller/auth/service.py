@@ -276,15 +276,20 @@ class AuthService:
             # No account has such a name: refuse before anything is counted or audited, so a sign-in with a
             # 20 MB name costs nothing to keep.
             raise Unauthenticated("invalid user name or password")
-        key = f"login:{username.lower()}:{client}"  # names ignore case, so does the throttle
-        if await self.ephemeral.failures(key) >= self.settings.login_max_failures:
+        account = f"login:{username.lower()}"  # names ignore case, so does the throttle
+        key = f"{account}:{client}"
+        if (
+            await self.ephemeral.failures(key) >= self.settings.login_max_failures
+            or await self.ephemeral.failures(account) >= self.settings.login_max_failures_per_user
+        ):
             raise RateLimited("too many failed sign-ins: wait and try again", self.settings.login_window)
         user = await self.store.get_user(username)
         if not verify_password(password, user.password_hash if user else None) or user is None or user.disabled:
             await self.ephemeral.add_failure(key, self.settings.login_window)
+            await self.ephemeral.add_failure(account, self.settings.login_window)
             await self._audit("login_failed", username, username, {"client": client})
             raise Unauthenticated("invalid user name or password")
-        await self.ephemeral.clear_failures(key)
+        await self.ephemeral.clear_failures(key)  # the account's count stays: other addresses' guesses remain
         cookie = secrets.token_urlsafe(32)  # always new: a session id chosen before sign-in is never reused
         now = time.time()
         await self.store.add_session(SessionRecord(digest(cookie), user.name, now, now + self.settings.session_ttl))

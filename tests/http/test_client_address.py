@@ -118,3 +118,15 @@ async def test_client_address_trusted_proxy_names_are_resolved() -> None:
     assert not proxies.trusts("127.0.0.1")
     await proxies.resolve()
     assert proxies.trusts("127.0.0.1")
+
+
+async def test_client_address_guesses_from_many_claimed_addresses_are_bounded_per_user(
+    make_app: Callable[..., Any],
+) -> None:
+    """A local user on the trusted loopback listener can claim any address: the account's own bound holds."""
+    app = await make_app()
+    service: AuthService = app.extensions["llamacontroller.auth"]
+    service.settings = service.settings.model_copy(update={"login_max_failures_per_user": 6})
+    for n in range(6):  # two guesses per claimed address: under the per-address bound of 3
+        assert await sign_in(app, "wrong-password", f"203.0.113.{n // 2}") == 401
+    assert await sign_in(app, "root-password", "203.0.113.99") == 429, "a fresh address does not reset the account"
