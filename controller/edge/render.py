@@ -22,8 +22,9 @@ Routes of the HTTPS server, in order:
    (tests/bench/bench_edge.py), a forward_auth round trip in front of the gateway cost 0.6 to 0.9 ms at p50, as
    much as TLS and the gateway together, and bought nothing the gateway's own check does not do.
 
-Errors of the edge itself answer in the caller's dialect too: a body cut by ``request_body`` (413), and an app
-that cannot be reached while it restarts (503, never Caddy's empty 502).
+Errors of the edge itself answer in the caller's dialect too: a body cut by ``request_body`` (413), an app that
+cannot be reached while it restarts (503, never Caddy's empty 502), a request body Caddy cannot read (400), and
+an answer from the app that broke off (502).
 """
 
 from __future__ import annotations
@@ -112,13 +113,29 @@ def _too_large(settings: EdgeSettings, condition: str) -> list[dict[str, Any]]:
     return _in_dialect(condition, 413, message, "payload_too_large")
 
 
+# Caddy's reverse proxy answers 502 for every failure; its message tells them apart. Go's net/http words: a dial
+# error starts with "dial " (refused, no such host; a dial timeout is a 504), a malformed or cut request body
+# is its chunked reader's error, bare ("invalid byte in chunk length", "unexpected EOF"); an answer from the
+# app that broke off is "EOF", "read tcp …" or "net/http: HTTP/1.x transport connection broken: …".
+_STATUS = "{http.error.status_code}"
+_MESSAGE = "{http.error.message}"
+_DIAL_FAILED = f"{_STATUS} in [502, 504] && {_MESSAGE}.startsWith('dial ')"
+_BODY_UNREADABLE = f"{_STATUS} == 502 && {_MESSAGE}.matches('chunk|^unexpected EOF$|^header line too long$')"
+
+
 def _error_routes(settings: EdgeSettings) -> list[dict[str, Any]]:
-    """The edge's own errors: a body cut by request_body (413), and the app unreachable (Caddy's 502 when it
-    cannot dial it: the controller is restarting or stopped), both in the caller's dialect, never empty."""
+    """The edge's own errors, in the caller's dialect, never Caddy's empty answer: a body cut by request_body
+    (413); the app unreachable, because Caddy cannot connect to it (the controller is restarting or stopped:
+    503); a request whose body Caddy cannot read (bad chunked framing, cut short: 400, the client's fault);
+    and an answer from the app that broke off (502)."""
     unreachable = "LlamaController is not reachable behind the edge (starting or restarting); try again shortly"
+    unreadable = "the request body could not be read: its chunked encoding is malformed or it was cut short"
+    broken = "LlamaController's answer broke off before it was complete"
     return [
-        *_too_large(settings, "{http.error.status_code} == 413"),
-        *_in_dialect("{http.error.status_code} == 502", 503, unreachable, "service_unavailable"),
+        *_too_large(settings, f"{_STATUS} == 413"),
+        *_in_dialect(_DIAL_FAILED, 503, unreachable, "service_unavailable"),
+        *_in_dialect(_BODY_UNREADABLE, 400, unreadable, "bad_request"),
+        *_in_dialect(f"{_STATUS} == 502", 502, broken, "upstream_error"),
     ]
 
 

@@ -108,3 +108,17 @@ def test_edge_image_bootstraps_agree() -> None:
 
     committed = (Path(__file__).resolve().parents[2] / "images" / "edge" / "bootstrap.json").read_text()
     assert json.loads(committed) == json.loads(EDGE_BOOTSTRAP)
+
+
+def test_edge_errors_tell_an_unreachable_app_from_an_unreadable_request() -> None:
+    """Caddy answers 502 for a refused dial and for a malformed chunked body alike: only the first is "not
+    reachable" (503); the second is the client's 400 — each in the dialect of the path."""
+    routes = render(SETTINGS["internal"])["apps"]["http"]["servers"]["edge"]["errors"]["routes"]
+    by_status = {  # the Ollama paths' answers, by status
+        route["handle"][0]["status_code"]: (route["match"][0]["expression"], json.loads(route["handle"][0]["body"]))
+        for route in routes
+        if "/api/*" in route["match"][0]["path"]
+    }
+    assert "startsWith('dial ')" in by_status[503][0] and "not reachable" in by_status[503][1]["error"]
+    assert "chunk" in by_status[400][0] and "could not be read" in by_status[400][1]["error"]
+    assert "not reachable" not in by_status[502][1]["error"]
