@@ -21,13 +21,14 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from controller.edge.admin import EdgeError
+from controller.edge.admin import EdgeError, unix_socket_path
 from controller.runtime.process import spawn_detached
 from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
 def find_caddy(configured: str | None) -> str:
@@ -80,8 +81,18 @@ class CaddyChild:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def _bootstrap(self) -> Path:
+    def _prepare_home(self) -> None:
         self._home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._home.chmod(0o700)  # also when an older version made it: the admin socket and the CA's key live here
+        socket = unix_socket_path(self._admin_listen)  # one left by a killed Caddy: Caddy replaces it
+        if socket is not None and len(os.fsencode(socket)) > SOCKET_PATH_MAX:
+            raise EdgeError(
+                f"Caddy's admin socket {socket} is a path longer than {SOCKET_PATH_MAX} bytes, which a unix "
+                "socket cannot have: choose a shorter server.data_dir"
+            )
+
+    def _bootstrap(self) -> Path:
+        self._prepare_home()
         path = self._home / "bootstrap.json"
         bootstrap = {
             "admin": {"listen": self._admin_listen, "config": {"persist": False}},

@@ -2,7 +2,7 @@
 
 The controller pushes this document with ``POST /load`` at start, after a supervised Caddy restarts, and on a
 slow timer (an unchanged document does not reload, so the timer costs nothing). Every document carries the same
-``admin`` block, so the admin API never moves.
+``admin`` block, so the admin API never moves (embedded: a unix socket only the controller's user can open).
 
 The document does not depend on which models are loaded, on purpose: every config change makes Caddy reload,
 and a reload closes the idle keep-alive connections of every client. A client that sends its next request on
@@ -54,6 +54,7 @@ class EdgeSettings:
     http_redirect: str | None = None  # host:port of a plain-HTTP listener that redirects to HTTPS
     max_body: int = 64 * 2**20
     storage: str | None = None  # Caddy's data (certificates, the local CA); None: Caddy's default
+    metrics_listen: str | None = None  # a plain-HTTP address that serves only Caddy's /metrics
 
 
 def _port(address: str) -> int:
@@ -196,6 +197,15 @@ def render(settings: EdgeSettings) -> dict[str, Any]:
         location = f"https://{{http.request.host}}:{_port(settings.listen)}{{http.request.uri}}"
         redirect = {"handler": "static_response", "status_code": 308, "headers": {"Location": [location]}}
         servers["redirect"] = {"listen": [settings.http_redirect], "routes": [{"handle": [redirect]}]}
+    if settings.metrics_listen:
+        # Caddy's metrics for Prometheus, without the admin API that also serves them (it can change anything).
+        metrics = {"match": [{"path": ["/metrics"]}], "handle": [{"handler": "metrics"}], "terminal": True}
+        not_found = {"handle": [_json_response(404, {"error": "not found"})]}
+        servers["metrics"] = {
+            "listen": [settings.metrics_listen],
+            "routes": [metrics, not_found],
+            "automatic_https": {"disable": True},
+        }
     config: dict[str, Any] = {
         "admin": {"listen": settings.admin_listen, "config": {"persist": False}},
         # The controller pushes the same document every few seconds: Caddy's line per admin request is noise.

