@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from proxy.background import cancel_and_wait
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+HEALTHY_AFTER = 30.0  # a Caddy that ran this long was healthy: its next restart starts the backoff over
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
@@ -65,6 +67,7 @@ class CaddyChild:
         self._on_restart = on_restart
         self._on_exit = on_exit
         self._process: subprocess.Popen[bytes] | None = None
+        self._spawned_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
@@ -110,7 +113,9 @@ class CaddyChild:
             "HOME": str(self._home),
         }
         with self.log_path.open("ab") as log_file:
-            return spawn_detached([self._binary, "run", "--config", str(bootstrap)], log_file, env)
+            process = spawn_detached([self._binary, "run", "--config", str(bootstrap)], log_file, env)
+        self._spawned_at = time.monotonic()
+        return process
 
     async def start(self) -> None:
         self._process = self._spawn()
@@ -125,6 +130,8 @@ class CaddyChild:
             code = await asyncio.to_thread(process.wait)
             if self.stopping:
                 return
+            if time.monotonic() - self._spawned_at >= HEALTHY_AFTER:
+                attempt = 0  # it ran well: one crash now is not a crash loop
             delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
             reason = f"caddy exited with code {code}; restarting it in {delay:.1f}s (see {self.log_path})"
             log.error("%s", reason)

