@@ -57,6 +57,16 @@ class CaddyAdmin:
                 detail = response.text
             raise EdgeError(f"Caddy rejected the configuration: {detail.strip()[:500]}")
 
+    async def config(self) -> Any:
+        """The configuration Caddy runs now (parsed JSON; null before any was loaded)."""
+        response = await self._call("GET", "/config/")
+        if response.status_code != 200:
+            raise EdgeError(f"Caddy's admin API answered {response.status_code} for its configuration")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EdgeError("Caddy's admin API answered its configuration with invalid JSON") from exc
+
     async def alive(self) -> bool:
         try:
             return (await self._call("GET", "/config/")).status_code == 200

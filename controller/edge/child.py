@@ -1,9 +1,10 @@
 """The embedded shape's Caddy: a child process the controller starts, restarts when it dies, and stops.
 
-Caddy starts from a bootstrap file holding only the ``admin`` block and the storage folder; the controller
-pushes the real configuration through the admin API as soon as it answers (``EdgeSync``). Its data — the
-certificates and the local CA — lives in the data dir, so the CA (and the trust clients put in it) survives
-restarts. Its output goes to ``<data_dir>/caddy/caddy.log``.
+Caddy starts from a bootstrap file holding only the ``admin`` block, the logging and the storage folder; the
+controller pushes the real configuration through the admin API as soon as it answers (``EdgeSync``). Its data —
+the certificates and the local CA — lives in the data dir, so the CA (and the trust clients put in it) survives
+restarts. Caddy logs into ``<data_dir>/caddy/caddy.log`` (rolled by Caddy); what the process prints before its
+logging starts, and a crash's last words, go to ``caddy.out``.
 
 Caddy never outlives the controller: the kernel kills it when the controller dies (even by SIGKILL), and a pid
 file lets the next controller stop one that a controller of this data dir left behind anyway. Two Caddys would
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.edge.admin import EdgeError, unix_socket_path
+from controller.edge.render import logging_config
 from controller.runtime.process import process_start_ticks, spawn_detached
 from proxy.background import cancel_and_wait
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 HEALTHY_AFTER = 30.0  # a Caddy that ran this long was healthy: its next restart starts the backoff over
+OUTPUT_ROTATE_BYTES = 2**20  # caddy.out moves to caddy.out.1 at a start past this size
 STALE_STOP_WAIT = 5.0
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 
@@ -101,6 +104,10 @@ class CaddyChild:
         return self._home / "caddy.log"
 
     @property
+    def output_path(self) -> Path:
+        return self._home / "caddy.out"
+
+    @property
     def pid_path(self) -> Path:
         return self._home / "caddy.pid"
 
@@ -125,6 +132,7 @@ class CaddyChild:
     def _bootstrap(self) -> Path:
         bootstrap = {
             "admin": {"listen": self._admin_listen, "config": {"persist": False}},
+            "logging": logging_config(str(self.log_path)),
             "storage": {"module": "file_system", "root": str(self._home / "data")},
         }
         self.bootstrap_path.write_text(json.dumps(bootstrap))
@@ -206,7 +214,10 @@ class CaddyChild:
             "XDG_CONFIG_HOME": str(self._home / "config"),
             "HOME": str(self._home),
         }
-        with self.log_path.open("ab") as log_file:
+        output = self.output_path
+        if output.exists() and output.stat().st_size > OUTPUT_ROTATE_BYTES:
+            output.replace(output.with_name(output.name + ".1"))
+        with output.open("ab") as log_file:
             process = spawn_detached([self._binary, *self._run_args()], log_file, env, die_with_parent=True)
         self._spawned_at = time.monotonic()
         try:
@@ -231,7 +242,10 @@ class CaddyChild:
             if time.monotonic() - self._spawned_at >= HEALTHY_AFTER:
                 attempt = 0  # it ran well: one crash now is not a crash loop
             delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
-            reason = f"caddy exited with code {code}; restarting it in {delay:.1f}s (see {self.log_path})"
+            reason = (
+                f"caddy exited with code {code}; restarting it in {delay:.1f}s "
+                f"(see {self.log_path} and {self.output_path})"
+            )
             log.error("%s", reason)
             self._on_exit(reason)
             await asyncio.sleep(delay)

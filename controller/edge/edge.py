@@ -53,6 +53,7 @@ def edge_settings(config: Config) -> EdgeSettings:
         http_redirect=edge.http_redirect,
         max_body=edge.max_body,
         storage=str(caddy_home(config) / "data") if supervised else None,
+        log_file=str(caddy_home(config) / "caddy.log") if supervised else None,
         # Supervised, edge.admin (loopback) serves only Caddy's metrics: the admin API itself is the socket.
         metrics_listen=edge.admin if supervised else None,
     )

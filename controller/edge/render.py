@@ -1,8 +1,8 @@
 """The whole Caddy configuration, rendered from the settings alone (pure; golden-tested).
 
-The controller pushes this document with ``POST /load`` at start, after a supervised Caddy restarts, and on a
-slow timer (an unchanged document does not reload, so the timer costs nothing). Every document carries the same
-``admin`` block, so the admin API never moves (embedded: a unix socket only the controller's user can open).
+The controller pushes this document with ``POST /load`` at start, after a supervised Caddy restarts, and
+whenever a slow timer finds that Caddy runs something else. Every document carries the same ``admin`` block, so
+the admin API never moves (embedded: a unix socket only the controller's user can open).
 
 The document does not depend on which models are loaded, on purpose: every config change makes Caddy reload,
 and a reload closes the idle keep-alive connections of every client. A client that sends its next request on
@@ -54,7 +54,25 @@ class EdgeSettings:
     http_redirect: str | None = None  # host:port of a plain-HTTP listener that redirects to HTTPS
     max_body: int = 64 * 2**20
     storage: str | None = None  # Caddy's data (certificates, the local CA); None: Caddy's default
+    log_file: str | None = None  # Caddy's log, rolled by Caddy; None: stderr (a container's log)
     metrics_listen: str | None = None  # a plain-HTTP address that serves only Caddy's /metrics
+
+
+LOG_ROLL_MB = 10  # Caddy's log moves aside past this size ...
+LOG_ROLL_KEEP = 3  # ... and this many old ones are kept
+
+
+def logging_config(log_file: str | None) -> dict[str, Any]:
+    """Caddy's logging: its own admin-request lines left out; into a rolled file when there is one."""
+    default: dict[str, Any] = {"exclude": ["admin.api"]}
+    if log_file:
+        default["writer"] = {
+            "output": "file",
+            "filename": log_file,
+            "roll_size_mb": LOG_ROLL_MB,
+            "roll_keep": LOG_ROLL_KEEP,
+        }
+    return {"logs": {"default": default}}
 
 
 def _port(address: str) -> int:
@@ -208,8 +226,7 @@ def render(settings: EdgeSettings) -> dict[str, Any]:
         }
     config: dict[str, Any] = {
         "admin": {"listen": settings.admin_listen, "config": {"persist": False}},
-        # The controller pushes the same document every few seconds: Caddy's line per admin request is noise.
-        "logging": {"logs": {"default": {"exclude": ["admin.api"]}}},
+        "logging": logging_config(settings.log_file),
         "apps": {
             "http": http,
             "tls": tls,

