@@ -301,6 +301,8 @@ async def test_edge_a_refused_config_is_reported_and_retried(tmp_path: Path) -> 
 
 
 def test_edge_caddy_metrics_are_a_second_scrape_target(served: ServeProcess) -> None:
-    """Caddy's own metrics (config reloads, its process) come from its admin API, on loopback."""
-    text = httpx.get(f"http://{served.config['edge']['admin']}/metrics", timeout=10).text
-    assert "caddy_config_last_reload_successful 1" in text
+    """Caddy's own metrics (config reloads, its process) on edge.admin, a loopback listener that serves nothing
+    else: the admin API itself is a unix socket."""
+    metrics = f"http://{served.config['edge']['admin']}"
+    assert "caddy_config_last_reload_successful 1" in httpx.get(f"{metrics}/metrics", timeout=10).text
+    assert httpx.get(f"{metrics}/config/", timeout=10).status_code == 404
