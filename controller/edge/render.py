@@ -1,8 +1,8 @@
 """The whole Caddy configuration, rendered from the settings alone (pure; golden-tested).
 
-The controller pushes this document with ``POST /load`` at start, after a supervised Caddy restarts, and on a
-slow timer (an unchanged document does not reload, so the timer costs nothing). Every document carries the same
-``admin`` block, so the admin API never moves.
+The controller pushes this document with ``POST /load`` at start, after a supervised Caddy restarts, and
+whenever a slow timer finds that Caddy runs something else. Every document carries the same ``admin`` block, so
+the admin API never moves (embedded: a unix socket only the controller's user can open).
 
 The document does not depend on which models are loaded, on purpose: every config change makes Caddy reload,
 and a reload closes the idle keep-alive connections of every client. A client that sends its next request on
@@ -24,8 +24,9 @@ Routes of the HTTPS server, in order:
    ``X-Forwarded-For`` to the address it was reached from, replacing any a client sent (no ``trusted_proxies``
    here, on purpose): the app believes that header from the edge alone (``server.trusted_proxies``).
 
-Errors of the edge itself answer in the caller's dialect too: a body cut by ``request_body`` (413), and an app
-that cannot be reached while it restarts (503, never Caddy's empty 502).
+Errors of the edge itself answer in the caller's dialect too: a body cut by ``request_body`` (413), an app that
+cannot be reached while it restarts (503, never Caddy's empty 502), a request body Caddy cannot read (400), and
+an answer from the app that broke off (502).
 """
 
 from __future__ import annotations
@@ -55,6 +56,25 @@ class EdgeSettings:
     http_redirect: str | None = None  # host:port of a plain-HTTP listener that redirects to HTTPS
     max_body: int = 64 * 2**20
     storage: str | None = None  # Caddy's data (certificates, the local CA); None: Caddy's default
+    log_file: str | None = None  # Caddy's log, rolled by Caddy; None: stderr (a container's log)
+    metrics_listen: str | None = None  # a plain-HTTP address that serves only Caddy's /metrics
+
+
+LOG_ROLL_MB = 10  # Caddy's log moves aside past this size ...
+LOG_ROLL_KEEP = 3  # ... and this many old ones are kept
+
+
+def logging_config(log_file: str | None) -> dict[str, Any]:
+    """Caddy's logging: its own admin-request lines left out; into a rolled file when there is one."""
+    default: dict[str, Any] = {"exclude": ["admin.api"]}
+    if log_file:
+        default["writer"] = {
+            "output": "file",
+            "filename": log_file,
+            "roll_size_mb": LOG_ROLL_MB,
+            "roll_keep": LOG_ROLL_KEEP,
+        }
+    return {"logs": {"default": default}}
 
 
 def _port(address: str) -> int:
@@ -114,13 +134,29 @@ def _too_large(settings: EdgeSettings, condition: str) -> list[dict[str, Any]]:
     return _in_dialect(condition, 413, message, "payload_too_large")
 
 
+# Caddy's reverse proxy answers 502 for every failure; its message tells them apart. Go's net/http words: a dial
+# error starts with "dial " (refused, no such host; a dial timeout is a 504), a malformed or cut request body
+# is its chunked reader's error, bare ("invalid byte in chunk length", "unexpected EOF"); an answer from the
+# app that broke off is "EOF", "read tcp …" or "net/http: HTTP/1.x transport connection broken: …".
+_STATUS = "{http.error.status_code}"
+_MESSAGE = "{http.error.message}"
+_DIAL_FAILED = f"{_STATUS} in [502, 504] && {_MESSAGE}.startsWith('dial ')"
+_BODY_UNREADABLE = f"{_STATUS} == 502 && {_MESSAGE}.matches('chunk|^unexpected EOF$|^header line too long$')"
+
+
 def _error_routes(settings: EdgeSettings) -> list[dict[str, Any]]:
-    """The edge's own errors: a body cut by request_body (413), and the app unreachable (Caddy's 502 when it
-    cannot dial it: the controller is restarting or stopped), both in the caller's dialect, never empty."""
+    """The edge's own errors, in the caller's dialect, never Caddy's empty answer: a body cut by request_body
+    (413); the app unreachable, because Caddy cannot connect to it (the controller is restarting or stopped:
+    503); a request whose body Caddy cannot read (bad chunked framing, cut short: 400, the client's fault);
+    and an answer from the app that broke off (502)."""
     unreachable = "LlamaController is not reachable behind the edge (starting or restarting); try again shortly"
+    unreadable = "the request body could not be read: its chunked encoding is malformed or it was cut short"
+    broken = "LlamaController's answer broke off before it was complete"
     return [
-        *_too_large(settings, "{http.error.status_code} == 413"),
-        *_in_dialect("{http.error.status_code} == 502", 503, unreachable, "service_unavailable"),
+        *_too_large(settings, f"{_STATUS} == 413"),
+        *_in_dialect(_DIAL_FAILED, 503, unreachable, "service_unavailable"),
+        *_in_dialect(_BODY_UNREADABLE, 400, unreadable, "bad_request"),
+        *_in_dialect(f"{_STATUS} == 502", 502, broken, "upstream_error"),
     ]
 
 
@@ -181,10 +217,18 @@ def render(settings: EdgeSettings) -> dict[str, Any]:
         location = f"https://{{http.request.host}}:{_port(settings.listen)}{{http.request.uri}}"
         redirect = {"handler": "static_response", "status_code": 308, "headers": {"Location": [location]}}
         servers["redirect"] = {"listen": [settings.http_redirect], "routes": [{"handle": [redirect]}]}
+    if settings.metrics_listen:
+        # Caddy's metrics for Prometheus, without the admin API that also serves them (it can change anything).
+        metrics = {"match": [{"path": ["/metrics"]}], "handle": [{"handler": "metrics"}], "terminal": True}
+        not_found = {"handle": [_json_response(404, {"error": "not found"})]}
+        servers["metrics"] = {
+            "listen": [settings.metrics_listen],
+            "routes": [metrics, not_found],
+            "automatic_https": {"disable": True},
+        }
     config: dict[str, Any] = {
         "admin": {"listen": settings.admin_listen, "config": {"persist": False}},
-        # The controller pushes the same document every few seconds: Caddy's line per admin request is noise.
-        "logging": {"logs": {"default": {"exclude": ["admin.api"]}}},
+        "logging": logging_config(settings.log_file),
         "apps": {
             "http": http,
             "tls": tls,

@@ -1,10 +1,12 @@
 """Keeps Caddy's configuration equal to what ``render`` says, and says loudly when it cannot.
 
-A push happens at start, when a supervised Caddy restarts (``changed()``), and every ``interval`` seconds in any
-case — so a Caddy that restarted on its own (or an edge container that was recreated) gets its routes back
-within seconds; the same document again does not make Caddy reload. A Caddy that is down or that
-refuses the document is reported in the status (``/readyz``, the system status, the events stream, the log)
-and retried with backoff; never ignored.
+Every ``interval`` seconds the sync reads Caddy's configuration (``GET /config/``) and pushes the document only
+when Caddy does not have it — so a Caddy that restarted on its own (or an edge container that was recreated)
+gets its routes back within seconds, and an unchanged document costs no ``/load`` (Caddy logs a line for each,
+17,000 a day at 5 s). When a supervised Caddy (re)starts (``changed()``), its admin API is polled every
+``ADMIN_POLL`` seconds and the document goes in the moment it answers: no failed push, no retry backoff to
+wait out. A Caddy that is down or that refuses the document is reported in the status (``/readyz``, the
+system status, the events stream, the log) and retried with backoff; never ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from proxy.background import cancel_and_wait
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+ADMIN_POLL = 0.05  # a Caddy that just started opens its admin API within a few hundred ms
+ADMIN_START_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class EdgeSync:
         self._publish = publish
         self._interval = interval
         self._wake = asyncio.Event()
+        self._caddy_started = False
         self._task: asyncio.Task[None] | None = None
         self.status = EdgeStatus("starting", None, time.time(), None)
 
@@ -61,7 +66,8 @@ class EdgeSync:
         self._set_status("down", reason)
 
     def changed(self) -> None:
-        """Caddy may have lost its config (a supervised child restarted): push now."""
+        """A supervised Caddy (re)started and has only its bootstrap: push as soon as its admin API answers."""
+        self._caddy_started = True
         self._wake.set()
 
     def start(self) -> None:
@@ -70,6 +76,20 @@ class EdgeSync:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         await self.admin.close()
+
+    async def reconcile(self) -> None:
+        """Push the desired config unless Caddy already runs exactly it (raises EdgeError, like push)."""
+        desired = self.desired()
+        with contextlib.suppress(EdgeError):  # unreadable: the push says why, in the status too
+            if await self.admin.config() == desired:
+                self._set_status("ok", None)
+                return
+        await self.push()
+
+    async def _wait_for_admin(self) -> None:
+        deadline = time.monotonic() + ADMIN_START_WAIT
+        while not await self.admin.alive() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(ADMIN_POLL)  # nothing to wait on but the socket: poll
 
     async def push(self) -> None:
         """Push the desired config now (raises EdgeError; the status says it too)."""
@@ -100,8 +120,11 @@ class EdgeSync:
         failures = 0
         while True:
             self._wake.clear()
+            if self._caddy_started:
+                self._caddy_started = False
+                await self._wait_for_admin()
             try:
-                await self.push()
+                await self.reconcile()
                 failures = 0
                 delay = self._interval
             except EdgeError:

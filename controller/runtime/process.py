@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -55,11 +57,15 @@ class PidRecord:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def spawn_detached(argv: list[str], log_file: BinaryIO, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def spawn_detached(
+    argv: list[str], log_file: BinaryIO, env: dict[str, str], die_with_parent: bool = False
+) -> subprocess.Popen[bytes]:
     """Start a child in its own session with its output in ``log_file`` (not a pipe: it may outlive us).
 
     Popen, not the event loop's subprocess API: uvloop ignores close_fds, and the server's listening socket
-    is inheritable, so a child would otherwise hold the controller's port after the controller exits."""
+    is inheritable, so a child would otherwise hold the controller's port after the controller exits.
+    ``die_with_parent``: the kernel kills the child when the calling thread dies, a SIGKILL included
+    (Linux; backends keep the default, so that a new controller can adopt them)."""
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -68,7 +74,24 @@ def spawn_detached(argv: list[str], log_file: BinaryIO, env: dict[str, str]) -> 
         start_new_session=True,
         close_fds=True,
         env=env,
+        # Between fork and exec the child calls only prctl and getppid: no lock that another thread may hold.
+        preexec_fn=_die_with(os.getpid()) if die_with_parent and sys.platform == "linux" else None,
     )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """What the forked child runs before exec: ask for SIGKILL when its parent dies (prctl)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl ran: no signal would ever come
+            os._exit(1)
+
+    return set_death_signal
 
 
 def free_port(host: str = "127.0.0.1") -> int:

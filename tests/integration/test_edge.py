@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -169,6 +170,33 @@ def test_edge_body_over_the_limit_is_413_in_each_dialect(https: httpx.Client) ->
     assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
 
 
+def test_edge_a_malformed_body_is_the_clients_400_not_an_unreachable_app(
+    served: ServeProcess, ca: ssl.SSLContext
+) -> None:
+    """Caddy answers 502 both when it cannot connect to the app and when it cannot read the client's chunked
+    body: only the first is "not reachable"; the second is a 400 in the dialect of the path."""
+    host, _, port = served.config["edge"]["listen"].rpartition(":")
+
+    def send(path: str) -> tuple[int, Any]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {served.token}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=30) as plain:
+            with ca.wrap_socket(plain, server_hostname=host) as tls:
+                tls.sendall(head.encode() + b"zz\r\n{}\r\n0\r\n\r\n")  # "zz" is no chunk length
+                answer = b""
+                while chunk := tls.recv(65536):
+                    answer += chunk
+        status_line, _, body = answer.partition(b"\r\n\r\n")
+        return int(status_line.split()[1]), json.loads(body)
+
+    status, ollama_body = send("/api/chat")
+    assert status == 400 and "could not be read" in ollama_body["error"], ollama_body
+    status, openai_body = send("/v1/chat/completions")
+    assert status == 400 and openai_body["error"]["code"] == "bad_request", openai_body
+
+
 def test_edge_llama_paths_reach_the_model_through_the_gateway(
     served: ServeProcess, https: httpx.Client, ca: ssl.SSLContext
 ) -> None:
@@ -291,6 +319,8 @@ async def test_edge_a_refused_config_is_reported_and_retried(tmp_path: Path) -> 
 
 
 def test_edge_caddy_metrics_are_a_second_scrape_target(served: ServeProcess) -> None:
-    """Caddy's own metrics (config reloads, its process) come from its admin API, on loopback."""
-    text = httpx.get(f"http://{served.config['edge']['admin']}/metrics", timeout=10).text
-    assert "caddy_config_last_reload_successful 1" in text
+    """Caddy's own metrics (config reloads, its process) on edge.admin, a loopback listener that serves nothing
+    else: the admin API itself is a unix socket."""
+    metrics = f"http://{served.config['edge']['admin']}"
+    assert "caddy_config_last_reload_successful 1" in httpx.get(f"{metrics}/metrics", timeout=10).text
+    assert httpx.get(f"{metrics}/config/", timeout=10).status_code == 404

@@ -14,15 +14,23 @@ from typing import Any
 
 import pytest
 
+from controller.config import validate_config
 from controller.edge.child import find_caddy
+from controller.edge.edge import edge_settings
 from controller.edge.render import EdgeSettings, render
 from controller.errors import LlamaControllerError
 from tests.support.server import require
 
 GOLDEN = Path(__file__).parent / "golden" / "edge"
 BASE = {"listen": "127.0.0.1:11443", "admin_listen": "127.0.0.1:11445", "app": "127.0.0.1:11434"}
+EMBEDDED = "/var/lib/llamacontroller/caddy"
 SETTINGS = {
-    "internal": EdgeSettings(**BASE, storage="/var/lib/llamacontroller/caddy/data"),
+    "internal": EdgeSettings(  # the embedded shape: admin API on a private socket, metrics alone on loopback
+        **{**BASE, "admin_listen": f"unix/{EMBEDDED}/admin.sock|0600"},
+        storage=f"{EMBEDDED}/data",
+        log_file=f"{EMBEDDED}/caddy.log",
+        metrics_listen="127.0.0.1:11445",
+    ),
     "files": EdgeSettings(
         **{**BASE, "listen": "0.0.0.0:443"},
         tls_mode="files",
@@ -78,7 +86,7 @@ def test_edge_render_passes_caddy_validate(mode: str, tmp_path: Path) -> None:
 def test_edge_render_keeps_the_admin_block_and_sends_llama_paths_to_the_app() -> None:
     """No per-model routes: a model loading or unloading must never make Caddy reload (see render's docstring)."""
     config = render(SETTINGS["internal"])
-    assert config["admin"] == {"listen": "127.0.0.1:11445", "config": {"persist": False}}
+    assert config["admin"] == {"listen": f"unix/{EMBEDDED}/admin.sock|0600", "config": {"persist": False}}
     text = json.dumps(config)
     assert text.count('"dial"') == 1 and '"dial": "127.0.0.1:11434"' in text, "the app is the only upstream"
     last = config["apps"]["http"]["servers"]["edge"]["routes"][-1]
@@ -117,3 +125,36 @@ def test_edge_image_bootstraps_agree() -> None:
 
     committed = (Path(__file__).resolve().parents[2] / "images" / "edge" / "bootstrap.json").read_text()
     assert json.loads(committed) == json.loads(EDGE_BOOTSTRAP)
+
+
+def test_edge_settings_embedded_admin_api_is_a_private_socket(tmp_path: Path) -> None:
+    """Supervised, Caddy's admin API (no authentication) is a unix socket of mode 0600 in the data dir, never a
+    TCP port another local user could reach; edge.admin then serves Caddy's metrics and nothing else."""
+    raw = {"server": {"data_dir": str(tmp_path)}, "edge": {"admin": "127.0.0.1:11999"}}
+    settings = edge_settings(validate_config(raw))
+    assert settings.admin_listen == f"unix/{tmp_path}/caddy/admin.sock|0600"
+    assert settings.metrics_listen == "127.0.0.1:11999" and settings.log_file == f"{tmp_path}/caddy/caddy.log"
+    metrics = render(settings)["apps"]["http"]["servers"]["metrics"]
+    assert metrics["listen"] == ["127.0.0.1:11999"]
+    assert [route["handle"][0]["handler"] for route in metrics["routes"]] == ["metrics", "static_response"]
+
+
+def test_edge_settings_unsupervised_admin_api_is_where_the_config_says(tmp_path: Path) -> None:
+    raw = {"server": {"data_dir": str(tmp_path)}, "edge": {"supervise": False, "admin": "edge:2019"}}
+    settings = edge_settings(validate_config({**raw, "edge": {**raw["edge"], "admin_listen": "0.0.0.0:2019"}}))
+    assert settings.admin_listen == "0.0.0.0:2019"
+    assert settings.metrics_listen is None and settings.log_file is None and settings.storage is None
+
+
+def test_edge_errors_tell_an_unreachable_app_from_an_unreadable_request() -> None:
+    """Caddy answers 502 for a refused dial and for a malformed chunked body alike: only the first is "not
+    reachable" (503); the second is the client's 400 — each in the dialect of the path."""
+    routes = render(SETTINGS["internal"])["apps"]["http"]["servers"]["edge"]["errors"]["routes"]
+    by_status = {  # the Ollama paths' answers, by status
+        route["handle"][0]["status_code"]: (route["match"][0]["expression"], json.loads(route["handle"][0]["body"]))
+        for route in routes
+        if "/api/*" in route["match"][0]["path"]
+    }
+    assert "startsWith('dial ')" in by_status[503][0] and "not reachable" in by_status[503][1]["error"]
+    assert "chunk" in by_status[400][0] and "could not be read" in by_status[400][1]["error"]
+    assert "not reachable" not in by_status[502][1]["error"]
