@@ -1,7 +1,8 @@
 """Ollama's duration semantics for ``keep_alive`` (pure functions).
 
 A JSON number is seconds (float allowed); a string is a Go duration that needs a unit (``"5m"``,
-``"1h30m"``, ``"-1m"``); any negative value means "keep forever"; zero means "unload right after".
+``"1h30m"``, ``"-1m"``); any negative value (or one over 31 years) means "keep forever"; zero means
+"unload right after".
 Strings without a unit are rejected exactly as Ollama does (``time: missing unit in duration "-1"``),
 because clients that send them are broken against Ollama too and should learn it here.
 """
@@ -12,6 +13,7 @@ import math
 import re
 
 FOREVER: float = math.inf
+LONGEST = 10.0**9  # seconds (31 years): any longer keep_alive is the same as forever
 
 _UNIT_SECONDS = {
     "ns": 1e-9,
@@ -62,11 +64,15 @@ def parse_keep_alive(value: object) -> float:
     if isinstance(value, bool):
         raise DurationError('keep_alive must be a number of seconds or a duration string like "5m"')
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer too large for a float
+            seconds = FOREVER
         if math.isnan(seconds):
             raise DurationError('keep_alive must be a number of seconds or a duration string like "5m"')
     elif isinstance(value, str):
         seconds = parse_go_duration(value.strip())
     else:
         raise DurationError('keep_alive must be a number of seconds or a duration string like "5m"')
-    return FOREVER if seconds < 0 else seconds
+    # Longer than LONGEST is forever too: an expiry 1e300 s away would overflow the event loop's timer.
+    return FOREVER if seconds < 0 or seconds > LONGEST else seconds

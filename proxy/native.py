@@ -28,12 +28,12 @@ from proxy.asgi import (
     Send,
     compact_json,
     header,
-    parse_json_object,
     read_body,
     run_until_disconnect,
 )
 from proxy.directory import HAS_SCOPE_KEY, ModelDirectory, Restricted
 from proxy.forward import forward, passed_headers
+from proxy.jsonbody import parse_json_object
 from proxy.limits import asked_predict, clamp_predict
 from proxy.upstream import Upstream
 

@@ -10,18 +10,10 @@ from typing import Any
 
 from controller.errors import BadRequest
 from proxy import measure
-from proxy.asgi import (
-    Receive,
-    Scope,
-    Send,
-    compact_json,
-    parse_json_object,
-    read_body,
-    run_until_disconnect,
-    send_json,
-)
+from proxy.asgi import Receive, Scope, Send, compact_json, read_body, run_until_disconnect, send_json
 from proxy.directory import ModelDirectory, ModelInfo, Restricted
 from proxy.forward import forward, passed_headers
+from proxy.jsonbody import parse_json_object
 from proxy.limits import asked_predict, clamp_predict
 from proxy.upstream import Upstream
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 from typing import Any
 
 from quart import Blueprint, current_app, request
 
+from controller.api.inputs import json_object, whole_number
 from controller.auth.asgi import identity_of
 from controller.auth.identity import Identity
 from controller.auth.service import AuthService
@@ -15,7 +15,6 @@ from controller.errors import BadRequest
 from controller.store.base import User
 
 blueprint = Blueprint("control_admin", __name__, url_prefix="/control/v1")
-_WHOLE = re.compile(r"[0-9]{1,9}")
 
 
 def _service() -> AuthService:
@@ -25,13 +24,6 @@ def _service() -> AuthService:
 
 def _actor() -> str:
     return identity_of(request.scope).subject
-
-
-async def _body() -> dict[str, Any]:
-    data = await request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
 
 
 def _user(user: User) -> dict[str, Any]:
@@ -64,7 +56,7 @@ async def list_tokens() -> dict[str, Any]:
 @blueprint.post("/tokens")
 async def create_token() -> tuple[dict[str, Any], int]:
     """The secret is in this answer only: store it now."""
-    data = await _body()
+    data = await json_object()
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("'name' is required")
@@ -96,7 +88,7 @@ async def list_users() -> dict[str, Any]:
 
 @blueprint.post("/users")
 async def add_user() -> tuple[dict[str, Any], int]:
-    data = await _body()
+    data = await json_object()
     role = data.get("role", "user")
     if role not in ("admin", "user"):
         raise BadRequest("'role' must be admin or user")
@@ -109,12 +101,12 @@ async def add_user() -> tuple[dict[str, Any], int]:
 @blueprint.put("/users/<name>/models")
 async def set_models(name: str) -> dict[str, Any]:
     """``{"models": ["gemma3*"]}``: the user's model allow-list (also for every token it owns); [] = all."""
-    return _user(await _service().set_models(name, tuple(_strings(await _body(), "models")), _actor()))
+    return _user(await _service().set_models(name, tuple(_strings(await json_object(), "models")), _actor()))
 
 
 @blueprint.post("/users/<name>/password")
 async def set_password(name: str) -> dict[str, Any]:
-    data = await _body()
+    data = await json_object()
     if not isinstance(data.get("password"), str):
         raise BadRequest("'password' is required")
     await _service().set_password(name, data["password"], _actor())
@@ -133,8 +125,6 @@ async def enable_user(name: str) -> dict[str, Any]:
 
 @blueprint.get("/audit")
 async def audit() -> dict[str, Any]:
-    raw = request.args.get("limit", "100")
-    if _WHOLE.fullmatch(raw) is None:  # ASCII digits: str.isdigit() also takes '²', which int() refuses
-        raise BadRequest("'limit' must be a whole number")
-    events = await _service().store.list_audit(min(int(raw), 1000))
+    limit = whole_number(request.args.get("limit", "100"), "limit", 1000, clamp=True)
+    events = await _service().store.list_audit(limit)
     return {"events": [asdict(event) for event in events]}

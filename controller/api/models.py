@@ -9,11 +9,11 @@ from typing import Any
 
 from quart import Blueprint, Response, current_app, request
 
+from controller.api.inputs import json_object, whole_number
 from controller.api.sse import sse_response, sse_stream
 from controller.errors import BadRequest
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
-from proxy.asgi import parse_json_object
 from proxy.directory import ALLOW_MODEL_KEY, Allowed, ModelInfo
 from proxy.keepalive import DurationError, parse_keep_alive
 
@@ -54,12 +54,6 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-async def _json_body() -> dict[str, Any]:
-    raw = await request.get_data()
-    body = raw if isinstance(raw, bytes) else raw.encode()
-    return parse_json_object(body) if body.strip() else {}
-
-
 @blueprint.get("/models")
 async def list_models() -> dict[str, Any]:
     return {"models": [model_json(info) for info in await _supervisor().models(_allowed())]}
@@ -73,7 +67,7 @@ async def get_model(name: str) -> dict[str, Any]:
 @blueprint.post("/models/<name>/load")
 async def load_model(name: str) -> dict[str, Any]:
     """Load a model and wait until it is ready; ``{"exclusive": true}`` unloads the others (a switch)."""
-    body = await _json_body()
+    body = await json_object(optional=True)
     exclusive = body.get("exclusive", False)
     if not isinstance(exclusive, bool):
         raise BadRequest("'exclusive' must be true or false")
@@ -98,10 +92,7 @@ async def unload_model(name: str) -> dict[str, Any]:
 
 
 def _tail_count() -> int:
-    raw = request.args.get("tail", "200")
-    if not raw.isdigit():
-        raise BadRequest("'tail' must be a whole number of lines")
-    return min(int(raw), MAX_LOG_LINES)
+    return whole_number(request.args.get("tail", "200"), "tail", MAX_LOG_LINES, clamp=True)
 
 
 @blueprint.get("/models/<name>/logs")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from passlib.exc import PasswordSizeError
 from passlib.hash import argon2
 
 from controller.errors import BadRequest
@@ -60,7 +61,10 @@ def parse_expiry(text: str | None) -> float | None:
 
 
 def hash_password(password: str) -> str:
-    return str(argon2.hash(password))
+    try:
+        return str(argon2.hash(password))
+    except PasswordSizeError as exc:  # passlib refuses more than 4 KiB, as a ValueError (a 500 if let through)
+        raise BadRequest(f"a password is at most {exc.max_size} bytes") from None
 
 
 def verify_password(password: str, hashed: str | None) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 from quart import Blueprint, Response, current_app, jsonify, request
 from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
+from controller.api.inputs import json_object
 from controller.auth.asgi import auth_headers, identity_of
 from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.errors import AuthError, BadRequest, LlamaControllerError
@@ -48,7 +49,7 @@ def clear_session_cookie(response: SansIOResponse) -> None:
 @blueprint.post("/login")
 async def login() -> Response:
     """``{"username", "password"}`` as JSON or a form. Sets a fresh HttpOnly, Secure, SameSite cookie."""
-    data: Any = await request.get_json(silent=True) if request.is_json else await request.form
+    data: Any = await json_object() if request.is_json else await request.form
     if not data or not isinstance(data.get("username"), str) or not isinstance(data.get("password"), str):
         raise BadRequest("send 'username' and 'password'")
     service = _service()

@@ -85,11 +85,12 @@ def _typed(name: str, kind: str, value: Any) -> Any:
         if len(value) > _MAX_STOP_WORDS:
             raise BadRequest(f'option "{name}" has more than {_MAX_STOP_WORDS} entries')
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong
+    # Checked before math.isfinite, which raises OverflowError on an integer too large for a float.
+    if abs(value) > 2**63 or not math.isfinite(value):
         raise wrong
     if kind == "int":
-        if abs(value) > 2**63:
-            raise wrong
         return int(value)  # JSON numbers: Ollama truncates 1.5 to 1 for int options
     return float(value)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from controller.errors import BadRequest, ModelNotFound
+from proxy.jsonbody import decode_json
 from proxy.keepalive import DurationError, parse_keep_alive
 from proxy.ollama.options import MappedOptions, map_options
 
@@ -164,8 +164,8 @@ def _tool_call(value: Any, where: str) -> ToolCall:
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):  # OpenAI clients send a JSON string: accept both
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
+            arguments = decode_json(arguments, "arguments") if arguments.strip() else {}
+        except BadRequest:
             raise BadRequest(f"{where}.function.arguments is not valid JSON") from None
     if not isinstance(arguments, dict):
         raise BadRequest(f"{where}.function.arguments must be an object")

@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 from controller.errors import BadRequest, UpstreamError, UpstreamRefused
 from proxy import measure
-from proxy.asgi import Receive, Scope, Send, header, parse_json_object, read_body, run_until_disconnect, send_json
+from proxy.asgi import Receive, Scope, Send, header, read_body, run_until_disconnect, send_json
 from proxy.background import Background
 from proxy.directory import Lease, ModelDirectory, ModelInfo, Restricted
 from proxy.forward import passed_headers
+from proxy.jsonbody import parse_json_object
 from proxy.limits import clamp_predict
 from proxy.ollama import info as render
 from proxy.ollama.convert import chat_body, generate_chat_body, native_body, openai_messages
