@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from controller.config_schema import (
@@ -23,6 +22,7 @@ from controller.config_schema import (
     Config,
     ModelConfig,
 )
+from controller.config_yaml import load_yaml
 from controller.errors import ConfigError
 from controller.names import canonical
 
@@ -30,6 +30,7 @@ __all__ = ["ENV_CONFIG_PATH", "AuthConfig", "Config", "ModelConfig", "load_confi
 
 ENV_PREFIX = "LLAMACONTROLLER_"
 ENV_CONFIG_PATH = "LLAMACONTROLLER_CONFIG"
+MAX_INTEGER = 2**63 - 1
 
 
 # ---------------------------------------------------------------- pipeline
@@ -74,7 +75,8 @@ def substitute_env(value: Any, env: Mapping[str, str]) -> Any:
 
 
 def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """``LLAMACONTROLLER_SERVER__LISTEN=0.0.0.0:11434`` sets ``server.listen``; values parse as YAML scalars."""
+    """``LLAMACONTROLLER_SERVER__LISTEN=0.0.0.0:11434`` sets ``server.listen``; values parse as YAML (a value
+    that does not is a ConfigError naming the variable)."""
     merged: dict[str, Any] = dict(raw)
     for key, value in sorted(env.items()):
         if not key.startswith(ENV_PREFIX) or key == ENV_CONFIG_PATH:
@@ -87,7 +89,7 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        node[path[-1]] = load_yaml(value, f"environment variable {key}") if value else value
     return merged
 
 
@@ -129,6 +131,8 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"must be > {ctx['gt']}"
     if kind == "greater_than_equal":
         return f"must be >= {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
     if kind == "extra_forbidden":
         loc = error["loc"]
         close = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
@@ -148,12 +152,28 @@ def _describe(error: Mapping[str, Any]) -> str:
     return message[:1].lower() + message[1:]
 
 
+def _out_of_range(node: Any, loc: tuple[int | str, ...] = ()) -> list[str]:
+    """Integers too large for any setting, by field path: pydantic would take them, and then ``float()``
+    or the backends' own parsers could not."""
+    if isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_INTEGER:
+        # Not the value itself: str() of an int past 4,300 digits raises.
+        return [f"{_field_path(loc)}: out of range (a whole number here is below 2**63 in size)"]
+    if isinstance(node, dict):
+        return [problem for key, value in node.items() for problem in _out_of_range(value, (*loc, str(key)))]
+    if isinstance(node, list):
+        return [problem for index, value in enumerate(node) for problem in _out_of_range(value, (*loc, index))]
+    return []
+
+
 def validate_config(raw: object) -> Config:
     """Turn parsed YAML (plus overrides) into a Config or one ConfigError listing every problem."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("invalid config", ["(top level): must be a mapping of sections"])
+    out_of_range = _out_of_range(raw)
+    if out_of_range:
+        raise ConfigError("invalid config", out_of_range)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
@@ -241,22 +261,27 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     return config.model_copy(update={"server": server, "models": models, "models_dir": models_dir, "edge": edge})
 
 
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8"
+        ) from exc
+
+
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     """The whole pipeline: file (optional) → env substitution → YAML → overrides → Config."""
     env = os.environ if env is None else env
     raw: object = {}
     base = Path.cwd()
     if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        try:
-            raw = substitute_env(yaml.safe_load(text), env)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}") from exc
+        raw = substitute_env(load_yaml(_read_text(path), f"config file {path}"), env)
         base = path.resolve().parent
     if raw is None:
         raw = {}

@@ -51,7 +51,10 @@ def _byte_size(value: object) -> object:
             "GI": 2**30,
             "TI": 2**40,
         }
-        return int(float(match.group(1)) * powers[unit])
+        size = float(match.group(1)) * powers[unit]  # inf for 400 digits: then int() would raise
+        if not size <= MAX_BYTES:
+            raise ValueError(f"must be at most {MAX_BYTES} bytes (1 EiB)")
+        return int(size)
     return value
 
 
@@ -61,10 +64,16 @@ def _period(value: float) -> float:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
-Period = Annotated[float, BeforeValidator(_seconds), AfterValidator(_period)]  # how often: 0 would busy-loop
+MAX_SECONDS = 10.0**9  # 31 years; a timer much further away overflows the event loop's
+MAX_BYTES = 2**60
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+# How often: 0 would busy-loop.
+Period = Annotated[
+    float, BeforeValidator(_seconds), Field(le=MAX_SECONDS, allow_inf_nan=False), AfterValidator(_period)
+]
 KeepAlive = Annotated[float, BeforeValidator(_keep_alive)]
-ByteSize = Annotated[int, BeforeValidator(_byte_size), Field(ge=0)]
+ByteSize = Annotated[int, BeforeValidator(_byte_size), Field(ge=0, le=MAX_BYTES)]
 
 
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
@@ -285,7 +294,7 @@ class UpstreamConfig(_Strict):
 
 def _host_port(value: str, example: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f'must be "host:port", e.g. "{example}"')
     return value
 

@@ -64,3 +64,28 @@ def test_a_container_runtime_needs_no_local_llama_server(
     _banner(config)
     assert f"runtime: {kind}, llama-server image llamacontroller/llama-server:local" in capsys.readouterr().out
     assert asyncio.run(llama_server_facts(config)) == {"image": "llamacontroller/llama-server:local"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"models_dir: caf\xe9\n", b"a: " + b"[" * 20_000, b"defaults:\n  keep_alive: " + b"9" * 400 + b"\n"],
+    ids=["latin-1", "deep", "huge-number"],
+)
+def test_cli_config_check_hostile_file_is_an_error_not_a_traceback(
+    tmp_path: Path, text: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(text)
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_cli_serve_names_an_env_override_that_is_not_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LLAMACONTROLLER_SCHEDULING__MAX_LOADED_MODELS", "[")
+    assert main(["serve", "--data-dir", str(tmp_path), "--models-dir", str(tmp_path)]) == 2
+    assert "environment variable LLAMACONTROLLER_SCHEDULING__MAX_LOADED_MODELS is not valid YAML" in (
+        capsys.readouterr().err
+    )

@@ -159,3 +159,61 @@ def test_config_periods_must_be_positive(section: dict[str, object], field: str)
     assert problems(section) == [
         f"{field}: must be more than 0 seconds: it is how often something repeats (0 would never pause)"
     ]
+
+
+# ------------------------------------------- hostile or broken files: a ConfigError, never a traceback
+
+LAUGHS = "\n".join(
+    [f"l0: &l0 [{', '.join(['x'] * 10)}]"]
+    + [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 6)]  # 10**6 values expanded
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"models_dir: caf\xe9\n", r"is not UTF-8 text \(byte 0xe9 on line 1\)"),
+        (b"a: " + b"[" * 20_000 + b"]" * 20_000, r"not valid YAML at line 1, column \d+: nested deeper than 64 levels"),
+        (LAUGHS.encode(), r"at line \d+, column \d+: more than 100000 values once its aliases are expanded"),
+        (b"a: &a [1, *a]\n", r"an alias refers to a node that contains it"),
+        (b"server:\n  max_body_bytes: " + b"9" * 5000, r"at line 2, column \d+: an integer of more than 40 digits"),
+        (b"server:\n  listen: !!binary abc\n", r"at line 2, column \d+: !!binary values have no place in a config"),
+    ],
+    ids=["latin-1", "deep", "billion-laughs", "alias-cycle", "5000-digits", "binary"],
+)
+def test_config_hostile_files_are_a_clear_error(tmp_path: Path, text: bytes, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path, {})
+    assert str(path) in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ({"defaults": {"keep_alive": 10**5000}}, "defaults.keep_alive: out of range"),
+        ({"server": {"max_body_bytes": 10**400 - 1}}, "server.max_body_bytes: out of range"),
+        ({"server": {"max_body_bytes": "9" * 400}}, "server.max_body_bytes: must be at most 1152921504606846976 bytes"),
+        ({"server": {"max_body_bytes": "9" * 400 + "GiB"}}, "server.max_body_bytes: must be at most"),
+        ({"runtime": {"stop_timeout": math.inf}}, "runtime.stop_timeout: must be <= 1000000000"),
+        ({"upstream": {"response_timeout": "9" * 60 + "h"}}, "upstream.response_timeout: must be <= 1000000000"),
+        ({"server": {"listen": "127.0.0.1:²"}}, 'server.listen: must be "host:port"'),
+    ],
+    ids=["keep_alive", "max_body_bytes", "max_body_bytes-text", "max_body_bytes-unit", "inf", "long", "superscript"],
+)
+def test_config_numbers_out_of_range_name_the_key(raw: dict[str, object], problem: str) -> None:
+    assert any(found.startswith(problem) for found in problems(raw)), problems(raw)
+
+
+def test_config_keep_alive_beyond_any_timer_is_forever() -> None:
+    config = validate_config(
+        {"defaults": {"keep_alive": 1e300}, "models": {"m": {"path": "m", "keep_alive": "9" * 40 + "h"}}}
+    )
+    assert math.isinf(config.defaults.keep_alive) and math.isinf(config.models["m"].keep_alive or 0)
+
+
+@pytest.mark.parametrize("value", ["[", "!!binary abc", "{a: *b}", "9" * 5000])
+def test_config_env_override_that_is_not_yaml_names_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="environment variable LLAMACONTROLLER_SERVER__LISTEN is not valid YAML"):
+        apply_env_overrides({}, {"LLAMACONTROLLER_SERVER__LISTEN": value})
