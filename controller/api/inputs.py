@@ -2,8 +2,8 @@
 
 A JSON body is read only up to a small limit (no control request is anywhere near it) and then decoded
 by the gateway's decoder (``proxy.jsonbody``: bounded depth and numbers, no lone surrogates), and must be
-an object. A number in a query string or a form field is ASCII digits of bounded length: ``str.isdigit()``
-also accepts ``"²"``, which ``int()`` then refuses, and ``int()`` of thousands of digits is slow, then refused.
+an object. A number in a query string is at most nine ASCII digits: ``str.isdigit()`` also accepts ``"²"``,
+which ``int()`` then refuses, and ``int()`` of thousands of digits is slow, then refused.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from controller.errors import BadRequest, PayloadTooLarge
 from proxy.jsonbody import parse_json_object
 
 MAX_CONTROL_BODY = 1 << 20  # bytes; a token or a user is a few hundred
+MAX_DIGITS = 9  # of a number in a query string: more is refused, not read
 
 
 async def json_object(*, optional: bool = False) -> dict[str, Any]:
@@ -37,12 +38,11 @@ async def json_object(*, optional: bool = False) -> dict[str, Any]:
 
 
 def whole_number(text: str, name: str, maximum: int, *, clamp: bool = False) -> int:
-    """``text`` (a query parameter or form field) as an integer from 0 to ``maximum``; over it, ``maximum``
-    when ``clamp``, else a BadRequest."""
-    text = text.strip()
-    if not text or not text.isascii() or not text.isdigit():
+    """``text`` (a query parameter or form field) as an integer from 0 to ``maximum``: at most MAX_DIGITS
+    ASCII digits. Over ``maximum``: ``maximum`` when ``clamp``, else a BadRequest."""
+    if not (0 < len(text) <= MAX_DIGITS and text.isascii() and text.isdigit()):
         raise BadRequest(f"'{name}' must be a whole number")
-    value = maximum + 1 if len(text) > len(str(maximum)) else int(text)
+    value = int(text)
     if value > maximum:
         if clamp:
             return maximum
