@@ -260,8 +260,8 @@ TEXTS = st.sampled_from(
 ) | st.text(max_size=6)
 
 # Every example sends to every route (about a hundred requests): few examples, each of them wide.
-FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-FEWER = settings(FAST, max_examples=6)
+FAST = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FEWER = settings(FAST, max_examples=5)
 
 
 @FAST
