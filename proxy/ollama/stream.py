@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from controller.errors import BadRequest
 from proxy import measure
+from proxy.jsonbody import decode_json
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +179,9 @@ class Accumulator:
         calls = []
         for index in sorted(self.tool_calls):
             parts = self.tool_calls[index]
-            try:
-                arguments = json.loads(parts.arguments) if parts.arguments.strip() else {}
-            except json.JSONDecodeError:
+            try:  # the model's text, which a prompt can steer: read within the same bounds as a client's JSON
+                arguments = decode_json(parts.arguments, "arguments") if parts.arguments.strip() else {}
+            except BadRequest:
                 log.warning("tool call %s had arguments that are not JSON: %.200s", parts.name, parts.arguments)
                 arguments = {}
             call: dict[str, Any] = {"function": {"index": index, "name": parts.name, "arguments": arguments}}

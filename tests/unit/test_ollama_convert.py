@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from controller.errors import BadRequest, ModelNotFound
+from proxy.asgi import compact_json
 from proxy.ollama.convert import chat_body, generate_chat_body, native_body, sniff_image_type
 from proxy.ollama.options import SAMPLING_DEFAULTS, map_options
 from proxy.ollama.requests import parse_chat, parse_embed, parse_generate
@@ -312,3 +313,21 @@ def test_created_at_is_rfc3339_utc_now_with_microseconds() -> None:
         moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
         assert abs((datetime.now(UTC) - moment).total_seconds()) < 5
     assert stamps == sorted(stamps)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    ["[" * 5000 + "]" * 5000, '{"n": ' + "9" * 5000 + "}", '{"a": "\\ud800"}', '{"a": NaN}', "{"],
+    ids=["deep", "5000-digits", "lone-surrogate", "nan", "broken"],
+)
+def test_stream_tool_call_arguments_a_model_wrote_badly_become_an_empty_object(arguments: str) -> None:
+    """The arguments are the model's text (a prompt can steer it): what the gateway cannot pass on as JSON
+    is dropped with a warning instead of failing the answer (RecursionError, ValueError, or a lone surrogate
+    that fails when the answer is encoded)."""
+    accumulator = Accumulator(model="m:latest", kind="chat", streaming=False)
+    call = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": arguments}}
+    accumulator.feed({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]})
+    accumulator.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    final = accumulator.final(load_duration_ns=0, total_duration_ns=0)
+    assert final["message"]["tool_calls"] == [{"function": {"index": 0, "name": "f", "arguments": {}}, "id": "c1"}]
+    compact_json(final)  # encodable as an answer
