@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -143,6 +144,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_level(value: str) -> str:
+    """A level name logging knows (from --log-level or LLAMACONTROLLER_LOG_LEVEL): any other was a traceback."""
+    if value.upper() not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a log level (--log-level or LLAMACONTROLLER_LOG_LEVEL): use DEBUG, INFO, WARNING, ERROR"
+        )
+    return value.upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llamacontroller", description="Serve llama.cpp models to Ollama and OpenAI clients."
@@ -155,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:11434)")
     serve.add_argument("--data-dir", help="state, logs and pid files (default ~/.local/share/llamacontroller)")
     serve.add_argument("--models-dir", help="folder scanned for *.gguf files (default <data dir>/models)")
-    serve.add_argument("--log-level", default=os.environ.get("LLAMACONTROLLER_LOG_LEVEL", "INFO"))
+    serve.add_argument("--log-level", type=_log_level, default=os.environ.get("LLAMACONTROLLER_LOG_LEVEL", "INFO"))
     serve.set_defaults(func=cmd_serve)
 
     add_admin_commands(commands)

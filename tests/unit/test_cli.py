@@ -89,3 +89,13 @@ def test_cli_serve_names_an_env_override_that_is_not_yaml(
     assert "environment variable LLAMACONTROLLER_SCHEDULING__MAX_LOADED_MODELS is not valid YAML" in (
         capsys.readouterr().err
     )
+
+
+def test_cli_serve_refuses_an_unknown_log_level_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LLAMACONTROLLER_LOG_LEVEL", "[")
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--data-dir", str(tmp_path), "--models-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "'[' is not a log level (--log-level or LLAMACONTROLLER_LOG_LEVEL)" in capsys.readouterr().err
