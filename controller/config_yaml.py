@@ -56,6 +56,8 @@ def _text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
         value.encode()
     except UnicodeEncodeError:
         raise ConstructorError(None, None, "a \\u escape is half a surrogate pair", node.start_mark) from None
+    if "\0" in value:  # a "\0" escape: no path, name or address holds one (os calls raise ValueError)
+        raise ConstructorError(None, None, "a NUL character has no place in a config", node.start_mark)
     return value
 
 

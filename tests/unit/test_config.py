@@ -178,8 +178,10 @@ LAUGHS = "\n".join(
         (b"a: &a [1, *a]\n", r"an alias refers to a node that contains it"),
         (b"server:\n  max_body_bytes: " + b"9" * 5000, r"at line 2, column \d+: an integer of more than 40 digits"),
         (b"server:\n  listen: !!binary abc\n", r"at line 2, column \d+: !!binary values have no place in a config"),
+        (b'server:\n  data_dir: "/tmp/a\\0b"\n', r"at line 2, column \d+: a NUL character has no place in a config"),
+        (b'models_dir: "\\ud800"\n', r"at line 1, column \d+: a \\u escape is half a surrogate pair"),
     ],
-    ids=["latin-1", "deep", "billion-laughs", "alias-cycle", "5000-digits", "binary"],
+    ids=["latin-1", "deep", "billion-laughs", "alias-cycle", "5000-digits", "binary", "nul", "lone-surrogate"],
 )
 def test_config_hostile_files_are_a_clear_error(tmp_path: Path, text: bytes, message: str) -> None:
     path = tmp_path / "c.yaml"
