@@ -294,7 +294,7 @@ class UpstreamConfig(_Strict):
 
 def _host_port(value: str, example: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
         raise ValueError(f'must be "host:port", e.g. "{example}"')
     return value
 

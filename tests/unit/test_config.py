@@ -201,8 +201,18 @@ def test_config_hostile_files_are_a_clear_error(tmp_path: Path, text: bytes, mes
         ({"runtime": {"stop_timeout": math.inf}}, "runtime.stop_timeout: must be <= 1000000000"),
         ({"upstream": {"response_timeout": "9" * 60 + "h"}}, "upstream.response_timeout: must be <= 1000000000"),
         ({"server": {"listen": "127.0.0.1:²"}}, 'server.listen: must be "host:port"'),
+        ({"edge": {"listen": "127.0.0.1:" + "9" * 5000}}, 'edge.listen: must be "host:port"'),
     ],
-    ids=["keep_alive", "max_body_bytes", "max_body_bytes-text", "max_body_bytes-unit", "inf", "long", "superscript"],
+    ids=[
+        "keep_alive",
+        "max_body_bytes",
+        "max_body_bytes-text",
+        "max_body_bytes-unit",
+        "inf",
+        "long",
+        "superscript",
+        "long-port",
+    ],
 )
 def test_config_numbers_out_of_range_name_the_key(raw: dict[str, object], problem: str) -> None:
     assert any(found.startswith(problem) for found in problems(raw)), problems(raw)
