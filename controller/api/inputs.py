@@ -1,4 +1,4 @@
-"""What the control plane reads from a request (the JSON API, ``/auth/*`` and the web page's forms alike).
+"""What the control plane reads from a request: JSON bodies (control API, ``/auth/*``), query-string numbers.
 
 A JSON body is read only up to a small limit (no control request is anywhere near it) and then decoded
 by the gateway's decoder (``proxy.jsonbody``: bounded depth and numbers, no lone surrogates), and must be
