@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
+from controller.api.sse import STREAMS_KEY, EventStreams
 from controller.auth import views as auth_views
 from controller.auth.asgi import AuthMiddleware
 from controller.auth.service import AuthService
@@ -111,6 +112,7 @@ def create_app(
     app.extensions["llamacontroller.config"] = config
     app.extensions["llamacontroller.supervisor"] = supervisor
     app.extensions["llamacontroller.events"] = events
+    app.extensions[STREAMS_KEY] = EventStreams()  # the server ends them when it begins to shut down
     app.extensions["llamacontroller.gateway"] = gateway
     app.extensions["llamacontroller.edge"] = edge
     app.register_blueprint(health.blueprint)
