@@ -95,6 +95,8 @@ def create_app(
     )
     counted = ControllerMetrics(registry, supervisor)
     edge = Edge(config, events.publish) if config.edge.enabled else None
+    if edge is not None:
+        registry.register(health.EdgeState(edge))
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     peers = TrustedProxies(config.server.trusted_proxies)
     store, ephemeral = make_store(config)
