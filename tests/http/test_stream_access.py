@@ -175,3 +175,18 @@ async def test_stream_dashboard_events_end_when_the_password_is_reset(world: Wor
         await events.heartbeats(2)
         await world.service.set_password("root", "another-password", "tests")
         await events.end()
+
+
+async def test_stream_through_a_proxy_of_ones_own_is_asked_about_by_its_token(world: World) -> None:
+    """Opened with the edge's signed identity header (usable once): each heartbeat asks about the token it was
+    signed for, so the stream lives on until that token is revoked."""
+    client = world.app.test_client()
+    forwarded = {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/control/v1/events", **bearer(world)}
+    verified = await client.get("/auth/verify", headers=forwarded)
+    assert verified.status_code == 200
+    signed = {"X-LlamaController-Identity": verified.headers["X-LlamaController-Identity"]}
+    async with stream(client, "/control/v1/events", signed) as events:
+        await events.heartbeats(3)
+        assert events.connection.status_code == 200
+        await world.service.revoke_token(world.token_id, "tests")
+        await events.end()
