@@ -15,8 +15,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
+from controller.api.sse import STREAMS_KEY, EventStreams
 from controller.auth import views as auth_views
-from controller.auth.asgi import AuthMiddleware
+from controller.auth.asgi import AuthMiddleware, auth_headers
 from controller.auth.service import AuthService
 from controller.auth.verify import forward_auth
 from controller.bodies import BoundedRequest, too_large
@@ -94,6 +95,8 @@ def create_app(
     )
     counted = ControllerMetrics(registry, supervisor)
     edge = Edge(config, events.publish) if config.edge.enabled else None
+    if edge is not None:
+        registry.register(health.EdgeState(edge))
     gateway = Gateway(supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, upstream)
     peers = TrustedProxies(config.server.trusted_proxies)
     store, ephemeral = make_store(config)
@@ -111,6 +114,7 @@ def create_app(
     app.extensions["llamacontroller.config"] = config
     app.extensions["llamacontroller.supervisor"] = supervisor
     app.extensions["llamacontroller.events"] = events
+    app.extensions[STREAMS_KEY] = EventStreams()  # the server ends them when it begins to shut down
     app.extensions["llamacontroller.gateway"] = gateway
     app.extensions["llamacontroller.edge"] = edge
     app.register_blueprint(health.blueprint)
@@ -194,11 +198,13 @@ def _relative_redirects(app: Quart) -> None:
 
 def _register_error_handlers(app: Quart) -> None:
     @app.errorhandler(LlamaControllerError)
-    async def our_error(exc: LlamaControllerError) -> tuple[dict[str, Any], int]:
-        return control_error(exc.message, exc.code), exc.status
+    async def our_error(exc: LlamaControllerError) -> tuple[dict[str, Any], int, dict[str, str]]:
+        # A 401 names its challenge (WWW-Authenticate), a 429 when to come back, as the middleware's do.
+        headers = {name.decode(): value.decode() for name, value in auth_headers(exc)}
+        return control_error(exc.message, exc.code), exc.status, headers
 
     @app.errorhandler(RequestEntityTooLarge)
-    async def body_too_large(exc: RequestEntityTooLarge) -> tuple[dict[str, Any], int]:
+    async def body_too_large(exc: RequestEntityTooLarge) -> tuple[dict[str, Any], int, dict[str, str]]:
         return await our_error(too_large(exc))
 
     @app.errorhandler(HTTPException)

@@ -10,12 +10,15 @@ heads are bounded (``server.max_header_bytes``): the app's port is reachable wit
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from typing import Any
 
 import uvicorn
+from quart import Quart
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from controller.api.sse import STREAMS_KEY, EventStreams
 from controller.config import Config
 from proxy.asgi import compact_json
 from proxy.dialects import error_body
@@ -106,7 +109,21 @@ def bounded_httptools(max_head: int) -> type[asyncio.Protocol]:
     return type("BoundedHttpTools", (_BoundedHead,), {"max_head": max_head})
 
 
-def uvicorn_server(app: Any, config: Config) -> uvicorn.Server:
+class _Server(uvicorn.Server):
+    """uvicorn, which ends the app's event streams when it begins to shut down: it waits for open answers before
+    it stops the app, and an event stream never ends by itself."""
+
+    def __init__(self, config: uvicorn.Config, streams: EventStreams | None) -> None:
+        super().__init__(config)
+        self.streams = streams
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.streams is not None:
+            self.streams.close()
+        await super().shutdown(sockets)
+
+
+def uvicorn_server(app: Quart, config: Config) -> uvicorn.Server:
     settings = uvicorn.Config(
         app,
         loop="uvloop",
@@ -115,10 +132,13 @@ def uvicorn_server(app: Any, config: Config) -> uvicorn.Server:
         access_log=False,  # proxy/access.py writes its own line per request, with the model
         log_config=None,  # keep the application's logging set-up
         timeout_keep_alive=75,
-        timeout_graceful_shutdown=int(config.runtime.stop_timeout) or None,
+        # The grace for answers still running at shutdown. Whole seconds (uvicorn's type), rounded up: 0 is "now",
+        # as stop_timeout 0 is everywhere else, never "no limit" (that was 0.5 truncated, and a stream open
+        # through a SIGTERM then kept the process forever).
+        timeout_graceful_shutdown=math.ceil(config.runtime.stop_timeout),
         server_header=False,
         # Not uvicorn's proxy_headers (a rewrite of every request's scope): the client's address behind the edge
         # is read only where it is used (proxy/peers.py).
         proxy_headers=False,
     )
-    return uvicorn.Server(settings)
+    return _Server(settings, app.extensions.get(STREAMS_KEY))

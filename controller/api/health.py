@@ -1,9 +1,19 @@
-"""Operator probes: ``/healthz`` (the process answers) and ``/readyz`` (start-up done, edge configured)."""
+"""Operator probes: ``/healthz`` (the process answers) and ``/readyz`` (the controller can serve).
+
+Readiness is the controller's own: start-up and adoption done, the store the one opened. The edge (Caddy) is a
+separate program with its own probes; its state is reported here (in ``/readyz``'s answer and as
+``llamacontroller_edge_state``) but never fails readiness: in Kubernetes ``/readyz`` is the controller's
+readiness probe, and an edge problem would take the control plane, the one thing that can report and repair
+it, out of its Service.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from quart import Blueprint, current_app
 
 from controller.auth.service import AuthService
@@ -11,6 +21,8 @@ from controller.edge.edge import Edge
 from controller.lifecycle.supervisor import Supervisor
 
 blueprint = Blueprint("health", __name__)
+
+EDGE_STATES = ("starting", "ok", "down", "rejected")
 
 
 @blueprint.get("/healthz")
@@ -20,16 +32,33 @@ async def healthz() -> dict[str, Any]:
 
 @blueprint.get("/readyz")
 async def readyz() -> tuple[dict[str, Any], int]:
-    """200 once start-up and adoption are done, the edge (when enabled) has its configuration and the store
-    is the one opened."""
+    """200 once start-up and adoption are done and the store is the one opened; with the edge enabled, the
+    answer also says how the edge is (``"edge": {"state", "error"}``), whatever it is."""
     supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
+    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    shown = {"edge": {"state": edge.status.state, "error": edge.status.error}} if edge is not None else {}
     if not supervisor.ready:
-        return {"status": "starting"}, 503
+        return {"status": "starting", **shown}, 503
     auth: AuthService = current_app.extensions["llamacontroller.auth"]
     problem = await auth.store.problem()
     if problem is not None:
-        return {"status": "store failed", "error": problem}, 503
-    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
-    if edge is not None and edge.status.state != "ok":
-        return {"status": f"edge {edge.status.state}", "edge": edge.public()}, 503
-    return {"status": "ready"}, 200
+        return {"status": "store failed", "error": problem, **shown}, 503
+    return {"status": "ready", **shown}, 200
+
+
+class EdgeState(Collector):
+    """``llamacontroller_edge_state{state}``: 1 for the edge's current state, read when Prometheus scrapes."""
+
+    def __init__(self, edge: Edge) -> None:
+        self._edge = edge
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "llamacontroller_edge_state",
+            "1 for the HTTPS edge's current state (ok: Caddy serves the current configuration)",
+            labels=["state"],
+        )
+        current = self._edge.status.state
+        for state in EDGE_STATES:
+            gauge.add_metric([state], 1.0 if state == current else 0.0)
+        yield gauge

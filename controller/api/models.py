@@ -10,7 +10,9 @@ from typing import Any
 from quart import Blueprint, Response, current_app, request
 
 from controller.api.inputs import json_object, whole_number
-from controller.api.sse import sse_response, sse_stream
+from controller.api.sse import StreamAccess, sse_response, sse_stream
+from controller.auth.asgi import identity_of
+from controller.auth.identity import required_scope
 from controller.errors import BadRequest
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
@@ -52,6 +54,11 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
         "file_error": info.file_error,
         **asdict(info.live),
     }
+
+
+def _access(model: str | None = None) -> StreamAccess:
+    """The caller of a stream, asked about again at each heartbeat (with the scope this path needs)."""
+    return StreamAccess(identity_of(request.scope), required_scope(request.method, request.path), model)
 
 
 @blueprint.get("/models")
@@ -104,12 +111,13 @@ async def model_logs(name: str) -> Response | dict[str, Any]:
     if request.args.get("follow") not in ("1", "true"):
         return {"model": entry.name, "lines": supervisor.logbook.tail(entry.key, count)}
     logbook = supervisor.logbook
+    access = _access(entry.name)
 
     async def stream() -> AsyncIterator[bytes]:
         with logbook.subscription(entry.key) as queue:
             for line in logbook.tail(entry.key, count):
                 yield f"data: {json.dumps(line)}\n\n".encode()
-            async for event in sse_stream(queue):
+            async for event in sse_stream(queue, access):
                 yield event
 
     return sse_response(stream())
@@ -120,12 +128,15 @@ async def events() -> Response:
     """Model state changes as server-sent events (``{"type": "model_state", ...}``), only of the models
     the caller may see."""
     bus: EventBus = current_app.extensions["llamacontroller.events"]
-    allowed = _allowed()
+    access = _access()
+
+    def wanted(event: dict[str, Any]) -> bool:
+        return access.identity.allows_model(str(event.get("model", "")))  # today's allow-list
 
     async def stream() -> AsyncIterator[bytes]:
-        with bus.subscription(lambda event: allowed is None or allowed(str(event.get("model", "")))) as queue:
+        with bus.subscription(wanted) as queue:
             yield b": connected\n\n"
-            async for event in sse_stream(queue):
+            async for event in sse_stream(queue, access):
                 yield event
 
     return sse_response(stream())

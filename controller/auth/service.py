@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controller.auth.bounds import Grant, check_glob_count, check_name, check_rpm, expiry_seconds, within_maker
@@ -176,30 +176,13 @@ class AuthService:
         matches = same(digest(secret), token.secret_hash if token else digest(secrets.token_urlsafe(32)))
         if token is None or not matches:
             raise Unauthenticated("invalid API token")
-        if token.revoked:
-            raise Unauthenticated("this API token has been revoked")
-        if token.expires_at is not None and token.expires_at <= time.time():
-            raise Unauthenticated("this API token has expired")
-        if owner is None or owner.disabled:
-            raise Unauthenticated("the owner of this API token is disabled")
+        identity = _token_identity(token, owner)
         if token.rpm:
             wait = await self.ephemeral.take(f"token:{token.id}", token.rpm)
             if wait > 0:
                 raise RateLimited(f"rate limit of {token.rpm} requests per minute reached", wait)
         self._touch(token.id)
-        scopes = frozenset(token.scopes)
-        if owner.role != "admin":
-            scopes -= {Scope.ADMIN}  # a token never gives more than its owner has
-        return Identity(
-            owner.name,
-            "token",
-            scopes,
-            token.models,
-            owner.models,
-            token_id=token.id,
-            rpm=token.rpm,
-            expires_at=token.expires_at,
-        )
+        return identity
 
     def _touch(self, token_id: str) -> None:
         now = time.time()
@@ -216,14 +199,35 @@ class AuthService:
         session = await self.store.get_session(digest(cookie))
         if session is None:
             raise Unauthenticated("session expired or signed out: sign in again")
-        user = await self.store.get_user(session.user)
-        if user is None or user.disabled:
-            raise Unauthenticated("this account is disabled")
+        identity = _session_identity(session, await self.store.get_user(session.user))
         if request.method in UNSAFE_METHODS:
             presented = request.headers.get(CSRF_HEADER, "")
             if not presented or not same(presented, self.csrf_token(cookie)):
                 raise Forbidden("missing or wrong CSRF token (X-CSRF-Token)")
-        return Identity(user.name, "session", ROLE_SCOPES[user.role], user.models, session_hash=session.id_hash)
+        return identity
+
+    async def revalidate(self, identity: Identity) -> Identity:
+        """``identity`` as it stands now, for a request that lasts (an event stream) and asks again: Unauthenticated
+        once what it was established from no longer holds (token revoked or expired, session signed out or
+        expired, account disabled); else the identity with today's scopes and allow-lists. Counts against no
+        rate limit: the request was counted when it came."""
+        if not self.settings.enabled:
+            return identity
+        if identity.token_id is not None:
+            cached = await self._lookup(identity.token_id)
+            if cached.token is None:
+                raise Unauthenticated("invalid API token")
+            return replace(_token_identity(cached.token, cached.owner), via=identity.via)
+        if identity.session_hash is not None:
+            session = await self.store.get_session(identity.session_hash)
+            if session is None:
+                raise Unauthenticated("session expired or signed out: sign in again")
+            return _session_identity(session, await self.store.get_user(session.user))
+        user = await self.store.get_user(identity.subject)  # the edge's signed identity of a web session
+        if user is None or user.disabled:
+            raise Unauthenticated("this account is disabled")
+        scopes = identity.scopes if user.role == "admin" else identity.scopes - {Scope.ADMIN}
+        return replace(identity, scopes=scopes, owner_models=user.models)
 
     # ------------------------------------------------------------------ the edge's signed identity
 
@@ -416,3 +420,32 @@ class AuthService:
         token = await self.store.get_token(token_id)
         assert token is not None
         return token
+
+
+def _token_identity(token: TokenRecord, owner: User | None) -> Identity:
+    """Who a (matching) token speaks for, or Unauthenticated when it no longer may."""
+    if token.revoked:
+        raise Unauthenticated("this API token has been revoked")
+    if token.expires_at is not None and token.expires_at <= time.time():
+        raise Unauthenticated("this API token has expired")
+    if owner is None or owner.disabled:
+        raise Unauthenticated("the owner of this API token is disabled")
+    scopes = frozenset(token.scopes)
+    if owner.role != "admin":
+        scopes -= {Scope.ADMIN}  # a token never gives more than its owner has
+    return Identity(
+        owner.name,
+        "token",
+        scopes,
+        token.models,
+        owner.models,
+        token_id=token.id,
+        rpm=token.rpm,
+        expires_at=token.expires_at,
+    )
+
+
+def _session_identity(session: SessionRecord, user: User | None) -> Identity:
+    if user is None or user.disabled:
+        raise Unauthenticated("this account is disabled")
+    return Identity(user.name, "session", ROLE_SCOPES[user.role], user.models, session_hash=session.id_hash)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from quart import Response, redirect, request
@@ -36,6 +37,9 @@ async def login_page() -> Any:
 
 @blueprint.post("/login")
 async def login() -> Any:
+    """A wrong password answers the form again with the message, as a page (200): 401 is HTTP authentication's
+    status, which needs a challenge (WWW-Authenticate) a sign-in form has none of, and browsers log it as an
+    error. Throttled: 429 with Retry-After."""
     form = await request.form
     target = safe_next(form.get("next"))
     try:
@@ -43,9 +47,10 @@ async def login() -> Any:
     except RateLimited as exc:
         minutes = max(1, round(exc.retry_after / 60))
         error = f"Too many failed sign-ins. Wait about {minutes} minute{'s' if minutes > 1 else ''} and try again."
-        return await render("login.html", None, next=target, error=error), 429
+        page_html = await render("login.html", None, next=target, error=error)
+        return page_html, 429, {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     except Unauthenticated:
-        return await render("login.html", None, next=target, error="Wrong user name or password."), 401
+        return await render("login.html", None, next=target, error="Wrong user name or password."), 200
     response = redirect(target, 303)
     set_session_cookie(response, cookie, service().settings.session_ttl)
     return response

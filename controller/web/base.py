@@ -17,11 +17,12 @@ from typing import Any, ParamSpec
 from urllib.parse import quote
 
 from quart import Blueprint, Response, current_app, redirect, request
+from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
 from controller.auth.asgi import request_of
 from controller.auth.identity import Identity, Scope
 from controller.auth.service import SESSION_COOKIE, AuthService
-from controller.errors import AuthError, Forbidden, Unauthenticated
+from controller.errors import AuthError, Forbidden
 from controller.lifecycle.supervisor import Supervisor
 
 STATIC = Path(__file__).parent / "static"
@@ -98,6 +99,17 @@ async def check_csrf(me: Viewer) -> None:
         raise Forbidden("this form is out of date or was not sent by this page (CSRF token missing or wrong)")
 
 
+def sign_in_first(write: bool) -> SansIOResponse:
+    """To the sign-in page, and back here after it (a form's POST goes back to the dashboard: it cannot be
+    replayed). Never a 401: that is HTTP authentication's answer, with a challenge a web session has none of.
+    htmx follows a redirect inside the page; HX-Redirect makes it load the sign-in page instead."""
+    back = "/ui/" if write else request.full_path.rstrip("?")
+    target = f"/ui/login?next={quote(back, safe='/')}"
+    if htmx():
+        return Response("", status=200, headers={"HX-Redirect": target})
+    return redirect(target, 303 if write else 302)
+
+
 def page(scope: str | None = None, write: bool = False) -> Callable[[View], View]:
     """A page for signed-in visitors (with ``scope``); ``write``: the request must carry the CSRF token."""
 
@@ -106,9 +118,7 @@ def page(scope: str | None = None, write: bool = False) -> Callable[[View], View
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             me = await viewer()
             if me is None:
-                if write:
-                    raise Unauthenticated("sign in first")
-                return redirect(f"/ui/login?next={quote(request.full_path.rstrip('?'), safe='/')}")
+                return sign_in_first(write)
             if scope is not None and not me.identity.has(scope):
                 raise Forbidden(f"this page needs the '{scope}' permission, which your account does not have")
             if write:

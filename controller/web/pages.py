@@ -9,7 +9,7 @@ import yaml
 from quart import Response, current_app, redirect, render_template, stream_with_context
 
 from controller import __version__
-from controller.api.sse import PING, heartbeat, sse_response, sse_stream
+from controller.api.sse import PING, StreamAccess, heartbeat, sse_response, sse_stream
 from controller.api.system import llama_server_facts
 from controller.auth.identity import Scope
 from controller.config import Config
@@ -83,21 +83,25 @@ async def model_action(me: Viewer, name: str, action: str) -> Any:
 async def events(me: Viewer) -> Response:
     """Server-sent events for the dashboard: a model's new row (HTML) whenever its state changes."""
     bus: EventBus = current_app.extensions["llamacontroller.events"]
-    allowed = me.identity.allows_model
+    access = StreamAccess(me.identity)  # the session, asked about again at each heartbeat
+
+    def wanted(event: dict[str, Any]) -> bool:
+        return event.get("type") == "model_state" and access.identity.allows_model(event["model"])
 
     @stream_with_context
     async def stream() -> AsyncIterator[bytes]:
-        with bus.subscription(lambda event: event.get("type") == "model_state" and allowed(event["model"])) as queue:
+        with bus.subscription(wanted) as queue:
             yield b": connected\n\n"
-            async for event in heartbeat(queue):
+            async for event in heartbeat(queue, access):
                 if event is PING:
                     yield b": ping\n\n"
                     continue
+                viewing = Viewer(access.identity, me.csrf)
                 try:
-                    row = await one_row(me, event["model"])
+                    row = await one_row(viewing, event["model"])
                 except LlamaControllerError:
                     continue
-                html = await render("_row.html", me, model=row)
+                html = await render("_row.html", viewing, model=row)
                 data = "".join(f"data: {line}\n" for line in html.strip().splitlines())
                 yield f"event: {row_id(row.name)}\n{data}\n".encode()
 
@@ -119,11 +123,12 @@ async def log_stream(me: Viewer, name: str) -> Response:
     """New lines of the model's log as server-sent events (``data: "<line>"``), after the page's own tail."""
     found = supervisor()
     entry = await found.resolve(name, me.identity.allows_model)
+    access = StreamAccess(me.identity, Scope.MODELS, entry.name)
 
     async def stream() -> AsyncIterator[bytes]:
         with found.logbook.subscription(entry.key) as queue:
             yield b": connected\n\n"
-            async for event in sse_stream(queue):
+            async for event in sse_stream(queue, access):
                 yield event
 
     return sse_response(stream())

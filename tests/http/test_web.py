@@ -62,13 +62,25 @@ async def test_web_pages_need_a_session(world: World) -> None:
 
 
 async def test_web_wrong_password_and_throttling_say_so(world: World) -> None:
+    """The form again with the message, as a page: not a 401, which is HTTP authentication's answer and needs a
+    WWW-Authenticate challenge a sign-in form has none of (browsers log it as an error)."""
     for _ in range(5):
         wrong = await world.client.post("/ui/login", form={"username": "root", "password": "nope"})
-        assert wrong.status_code == 401
-        assert "Wrong user name or password." in await wrong.get_data(as_text=True)
+        assert wrong.status_code == 200 and "WWW-Authenticate" not in wrong.headers
+        page = await wrong.get_data(as_text=True)
+        assert "Wrong user name or password." in page and 'action="/ui/login"' in page
+        assert SESSION_COOKIE not in wrong.headers.get("Set-Cookie", "")
     throttled = await world.client.post("/ui/login", form={"username": "root", "password": "nope"})
-    assert throttled.status_code == 429
+    assert throttled.status_code == 429 and int(throttled.headers["Retry-After"]) >= 1
     assert "Too many failed sign-ins" in await throttled.get_data(as_text=True)
+
+
+async def test_web_a_form_sent_without_a_session_goes_to_the_sign_in_page(world: World) -> None:
+    """A session that ended under an open page: its next form goes to the sign-in page, never a 401 page."""
+    plain = await world.client.post("/ui/models/a/load", form={"csrf_token": "x"})
+    assert plain.status_code == 303 and plain.headers["Location"] == "/ui/login?next=/ui/"
+    fragment = await world.client.post("/ui/models/a/load", form={"csrf_token": "x"}, headers={"HX-Request": "true"})
+    assert fragment.status_code == 200 and fragment.headers["HX-Redirect"] == "/ui/login?next=/ui/"
 
 
 def test_web_next_stays_on_this_site() -> None:

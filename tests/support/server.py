@@ -217,6 +217,18 @@ def answers(url: str, process: subprocess.Popen[Any], seconds: float) -> bool:
         time.sleep(0.05)
 
 
+def edge_serves(url: str, process: subprocess.Popen[Any], seconds: float) -> bool:
+    """Poll ``/readyz`` until it says the edge serves (``"edge": {"state": "ok"}``): the controller is ready
+    before its edge is (readiness is its own), and a test of the HTTPS side waits for both."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if httpx.get(f"{url}/readyz", timeout=5).json().get("edge", {}).get("state") == "ok":
+            return True
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 @contextmanager
 def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve") -> Iterator[ServeProcess]:
     """`llamacontroller serve --config ...` as a real process; stopped with SIGTERM (or already killed)."""
@@ -237,6 +249,8 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
     try:
         if not answers(f"{url}/readyz", process, 60):
             raise RuntimeError(f"serve did not become ready:\n{served.output()}")
+        if config.get("edge", {}).get("enabled", True) and not edge_serves(url, process, 60):
+            raise RuntimeError(f"the edge did not come up:\n{served.output()}")
         yield served
     finally:
         served.http.close()
