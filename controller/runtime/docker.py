@@ -75,7 +75,8 @@ class DockerRuntime:
         self._engine_has_nvidia: bool | None = None
         self._network: str | None = None
         self._network_decided = False
-        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}
+        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}  # container id → its exit (answered or not)
+        self._latest: dict[str, str] = {}  # model → the id of its last watched container
         self._memory: dict[str, int | None] = {}
         self._oom: set[str] = set()
         self._followers: dict[str, threading.Thread] = {}
@@ -143,15 +144,33 @@ class DockerRuntime:
     async def start(self, spec: LaunchSpec) -> Backend:
         self._ensure_watching()
         container_plan = plan(spec, settings_for(self._config, spec.model), self._instance, self._settings.path_map)
-        container = await self._call(f"starting a container for {spec.model}", lambda: self._run(container_plan))
-        backend = self._backend(container, adopted=False)
-        self._watch(container.id or "", container_plan.memory)
-        self._logbook.append(spec.model, f"{START_MARKER} container {container.name} ({(container.id or '')[:12]})")
+        action = f"starting a container for {spec.model}"
+        created = await self._call(action, lambda: self._create(container_plan))
+        container_id = created.id or ""
+        # Watched before it starts: a container that dies at once (a bad flag, a file it cannot read) sends its
+        # ``die`` event while the start call is still returning, and an exit nobody waits for yet is dropped —
+        # the load would then wait out the whole startup timeout.
+        self._watch(container_id, container_plan.memory, spec.model)
+        try:
+            container = await self._call(action, lambda: self._start_created(created))
+        except BaseException:
+            self._unwatch(container_id)
+            raise
+        self._logbook.append(spec.model, f"{START_MARKER} container {container.name} ({container_id[:12]})")
         self._follow(container, spec.model)
+        state = container.attrs["State"]
+        if not state.get("Running"):  # gone before its port could be read: no backend to return
+            code, oom = state.get("ExitCode"), bool(state.get("OOMKilled"))
+            reason = exit_reason(code, oom, container_plan.memory) or describe_exit(code)
+            self._exited(container_id, code, oom)
+            raise BackendStartFailed(
+                f"the container for {spec.model} exited as soon as it started: {reason} (its log says why)"
+            )
+        backend = self._backend(container, adopted=False)
         log.info("started container %s for %s at %s", container.name, spec.model, backend.url)
         return backend
 
-    def _run(self, container_plan: ContainerPlan) -> Container:
+    def _create(self, container_plan: ContainerPlan) -> Container:
         client = self._engine()
         self._ensure_image(container_plan.image)
         network = self._backend_network()
@@ -176,7 +195,10 @@ class DockerRuntime:
         else:
             options["network"] = network
         self._remove_stale(container_plan.name)
-        container = client.containers.create(container_plan.image, **options)
+        return client.containers.create(container_plan.image, **options)
+
+    @staticmethod
+    def _start_created(container: Container) -> Container:
         try:
             container.start()
             container.reload()
@@ -249,7 +271,7 @@ class DockerRuntime:
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         future = self._exits.get(backend.handle)
         if future is None:
-            future = self._watch(backend.handle, None)
+            future = self._watch(backend.handle, None, backend.model)
         return await asyncio.shield(future)
 
     async def list_managed(self) -> list[Backend]:
@@ -268,7 +290,7 @@ class DockerRuntime:
                 self._remove(container.id or container.name or "")
                 continue
             backend = self._backend(container, adopted=True)
-            self._loop_call(self._watch, backend.handle, settings_for(self._config, model).memory)
+            self._loop_call(self._watch, backend.handle, settings_for(self._config, model).memory, model)
             self._follow(container, model)
             found.append(backend)
         return found
@@ -293,17 +315,28 @@ class DockerRuntime:
         assert loop is not None
         loop.call_soon_threadsafe(function, *args)
 
-    def _watch(self, container_id: str, memory: int | None) -> asyncio.Future[ExitInfo]:
+    def _watch(self, container_id: str, memory: int | None, model: str) -> asyncio.Future[ExitInfo]:
         future = self._exits.get(container_id)
         if future is None:
             future = self._exits[container_id] = asyncio.get_running_loop().create_future()
             self._memory[container_id] = memory
+            # An answered exit stays until the model's next container is watched (``wait_exit`` may come after
+            # the exit): one per model, never one per crash.
+            previous = self._latest.get(model)
+            if previous is not None and previous != container_id and self._exits[previous].done():
+                self._unwatch(previous)
+            self._latest[model] = container_id
         return future
 
+    def _unwatch(self, container_id: str) -> None:
+        self._exits.pop(container_id, None)
+        self._memory.pop(container_id, None)
+        self._oom.discard(container_id)
+
     def _exited(self, container_id: str, code: int | None, oom: bool) -> None:
-        future = self._exits.pop(container_id, None)
-        memory = self._memory.pop(container_id, None)
+        future = self._exits.get(container_id)
         if future is not None and not future.done():
+            memory = self._memory.get(container_id)
             reason = exit_reason(code, oom or container_id in self._oom, memory) or describe_exit(code)
             future.set_result(ExitInfo(code, reason))
         self._oom.discard(container_id)
@@ -362,7 +395,9 @@ class DockerRuntime:
 
     def _recheck_watched(self, client: docker.DockerClient) -> None:
         """After a (re)connect: containers that exited while nobody listened are reported now."""
-        for container_id in list(self._exits):
+        for container_id, future in list(self._exits.items()):
+            if future.done():  # answered already
+                continue
             try:
                 state = client.containers.get(container_id).attrs["State"]
             except docker.errors.NotFound:

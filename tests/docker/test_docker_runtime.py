@@ -19,8 +19,10 @@ import docker
 import httpx
 import ollama
 import pytest
+from docker.models.containers import Container
 
 from controller.config import validate_config
+from controller.errors import BackendStartFailed
 from controller.runtime.base import LaunchSpec
 from controller.runtime.containers import INSTANCE, MANAGED, MODEL
 from controller.runtime.docker import DockerRuntime
@@ -209,3 +211,48 @@ async def test_docker_events_stream_lost_is_reconnected_and_exits_still_noticed(
         await runtime.stop(backend, 2)
         await runtime.close()
     assert ours(engine, tmp_path) == []
+
+
+class LateToResume(DockerRuntime):
+    """As on a busy machine: the event loop comes back to ``start`` only after the container it started has
+    died and its ``die`` event has been handled (the runtime removes a dead container: it is gone then)."""
+
+    async def _call(self, action: str, work: Callable[[], Any]) -> Any:
+        result = await super()._call(action, work)
+        if isinstance(result, Container) and result.attrs["State"].get("Running"):
+            engine = docker.from_env(version="auto")
+            try:
+                async with asyncio.timeout(60):
+                    while True:
+                        try:
+                            await asyncio.to_thread(engine.containers.get, result.id or "")
+                        except docker.errors.NotFound:
+                            break
+                        await asyncio.sleep(0.05)
+            finally:
+                engine.close()
+        return result
+
+
+async def test_docker_container_that_exits_right_after_start_is_seen(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """llama-server refuses a flag and exits within milliseconds: its exit reaches the lifecycle (before the fix
+    the exit watch was registered after the start returned, the event was dropped and a load waited out its
+    whole startup timeout)."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    runtime = LateToResume(config, LogBook(), instance_id(config.data_dir))
+    try:
+        for _ in range(3):
+            try:
+                backend = await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--no-such-flag",)))
+            except BackendStartFailed as exc:  # it was gone before its port could be read
+                assert "exited with code 1" in str(exc)
+                continue
+            info = await asyncio.wait_for(runtime.wait_exit(backend), 30)
+            assert info.code == 1 and info.reason == "llama-server exited with code 1"
+    finally:
+        await runtime.close()
+    async with asyncio.timeout(30):
+        while ours(engine, tmp_path):  # each dead container is removed
+            await asyncio.sleep(0.1)
