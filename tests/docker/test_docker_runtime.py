@@ -256,3 +256,44 @@ async def test_docker_container_that_exits_right_after_start_is_seen(
     async with asyncio.timeout(30):
         while ours(engine, tmp_path):  # each dead container is removed
             await asyncio.sleep(0.1)
+
+
+async def test_docker_two_models_whose_names_slug_alike_run_side_by_side(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """``a:b-c`` and ``a-b:c`` once mapped to one container name: the second start failed with a 409 that blamed
+    "another controller"."""
+    models = {"a:b-c": {"path": str(models_dir / "a.gguf")}, "a-b:c": {"path": str(models_dir / "b.gguf")}}
+    config = validate_config(docker_config(tmp_path, models))
+    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    backends = []
+    try:
+        for model, file in (("a:b-c", "a.gguf"), ("a-b:c", "b.gguf")):
+            backends.append(await runtime.start(LaunchSpec(model, models_dir / file, ("--ctx-size", "512"))))
+        running = {c.labels[MODEL]: c.name for c in ours(engine, tmp_path) if c.status == "running"}
+        assert sorted(running) == ["a-b:c", "a:b-c"] and len(set(running.values())) == 2
+    finally:
+        for backend in backends:
+            await runtime.stop(backend, 2)
+        await runtime.close()
+    assert ours(engine, tmp_path) == []
+
+
+async def test_docker_container_named_the_older_way_is_still_adopted(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """Names gained a hash; a container an older controller named without it is adopted by its labels."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    instance = instance_id(config.data_dir)
+    first = DockerRuntime(config, LogBook(), instance)
+    backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
+    await first.close()
+    engine.containers.get(backend.handle).rename(f"llamacontroller-{instance[:8]}-a-latest")
+    second = DockerRuntime(config, LogBook(), instance)
+    try:
+        adopted = await second.list_managed()
+        assert [(b.handle, b.adopted, b.url) for b in adopted] == [(backend.handle, True, backend.url)]
+    finally:
+        await second.stop(backend, 2)
+        await second.close()
+    assert ours(engine, tmp_path) == []
