@@ -51,7 +51,7 @@ from controller.runtime.containers import (
     settings_for,
 )
 from controller.runtime.exits import describe_exit
-from controller.runtime.logs import START_MARKER, LogBook, LogFile, read_log
+from controller.runtime.logs import START_MARKER, LogBook, LogFile, last_written, read_log
 from proxy.background import Background
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class DockerRuntime:
                 continue
             backend = self._backend(container, adopted=True)
             self._loop_call(self._watch, backend.handle, settings_for(self._config, model).memory, model)
-            self._follow(container, model)
+            self._follow(container, model, since=last_written(self._log_dir / f"{model}.log"))
             found.append(backend)
         return found
 
@@ -408,15 +408,21 @@ class DockerRuntime:
 
     # ------------------------------------------------------------------ logs
 
-    def _follow(self, container: Container, model: str) -> None:
+    def _follow(self, container: Container, model: str, since: float | None = None) -> None:
+        """Its output from ``since`` (seconds since the epoch; None = all of it) into the model's ring buffer and
+        log file. An adopted container's output up to the log file's last write is in the file already: following
+        it all again would write it twice."""
         container_id = container.id or ""
         log_file = LogFile(self._log_dir / f"{model}.log")
+        options: dict[str, Any] = {"stream": True, "follow": True}
+        if since is not None:
+            options["since"] = since
 
         def read() -> None:
             client = self._new_client(timeout=None)
             partial = b""
             try:
-                for data in client.containers.get(container_id).logs(stream=True, follow=True):
+                for data in client.containers.get(container_id).logs(**options):
                     lines = (partial + data).split(b"\n")
                     partial = lines.pop()
                     for raw in lines:

@@ -297,3 +297,44 @@ async def test_docker_container_named_the_older_way_is_still_adopted(
         await second.stop(backend, 2)
         await second.close()
     assert ours(engine, tmp_path) == []
+
+
+async def test_docker_adoption_follows_only_new_output(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """A restarted controller adopts a container and follows what it writes from then on: the output already in
+    the model's log file is not written there again (before the fix the whole log was replayed into it)."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    instance = instance_id(config.data_dir)
+    log_file = config.data_dir / "logs" / "a:latest.log"
+    first = DockerRuntime(config, LogBook(), instance)
+    backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
+    try:
+        async with asyncio.timeout(60):
+            while "listening on" not in (log_file.read_text() if log_file.exists() else ""):
+                await asyncio.sleep(0.1)
+        # A second controller takes over the data dir as the first left it (the first one, which keeps writing
+        # to its own copy, plays no further part).
+        second_config = validate_config(docker_config(tmp_path / "second", {"a": {"path": str(models_dir / "a.gguf")}}))
+        second_log = second_config.data_dir / "logs" / "a:latest.log"
+        second_log.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log_file, second_log)  # with its time of last write
+        before = second_log.read_text()
+        second = DockerRuntime(second_config, LogBook(), instance)
+        try:
+            assert [b.handle for b in await second.list_managed()] == [backend.handle]
+            async with httpx.AsyncClient() as client:
+                answer = await client.post(f"{backend.url}/completion", json={"prompt": "x", "n_predict": 2})
+                assert answer.status_code == 200
+            async with asyncio.timeout(30):
+                while "print_timing" not in second_log.read_text():  # its new output is followed
+                    await asyncio.sleep(0.1)
+            after = second_log.read_text()
+            assert after.startswith(before)
+            assert "listening on" not in after[len(before) :], "the log already kept was written again"
+        finally:
+            await second.stop(backend, 2)
+            await second.close()
+    finally:
+        await first.close()
+    assert ours(engine, tmp_path) == []
