@@ -375,3 +375,73 @@ async def test_no_configuration_is_a_clear_error(tmp_path: Path, runtime: Callab
     kube = runtime(kubeconfig=str(tmp_path / "missing-kubeconfig"))
     with pytest.raises(KubernetesUnavailable, match="no Kubernetes configuration found"):
         await kube.start(spec(tmp_path))
+
+
+def say(cluster: Cluster, pod: str, *lines: str) -> None:
+    """The pod's container writes ``lines`` to its output."""
+    path = cluster.log_path(pod)
+    assert path is not None
+    with path.open("a") as out:
+        out.write("".join(f"{line}\n" for line in lines))
+
+
+def logged(tmp_path: Path, model: str = "a:1b") -> list[str]:
+    """The model's log file as the controller wrote it."""
+    path = tmp_path / "data" / "logs" / f"{model}.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_pod_logs_keep_coming_after_a_silence_longer_than_the_api_clients_read_timeout(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """A backend says nothing for a while (no requests): what it says next still reaches its log. Before the
+    fix the API client's 10 s read timeout ended the follow stream, and the follower gave up."""
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "first")
+    await eventually(lambda: logged(tmp_path) == ["first"])
+    await asyncio.sleep(11)  # silence, longer than the client's 10 s read timeout
+    say(cluster, pod, "second")
+    await eventually(lambda: logged(tmp_path) == ["first", "second"], timeout=30)
+    await kube.stop(backend, timeout=1)
+
+
+async def test_a_broken_log_stream_is_followed_again_with_nothing_lost_or_repeated(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "one", "two")
+    await eventually(lambda: logged(tmp_path) == ["one", "two"])
+    cluster.drop_logs()  # an API server restart
+    say(cluster, pod, "three")
+    await eventually(lambda: "three" in logged(tmp_path), timeout=30)
+    cluster.drop_logs()
+    cluster.drop_logs()
+    say(cluster, pod, "four")
+    await eventually(lambda: "four" in logged(tmp_path), timeout=30)
+    assert logged(tmp_path) == ["one", "two", "three", "four"]
+    await kube.stop(backend, timeout=1)
+
+
+async def test_an_adopted_pods_log_is_followed_from_where_the_last_controller_stopped(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """What the first controller wrote to the log file is not written again; what the pod said while no
+    controller ran is (before the fix adoption replayed the pod's whole log into the file)."""
+    first = runtime()
+    await first.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "one")
+    await eventually(lambda: logged(tmp_path) == ["one"])
+    await first.close()
+    say(cluster, pod, "two")  # while no controller runs
+    second = runtime()
+    adopted = await second.list_managed()
+    await eventually(lambda: "two" in logged(tmp_path), timeout=30)
+    say(cluster, pod, "three")
+    await eventually(lambda: "three" in logged(tmp_path), timeout=30)
+    assert logged(tmp_path) == ["one", "two", "three"]
+    await second.stop(adopted[0], timeout=1)
