@@ -20,10 +20,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -32,7 +35,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount, Ulimit
 
 from controller.config import Config
-from controller.errors import BackendStartFailed
+from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
 from controller.runtime.containers import (
     INSTANCE,
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0)
+CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 BUILTIN_NETWORKS = frozenset({"bridge", "host", "none"})
 
 
@@ -71,6 +75,9 @@ class DockerRuntime:
         self._instance = instance
         self._log_dir = config.data_dir / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Labels kept after creation (keep_labels), one file per container: Docker's own are fixed at creation.
+        self._kept_dir = config.data_dir / "containers"
+        self._kept_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._client: docker.DockerClient | None = None
         self._engine_has_nvidia: bool | None = None
         self._network: str | None = None
@@ -290,10 +297,45 @@ class DockerRuntime:
                 self._remove(container.id or container.name or "")
                 continue
             backend = self._backend(container, adopted=True)
+            backend = replace(backend, labels={**backend.labels, **self._read_kept(backend.handle)})
             self._loop_call(self._watch, backend.handle, settings_for(self._config, model).memory, model)
             self._follow(container, model, since=last_written(self._log_dir / f"{model}.log"))
             found.append(backend)
+        running = {backend.handle for backend in found}
+        for path in self._kept_dir.glob("*.json"):  # of containers gone while no controller ran
+            if path.stem not in running:
+                path.unlink(missing_ok=True)
         return found
+
+    async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
+        """Into a file of the container's id in the data dir (which compose keeps in a volume), read back with
+        its labels on adoption and removed with the container. Where the data dir is not kept, an adopted
+        container has the labels it was created with."""
+        path = self._kept_path(backend.handle)
+        if path is None:
+            return
+
+        def write() -> None:
+            kept = {**self._read_kept(backend.handle), **labels}
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(kept, sort_keys=True))
+            temporary.replace(path)  # atomic: a crash never leaves half of it
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            raise LlamaControllerError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def _kept_path(self, container_id: str) -> Path | None:
+        return self._kept_dir / f"{container_id}.json" if CONTAINER_ID.fullmatch(container_id) else None
+
+    def _read_kept(self, container_id: str) -> dict[str, str]:
+        path = self._kept_path(container_id)
+        try:
+            kept = json.loads(path.read_text()) if path is not None else {}
+        except (OSError, ValueError):
+            return {}
+        return {str(key): str(value) for key, value in kept.items()} if isinstance(kept, dict) else {}
 
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self._log_dir / f"{model}.log")
@@ -350,6 +392,8 @@ class DockerRuntime:
             try:
                 self._engine().containers.get(container_id).remove(force=True)
             except docker.errors.NotFound:
+                if (kept := self._kept_path(container_id)) is not None:
+                    kept.unlink(missing_ok=True)
                 return
             except docker.errors.APIError as exc:
                 if exc.status_code != 409 or time.monotonic() > give_up:  # 409: being removed already

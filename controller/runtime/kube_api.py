@@ -15,7 +15,7 @@ import httpx
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Pod, PodLog, Secret, Service
-from lightkube.types import CascadeType
+from lightkube.types import CascadeType, PatchType
 
 from controller.errors import BackendStartFailed, KubernetesUnavailable
 
@@ -62,6 +62,10 @@ class KubeApi:
         listing = self._client.list(_KINDS[kind], labels=labels)
         items = [_plain(item) async for item in listing]
         return items, str(listing.resourceVersion)
+
+    async def patch(self, kind: Kind, name: str, body: dict[str, Any]) -> None:
+        """A JSON merge patch (RFC 7386): what ``body`` names is set, the rest left as it is."""
+        await self._client.patch(_KINDS[kind], name, body, patch_type=PatchType.MERGE)
 
     async def delete(self, kind: Kind, name: str, grace: int | None = None) -> None:
         """Delete; one already gone is fine. Dependants (a Deployment's pods) go in the background."""

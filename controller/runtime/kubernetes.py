@@ -25,7 +25,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +77,7 @@ class KubernetesRuntime:
         self._patience: dict[str, asyncio.TimerHandle] = {}  # backend name → when its unschedulable pod fails
         self._pods: dict[str, dict[str, Any]] = {}  # this controller's pods as last seen, by name
         self._followed: set[str] = set()  # pod names whose output is followed
+        self._labels: dict[str, dict[str, str]] = {}  # backend name → the labels kept with it
         self._adopted: set[str] = set()  # backend names adopted from an earlier controller (and not started since)
         self._watching: asyncio.Task[None] | None = None
         self._watch_ready = asyncio.Event()
@@ -122,6 +123,7 @@ class KubernetesRuntime:
                 raise
         self._logbook.append(spec.model, f"{START_MARKER} deployment {self._api().namespace}/{name} (run {run})")
         log.info("created deployment %s/%s for %s", self._api().namespace, name, spec.model)
+        self._labels[name] = dict(spec.labels)
         self._judge_known_pods(name)
         return Backend(
             model=spec.model,
@@ -170,6 +172,7 @@ class KubernetesRuntime:
         self._resolve(backend.handle, ExitInfo(None, "stopped"))
         self._cancel_patience(backend.handle)
         self._runs.pop(backend.handle, None)  # its exit stays answered; later pods of the name are another run
+        self._labels.pop(backend.handle, None)
 
     async def _delete_backend(self, name: str, grace: int) -> None:
         """Delete the Deployment, wait until its pods are gone (never two of a model), then the Service."""
@@ -216,6 +219,7 @@ class KubernetesRuntime:
                 self._adopted.add(name)
                 self._expect(name, run, model)
                 self._judge_known_pods(name)
+                labels = self._labels[name] = json.loads(annotations.get(REQUIREMENTS, "{}"))
                 found.append(
                     Backend(
                         model=model,
@@ -224,7 +228,7 @@ class KubernetesRuntime:
                         spec_hash=metadata["labels"].get(SPEC, ""),
                         started_at=epoch_seconds(metadata.get("creationTimestamp", "")),
                         adopted=True,
-                        labels=json.loads(annotations.get(REQUIREMENTS, "{}")),
+                        labels=dict(labels),
                     )
                 )
             for name in services:  # a Service whose Deployment is gone serves nothing
@@ -232,6 +236,15 @@ class KubernetesRuntime:
                 await api.delete("Service", name)
                 await api.delete("Secret", name)
         return found
+
+    async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
+        """Into the Deployment's annotation that carries the labels (patched; its pods are not restarted: the
+        pod template does not change)."""
+        kept = {**self._labels.get(backend.handle, backend.labels), **labels}
+        annotations = {REQUIREMENTS: json.dumps(kept, sort_keys=True)}
+        with kube_errors(f"keeping labels with deployment {backend.handle}"):
+            await self._api().patch("Deployment", backend.handle, {"metadata": {"annotations": annotations}})
+        self._labels[backend.handle] = kept
 
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self._log_dir / f"{model}.log")

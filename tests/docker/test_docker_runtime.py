@@ -338,3 +338,26 @@ async def test_docker_adoption_follows_only_new_output(
     finally:
         await first.close()
     assert ours(engine, tmp_path) == []
+
+
+async def test_docker_labels_kept_after_creation_are_read_back_on_adoption(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """Docker's labels are fixed at creation: what is kept later (the keep_alive in force) is in a file of the
+    container's id in the data dir, read back by the next controller and removed with the container."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    instance = instance_id(config.data_dir)
+    first = DockerRuntime(config, LogBook(), instance)
+    labels = {"ctx_size": "512"}
+    backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512"), labels=labels))
+    await first.keep_labels(backend, {"keep_alive": "inf"})
+    await first.close()
+    second = DockerRuntime(config, LogBook(), instance)
+    try:
+        [adopted] = await second.list_managed()
+        assert adopted.handle == backend.handle and adopted.labels == {"ctx_size": "512", "keep_alive": "inf"}
+    finally:
+        await second.stop(backend, 2)
+        await second.close()
+    assert ours(engine, tmp_path) == []
+    assert list((config.data_dir / "containers").iterdir()) == []

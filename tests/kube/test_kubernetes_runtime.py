@@ -20,7 +20,7 @@ from controller.config import Config, validate_config
 from controller.errors import BackendStartFailed, KubernetesUnavailable
 from controller.runtime.base import LaunchSpec
 from controller.runtime.keys import BackendKeys
-from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, RUN, backend_name
+from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, REQUIREMENTS, RUN, backend_name
 from controller.runtime.kubernetes import KubernetesRuntime
 from controller.runtime.logs import LogBook
 from tests.support.kubecluster import Cluster, emulated_cluster, eventually
@@ -445,3 +445,27 @@ async def test_an_adopted_pods_log_is_followed_from_where_the_last_controller_st
     await eventually(lambda: "three" in logged(tmp_path), timeout=30)
     assert logged(tmp_path) == ["one", "two", "three"]
     await second.stop(adopted[0], timeout=1)
+
+
+async def test_labels_kept_after_the_start_are_read_back_on_adoption_and_restart_nothing(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """The keep_alive in force is patched into the Deployment's annotation (a client's keep_alive -1 survives a
+    controller restart); the pod template does not change, so its pod runs on."""
+    first = runtime()
+    backend = await first.start(spec(tmp_path, labels={"ctx_size": "4096"}))
+    pod = await running_pod(cluster)
+    await first.keep_labels(backend, {"keep_alive": "inf"})
+    await first.close()
+    second = runtime()
+    [adopted] = await second.list_managed()
+    assert adopted.labels == {"ctx_size": "4096", "keep_alive": "inf"}
+    assert [p["metadata"]["name"] for p in pods_of(cluster, "a:1b")] == [pod]
+    await second.keep_labels(adopted, {"keep_alive": "300.0"})
+    deployment = cluster.get("Deployment", NAMESPACE, backend.handle)
+    assert deployment is not None
+    assert json.loads(deployment["metadata"]["annotations"][REQUIREMENTS]) == {
+        "ctx_size": "4096",
+        "keep_alive": "300.0",
+    }
+    await second.stop(adopted, timeout=1)

@@ -78,6 +78,18 @@ def rfc3339_nano(nanos: int) -> str:
     return f"{whole}.{fraction}Z" if fraction else f"{whole}Z"
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
@@ -231,6 +243,13 @@ class Cluster:
         if kind == "Deployment" and body["spec"].get("replicas", 1) > 0:
             threading.Thread(target=self._make_pod, args=(created,), daemon=True).start()
         return 201, created
+
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A JSON merge patch (RFC 7386), the only kind the runtime sends."""
+        found = self.get(kind, namespace, name)
+        if found is None:
+            return 404, status(404, "NotFound", f'{kind.lower()}s "{name}" not found')
+        return 200, self._commit(kind, "MODIFIED", merge_patch(found, body))
 
     def delete(self, kind: str, namespace: str, name: str, grace: int | None) -> tuple[int, dict[str, Any]]:
         found = self.get(kind, namespace, name)
@@ -489,6 +508,9 @@ class Cluster:
             def do_DELETE(self) -> None:
                 cluster._serve(self, "DELETE")
 
+            def do_PATCH(self) -> None:
+                cluster._serve(self, "PATCH")
+
         return Handler
 
     def _serve(self, request: BaseHTTPRequestHandler, method: str) -> None:
@@ -508,6 +530,8 @@ class Cluster:
         kind, namespace, name, sub = route
         if method == "POST" and name is None:
             self._send(request, *self.create(kind, namespace, body))
+        elif method == "PATCH" and name is not None and sub is None:
+            self._send(request, *self.patch(kind, namespace, name, body))
         elif method == "DELETE" and name is not None:
             grace = query.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
             self._send(request, *self.delete(kind, namespace, name, None if grace is None else int(grace)))
