@@ -364,8 +364,9 @@ class DockerRuntime:
             self._memory[container_id] = memory
             # An answered exit stays until the model's next container is watched (``wait_exit`` may come after
             # the exit): one per model, never one per crash.
-            previous = self._latest.get(model)
-            if previous is not None and previous != container_id and self._exits[previous].done():
+            previous = self._latest.get(model, container_id)
+            answered = self._exits.get(previous) if previous != container_id else None
+            if answered is not None and answered.done():
                 self._unwatch(previous)
             self._latest[model] = container_id
         return future

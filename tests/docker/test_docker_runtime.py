@@ -361,3 +361,22 @@ async def test_docker_labels_kept_after_creation_are_read_back_on_adoption(
         await second.close()
     assert ours(engine, tmp_path) == []
     assert list((config.data_dir / "containers").iterdir()) == []
+
+
+async def test_docker_a_container_that_cannot_start_fails_each_start_alike(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """The engine refuses to start the container (a GPU it has no runtime for): every start says so and leaves
+    nothing, the second as the first (its exit watch, set before the start, is dropped with it)."""
+    if "nvidia" in (engine.info().get("Runtimes") or {}):
+        pytest.skip("this engine has the NVIDIA runtime")
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    try:
+        for _ in range(2):
+            with pytest.raises(BackendStartFailed, match="NVIDIA Container Toolkit"):
+                await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", gpus="all"))
+        assert runtime._exits == {}
+    finally:
+        await runtime.close()
+    assert ours(engine, tmp_path) == []
