@@ -382,13 +382,15 @@ class KubernetesRuntime:
         self._background.spawn(self._read_logs(pod_name, model, LogResume.after(since)), f"pod-logs:{pod_name}")
 
     async def _read_logs(self, pod_name: str, model: str, resume: LogResume) -> None:
-        """Follow again after a broken stream (an API server restart, a proxy's idle timeout) for as long as the
-        pod runs, from the last line taken: nothing lost, nothing twice. A stream that ends when the container
-        has ended, or once the pod is gone, is the end: its last lines are in."""
+        """Follow again after a broken stream (an API server restart, a proxy's idle timeout) while the pod
+        exists, from the last line taken: nothing lost, nothing twice. A stream that ends cleanly once the
+        container has ended is the end (its last lines are in); one broken off then is read once more, for the
+        lines it did not bring; a pod that is gone takes its log with it."""
         log_file = LogFile(self._log_dir / f"{model}.log")
         attempt = 0
         while pod_name in self._followed:
             resume.restart()
+            broken = False
             try:
                 async for line in self._api().log(pod_name, CONTAINER, resume.since_time()):
                     text = resume.take(line)
@@ -398,10 +400,13 @@ class KubernetesRuntime:
                     log_file.write(text)
                     self._logbook.append(model, text)
             except Exception as exc:
+                broken = True
                 log.debug("log stream of pod %s ended: %s", pod_name, describe(exc))
             pod = self._pods.get(pod_name)
-            if pod is None or not judge_pod(pod).running:
+            if pod is None:
                 return
+            if not judge_pod(pod).running and (not broken or attempt > 0):
+                return  # ended, and read to its end (or tried once more)
             await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
             attempt += 1
 

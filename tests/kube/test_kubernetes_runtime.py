@@ -469,3 +469,21 @@ async def test_labels_kept_after_the_start_are_read_back_on_adoption_and_restart
         "keep_alive": "300.0",
     }
     await second.stop(adopted, timeout=1)
+
+
+async def test_a_log_stream_broken_as_the_container_ends_is_read_to_its_end(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """The container has ended and its stream breaks before its last words came: they are read once more (they
+    are often the reason it ended)."""
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "one")
+    await eventually(lambda: logged(tmp_path) == ["one"])
+    cluster.set_container_state(pod, {"terminated": {"exitCode": 1, "reason": "Error"}})
+    assert (await asyncio.wait_for(kube.wait_exit(backend), 10)).code == 1
+    cluster.drop_logs()
+    say(cluster, pod, "last words")
+    await eventually(lambda: logged(tmp_path) == ["one", "last words"], timeout=30)
+    await kube.stop(backend, timeout=1)

@@ -653,6 +653,9 @@ class Cluster:
             with path.open("rb") as source:
                 partial, index = b"", 0
                 while True:
+                    if self.log_generation != generation:
+                        request.close_connection = True
+                        return  # broken off: no last chunk, nothing more
                     data = source.read(65536)
                     if data:
                         lines = (partial + data).split(b"\n")
@@ -666,9 +669,6 @@ class Cluster:
                         if out:
                             self._chunk(request, b"".join(out))
                         continue
-                    if self.log_generation != generation:
-                        request.close_connection = True
-                        return  # broken off: no last chunk
                     running = pod_name in self.containers and self._running(pod_name)
                     if not follow or not running or self.closing:
                         if partial:  # a last line with no newline
