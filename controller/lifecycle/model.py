@@ -89,6 +89,7 @@ class ManagedModel(ModelOwner):
         self._wake = asyncio.Event()
 
         self._usage = Usage(self.label, policy)
+        self._kept_keep_alive = policy.keep_alive
         self._served = True  # has served a request since its admission (see ``settling``)
         self._progress = asyncio.Event()  # set when it serves a request, or gives its slot up
         self._ready_since = 0.0
@@ -223,7 +224,8 @@ class ManagedModel(ModelOwner):
                     continue  # unloaded or evicted while we waited: ask for a slot again
                 await usage.acquire_slot()
                 if self._usable(backend):  # re-checked: a stop may have begun while we waited
-                    usage.begin(keep_alive)
+                    if usage.begin(keep_alive):
+                        self._wake.set()  # the owner keeps the new keep_alive with the backend
                     self._served = True
                     self._progress.set()
                     break

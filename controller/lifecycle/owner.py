@@ -25,7 +25,7 @@ from controller.errors import (
 from controller.lifecycle.health import watch_liveness
 from controller.lifecycle.requirements import ModelPolicy, Requirements
 from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, fresh, log_hint
-from controller.lifecycle.usage import Usage
+from controller.lifecycle.usage import KEEP_ALIVE_LABEL, Usage, keep_alive_label, kept_keep_alive
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
 from proxy.background import cancel_and_wait
@@ -65,6 +65,7 @@ class ModelOwner:
     _stop_waiters: list[asyncio.Future[None]]
     _wake: asyncio.Event
     _usage: Usage
+    _kept_keep_alive: float  # the keep_alive kept with the current backend (what an adopter would restore)
     _ready_since: float
     last_error: LlamaControllerError | None
     failures: int
@@ -202,7 +203,11 @@ class ModelOwner:
         self.last_error = self._failed_with = None
         self.load_duration = time.monotonic() - started if started else 0.0
         self._ready_since = time.monotonic()
-        self._usage.ready()
+        # An adopted backend expires as its last controller said (keep_alive -1 stays forever); a new one by
+        # the model's default until a request says otherwise.
+        kept = kept_keep_alive(backend.labels) if backend.adopted else None
+        self._usage.ready(kept)
+        self._kept_keep_alive = self.policy.keep_alive if kept is None else kept
         self._set_state(State.READY)
         self._liveness = asyncio.create_task(
             watch_liveness(backend, self._probe, self.policy.health_interval, self._unresponsive),
@@ -296,6 +301,8 @@ class ModelOwner:
             )
             return
         usage = self._usage
+        if usage.keep_alive != self._kept_keep_alive:
+            await self._keep_keep_alive(self._backend, usage.keep_alive)
         drained = usage.drained
         now = time.monotonic()
         idle = drained and usage.queued == 0 and not self.policy.pinned and self._goal is Goal.RUN
@@ -313,6 +320,16 @@ class ModelOwner:
             return
         timeout = (usage.expires_at - now) if idle and usage.expires_at is not None else None
         await self._sleep(timeout, self._gone)
+
+    async def _keep_keep_alive(self, backend: Backend, seconds: float) -> None:
+        """Keep the keep_alive in force with the backend, so that a controller that adopts it after a restart
+        keeps to it. Written when it changes, not at each request (an API call on Kubernetes); the idle time
+        is not kept, so an adopted backend's idle time counts from its adoption."""
+        self._kept_keep_alive = seconds  # once per change, even when it fails: no retry storm on a broken API
+        try:
+            await self._runtime.keep_labels(backend, {KEEP_ALIVE_LABEL: keep_alive_label(seconds)})
+        except LlamaControllerError as exc:
+            log.warning("model %s: could not keep its keep_alive with the backend: %s", self.name, exc)
 
     async def _stop_backend(self) -> None:
         """STARTING or READY → STOPPING → STOPPED, the backend stopped and forgotten."""

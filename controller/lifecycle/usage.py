@@ -9,9 +9,26 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Mapping
 
 from controller.errors import QueueFull
 from controller.lifecycle.requirements import ModelPolicy
+
+KEEP_ALIVE_LABEL = "keep_alive"  # kept with the backend (Runtime.keep_labels), read back on adoption
+
+
+def keep_alive_label(seconds: float) -> str:
+    return repr(float(seconds))  # "inf" for forever
+
+
+def kept_keep_alive(labels: Mapping[str, str]) -> float | None:
+    """The keep_alive in force when an adopted backend's last controller left it; None when not kept (a
+    backend started before it was kept) or unreadable."""
+    try:
+        seconds = float(labels[KEEP_ALIVE_LABEL])
+    except (KeyError, ValueError):
+        return None
+    return seconds if seconds >= 0 else None
 
 
 class Usage:
@@ -49,12 +66,19 @@ class Usage:
     def release_slot(self) -> None:
         self._slots.release()
 
-    def begin(self, keep_alive: float | None) -> None:
-        """A request starts on the backend (its slot already acquired)."""
+    @property
+    def keep_alive(self) -> float:
+        """Seconds idle before the expiry, as the last scheduled request (or an adoption) set it."""
+        return self._keep_alive
+
+    def begin(self, keep_alive: float | None) -> bool:
+        """A request starts on the backend (its slot already acquired); True when it changed the keep_alive."""
         self.in_flight += 1
         self.last_used = time.monotonic()
         self.expires_at = None
+        before = self._keep_alive
         self._keep_alive = self._policy.keep_alive if keep_alive is None else keep_alive
+        return self._keep_alive != before
 
     def end(self) -> None:
         """A request ended: its slot is free; the last one out arms the expiry."""
@@ -64,10 +88,12 @@ class Usage:
         if self.in_flight == 0:
             self._arm(self._keep_alive)
 
-    def ready(self) -> None:
-        """A backend became ready: it expires even if every waiter went away during the load."""
+    def ready(self, keep_alive: float | None = None) -> None:
+        """A backend became ready: it expires even if every waiter went away during the load. ``keep_alive``:
+        the one an adopted backend's last controller had in force (its idle time counts from the adoption)."""
         self.last_used = time.monotonic()
-        self._arm(self._policy.keep_alive)
+        self._keep_alive = self._policy.keep_alive if keep_alive is None else keep_alive
+        self._arm(self._keep_alive)
 
     def stopped(self) -> None:
         self.expires_at = None

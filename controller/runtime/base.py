@@ -113,6 +113,10 @@ class Runtime(Protocol):
     async def list_managed(self) -> list[Backend]:
         """Backends this runtime started earlier (possibly by a previous controller) and still runs."""
 
+    async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
+        """Keep ``labels`` with the running ``backend``, over those it was started with, so that a controller
+        that adopts it later reads them back in ``Backend.labels``; raise a LlamaControllerError on failure."""
+
     def logs(self, model: str) -> AsyncIterator[bytes]:
         """The whole log of ``model``'s backends (this run and earlier ones, as far as kept), for download."""
 

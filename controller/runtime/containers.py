@@ -54,7 +54,11 @@ def slug(model: str) -> str:
 
 
 def container_name(instance: str, model: str) -> str:
-    return f"llamacontroller-{instance[:8]}-{slug(model)}"
+    """The slug alone is not unique (``a:b-c`` and ``a-b:c`` both read ``a-b-c``): a short hash of the canonical
+    name keeps them apart, as kube_objects.backend_name does. Only for people reading ``docker ps``: adoption
+    goes by labels, so containers named the older way (no hash) are still adopted or removed."""
+    digest = hashlib.sha256(f"{instance}\0{canonical(model)}".encode()).hexdigest()[:8]
+    return f"llamacontroller-{instance[:8]}-{slug(model)}-{digest}"
 
 
 def settings_for(config: Config, model: str) -> ContainerSettings:

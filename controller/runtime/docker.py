@@ -20,10 +20,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -32,7 +35,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount, Ulimit
 
 from controller.config import Config
-from controller.errors import BackendStartFailed
+from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
 from controller.runtime.containers import (
     INSTANCE,
@@ -51,13 +54,14 @@ from controller.runtime.containers import (
     settings_for,
 )
 from controller.runtime.exits import describe_exit
-from controller.runtime.logs import START_MARKER, LogBook, LogFile, read_log
+from controller.runtime.logs import START_MARKER, LogBook, LogFile, last_written, read_log
 from proxy.background import Background
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0)
+CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 BUILTIN_NETWORKS = frozenset({"bridge", "host", "none"})
 
 
@@ -71,11 +75,15 @@ class DockerRuntime:
         self._instance = instance
         self._log_dir = config.data_dir / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Labels kept after creation (keep_labels), one file per container: Docker's own are fixed at creation.
+        self._kept_dir = config.data_dir / "containers"
+        self._kept_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._client: docker.DockerClient | None = None
         self._engine_has_nvidia: bool | None = None
         self._network: str | None = None
         self._network_decided = False
-        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}
+        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}  # container id → its exit (answered or not)
+        self._latest: dict[str, str] = {}  # model → the id of its last watched container
         self._memory: dict[str, int | None] = {}
         self._oom: set[str] = set()
         self._followers: dict[str, threading.Thread] = {}
@@ -143,15 +151,33 @@ class DockerRuntime:
     async def start(self, spec: LaunchSpec) -> Backend:
         self._ensure_watching()
         container_plan = plan(spec, settings_for(self._config, spec.model), self._instance, self._settings.path_map)
-        container = await self._call(f"starting a container for {spec.model}", lambda: self._run(container_plan))
-        backend = self._backend(container, adopted=False)
-        self._watch(container.id or "", container_plan.memory)
-        self._logbook.append(spec.model, f"{START_MARKER} container {container.name} ({(container.id or '')[:12]})")
+        action = f"starting a container for {spec.model}"
+        created = await self._call(action, lambda: self._create(container_plan))
+        container_id = created.id or ""
+        # Watched before it starts: a container that dies at once (a bad flag, a file it cannot read) sends its
+        # ``die`` event while the start call is still returning, and an exit nobody waits for yet is dropped —
+        # the load would then wait out the whole startup timeout.
+        self._watch(container_id, container_plan.memory, spec.model)
+        try:
+            container = await self._call(action, lambda: self._start_created(created))
+        except BaseException:
+            self._unwatch(container_id)
+            raise
+        self._logbook.append(spec.model, f"{START_MARKER} container {container.name} ({container_id[:12]})")
         self._follow(container, spec.model)
+        state = container.attrs["State"]
+        if not state.get("Running"):  # gone before its port could be read: no backend to return
+            code, oom = state.get("ExitCode"), bool(state.get("OOMKilled"))
+            reason = exit_reason(code, oom, container_plan.memory) or describe_exit(code)
+            self._exited(container_id, code, oom)
+            raise BackendStartFailed(
+                f"the container for {spec.model} exited as soon as it started: {reason} (its log says why)"
+            )
+        backend = self._backend(container, adopted=False)
         log.info("started container %s for %s at %s", container.name, spec.model, backend.url)
         return backend
 
-    def _run(self, container_plan: ContainerPlan) -> Container:
+    def _create(self, container_plan: ContainerPlan) -> Container:
         client = self._engine()
         self._ensure_image(container_plan.image)
         network = self._backend_network()
@@ -176,7 +202,10 @@ class DockerRuntime:
         else:
             options["network"] = network
         self._remove_stale(container_plan.name)
-        container = client.containers.create(container_plan.image, **options)
+        return client.containers.create(container_plan.image, **options)
+
+    @staticmethod
+    def _start_created(container: Container) -> Container:
         try:
             container.start()
             container.reload()
@@ -249,7 +278,7 @@ class DockerRuntime:
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         future = self._exits.get(backend.handle)
         if future is None:
-            future = self._watch(backend.handle, None)
+            future = self._watch(backend.handle, None, backend.model)
         return await asyncio.shield(future)
 
     async def list_managed(self) -> list[Backend]:
@@ -268,10 +297,45 @@ class DockerRuntime:
                 self._remove(container.id or container.name or "")
                 continue
             backend = self._backend(container, adopted=True)
-            self._loop_call(self._watch, backend.handle, settings_for(self._config, model).memory)
-            self._follow(container, model)
+            backend = replace(backend, labels={**backend.labels, **self._read_kept(backend.handle)})
+            self._loop_call(self._watch, backend.handle, settings_for(self._config, model).memory, model)
+            self._follow(container, model, since=last_written(self._log_dir / f"{model}.log"))
             found.append(backend)
+        running = {backend.handle for backend in found}
+        for path in self._kept_dir.glob("*.json"):  # of containers gone while no controller ran
+            if path.stem not in running:
+                path.unlink(missing_ok=True)
         return found
+
+    async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
+        """Into a file of the container's id in the data dir (which compose keeps in a volume), read back with
+        its labels on adoption and removed with the container. Where the data dir is not kept, an adopted
+        container has the labels it was created with."""
+        path = self._kept_path(backend.handle)
+        if path is None:
+            return
+
+        def write() -> None:
+            kept = {**self._read_kept(backend.handle), **labels}
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(kept, sort_keys=True))
+            temporary.replace(path)  # atomic: a crash never leaves half of it
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            raise LlamaControllerError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def _kept_path(self, container_id: str) -> Path | None:
+        return self._kept_dir / f"{container_id}.json" if CONTAINER_ID.fullmatch(container_id) else None
+
+    def _read_kept(self, container_id: str) -> dict[str, str]:
+        path = self._kept_path(container_id)
+        try:
+            kept = json.loads(path.read_text()) if path is not None else {}
+        except (OSError, ValueError):
+            return {}
+        return {str(key): str(value) for key, value in kept.items()} if isinstance(kept, dict) else {}
 
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self._log_dir / f"{model}.log")
@@ -293,17 +357,29 @@ class DockerRuntime:
         assert loop is not None
         loop.call_soon_threadsafe(function, *args)
 
-    def _watch(self, container_id: str, memory: int | None) -> asyncio.Future[ExitInfo]:
+    def _watch(self, container_id: str, memory: int | None, model: str) -> asyncio.Future[ExitInfo]:
         future = self._exits.get(container_id)
         if future is None:
             future = self._exits[container_id] = asyncio.get_running_loop().create_future()
             self._memory[container_id] = memory
+            # An answered exit stays until the model's next container is watched (``wait_exit`` may come after
+            # the exit): one per model, never one per crash.
+            previous = self._latest.get(model, container_id)
+            answered = self._exits.get(previous) if previous != container_id else None
+            if answered is not None and answered.done():
+                self._unwatch(previous)
+            self._latest[model] = container_id
         return future
 
+    def _unwatch(self, container_id: str) -> None:
+        self._exits.pop(container_id, None)
+        self._memory.pop(container_id, None)
+        self._oom.discard(container_id)
+
     def _exited(self, container_id: str, code: int | None, oom: bool) -> None:
-        future = self._exits.pop(container_id, None)
-        memory = self._memory.pop(container_id, None)
+        future = self._exits.get(container_id)
         if future is not None and not future.done():
+            memory = self._memory.get(container_id)
             reason = exit_reason(code, oom or container_id in self._oom, memory) or describe_exit(code)
             future.set_result(ExitInfo(code, reason))
         self._oom.discard(container_id)
@@ -317,6 +393,8 @@ class DockerRuntime:
             try:
                 self._engine().containers.get(container_id).remove(force=True)
             except docker.errors.NotFound:
+                if (kept := self._kept_path(container_id)) is not None:
+                    kept.unlink(missing_ok=True)
                 return
             except docker.errors.APIError as exc:
                 if exc.status_code != 409 or time.monotonic() > give_up:  # 409: being removed already
@@ -362,7 +440,9 @@ class DockerRuntime:
 
     def _recheck_watched(self, client: docker.DockerClient) -> None:
         """After a (re)connect: containers that exited while nobody listened are reported now."""
-        for container_id in list(self._exits):
+        for container_id, future in list(self._exits.items()):
+            if future.done():  # answered already
+                continue
             try:
                 state = client.containers.get(container_id).attrs["State"]
             except docker.errors.NotFound:
@@ -373,15 +453,21 @@ class DockerRuntime:
 
     # ------------------------------------------------------------------ logs
 
-    def _follow(self, container: Container, model: str) -> None:
+    def _follow(self, container: Container, model: str, since: float | None = None) -> None:
+        """Its output from ``since`` (seconds since the epoch; None = all of it) into the model's ring buffer and
+        log file. An adopted container's output up to the log file's last write is in the file already: following
+        it all again would write it twice."""
         container_id = container.id or ""
         log_file = LogFile(self._log_dir / f"{model}.log")
+        options: dict[str, Any] = {"stream": True, "follow": True}
+        if since is not None:
+            options["since"] = since
 
         def read() -> None:
             client = self._new_client(timeout=None)
             partial = b""
             try:
-                for data in client.containers.get(container_id).logs(stream=True, follow=True):
+                for data in client.containers.get(container_id).logs(**options):
                     lines = (partial + data).split(b"\n")
                     partial = lines.pop()
                     for raw in lines:

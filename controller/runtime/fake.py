@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +50,7 @@ class FakeRuntime:
     def __post_init__(self) -> None:
         self.starts: list[LaunchSpec] = []
         self.stops: list[str] = []
+        self.kept: list[tuple[str, dict[str, str]]] = []  # (handle, labels) of each keep_labels
         self.running: dict[str, _Running] = {}
         self._ids = itertools.count(1)
 
@@ -100,6 +101,12 @@ class FakeRuntime:
             found.append(backend)
         self.leftovers = []
         return found
+
+    async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
+        running = self.running.get(backend.handle)
+        if running is not None:
+            running.backend = replace(running.backend, labels={**running.backend.labels, **labels})
+        self.kept.append((backend.handle, dict(labels)))
 
     async def logs(self, model: str) -> AsyncIterator[bytes]:
         for spec in self.starts:

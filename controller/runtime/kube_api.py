@@ -14,12 +14,14 @@ from typing import Any, Literal
 import httpx
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import Pod, Secret, Service
-from lightkube.types import CascadeType
+from lightkube.resources.core_v1 import Pod, PodLog, Secret, Service
+from lightkube.types import CascadeType, PatchType
 
 from controller.errors import BackendStartFailed, KubernetesUnavailable
 
 Kind = Literal["Deployment", "Service", "Pod", "Secret"]
+TIMEOUT = httpx.Timeout(10.0)
+FOLLOW_TIMEOUT = httpx.Timeout(10.0, read=None)  # connect, write and pool bounded; reads wait for the next line
 _KINDS: dict[str, Any] = {"Deployment": Deployment, "Service": Service, "Pod": Pod, "Secret": Secret}
 
 
@@ -38,7 +40,7 @@ class KubeApi:
         if single is None:
             raise KubernetesUnavailable(f"the kubeconfig has no context {context!r}")
         self._client: Any = AsyncClient(
-            single, namespace=namespace, timeout=httpx.Timeout(10.0), field_manager="llamacontroller", trust_env=False
+            single, namespace=namespace, timeout=TIMEOUT, field_manager="llamacontroller", trust_env=False
         )
         self.namespace: str = self._client.namespace
 
@@ -61,6 +63,10 @@ class KubeApi:
         items = [_plain(item) async for item in listing]
         return items, str(listing.resourceVersion)
 
+    async def patch(self, kind: Kind, name: str, body: dict[str, Any]) -> None:
+        """A JSON merge patch (RFC 7386): what ``body`` names is set, the rest left as it is."""
+        await self._client.patch(_KINDS[kind], name, body, patch_type=PatchType.MERGE)
+
     async def delete(self, kind: Kind, name: str, grace: int | None = None) -> None:
         """Delete; one already gone is fine. Dependants (a Deployment's pods) go in the background."""
         try:
@@ -76,9 +82,26 @@ class KubeApi:
         async for event, item in stream:
             yield str(event), _plain(item)
 
-    def log(self, pod: str, container: str) -> AsyncIterator[str]:
-        stream: AsyncIterator[str] = self._client.log(pod, container=container, follow=True, newlines=False)
-        return stream
+    async def log(self, pod: str, container: str, since_time: str | None = None) -> AsyncIterator[str]:
+        """Follow a container's output from ``since_time`` (RFC 3339; None = all of it), each line led by the
+        kubelet's RFC 3339 time stamp and a space, so that a follower can resume where it stopped.
+
+        Built here rather than by lightkube's ``log``, for two reasons: its requests carry the client's 10 s read
+        timeout, which ended the stream of any backend quiet for 10 s (a follow stream has no read timeout here:
+        a backend may say nothing for hours), and it has no ``sinceTime``."""
+        generic = self._client._client
+        params = {"container": container, "follow": True, "timestamps": True, "sinceTime": since_time}
+        request = generic.build_adapter_request(generic.prepare_request("get", PodLog, name=pod, params=params))
+        request.extensions["timeout"] = FOLLOW_TIMEOUT.as_dict()
+        response = await generic.send(request, stream=True)
+        try:
+            if response.is_error:
+                await response.aread()
+                generic.raise_for_status(response)
+            async for line in response.aiter_lines():
+                yield line
+        finally:
+            await response.aclose()
 
     async def close(self) -> None:
         await self._client.close()

@@ -23,8 +23,10 @@ import contextlib
 import json
 import logging
 import secrets
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from controller.config import Config
@@ -46,7 +48,7 @@ from controller.runtime.kube_objects import (
     plan,
     settings_for,
 )
-from controller.runtime.logs import START_MARKER, LogBook, LogFile, read_log
+from controller.runtime.logs import START_MARKER, LogBook, LogFile, last_written, read_log
 from proxy.background import Background, cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,9 @@ class KubernetesRuntime:
         self._stopping: set[str] = set()
         self._patience: dict[str, asyncio.TimerHandle] = {}  # backend name → when its unschedulable pod fails
         self._pods: dict[str, dict[str, Any]] = {}  # this controller's pods as last seen, by name
-        self._followed: set[str] = set()
+        self._followed: set[str] = set()  # pod names whose output is followed
+        self._labels: dict[str, dict[str, str]] = {}  # backend name → the labels kept with it
+        self._adopted: set[str] = set()  # backend names adopted from an earlier controller (and not started since)
         self._watching: asyncio.Task[None] | None = None
         self._watch_ready = asyncio.Event()
         self._background = Background()
@@ -107,6 +111,7 @@ class KubernetesRuntime:
                 with contextlib.suppress(Exception):
                     await api.delete("Secret", name)
                 raise
+            self._adopted.discard(name)
             self._expect(name, run, spec.model)
             try:
                 await api.create(objects.deployment)
@@ -118,6 +123,7 @@ class KubernetesRuntime:
                 raise
         self._logbook.append(spec.model, f"{START_MARKER} deployment {self._api().namespace}/{name} (run {run})")
         log.info("created deployment %s/%s for %s", self._api().namespace, name, spec.model)
+        self._labels[name] = dict(spec.labels)
         self._judge_known_pods(name)
         return Backend(
             model=spec.model,
@@ -166,6 +172,7 @@ class KubernetesRuntime:
         self._resolve(backend.handle, ExitInfo(None, "stopped"))
         self._cancel_patience(backend.handle)
         self._runs.pop(backend.handle, None)  # its exit stays answered; later pods of the name are another run
+        self._labels.pop(backend.handle, None)
 
     async def _delete_backend(self, name: str, grace: int) -> None:
         """Delete the Deployment, wait until its pods are gone (never two of a model), then the Service."""
@@ -209,8 +216,10 @@ class KubernetesRuntime:
                     await self._delete_backend(name, grace=0)
                     continue
                 run = deployment["spec"]["template"]["metadata"]["labels"].get(RUN, "")
+                self._adopted.add(name)
                 self._expect(name, run, model)
                 self._judge_known_pods(name)
+                labels = self._labels[name] = json.loads(annotations.get(REQUIREMENTS, "{}"))
                 found.append(
                     Backend(
                         model=model,
@@ -219,7 +228,7 @@ class KubernetesRuntime:
                         spec_hash=metadata["labels"].get(SPEC, ""),
                         started_at=epoch_seconds(metadata.get("creationTimestamp", "")),
                         adopted=True,
-                        labels=json.loads(annotations.get(REQUIREMENTS, "{}")),
+                        labels=dict(labels),
                     )
                 )
             for name in services:  # a Service whose Deployment is gone serves nothing
@@ -227,6 +236,15 @@ class KubernetesRuntime:
                 await api.delete("Service", name)
                 await api.delete("Secret", name)
         return found
+
+    async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
+        """Into the Deployment's annotation that carries the labels (patched; its pods are not restarted: the
+        pod template does not change)."""
+        kept = {**self._labels.get(backend.handle, backend.labels), **labels}
+        annotations = {REQUIREMENTS: json.dumps(kept, sort_keys=True)}
+        with kube_errors(f"keeping labels with deployment {backend.handle}"):
+            await self._api().patch("Deployment", backend.handle, {"metadata": {"annotations": annotations}})
+        self._labels[backend.handle] = kept
 
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self._log_dir / f"{model}.log")
@@ -317,7 +335,9 @@ class KubernetesRuntime:
             return
         verdict = judge_pod(pod)
         if verdict.running or verdict.failed:
-            self._follow(pod["metadata"]["name"], self._models[name])
+            adopted = name in self._adopted  # its output up to the log file's last write is in the file
+            since = last_written(self._log_dir / f"{self._models[name]}.log") if adopted else None
+            self._follow(pod["metadata"]["name"], self._models[name], since)
         if not verdict.failed or name in self._stopping:
             self._cancel_patience(name)
             return
@@ -353,21 +373,97 @@ class KubernetesRuntime:
 
     # ------------------------------------------------------------------ logs
 
-    def _follow(self, pod_name: str, model: str) -> None:
-        """The pod's output into the model's ring buffer and log file (a terminated container's too)."""
+    def _follow(self, pod_name: str, model: str, since: float | None) -> None:
+        """The pod's output from ``since`` (seconds since the epoch; None = all of it) into the model's ring
+        buffer and log file (a terminated container's too)."""
         if pod_name in self._followed:
             return
         self._followed.add(pod_name)
-        log_file = LogFile(self._log_dir / f"{model}.log")
+        self._background.spawn(self._read_logs(pod_name, model, LogResume.after(since)), f"pod-logs:{pod_name}")
 
-        async def read() -> None:
-            with contextlib.suppress(Exception):  # the pod is gone: its last lines are already in
-                async for line in self._api().log(pod_name, CONTAINER):
-                    text = line.rstrip("\r")
+    async def _read_logs(self, pod_name: str, model: str, resume: LogResume) -> None:
+        """Follow again after a broken stream (an API server restart, a proxy's idle timeout) while the pod
+        exists, from the last line taken: nothing lost, nothing twice. A stream that ends cleanly once the
+        container has ended is the end (its last lines are in); one broken off then is read once more, for the
+        lines it did not bring; a pod that is gone takes its log with it."""
+        log_file = LogFile(self._log_dir / f"{model}.log")
+        attempt = 0
+        while pod_name in self._followed:
+            resume.restart()
+            broken = False
+            try:
+                async for line in self._api().log(pod_name, CONTAINER, resume.since_time()):
+                    text = resume.take(line)
+                    if text is None:
+                        continue
+                    attempt = 0
                     log_file.write(text)
                     self._logbook.append(model, text)
+            except Exception as exc:
+                broken = True
+                log.debug("log stream of pod %s ended: %s", pod_name, describe(exc))
+            pod = self._pods.get(pod_name)
+            if pod is None:
+                return
+            if not judge_pod(pod).running and (not broken or attempt > 0):
+                return  # ended, and read to its end (or tried once more)
+            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            attempt += 1
 
-        self._background.spawn(read(), f"pod-logs:{pod_name}")
+
+class LogResume:
+    """Where a pod's log is taken up again: lines stamped before ``last`` are in the file already, and so are
+    the first ``taken`` of those stamped exactly at ``last`` (``sinceTime`` is whole seconds and inclusive, so a
+    resumed stream repeats a little; the stamps tell which lines)."""
+
+    def __init__(self, last: int, taken: int) -> None:
+        self.last, self.taken = last, taken  # nanoseconds since the epoch (-1: nothing taken yet); a count
+        self._seen = 0
+
+    @classmethod
+    def after(cls, since: float | None) -> LogResume:
+        """From the first line (None), or after everything stamped up to ``since`` (an adopted pod: what came
+        before the model's log file was last written is in it)."""
+        return cls(-1, 0) if since is None else cls(round(since * 1e9), sys.maxsize)
+
+    def restart(self) -> None:
+        self._seen = 0
+
+    def since_time(self) -> str | None:
+        if self.last < 0:
+            return None
+        return datetime.fromtimestamp(self.last // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def take(self, line: str) -> str | None:
+        """The text of a stamped line, or None when it was taken already."""
+        stamp, _, text = line.partition(" ")
+        nanos = stamp_nanos(stamp)
+        if nanos is None:  # no stamp: taken as it is
+            return line.rstrip("\r")
+        if nanos < self.last:
+            return None
+        if nanos == self.last:
+            self._seen += 1
+            if self._seen <= self.taken:
+                return None
+            self.taken += 1
+        else:
+            self.last, self.taken, self._seen = nanos, 1, 1
+        return text.rstrip("\r")
+
+
+def stamp_nanos(stamp: str) -> int | None:
+    """An RFC 3339 UTC time with up to nine digits of fraction (``2026-12-06T05:20:31.5Z``) in nanoseconds."""
+    if not stamp.endswith("Z"):
+        return None
+    whole, _, fraction = stamp[:-1].partition(".")
+    if fraction and not fraction.isdigit():
+        return None
+    try:
+        moment = datetime.fromisoformat(whole).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return int(moment.timestamp()) * 10**9 + int(fraction[:9].ljust(9, "0"))
 
 
 # ---------------------------------------------------------------------------------------------- helpers

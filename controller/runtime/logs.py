@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +33,16 @@ class LogFile:
                 self._path.replace(rotated(self._path))
             with self._path.open("a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
+
+
+def last_written(path: Path) -> float | None:
+    """When ``path`` was last written (seconds since the epoch), None when it does not exist. An adopted backend's
+    output is followed from here: what came before is in the file; what came while no controller ran is not.
+    (The backend's clock and the data dir's agree on one host; across a cluster they agree as far as NTP does.)"""
+    for part in (path, rotated(path)):
+        with contextlib.suppress(FileNotFoundError):
+            return part.stat().st_mtime
+    return None
 
 
 async def read_log(path: Path, chunk: int = 64 * 1024) -> AsyncIterator[bytes]:

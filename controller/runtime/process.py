@@ -26,8 +26,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -395,6 +395,21 @@ class ProcessRuntime:
                 self._tails[handle] = _FileTail(Path(record.log_path), offset, record.model, self._logbook)
             found.append(self._backend(record, adopted=handle not in self._children))
         return found
+
+    async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
+        """Into the pid file, which an adopting controller reads."""
+        record = self._records.get(backend.handle)
+        if record is None:
+            return  # gone: nothing to adopt
+        kept = replace(record, labels={**record.labels, **labels})
+        try:
+            await asyncio.to_thread(self._write_pid_file, kept)
+        except OSError as exc:
+            raise LlamaControllerError(f"cannot write the pid file of {record.model}: {exc.strerror or exc}") from exc
+        if backend.handle in self._records:
+            self._records[backend.handle] = kept
+        else:  # it exited while the file was written: no pid file for a process that is gone
+            self._remove_pid_file(kept)
 
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self.log_path(model))

@@ -19,8 +19,10 @@ import docker
 import httpx
 import ollama
 import pytest
+from docker.models.containers import Container
 
 from controller.config import validate_config
+from controller.errors import BackendStartFailed
 from controller.runtime.base import LaunchSpec
 from controller.runtime.containers import INSTANCE, MANAGED, MODEL
 from controller.runtime.docker import DockerRuntime
@@ -207,5 +209,174 @@ async def test_docker_events_stream_lost_is_reconnected_and_exits_still_noticed(
         assert runtime._event_stream is not stream, "a new stream was opened"
     finally:
         await runtime.stop(backend, 2)
+        await runtime.close()
+    assert ours(engine, tmp_path) == []
+
+
+class LateToResume(DockerRuntime):
+    """As on a busy machine: the event loop comes back to ``start`` only after the container it started has
+    died and its ``die`` event has been handled (the runtime removes a dead container: it is gone then)."""
+
+    async def _call(self, action: str, work: Callable[[], Any]) -> Any:
+        result = await super()._call(action, work)
+        if isinstance(result, Container) and result.attrs["State"].get("Running"):
+            engine = docker.from_env(version="auto")
+            try:
+                async with asyncio.timeout(60):
+                    while True:
+                        try:
+                            await asyncio.to_thread(engine.containers.get, result.id or "")
+                        except docker.errors.NotFound:
+                            break
+                        await asyncio.sleep(0.05)
+            finally:
+                engine.close()
+        return result
+
+
+async def test_docker_container_that_exits_right_after_start_is_seen(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """llama-server refuses a flag and exits within milliseconds: its exit reaches the lifecycle (before the fix
+    the exit watch was registered after the start returned, the event was dropped and a load waited out its
+    whole startup timeout)."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    runtime = LateToResume(config, LogBook(), instance_id(config.data_dir))
+    try:
+        for _ in range(3):
+            try:
+                backend = await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--no-such-flag",)))
+            except BackendStartFailed as exc:  # it was gone before its port could be read
+                assert "exited with code 1" in str(exc)
+                continue
+            info = await asyncio.wait_for(runtime.wait_exit(backend), 30)
+            assert info.code == 1 and info.reason == "llama-server exited with code 1"
+    finally:
+        await runtime.close()
+    async with asyncio.timeout(30):
+        while ours(engine, tmp_path):  # each dead container is removed
+            await asyncio.sleep(0.1)
+
+
+async def test_docker_two_models_whose_names_slug_alike_run_side_by_side(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """``a:b-c`` and ``a-b:c`` once mapped to one container name: the second start failed with a 409 that blamed
+    "another controller"."""
+    models = {"a:b-c": {"path": str(models_dir / "a.gguf")}, "a-b:c": {"path": str(models_dir / "b.gguf")}}
+    config = validate_config(docker_config(tmp_path, models))
+    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    backends = []
+    try:
+        for model, file in (("a:b-c", "a.gguf"), ("a-b:c", "b.gguf")):
+            backends.append(await runtime.start(LaunchSpec(model, models_dir / file, ("--ctx-size", "512"))))
+        running = {c.labels[MODEL]: c.name for c in ours(engine, tmp_path) if c.status == "running"}
+        assert sorted(running) == ["a-b:c", "a:b-c"] and len(set(running.values())) == 2
+    finally:
+        for backend in backends:
+            await runtime.stop(backend, 2)
+        await runtime.close()
+    assert ours(engine, tmp_path) == []
+
+
+async def test_docker_container_named_the_older_way_is_still_adopted(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """Names gained a hash; a container an older controller named without it is adopted by its labels."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    instance = instance_id(config.data_dir)
+    first = DockerRuntime(config, LogBook(), instance)
+    backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
+    await first.close()
+    engine.containers.get(backend.handle).rename(f"llamacontroller-{instance[:8]}-a-latest")
+    second = DockerRuntime(config, LogBook(), instance)
+    try:
+        adopted = await second.list_managed()
+        assert [(b.handle, b.adopted, b.url) for b in adopted] == [(backend.handle, True, backend.url)]
+    finally:
+        await second.stop(backend, 2)
+        await second.close()
+    assert ours(engine, tmp_path) == []
+
+
+async def test_docker_adoption_follows_only_new_output(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """A restarted controller adopts a container and follows what it writes from then on: the output already in
+    the model's log file is not written there again (before the fix the whole log was replayed into it)."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    instance = instance_id(config.data_dir)
+    log_file = config.data_dir / "logs" / "a:latest.log"
+    first = DockerRuntime(config, LogBook(), instance)
+    backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
+    try:
+        async with asyncio.timeout(60):
+            while "listening on" not in (log_file.read_text() if log_file.exists() else ""):
+                await asyncio.sleep(0.1)
+        # A second controller takes over the data dir as the first left it (the first one, which keeps writing
+        # to its own copy, plays no further part).
+        second_config = validate_config(docker_config(tmp_path / "second", {"a": {"path": str(models_dir / "a.gguf")}}))
+        second_log = second_config.data_dir / "logs" / "a:latest.log"
+        second_log.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log_file, second_log)  # with its time of last write
+        before = second_log.read_text()
+        second = DockerRuntime(second_config, LogBook(), instance)
+        try:
+            assert [b.handle for b in await second.list_managed()] == [backend.handle]
+            async with httpx.AsyncClient() as client:
+                answer = await client.post(f"{backend.url}/completion", json={"prompt": "x", "n_predict": 2})
+                assert answer.status_code == 200
+            async with asyncio.timeout(30):
+                while "print_timing" not in second_log.read_text():  # its new output is followed
+                    await asyncio.sleep(0.1)
+            after = second_log.read_text()
+            assert after.startswith(before)
+            assert "listening on" not in after[len(before) :], "the log already kept was written again"
+        finally:
+            await second.stop(backend, 2)
+            await second.close()
+    finally:
+        await first.close()
+    assert ours(engine, tmp_path) == []
+
+
+async def test_docker_labels_kept_after_creation_are_read_back_on_adoption(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """Docker's labels are fixed at creation: what is kept later (the keep_alive in force) is in a file of the
+    container's id in the data dir, read back by the next controller and removed with the container."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    instance = instance_id(config.data_dir)
+    first = DockerRuntime(config, LogBook(), instance)
+    labels = {"ctx_size": "512"}
+    backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512"), labels=labels))
+    await first.keep_labels(backend, {"keep_alive": "inf"})
+    await first.close()
+    second = DockerRuntime(config, LogBook(), instance)
+    try:
+        [adopted] = await second.list_managed()
+        assert adopted.handle == backend.handle and adopted.labels == {"ctx_size": "512", "keep_alive": "inf"}
+    finally:
+        await second.stop(backend, 2)
+        await second.close()
+    assert ours(engine, tmp_path) == []
+    assert list((config.data_dir / "containers").iterdir()) == []
+
+
+async def test_docker_a_container_that_cannot_start_fails_each_start_alike(
+    tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
+) -> None:
+    """The engine refuses to start the container (a GPU it has no runtime for): every start says so and leaves
+    nothing, the second as the first (its exit watch, set before the start, is dropped with it)."""
+    if "nvidia" in (engine.info().get("Runtimes") or {}):
+        pytest.skip("this engine has the NVIDIA runtime")
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    try:
+        for _ in range(2):
+            with pytest.raises(BackendStartFailed, match="NVIDIA Container Toolkit"):
+                await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", gpus="all"))
+        assert runtime._exits == {}
+    finally:
         await runtime.close()
     assert ours(engine, tmp_path) == []

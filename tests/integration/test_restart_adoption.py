@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,3 +83,30 @@ def test_changed_config_removes_the_stale_backend(tmp_path: Path, tiny_models: M
     for proc in backend_processes(model_file):  # keep_backends_on_exit: stop what this test started
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(10)
+
+
+def test_a_clients_keep_alive_forever_survives_a_killed_controller(tmp_path: Path, tiny_models: Models) -> None:
+    """An Ollama client loads with keep_alive -1 (forever); the controller is killed; the next one adopts the
+    backend and keeps it forever too (before, the adopted model expired after the default 5 minutes)."""
+    models = tiny_models("a")
+    config = real_config(tmp_path, models)
+    with serve_subprocess(config, tmp_path, "first") as first:
+        loaded = first.http.post("/api/generate", json={"model": "a", "keep_alive": -1}, timeout=60)
+        assert loaded.status_code == 200
+        assert status(first, "a")["expires_at"] is None
+        pid = int(status(first, "a")["handle"])
+        pid_file = tmp_path / "data" / "run" / "a:latest.json"
+        deadline = time.monotonic() + 30
+        while json.loads(pid_file.read_text())["labels"].get("keep_alive") != "inf":  # kept with the backend
+            assert time.monotonic() < deadline, pid_file.read_text()
+            time.sleep(0.05)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+
+    with serve_subprocess(config, tmp_path, "second") as second:
+        adopted = status(second, "a")
+        assert adopted["adopted"] is True and int(adopted["handle"]) == pid
+        assert adopted["state"] == "ready" and adopted["expires_at"] is None
+        # A client that says otherwise is heard: the expiry comes back.
+        assert second.http.post("/api/generate", json={"model": "a", "keep_alive": "1h"}, timeout=60).status_code == 200
+        assert status(second, "a")["expires_at"] is not None

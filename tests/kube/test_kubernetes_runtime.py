@@ -20,7 +20,7 @@ from controller.config import Config, validate_config
 from controller.errors import BackendStartFailed, KubernetesUnavailable
 from controller.runtime.base import LaunchSpec
 from controller.runtime.keys import BackendKeys
-from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, RUN, backend_name
+from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, REQUIREMENTS, RUN, backend_name
 from controller.runtime.kubernetes import KubernetesRuntime
 from controller.runtime.logs import LogBook
 from tests.support.kubecluster import Cluster, emulated_cluster, eventually
@@ -375,3 +375,115 @@ async def test_no_configuration_is_a_clear_error(tmp_path: Path, runtime: Callab
     kube = runtime(kubeconfig=str(tmp_path / "missing-kubeconfig"))
     with pytest.raises(KubernetesUnavailable, match="no Kubernetes configuration found"):
         await kube.start(spec(tmp_path))
+
+
+def say(cluster: Cluster, pod: str, *lines: str) -> None:
+    """The pod's container writes ``lines`` to its output."""
+    path = cluster.log_path(pod)
+    assert path is not None
+    with path.open("a") as out:
+        out.write("".join(f"{line}\n" for line in lines))
+
+
+def logged(tmp_path: Path, model: str = "a:1b") -> list[str]:
+    """The model's log file as the controller wrote it."""
+    path = tmp_path / "data" / "logs" / f"{model}.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_pod_logs_keep_coming_after_a_silence_longer_than_the_api_clients_read_timeout(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """A backend says nothing for a while (no requests): what it says next still reaches its log. Before the
+    fix the API client's 10 s read timeout ended the follow stream, and the follower gave up."""
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "first")
+    await eventually(lambda: logged(tmp_path) == ["first"])
+    await asyncio.sleep(11)  # silence, longer than the client's 10 s read timeout
+    say(cluster, pod, "second")
+    await eventually(lambda: logged(tmp_path) == ["first", "second"], timeout=30)
+    await kube.stop(backend, timeout=1)
+
+
+async def test_a_broken_log_stream_is_followed_again_with_nothing_lost_or_repeated(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "one", "two")
+    await eventually(lambda: logged(tmp_path) == ["one", "two"])
+    cluster.drop_logs()  # an API server restart
+    say(cluster, pod, "three")
+    await eventually(lambda: "three" in logged(tmp_path), timeout=30)
+    cluster.drop_logs()
+    cluster.drop_logs()
+    say(cluster, pod, "four")
+    await eventually(lambda: "four" in logged(tmp_path), timeout=30)
+    assert logged(tmp_path) == ["one", "two", "three", "four"]
+    await kube.stop(backend, timeout=1)
+
+
+async def test_an_adopted_pods_log_is_followed_from_where_the_last_controller_stopped(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """What the first controller wrote to the log file is not written again; what the pod said while no
+    controller ran is (before the fix adoption replayed the pod's whole log into the file)."""
+    first = runtime()
+    await first.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "one")
+    await eventually(lambda: logged(tmp_path) == ["one"])
+    await first.close()
+    say(cluster, pod, "two")  # while no controller runs
+    second = runtime()
+    adopted = await second.list_managed()
+    await eventually(lambda: "two" in logged(tmp_path), timeout=30)
+    say(cluster, pod, "three")
+    await eventually(lambda: "three" in logged(tmp_path), timeout=30)
+    assert logged(tmp_path) == ["one", "two", "three"]
+    await second.stop(adopted[0], timeout=1)
+
+
+async def test_labels_kept_after_the_start_are_read_back_on_adoption_and_restart_nothing(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """The keep_alive in force is patched into the Deployment's annotation (a client's keep_alive -1 survives a
+    controller restart); the pod template does not change, so its pod runs on."""
+    first = runtime()
+    backend = await first.start(spec(tmp_path, labels={"ctx_size": "4096"}))
+    pod = await running_pod(cluster)
+    await first.keep_labels(backend, {"keep_alive": "inf"})
+    await first.close()
+    second = runtime()
+    [adopted] = await second.list_managed()
+    assert adopted.labels == {"ctx_size": "4096", "keep_alive": "inf"}
+    assert [p["metadata"]["name"] for p in pods_of(cluster, "a:1b")] == [pod]
+    await second.keep_labels(adopted, {"keep_alive": "300.0"})
+    deployment = cluster.get("Deployment", NAMESPACE, backend.handle)
+    assert deployment is not None
+    assert json.loads(deployment["metadata"]["annotations"][REQUIREMENTS]) == {
+        "ctx_size": "4096",
+        "keep_alive": "300.0",
+    }
+    await second.stop(adopted, timeout=1)
+
+
+async def test_a_log_stream_broken_as_the_container_ends_is_read_to_its_end(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """The container has ended and its stream breaks before its last words came: they are read once more (they
+    are often the reason it ended)."""
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    say(cluster, pod, "one")
+    await eventually(lambda: logged(tmp_path) == ["one"])
+    cluster.set_container_state(pod, {"terminated": {"exitCode": 1, "reason": "Error"}})
+    assert (await asyncio.wait_for(kube.wait_exit(backend), 10)).code == 1
+    cluster.drop_logs()
+    say(cluster, pod, "last words")
+    await eventually(lambda: logged(tmp_path) == ["one", "last words"], timeout=30)
+    await kube.stop(backend, timeout=1)

@@ -14,8 +14,13 @@ Secrets and Pods, and plays the parts of the rest of a cluster just enough to ex
   (``kubelet="inert"``). A real container that exits is reported the way a kubelet does: terminated, then
   CrashLoopBackOff.
 
+Pod logs are served line by line as a kubelet does, each line stamped with the time the API first served it
+(``timestamps``, ``sinceTime``, ``sinceSeconds``: a line written while no one followed gets the time of its first
+reading, which keeps "since" true for a client that resumes).
+
 Faults are injected by the tests: ``set_container_state`` (OOMKilled, ImagePullBackOff...), ``compact``
-(old resource versions answer 410 Gone), ``drop_watches`` (an API server restart, seen by clients).
+(old resource versions answer 410 Gone), ``drop_watches`` (an API server restart, seen by clients),
+``drop_logs`` (every open log stream broken off).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -63,6 +69,25 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
         "reason": reason,
         "code": code,
     }
+
+
+def rfc3339_nano(nanos: int) -> str:
+    """As the kubelet writes a log line's time: RFC 3339 in UTC with up to nine digits, trailing zeros dropped."""
+    whole = datetime.fromtimestamp(nanos // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{nanos % 10**9:09d}".rstrip("0")
+    return f"{whole}.{fraction}Z" if fraction else f"{whole}Z"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -103,6 +128,8 @@ class Cluster:
         self.changed = threading.Condition()
         self.watch_generation = 0
         self.clean_end = False
+        self.log_generation = 0
+        self.line_times: dict[str, list[int]] = {}  # pod name → when each line of its log was first served (ns)
         self.containers: dict[str, Container] = {}
         self.environments: dict[str, dict[str, str]] = {}  # pod name → the environment its container got
         self.requests: list[tuple[str, str]] = []  # (method, path) of every call, for assertions
@@ -184,6 +211,18 @@ class Cluster:
             self.clean_end = cleanly
             self.changed.notify_all()
 
+    def drop_logs(self) -> None:
+        """Break off every open log stream (an API server or kubelet restart, a proxy in between timing out)."""
+        with self.changed:
+            self.log_generation += 1
+
+    def _line_time(self, pod_name: str, index: int) -> int:
+        with self.changed:
+            times = self.line_times.setdefault(pod_name, [])
+            while len(times) <= index:
+                times.append(time.time_ns())
+            return times[index]
+
     # ------------------------------------------------------------------ what the API does
 
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -204,6 +243,13 @@ class Cluster:
         if kind == "Deployment" and body["spec"].get("replicas", 1) > 0:
             threading.Thread(target=self._make_pod, args=(created,), daemon=True).start()
         return 201, created
+
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A JSON merge patch (RFC 7386), the only kind the runtime sends."""
+        found = self.get(kind, namespace, name)
+        if found is None:
+            return 404, status(404, "NotFound", f'{kind.lower()}s "{name}" not found')
+        return 200, self._commit(kind, "MODIFIED", merge_patch(found, body))
 
     def delete(self, kind: str, namespace: str, name: str, grace: int | None) -> tuple[int, dict[str, Any]]:
         found = self.get(kind, namespace, name)
@@ -462,6 +508,9 @@ class Cluster:
             def do_DELETE(self) -> None:
                 cluster._serve(self, "DELETE")
 
+            def do_PATCH(self) -> None:
+                cluster._serve(self, "PATCH")
+
         return Handler
 
     def _serve(self, request: BaseHTTPRequestHandler, method: str) -> None:
@@ -481,11 +530,13 @@ class Cluster:
         kind, namespace, name, sub = route
         if method == "POST" and name is None:
             self._send(request, *self.create(kind, namespace, body))
+        elif method == "PATCH" and name is not None and sub is None:
+            self._send(request, *self.patch(kind, namespace, name, body))
         elif method == "DELETE" and name is not None:
             grace = query.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
             self._send(request, *self.delete(kind, namespace, name, None if grace is None else int(grace)))
         elif method == "GET" and name is not None and sub == "log":
-            self._stream_log(request, name, query.get("follow") == "true")
+            self._stream_log(request, name, query)
         elif method == "GET" and name is not None:
             found = self.get(kind, namespace, name)
             if found is None:
@@ -581,7 +632,7 @@ class Cluster:
                 ):
                     yield {"type": event, "object": obj}
 
-    def _stream_log(self, request: BaseHTTPRequestHandler, pod_name: str, follow: bool) -> None:
+    def _stream_log(self, request: BaseHTTPRequestHandler, pod_name: str, query: dict[str, str]) -> None:
         path = self.log_path(pod_name)
         if path is None or not path.exists():
             self._send(
@@ -590,16 +641,40 @@ class Cluster:
                 status(400, "BadRequest", f'container "llama-server" in pod "{pod_name}" is waiting to start'),
             )
             return
+        follow, stamped = query.get("follow") == "true", query.get("timestamps") == "true"
+        since: int | None = None
+        if "sinceTime" in query:
+            since = int(datetime.fromisoformat(query["sinceTime"].replace("Z", "+00:00")).timestamp()) * 10**9
+        elif "sinceSeconds" in query:
+            since = time.time_ns() - int(query["sinceSeconds"]) * 10**9
+        generation = self.log_generation
         self._start_chunks(request, "text/plain")
         try:
             with path.open("rb") as source:
+                partial, index = b"", 0
                 while True:
+                    if self.log_generation != generation:
+                        request.close_connection = True
+                        return  # broken off: no last chunk, nothing more
                     data = source.read(65536)
                     if data:
-                        self._chunk(request, data)
+                        lines = (partial + data).split(b"\n")
+                        partial = lines.pop()
+                        out = []
+                        for line in lines:
+                            stamp = self._line_time(pod_name, index)
+                            index += 1
+                            if since is None or stamp >= since:
+                                out.append((rfc3339_nano(stamp) + " " if stamped else "").encode() + line + b"\n")
+                        if out:
+                            self._chunk(request, b"".join(out))
                         continue
                     running = pod_name in self.containers and self._running(pod_name)
                     if not follow or not running or self.closing:
+                        if partial:  # a last line with no newline
+                            self._chunk(
+                                request, (rfc3339_nano(time.time_ns()) + " " if stamped else "").encode() + partial
+                            )
                         break
                     time.sleep(0.05)
             self._chunk(request, b"")

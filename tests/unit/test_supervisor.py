@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,38 @@ async def test_supervisor_state_changes_are_published(tmp_path: Path, tiny_model
     events = [(e["model"], e["state"]) for e in supervisor.events]  # type: ignore[attr-defined]
     assert events == [("a:latest", s) for s in ("starting", "ready", "stopping", "stopped")]
     await supervisor.close()
+
+
+@pytest.mark.parametrize("keep_alive", [math.inf, 3600.0])
+async def test_supervisor_a_clients_keep_alive_survives_adoption(
+    tmp_path: Path, tiny_model: Path, keep_alive: float
+) -> None:
+    """keep_alive -1 (forever) or an hour, set by a client, still holds after a controller restart: it is kept with
+    the backend and read back on adoption (before, the adopted model expired after the default 5 minutes)."""
+    cfg = config(tmp_path, tiny_model, runtime={"keep_backends_on_exit": True})
+    first, runtime = fake_supervisor(cfg)
+    await first.start()
+    await first.load("a", keep_alive=keep_alive)
+    for _ in range(100):
+        if runtime.kept:
+            break
+        await asyncio.sleep(0.01)
+    [(handle, labels)] = runtime.kept
+    assert labels == {"keep_alive": repr(keep_alive)}
+    await first.close()
+    [left] = runtime.alive("a:latest")
+    assert left.handle == handle and left.labels["keep_alive"] == repr(keep_alive)
+
+    second, _ = fake_supervisor(cfg, FakeRuntime(leftovers=[left]))
+    await second.start()
+    for _ in range(100):
+        if second.view("a").state == State.READY:
+            break
+        await asyncio.sleep(0.01)
+    view = second.view("a")
+    assert view.state == State.READY and view.adopted
+    if math.isinf(keep_alive):
+        assert view.expires_at is None
+    else:
+        assert view.expires_at is not None and view.expires_at > time.time() + 1800  # not the default 300 s
+    await second.close()
