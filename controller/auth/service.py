@@ -27,6 +27,7 @@ from typing import Any
 
 from controller.auth.bounds import Grant, check_glob_count, check_name, check_rpm, expiry_seconds, within_maker
 from controller.auth.identity import ROLE_SCOPES, Identity, Scope
+from controller.auth.password_work import PasswordWork
 from controller.auth.secrets import (
     digest,
     hash_password,
@@ -103,6 +104,7 @@ class AuthService:
         self._cache: dict[str, _Cached] = {}
         self._touched: dict[str, float] = {}
         self._background = Background()
+        self._password_work = PasswordWork()
 
     @classmethod
     def from_config(cls, config: Config, store: Store, ephemeral: Ephemeral) -> AuthService:
@@ -288,7 +290,8 @@ class AuthService:
         ):
             raise RateLimited("too many failed sign-ins: wait and try again", self.settings.login_window)
         user = await self.store.get_user(username)
-        if not verify_password(password, user.password_hash if user else None) or user is None or user.disabled:
+        matches = await self._password_work.run(verify_password, password, user.password_hash if user else None)
+        if not matches or user is None or user.disabled:
             await self.ephemeral.add_failure(key, self.settings.login_window)
             await self.ephemeral.add_failure(account, self.settings.login_window)
             await self._audit("login_failed", username, username, {"client": client})
@@ -315,7 +318,9 @@ class AuthService:
         if len(password) < 8:
             raise BadRequest("passwords need at least 8 characters")
         _validate_globs(models)
-        user = User(name, hash_password(password), role, False, time.time(), tuple(models))
+        user = User(
+            name, await self._password_work.run(hash_password, password), role, False, time.time(), tuple(models)
+        )
         await self.store.add_user(user)
         await self._audit("user_added", actor, name, {"role": role, "models": list(models)})
         return user
@@ -331,7 +336,7 @@ class AuthService:
     async def set_password(self, name: str, password: str, actor: str) -> None:
         if len(password) < 8:
             raise BadRequest("passwords need at least 8 characters")
-        user = await self.store.update_user(name, password_hash=hash_password(password))
+        user = await self.store.update_user(name, password_hash=await self._password_work.run(hash_password, password))
         await self.store.delete_user_sessions(user.name)
         await self._audit("password_changed", actor, name)
 

@@ -7,6 +7,7 @@ import base64
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -653,3 +654,35 @@ async def test_security_audit_limit_takes_ascii_digits_only(world: World) -> Non
         assert response.status_code == 400, limit
         assert await response.get_json() == {"error": "'limit' must be a whole number", "code": "bad_request"}
     assert len((await get(world, "/control/v1/audit?limit=2", admin))[1]["events"]) == 2
+
+
+async def test_security_password_checks_leave_the_event_loop_free_and_are_bounded(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bogus sign-ins with a new name each once ran argon2 on the event loop: 100 at once stalled every request."""
+    from controller.auth import service as auth_service
+    from controller.auth.password_work import PasswordWork
+
+    release = threading.Event()
+    threads: list[int] = []
+    real = auth_service.verify_password
+
+    def slow_verify(password: str, hashed: str | None) -> bool:
+        threads.append(threading.get_ident())
+        release.wait(10)
+        return real(password, hashed)
+
+    monkeypatch.setattr(auth_service, "verify_password", slow_verify)
+    world.service._password_work = PasswordWork(parallel=1, waiting=2)
+    guesses = [asyncio.create_task(login(world, f"ghost{n}", "whatever-password")) for n in range(4)]
+    while len(threads) < 1:
+        await asyncio.sleep(0.01)  # the loop runs while a check is under way: it is not on this thread
+    assert threading.get_ident() not in threads
+    ready = await world.client.get("/healthz")
+    assert ready.status_code == 200, "other requests are answered meanwhile"
+    done, _ = await asyncio.wait(guesses, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    refused = [task.result() for task in done]
+    assert refused and all(r.status_code == 429 for r in refused), "past the queue: refused at once"
+    release.set()
+    statuses = sorted(r.status_code for r in await asyncio.gather(*guesses))
+    assert statuses == [401, 401, 429, 429], statuses
