@@ -144,6 +144,10 @@ class SqliteStore:
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the database file's mode,
+            # and they hold password hashes too (made 0644 under a 0755 data dir, they were readable by all).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self.path.chmod(0o600)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")

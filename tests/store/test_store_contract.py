@@ -184,6 +184,26 @@ async def test_store_sqlite_migrations_are_versioned_and_reopen_keeps_data(tmp_p
     assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600
 
 
+async def test_store_sqlite_files_are_private_from_the_first_write(tmp_path: Path) -> None:
+    """The write-ahead log holds password hashes as soon as a user is added: never readable by others, even in
+    a data dir made 0755 by someone else and with a permissive umask."""
+    import os
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    old = os.umask(0o022)
+    try:
+        store = SqliteStore(shared / "s.db")
+        await store.open()
+        await store.add_user(User("alice", "argon2-hash-here", "admin", False, 1.0))
+        files = {path.name: path.stat().st_mode & 0o777 for path in shared.iterdir()}
+        await store.close()
+    finally:
+        os.umask(old)
+    assert {"s.db-wal", "s.db-shm"} <= set(files), files
+    assert all(mode == 0o600 for mode in files.values()), files
+
+
 async def test_store_sqlite_upgrade_from_version_1_keeps_users(tmp_path: Path) -> None:
     """A store written before user allow-lists (version 1) opens, upgrades, and keeps its users."""
     import sqlite3
