@@ -15,7 +15,7 @@ import time
 from proxy import measure
 from proxy.asgi import ASGIApp, Message, Receive, Scope, Send
 from proxy.forward import request_id
-from proxy.logsafe import loggable
+from proxy.logsafe import loggable_field
 from proxy.peers import PEERS_KEY, TrustedProxies
 
 access_log = logging.getLogger("llamacontroller.access")
@@ -83,11 +83,11 @@ class AccessLog:
         access_log.log(
             level,
             "%s %s model=%s status=%s %.1fms id=%s client=%s",
-            loggable(method, 16),
-            loggable(path),
-            loggable(timing.asked, _MODEL_LIMIT) if timing.asked else "-",
+            loggable_field(method, 16),
+            loggable_field(path),
+            loggable_field(timing.asked, _MODEL_LIMIT) if timing.asked else "-",
             timing.status or "-",
             (ended - timing.started) * 1000,
             rid,
-            loggable(self.peers.client(scope) or "-"),
+            loggable_field(self.peers.client(scope) or "-"),
         )

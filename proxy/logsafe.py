@@ -24,6 +24,13 @@ def loggable(value: object, limit: int | None = LIMIT) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def loggable_field(value: object, limit: int | None = LIMIT) -> str:
+    """A client's value as one field of a ``key=value`` line: spaces escaped too (``\\x20``), so a path or a
+    model name cannot add fields of its own (``/x%20status=200%20client=203.0.113.9``)."""
+    text = loggable(value, limit)
+    return text.replace(" ", "\\x20") if " " in text else text
+
+
 class OneLineFormatter(logging.Formatter):
     """Every message as one line, whatever it was built from: the safety net under the values each log call
     escapes itself. A traceback still takes lines of its own, each marked with ``  | `` (its last line quotes

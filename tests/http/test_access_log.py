@@ -108,6 +108,16 @@ async def test_access_log_values_from_the_client_cannot_forge_a_line(world: Worl
     assert "model=a\\r\\nforged\\x1b[31m\\u2028 " in world.lines()[1]
 
 
+async def test_access_log_values_from_the_client_cannot_add_fields(world: World) -> None:
+    """Spaces in a path or a model name once made fields of their own: a second status=, a client= of choice."""
+    fields = " status=200 1.0ms id=0 client=203.0.113.9"
+    await world.client.get("/api/tags" + fields.replace(" ", "%20"))
+    await world.client.post("/api/chat", json={"model": "a" + fields, "messages": []}, headers=bearer(world.token))
+    for line in world.lines():
+        assert line.count(" status=") == 1 and line.count(" client=") == 1, line
+    assert "/api/tags\\x20status=200" in world.lines()[0]
+
+
 def test_access_log_every_log_message_is_one_line() -> None:
     """The serve log's formatter: whatever a message was built from, it stays on its line."""
     root = logging.getLogger()
