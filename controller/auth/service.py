@@ -403,9 +403,11 @@ class AuthService:
             expires_at=grant.expires_at,
             created_at=now,
             rpm=grant.rpm,
+            made_by=creator.token_id if creator is not None else None,
         )
         await self.store.add_token(record)
-        await self._audit("token_created", actor, token_id, {"name": name, "owner": user.name, "scopes": scopes})
+        detail = {"name": name, "owner": user.name, "scopes": scopes, "made_by": record.made_by}
+        await self._audit("token_created", actor, token_id, detail)
         return token, record
 
     async def tokens_for(self, viewer: Identity) -> list[TokenRecord]:
@@ -422,9 +424,25 @@ class AuthService:
             raise NotFound(f"token '{token_id}' not found")
         self._cache.pop(token_id, None)
         await self._audit("token_revoked", actor, token_id)
+        await self._revoke_made_by(token_id, actor)
         token = await self.store.get_token(token_id)
         assert token is not None
         return token
+
+    async def _revoke_made_by(self, token_id: str, actor: str) -> None:
+        """Revoke every token made, directly or in turn, with ``token_id``: a leaked token's children go with it."""
+        tokens = await self.store.list_tokens()
+        made: dict[str, list[TokenRecord]] = {}
+        for token in tokens:
+            if token.made_by:
+                made.setdefault(token.made_by, []).append(token)
+        pending = [token_id]
+        while pending:
+            for child in made.pop(pending.pop(), []):
+                pending.append(child.id)
+                if not child.revoked and await self.store.revoke_token(child.id):
+                    self._cache.pop(child.id, None)
+                    await self._audit("token_revoked", actor, child.id, {"made_by": child.made_by})
 
 
 def _token_identity(token: TokenRecord, owner: User | None) -> Identity:

@@ -52,6 +52,7 @@ class TokenRecord:
     created_at: float = 0.0
     last_used_at: float | None = None
     rpm: int | None = None  # requests per minute; None: unlimited
+    made_by: str | None = None  # the token that made this one: revoking that one revokes this one too
 
     def public(self) -> dict[str, Any]:
         """Everything but the secret's digest, for listings."""
@@ -66,6 +67,7 @@ class TokenRecord:
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
             "rpm": self.rpm,
+            "made_by": self.made_by,
         }
 
 

@@ -99,6 +99,7 @@ def _token(data: dict[str, str]) -> TokenRecord:
         created_at=float(data["created_at"]),
         last_used_at=optional("last_used_at"),
         rpm=int(data["rpm"]) if data.get("rpm") else None,
+        made_by=data.get("made_by") or None,
     )
 
 
@@ -215,6 +216,7 @@ class RedisStore:
             "created_at": str(token.created_at),
             "last_used_at": "" if token.last_used_at is None else str(token.last_used_at),
             "rpm": "" if token.rpm is None else str(token.rpm),
+            "made_by": token.made_by or "",
         }
         key = f"{PREFIX}token:{token.id}"
         if not await self._call(self.client.hsetnx(key, "id", token.id)):

@@ -80,6 +80,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX users_by_folded_name ON users (name COLLATE NOCASE);
     """,
+    # 4: which token made a token (revoking a token revokes those it made)
+    """
+    ALTER TABLE tokens ADD COLUMN made_by TEXT;
+    """,
 )
 # A name in any case; where names written before differ only in case: the exact spelling, else the
 # lower-case one, else the oldest.
@@ -101,6 +105,7 @@ def _token(row: sqlite3.Row) -> TokenRecord:
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         rpm=row["rpm"],
+        made_by=row["made_by"],
     )
 
 
@@ -270,7 +275,7 @@ class SqliteStore:
             try:
                 db.execute(
                     "INSERT INTO tokens (id, name, owner, secret_hash, scopes, models, expires_at, revoked,"
-                    " created_at, last_used_at, rpm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " created_at, last_used_at, rpm, made_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         token.id,
                         token.name,
@@ -283,6 +288,7 @@ class SqliteStore:
                         token.created_at,
                         token.last_used_at,
                         token.rpm,
+                        token.made_by,
                     ),
                 )
             except sqlite3.IntegrityError as exc:

@@ -525,6 +525,25 @@ async def test_security_a_token_made_with_a_token_inherits_its_bounds(world: Wor
     assert refused.status_code == 403, "the inherited list is enforced"
 
 
+async def test_security_revoking_a_token_revokes_the_tokens_it_made(world: World) -> None:
+    """A leaked token's children once outlived its revocation, and nothing recorded which token made them."""
+    maker = bearer(await restricted(world, ["a"], None, None))
+    maker_id = (await world.service.store.list_tokens())[-1].id
+    _, child = await make(world, bearer(world.tokens["inference"]))  # another token's child stays
+    _, first = await make(world, maker)
+    _, second = await make(world, bearer(first["token"]))  # made in turn
+    assert (first["made_by"], second["made_by"]) == (maker_id, first["id"])
+    audited = [e for e in await world.service.store.list_audit(100) if e.action == "token_created"]
+    assert [e.detail["made_by"] for e in audited if e.target == second["id"]] == [first["id"]]
+    admin = bearer(world.tokens["admin"])
+    assert (await world.client.delete(f"/control/v1/tokens/{maker_id}", headers=admin)).status_code == 200
+    await asyncio.sleep(0.25)  # past the token cache
+    for made in (first, second):
+        refused = await world.client.get("/api/tags", headers=bearer(made["token"]))
+        assert refused.status_code == 401, made
+    assert (await world.client.get("/api/tags", headers=bearer(child["token"]))).status_code == 200
+
+
 async def test_security_a_token_cannot_give_models_beyond_its_own(world: World) -> None:
     maker = bearer(await restricted(world, ["a", "gemma3*"], None, None))
     for models in (["b"], ["*"], ["a", "b"], ["gemma*"], ["a*"]):

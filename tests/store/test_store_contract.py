@@ -105,6 +105,9 @@ async def test_store_tokens(backend: tuple[Store, Ephemeral]) -> None:
     stored = await store.get_token(record.id)
     assert stored is not None and stored.revoked and stored.last_used_at == 123.0
     assert "secret_hash" not in stored.public()
+    child = token("fedcba9876543210", made_by=record.id)
+    await store.add_token(child)
+    assert await store.get_token(child.id) == child, "which token made it is kept"
 
 
 async def test_store_touch_never_undoes_a_concurrent_revocation(backend: tuple[Store, Ephemeral]) -> None:
