@@ -107,6 +107,13 @@ class PayloadTooLarge(ClientError):
     code = "payload_too_large"
 
 
+class ClientGone(ClientError):
+    """The client went away before its request was read: nobody to answer, a normal event (499 in the log)."""
+
+    status = 499
+    code = "client_gone"
+
+
 class AuthError(LlamaControllerError):
     status = 401
     code = "unauthenticated"

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controller.errors import MethodNotAllowed, NotFound
+from controller.errors import ClientGone, MethodNotAllowed, NotFound
 from proxy import measure
 from proxy.access import ROUTE_KEY, access_log
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
@@ -114,6 +114,11 @@ class Gateway:
                 raise MethodNotAllowed(f"{method} is not allowed on {scope['path']}; use {allowed}")
             handler = route.handler if route.methods else self._not_found
             measure.note_asked(await handler(scope, receive, send))
+        except ClientGone as exc:
+            timing = measure.current.get()
+            if timing is not None and not timing.status:
+                timing.status = ClientGone.status  # the access log says 499, as nginx does; nothing to answer
+            access_log.info("%s", exc)
         except Exception as exc:
             timing = measure.current.get()
             if timing is not None and timing.status:  # the response began: nothing more can be said in it

@@ -8,7 +8,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from controller.errors import PayloadTooLarge
+from controller.errors import ClientGone, PayloadTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,7 +36,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientGone("the client went away before its request body was read")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

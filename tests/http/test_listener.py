@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -85,3 +86,27 @@ async def test_listener_heads_under_the_limit_and_bodies_over_it_are_served(serv
     statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
     assert len(statuses) == 3 and statuses[0] == 200 and statuses[2] == 200
     assert statuses[1] not in (400, 431)  # its body is four times the head limit: bodies are not heads
+
+
+async def test_listener_a_client_that_abandons_its_upload_is_a_499_not_an_error(
+    served: RunningApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut-off body once let CancelledError escape the gateway: an ERROR with a 24-line traceback per request."""
+    caplog.set_level(logging.INFO)
+    host, _, port = served.url.removeprefix("http://").rpartition(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    writer.write(b'{"model": "a')
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the gateway is reading the body
+    writer.close()
+    for _ in range(200):
+        if any(" status=499 " in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any(
+        r.getMessage().startswith("POST /api/chat ") and " status=499 " in r.getMessage() for r in caplog.records
+    )
