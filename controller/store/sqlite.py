@@ -186,13 +186,18 @@ class SqliteStore:
         try:
             now = os.stat(self.path)
         except FileNotFoundError:
-            found: str | None = f"the store file {self.path} was deleted while running"
+            found: str | None = "the store file was deleted while running"
         except OSError as exc:
-            found = f"the store file {self.path} cannot be checked: {exc.strerror}"
+            found = f"the store file cannot be checked: {exc.strerror}"
         else:
-            found = None if (now.st_dev, now.st_ino) == self._file else f"the store file {self.path} was replaced"
+            found = None if (now.st_dev, now.st_ino) == self._file else "the store file was replaced"
+        # The answer goes to unauthenticated probes: the path, which says where the data dir lies, only to the log.
         if found is not None and found != self._reported:
-            log.error("%s: writes go to the old file and are lost at the next start; restart the controller", found)
+            log.error(
+                "%s (%s): writes go to the old file and are lost at the next start; restart the controller",
+                found,
+                self.path,
+            )
         self._reported = found
         return found
 
