@@ -9,6 +9,7 @@ node that contains it. The composer itself recurses once per level, so depth is 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
@@ -36,6 +37,18 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        # YAML lets a later key replace an earlier one silently: a second `server:` block dropped the first's
+        # data_dir without a word. Merge keys (`<<`) may still be overridden, as YAML means them to be.
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    problem = f"the key {key.value!r} is given twice (the second would replace the first)"
+                    raise ConstructorError("while reading a mapping", node.start_mark, problem, key.start_mark)
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
 
 
 def _refuse_binary(loader: yaml.SafeLoader, node: yaml.Node) -> Any:

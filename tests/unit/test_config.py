@@ -180,8 +180,12 @@ LAUGHS = "\n".join(
         (b"server:\n  listen: !!binary abc\n", r"at line 2, column \d+: !!binary values have no place in a config"),
         (b'server:\n  data_dir: "/tmp/a\\0b"\n', r"at line 2, column \d+: a NUL character has no place in a config"),
         (b'models_dir: "\\ud800"\n', r"at line 1, column \d+: a \\u escape is half a surrogate pair"),
+        (b"server:\n  data_dir: /a\nmodels_dir: /m\nserver:\n  listen: x:1\n", r"at line 4, .*'server' is given twice"),
     ],
-    ids=["latin-1", "deep", "billion-laughs", "alias-cycle", "5000-digits", "binary", "nul", "lone-surrogate"],
+    ids=[
+        *("latin-1", "deep", "billion-laughs", "alias-cycle", "5000-digits", "binary", "nul", "lone-surrogate"),
+        "duplicate-key",
+    ],
 )
 def test_config_hostile_files_are_a_clear_error(tmp_path: Path, text: bytes, message: str) -> None:
     path = tmp_path / "c.yaml"
@@ -229,3 +233,11 @@ def test_config_keep_alive_beyond_any_timer_is_forever() -> None:
 def test_config_env_override_that_is_not_yaml_names_the_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="environment variable LLAMACONTROLLER_SERVER__LISTEN is not valid YAML"):
         apply_env_overrides({}, {"LLAMACONTROLLER_SERVER__LISTEN": value})
+
+
+def test_config_merge_keys_may_still_be_overridden() -> None:
+    """Refusing a key given twice leaves YAML's merge keys alone: a key beside `<<` overrides the merged one."""
+    from controller.config_yaml import load_yaml
+
+    merged = load_yaml("a: &c {k: 1, j: 3}\nb:\n  <<: *c\n  k: 2\n", "t")
+    assert merged == {"a": {"k": 1, "j": 3}, "b": {"k": 2, "j": 3}}
