@@ -371,6 +371,9 @@ class AuthService:
         tokens only for itself and only with scopes it has; a creator that is a token bounds the new one by
         its own models, rate and expiry (controller/auth/bounds.py). The CLI passes none: it acts as the
         machine's administrator."""
+        unknown = [scope for scope in scopes if scope not in {s.value for s in Scope}]
+        if unknown or not scopes:
+            raise BadRequest(f"scopes must be some of {[s.value for s in Scope]}")
         if creator is not None and not creator.is_admin:
             if owner.lower() != creator.subject.lower():
                 raise Forbidden("you can create tokens only for yourself")
@@ -380,9 +383,6 @@ class AuthService:
         user = await self.store.get_user(owner)
         if user is None:
             raise NotFound(f"user '{owner}' not found")
-        unknown = [scope for scope in scopes if scope not in {s.value for s in Scope}]
-        if unknown or not scopes:
-            raise BadRequest(f"scopes must be some of {[s.value for s in Scope]}")
         if Scope.ADMIN in scopes and user.role != "admin":
             raise BadRequest("only admins may own tokens with the admin scope")
         check_name(name)

@@ -151,6 +151,8 @@ async def test_web_token_form_numbers_are_checked(world: World) -> None:
         assert 'role="alert"' in await refused.get_data(as_text=True)
     made = await world.client.post("/ui/tokens", form={"csrf_token": csrf, "name": "x", "rpm": " 30 ", "expires": "2w"})
     assert made.status_code == 201
+    bogus = await world.client.post("/ui/tokens", form={"csrf_token": csrf, "name": "x", "scopes": "bogus"})
+    assert bogus.status_code == 400, "an unknown scope is refused, not dropped for a token of another kind"
 
 
 async def test_web_a_user_sees_only_allowed_models_and_no_admin_pages(world: World) -> None:
