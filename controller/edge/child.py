@@ -30,6 +30,7 @@ from typing import Any
 
 from controller.edge.admin import EdgeError, unix_socket_path
 from controller.edge.render import logging_config
+from controller.runtime.base import write_json_atomically
 from controller.runtime.process import process_start_ticks, spawn_detached
 from proxy.background import cancel_and_wait
 
@@ -197,9 +198,7 @@ class CaddyChild:
             "controller_pid": os.getpid(),
             "controller_start_ticks": process_start_ticks(os.getpid()),
         }
-        temporary = self.pid_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(record))
-        temporary.replace(self.pid_path)
+        write_json_atomically(self.pid_path, record)
 
     def _run_args(self) -> list[str]:
         return ["run", "--config", str(self.bootstrap_path)]

@@ -43,6 +43,18 @@ def epoch_seconds(stamp: str) -> float:
     return moment.timestamp() + float(f"0.{fraction[:6] or 0}")
 
 
+def write_json_atomically(path: Path, data: object, *, sort_keys: bool = False) -> None:
+    """``data`` as JSON at ``path`` through a temporary file and a rename: a crash never leaves half a file
+    (pid files, the Caddy record, kept labels)."""
+    temporary = path.with_suffix(".tmp")
+    try:
+        temporary.write_text(json.dumps(data, sort_keys=sort_keys))
+        temporary.replace(path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """What one llama-server is asked to do for one model; host, port and binary are the runtime's."""

@@ -36,7 +36,7 @@ from docker.types import DeviceRequest, Mount, Ulimit
 
 from controller.config import Config
 from controller.errors import BackendStartFailed, LlamaControllerError
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds, write_json_atomically
 from controller.runtime.containers import (
     INSTANCE,
     MANAGED,
@@ -316,10 +316,7 @@ class DockerRuntime:
             return
 
         def write() -> None:
-            kept = {**self._read_kept(backend.handle), **labels}
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(kept, sort_keys=True))
-            temporary.replace(path)  # atomic: a crash never leaves half of it
+            write_json_atomically(path, {**self._read_kept(backend.handle), **labels}, sort_keys=True)
 
         try:
             await asyncio.to_thread(write)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from controller.errors import BackendStartFailed, LlamaControllerError
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices, write_json_atomically
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LogBook, read_log, rotated
 from proxy.background import cancel_and_wait
@@ -267,14 +267,7 @@ class ProcessRuntime:
             proc.wait(timeout=5)
 
     def _write_pid_file(self, record: PidRecord) -> None:
-        path = self._pid_path(record.model)
-        temporary = path.with_suffix(".tmp")
-        try:
-            temporary.write_text(json.dumps(asdict(record)))
-            temporary.replace(path)  # atomic: a crash never leaves half a pid file
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            raise
+        write_json_atomically(self._pid_path(record.model), asdict(record))
 
     def _remove_pid_file(self, record: PidRecord) -> None:
         path = self._pid_path(record.model)
