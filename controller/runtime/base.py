@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,7 +109,14 @@ class ExitInfo:
 
 
 class Runtime(Protocol):
-    """What the lifecycle needs from a way of running llama-server."""
+    """What the lifecycle needs from a way of running llama-server.
+
+    The lifecycle is level-triggered (lifecycle/reconcile.py): it compares what ``list_managed`` says runs with
+    its books at start-up, on a slow timer and after every reconnect of the runtime's event stream, and retries a
+    ``stop`` until the runtime confirms it. So every runtime keeps three promises: ``stop`` returns only once the
+    backend and what it holds are gone, and raises otherwise; ``list_managed`` may be called at any time without
+    disturbing a backend it runs or is starting; ``wait_exit`` answers only after the backend's last log lines are
+    in the log book (bounded: runtime/watching.py)."""
 
     name: str
 
@@ -117,13 +124,22 @@ class Runtime(Protocol):
         """Launch and return at once (readiness is the lifecycle's concern); raise BackendStartFailed."""
 
     async def stop(self, backend: Backend, timeout: float) -> None:
-        """Ask politely (SIGTERM), then force (SIGKILL) after ``timeout`` seconds; idempotent."""
+        """Ask politely (SIGTERM), then force (SIGKILL) after ``timeout`` seconds, and release what the backend
+        holds (container, Deployment, Service, pid file). Idempotent: a backend that has exited, or was never
+        there, is released the same way. Raise a LlamaControllerError when it cannot confirm the backend is
+        gone: the lifecycle keeps the model in ``stopping`` and tries again."""
 
     async def wait_exit(self, backend: Backend) -> ExitInfo:
-        """Return when the backend has exited, for whatever reason."""
+        """Return when the backend has exited, for whatever reason, with its last log lines read."""
 
     async def list_managed(self) -> list[Backend]:
-        """Backends this runtime started earlier (possibly by a previous controller) and still runs."""
+        """Every backend of this instance the runtime runs now: those it started (``adopted`` False) and those
+        a previous controller left (``adopted`` True), which it follows and watches from here on. Leftovers it
+        cannot use (exited, realised differently) are removed; nothing it started or is starting is touched."""
+
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) whenever the runtime's watch of its backends was lost and is
+        back: an event may have been missed meanwhile, so the lifecycle compares again."""
 
     async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
         """Keep ``labels`` with the running ``backend``, over those it was started with, so that a controller

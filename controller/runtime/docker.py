@@ -92,6 +92,7 @@ class DockerRuntime:
         self._closing = threading.Event()
         self._event_stream: Any = None
         self._background = Background()
+        self._resync: Callable[[], None] = lambda: None  # the lifecycle compares again (on_resync)
 
     # ------------------------------------------------------------------ the engine
 
@@ -306,6 +307,9 @@ class DockerRuntime:
             if path.stem not in running:
                 path.unlink(missing_ok=True)
         return found
+
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        self._resync = callback
 
     async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
         """Into a file of the container's id in the data dir (which compose keeps in a volume), read back with

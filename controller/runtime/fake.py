@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -53,6 +53,7 @@ class FakeRuntime:
         self.kept: list[tuple[str, dict[str, str]]] = []  # (handle, labels) of each keep_labels
         self.running: dict[str, _Running] = {}
         self._ids = itertools.count(1)
+        self._resync: Callable[[], None] = lambda: None
 
     def behaviour(self, model: str) -> FakeBehaviour:
         return self.behaviours.get(model, FakeBehaviour())
@@ -101,6 +102,9 @@ class FakeRuntime:
             found.append(backend)
         self.leftovers = []
         return found
+
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        self._resync = callback
 
     async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
         running = self.running.get(backend.handle)

@@ -25,7 +25,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,6 +83,7 @@ class KubernetesRuntime:
         self._watch_ready = asyncio.Event()
         self._background = Background()
         self._owner_reference: dict[str, Any] | None = None
+        self._resync: Callable[[], None] = lambda: None  # the lifecycle compares again (on_resync)
 
     # ------------------------------------------------------------------ the API
 
@@ -236,6 +237,9 @@ class KubernetesRuntime:
                 await api.delete("Service", name)
                 await api.delete("Secret", name)
         return found
+
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        self._resync = callback
 
     async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
         """Into the Deployment's annotation that carries the labels (patched; its pods are not restarted: the

@@ -389,6 +389,9 @@ class ProcessRuntime:
             found.append(self._backend(record, adopted=handle not in self._children))
         return found
 
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        """Never called: a pidfd (or wait) per process misses no exit, there is no stream to lose."""
+
     async def keep_labels(self, backend: Backend, labels: Mapping[str, str]) -> None:
         """Into the pid file, which an adopting controller reads."""
         record = self._records.get(backend.handle)
