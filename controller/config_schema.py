@@ -192,6 +192,8 @@ class RuntimeConfig(_Strict):
     kind: Literal["process", "docker", "kubernetes"] = "process"
     stop_timeout: Seconds = 10.0
     keep_backends_on_exit: bool = False
+    # How often what runs is compared with the books (and after every reconnect of the runtime's watch).
+    reconcile_interval: Period = 30.0
     docker: DockerConfig = Field(default_factory=DockerConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 

@@ -183,6 +183,12 @@ class BackendCrashed(BackendError):
     code = "backend_crashed"
 
 
+class BackendStopFailed(BackendError):
+    """The runtime could not confirm a backend is gone: the lifecycle keeps it and tries again."""
+
+    code = "backend_stop_failed"
+
+
 class UpstreamError(BackendError):
     code = "upstream_error"
 

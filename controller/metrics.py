@@ -52,6 +52,12 @@ class ControllerMetrics:
             ["model"],
             registry=registry,
         )
+        self.stop_failures = Counter(
+            "llamacontroller_backend_stop_failures",
+            "tries to stop a backend that the runtime could not confirm (each is tried again, with backoff)",
+            ["model"],
+            registry=registry,
+        )
         self.load_seconds = Histogram(
             "llamacontroller_model_load_duration_seconds",
             "from start to ready, per load",
@@ -75,7 +81,7 @@ class ControllerMetrics:
         """Every series that can be known in advance starts at 0, so rate() and increase() see the first
         event. Called before each scrape: the catalog is read at start-up and may grow (models_dir)."""
         for entry in self._supervisor.catalog.entries():
-            for counter in (self.loads, self.unloads, self.restarts):
+            for counter in (self.loads, self.unloads, self.restarts, self.stop_failures):
                 counter.labels(entry.name)
             for phase in ("load", "run"):
                 self.failures.labels(entry.name, phase)
@@ -87,6 +93,9 @@ class ControllerMetrics:
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Counts the lifecycle from the state events every model publishes."""
+        if event.get("type") == "model_stop_failed":
+            self.stop_failures.labels(self._name(str(event.get("model")))).inc()
+            return
         if event.get("type") != "model_state":
             return
         model, old, new = self._name(str(event.get("model"))), event.get("from"), event.get("state")

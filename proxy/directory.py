@@ -47,7 +47,7 @@ class LiveState:
     load_duration: float = 0.0
     starts: int = 0
     failures: int = 0
-    error: str | None = None  # why it failed, while failed
+    error: str | None = None  # why it failed, while failed; why its stop failed, while that is tried again
     embeddings: bool = False  # the running backend serves embeddings
     loaded_context_length: int | None = None  # tokens per request the running backend was started with
 

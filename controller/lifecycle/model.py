@@ -80,6 +80,8 @@ class ManagedModel(ModelOwner):
         self._gone: asyncio.Task[ExitInfo] | None = None
         self._liveness: asyncio.Task[None] | None = None
         self._unhealthy: str | None = None
+        self.stop_error: str | None = None
+        self.stop_failures = 0
         self._adoptee: Backend | None = None
         self._running = Requirements()  # what the current backend was started with
         self._wanted = Requirements()  # what requests since the last stop asked for
@@ -111,6 +113,11 @@ class ManagedModel(ModelOwner):
     @property
     def backend(self) -> Backend | None:
         return self._backend
+
+    @property
+    def booked(self) -> Backend | None:
+        """The backend in this model's books: its own, or one handed over for adoption and not yet taken."""
+        return self._backend or self._adoptee
 
     @property
     def in_flight(self) -> int:
@@ -160,7 +167,7 @@ class ManagedModel(ModelOwner):
             load_duration=round(self.load_duration, 4),
             starts=self.starts,
             failures=self.failures,
-            error=self.last_error.message if failed and self.last_error else None,
+            error=self.last_error.message if failed and self.last_error else self.stop_error,
             embeddings=self._running.embeddings,
             loaded_context_length=context_length if backend else None,
         )

@@ -28,6 +28,7 @@ from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, chec
 from controller.lifecycle.usage import KEEP_ALIVE_LABEL, Usage, keep_alive_label, kept_keep_alive
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
+from controller.runtime.watching import Backoff
 from proxy.background import cancel_and_wait
 
 log = logging.getLogger("controller.lifecycle.model")
@@ -35,6 +36,9 @@ log = logging.getLogger("controller.lifecycle.model")
 START_POLL_INTERVAL = 0.02  # seconds between /health polls while loading: adds ≤ 20 ms to a load
 PROBE_TIMEOUT = 2.0
 STABLE_AFTER = 30.0  # a backend that ran this long resets the failure count (no backoff next time)
+STOP_RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # between tries of a stop the runtime could not confirm
+EXIT_WATCH_GRACE = 2.0  # seconds a confirmed stop waits for the exit watch to see it too
+CLOSE_STOP_TRIES = 3  # at shutdown: a backend still not stopped is left to the next controller's first pass
 
 Probe = Callable[[Backend, float], Awaitable[bool]]
 SpecFactory = Callable[[Requirements], LaunchSpec]
@@ -57,7 +61,9 @@ class ModelOwner:
     _backend: Backend | None
     _gone: asyncio.Task[ExitInfo] | None
     _liveness: asyncio.Task[None] | None
-    _unhealthy: str | None
+    _unhealthy: str | None  # why the backend is taken for dead while its runtime may still run it
+    stop_error: str | None  # why the last try to stop the backend failed, while it is tried again
+    stop_failures: int  # failed tries to stop a backend, over the model's life (a metric)
     _adoptee: Backend | None
     _running: Requirements
     _wanted: Requirements
@@ -120,11 +126,8 @@ class ModelOwner:
                 await self._recover_from_bug()
 
     async def _recover_from_bug(self) -> None:
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            with contextlib.suppress(Exception):
-                await self._runtime.stop(backend, self.policy.stop_timeout)
         await cancel_and_wait(self._liveness)
+        await self._kill()
         if State.FAILED in ALLOWED[self._state]:
             error = LlamaControllerError(f"model '{self.label}': internal error, see the server log")
             self._fail(error, 0.0, wanted=self._running)
@@ -181,11 +184,12 @@ class ModelOwner:
             if await self._probe(backend, PROBE_TIMEOUT):
                 break
             if gone.done():
-                self._backend = self._gone = None
-                self._start_failed(self._start_error(gone.result()))
+                if await self._kill():  # what it held (a container, a Deployment) goes with it
+                    self._start_failed(self._start_error(gone.result()))
                 return
             if time.monotonic() > deadline:
-                await self._kill()
+                if not await self._kill():
+                    return
                 self._start_failed(
                     StartupTimeout(
                         f"model '{self.label}' did not become ready within {self.policy.startup_timeout:g}s "
@@ -288,10 +292,14 @@ class ModelOwner:
     async def _serve(self) -> None:
         """While ready: react to a crash, a stop or restart once drained, or the idle expiry."""
         assert self._backend is not None and self._gone is not None
-        if self._gone.done():
-            info = self._gone.result()
-            reason = self._unhealthy or info.reason
+        if self._gone.done() or self._unhealthy is not None:
+            reason = self._unhealthy or self._gone.result().reason
             await cancel_and_wait(self._liveness)
+            # Taken for dead, released before it reads failed: a failed model holds no slot, so whatever the
+            # backend still holds (a GPU, a container) must be gone first. A hung backend is killed here.
+            self._set_state(State.STOPPING)
+            if not await self._kill():
+                return  # shutting down: _close_now takes it from here
             self._fail(
                 BackendCrashed(
                     f"model '{self.label}' backend stopped unexpectedly: {reason}{self._log_hint(last_resort=False)}"
@@ -332,20 +340,86 @@ class ModelOwner:
             log.warning("model %s: could not keep its keep_alive with the backend: %s", self.name, exc)
 
     async def _stop_backend(self) -> None:
-        """STARTING or READY → STOPPING → STOPPED, the backend stopped and forgotten."""
+        """STARTING or READY → STOPPING → STOPPED, the backend stopped and forgotten. It reads ``stopped`` only
+        once the runtime confirms the backend is gone; a stop left undone at shutdown leaves it ``stopping``."""
         self._set_state(State.STOPPING)
         await cancel_and_wait(self._liveness)
-        await self._kill()
-        self._set_state(State.STOPPED)
+        if await self._kill():
+            self._set_state(State.STOPPED)
 
-    async def _kill(self) -> None:
+    async def _kill(self) -> bool:
+        """Stop the backend until the runtime confirms it is gone; True once it is. The backend stays in the
+        books (``backend``, the slot) meanwhile, so nothing that runs is ever forgotten; only at shutdown is it
+        given up after CLOSE_STOP_TRIES, for the next controller's first pass to remove."""
         backend, gone = self._backend, self._gone
+        if backend is not None and not await self._stop_until_gone(backend):
+            return False
         self._backend = self._gone = None
-        if backend is not None:
-            await self._runtime.stop(backend, self.policy.stop_timeout)
-        if gone is not None:
+        if gone is not None:  # its exit watch ends with it; one whose event was lost is given up on
             with contextlib.suppress(Exception):
-                await gone
+                async with asyncio.timeout(EXIT_WATCH_GRACE):
+                    await asyncio.shield(gone)
+            await cancel_and_wait(gone)
+        return True
+
+    async def _stop_until_gone(self, backend: Backend) -> bool:
+        backoff = Backoff(STOP_RETRY_DELAYS)
+        while True:
+            try:
+                await self._runtime.stop(backend, self.policy.stop_timeout)
+            except Exception as exc:  # an engine timeout, an API error, a bug in a runtime: try again
+                error = exc.message if isinstance(exc, LlamaControllerError) else exc.__class__.__name__
+                self.stop_error = error
+                self.stop_failures += 1
+                closing = self._goal is Goal.CLOSE
+                if closing and backoff.failures + 1 >= CLOSE_STOP_TRIES:
+                    log.error(
+                        "model %s: its backend %s could not be stopped (%s); left for the next controller to "
+                        "remove at its start",
+                        self.name,
+                        backend.handle,
+                        error,
+                    )
+                    return False
+                delay = backoff.next_delay()
+                log.warning(
+                    "model %s: stopping its backend %s failed (%s); trying again in %gs",
+                    self.name,
+                    backend.handle,
+                    error,
+                    delay,
+                )
+                self._publish(
+                    {
+                        "type": "model_stop_failed",
+                        "model": self.name,
+                        "state": str(self._state),
+                        "handle": backend.handle,
+                        "error": error,
+                        "failures": backoff.failures,
+                        "retry_in": delay,
+                        "time": time.time(),
+                    }
+                )
+                await self._pause(min(delay, 0.5) if closing else delay)
+                continue
+            if self.stop_error is not None:
+                log.info(
+                    "model %s: its backend %s is stopped, %d tries failed before",
+                    self.name,
+                    backend.handle,
+                    backoff.failures,
+                )
+            self.stop_error = None
+            return True
+
+    async def _pause(self, delay: float) -> None:
+        """``delay`` seconds, cut short only by a shutdown (requests wake the owner all the time: they must not
+        turn a backoff into a storm). The caller reads the goal again afterwards, so no intent is lost."""
+        until = time.monotonic() + delay
+        while self._goal is not Goal.CLOSE and (left := until - time.monotonic()) > 0:
+            self._wake.clear()
+            await self._sleep(left)
 
     async def _close_now(self) -> None:
         self._reject_ready(ShuttingDown("the server is shutting down"))
@@ -356,8 +430,11 @@ class ModelOwner:
             self._backend = self._gone = None
             self._set_state(State.STOPPING)
             self._set_state(State.STOPPED)
-        elif self._state in (State.STARTING, State.READY):
-            await self._stop_backend()
+        elif self._state in (State.STARTING, State.READY, State.STOPPING):
+            if self._state is not State.STOPPING:
+                self._set_state(State.STOPPING)
+            if await self._kill():
+                self._set_state(State.STOPPED)
         elif self._state is State.FAILED:
             self._set_state(State.STOPPED)
         self._resolve_stopped()
@@ -376,7 +453,16 @@ class ModelOwner:
         self._stop_waiters.clear()
 
     async def _unresponsive(self, backend: Backend, misses: int) -> None:
-        """The liveness watch gave up on ``backend``: kill it, which the owner then reads as a crash."""
-        self._unhealthy = f"health check failed {misses} times in a row"
-        log.warning("model %s: %s; killing backend", self.name, self._unhealthy)
-        await self._runtime.stop(backend, timeout=1.0)
+        """The liveness watch gave up on ``backend``: the owner stops it (until it is gone) as a crash."""
+        self.lost(backend, f"health check failed {misses} times in a row")
+
+    def lost(self, backend: Backend, reason: str) -> None:
+        """``backend`` is taken for dead (it stopped answering, or its runtime no longer lists it): the owner
+        stops what may remain of it and fails the model as after a crash. Ignored for another backend."""
+        current = self._backend
+        if self._state is State.READY and current is not None and current.handle == backend.handle:
+            if self._unhealthy is not None:
+                return
+            self._unhealthy = reason
+            log.warning("model %s: %s; stopping its backend %s", self.name, reason, backend.handle)
+            self._wake.set()

@@ -13,6 +13,7 @@ the native passthrough, the control API and the web page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ from controller.config import Config
 from controller.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
 from controller.lifecycle.model import ManagedModel, Probe, Publish
 from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, Wait, choose_victims
+from controller.lifecycle.reconcile import compare
 from controller.lifecycle.requirements import NOTHING_SPECIAL, Requirements
 from controller.lifecycle.state import State
 from controller.profile import ModelProfile, build_profile
@@ -31,7 +33,7 @@ from controller.runtime.base import Backend, LaunchSpec, Runtime
 from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook
 from proxy import measure
-from proxy.background import Background
+from proxy.background import Background, cancel_and_wait
 from proxy.directory import Allowed, Lease, LiveState, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class Supervisor:
         self._evicting: set[str] = set()  # the models it stopped: their requests queue behind it
         self._closing = False
         self._background = Background()
+        self._passes = asyncio.Lock()  # one reconcile pass at a time
+        self._resync = asyncio.Event()  # the runtime's watch was lost and is back: a pass now
+        self._suspects: frozenset[str] = frozenset()  # own backends in nobody's books at the last pass
+        self._passing: asyncio.Task[None] | None = None
         self.ready = False
 
     def set_flags(self, flags: Collection[str]) -> None:
@@ -95,45 +101,87 @@ class Supervisor:
     # ------------------------------------------------------------------ start and stop
 
     async def start(self) -> None:
-        """Scan the catalog, adopt or remove backends a previous controller left, preload pinned models."""
+        """Scan the catalog, adopt or remove backends a previous controller left, preload pinned models, and
+        from then on compare what runs with the books on a slow timer and after each resync of the runtime."""
         await self.catalog.refresh()
-        await self._adopt_or_remove(await self.runtime.list_managed())
+        await self.reconcile()
         for entry in self.catalog.entries():
             if entry.config and entry.config.pinned and not entry.error:
                 self._background.spawn(self.load(entry.name), f"preload:{entry.name}")
+        self.runtime.on_resync(self._resync.set)
+        self._passing = asyncio.create_task(self._reconcile_forever(), name="reconcile")
         self.ready = True
 
+    def _booked(self) -> dict[str, Backend]:
+        return {backend.handle: backend for model in self._models.values() if (backend := model.booked)}
+
+    async def reconcile(self) -> None:
+        """One pass (lifecycle/reconcile.py): list what the runtime runs, compare it with the books, and adopt
+        or remove what nobody books, remove own strays, and fail models whose backend is gone."""
+        async with self._passes:
+            before = self._booked()
+            listed = await self.runtime.list_managed()
+            difference = compare(before, self._booked(), listed, self._suspects)
+            self._suspects = difference.suspects
+            for backend in difference.missing:
+                model = self._models.get(backend.model)
+                if model is not None:
+                    model.lost(backend, "its runtime no longer runs it (it was removed behind the controller's back)")
+            await self._adopt_or_remove(list(difference.unknown))
+            for backend in difference.strays:
+                log.warning(
+                    "removing backend %s of %s: no model of this controller books it", backend.handle, backend.model
+                )
+                await self._remove(backend)
+
+    async def _reconcile_forever(self) -> None:
+        interval = self.config.runtime.reconcile_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._resync.wait()
+            self._resync.clear()
+            try:
+                await self.reconcile()
+            except LlamaControllerError as exc:  # the engine or API server is away: the next pass tries again
+                log.warning("reconcile pass failed (%s); the next one in %gs", exc.message, interval)
+
+    async def _remove(self, backend: Backend) -> None:
+        """Stop a backend nobody books; a failure is logged, and the next pass meets it again."""
+        try:
+            await self.runtime.stop(backend, self.config.runtime.stop_timeout)
+        except LlamaControllerError as exc:
+            log.warning("could not remove backend %s (%s); the next pass tries again", backend.handle, exc.message)
+
     async def _adopt_or_remove(self, backends: list[Backend]) -> None:
-        """Keep at most one healthy, matching backend per model; stop every other one. Never raises:
-        a leftover that cannot be handled is logged, and start-up goes on."""
+        """Keep at most one healthy, matching backend per model, within max_loaded_models; stop every other
+        one. Never raises: a backend that cannot be handled is logged, and the pass goes on."""
         by_model: dict[str, list[Backend]] = defaultdict(list)
         for backend in sorted(backends, key=lambda b: b.started_at, reverse=True):  # newest first
             by_model[backend.model].append(backend)
-        adopted = 0
         for model_key, candidates in by_model.items():
-            taken = False
             for found in candidates:
                 backend = self._keys.recover(found)
                 try:
-                    reason = await self._adoption_refusal(backend, adopted, taken)
+                    reason = await self._adoption_refusal(backend)
                     if reason is None:
                         profile = self.profile(self.catalog.get(model_key))  # type: ignore[arg-type]
                         self._model(profile).adopt(backend, profile.effective(Requirements.from_labels(backend.labels)))
-                        adopted, taken = adopted + 1, True
                         log.info("adopted running backend for %s (handle %s)", profile.name, backend.handle)
                         continue
-                    log.info("removing backend %s left by a previous run: %s", backend.handle, reason)
+                    log.info("removing backend %s: %s", backend.handle, reason)
                     await self.runtime.stop(backend, self.config.runtime.stop_timeout)
                 except Exception:
-                    log.exception("could not adopt or remove leftover backend %s", backend.handle)
+                    log.exception("could not adopt or remove backend %s", backend.handle)
 
-    async def _adoption_refusal(self, backend: Backend, adopted: int, taken: bool) -> str | None:
+    async def _adoption_refusal(self, backend: Backend) -> str | None:
         entry = self.catalog.get(backend.model)
         if entry is None:
             return f"model {backend.model} is no longer in the catalog"
-        if taken:
-            return "another backend of the same model was adopted (duplicate)"
-        if adopted >= self.config.scheduling.max_loaded_models:
+        model = self._models.get(entry.key)
+        if model is not None and (model.holds_slot or model.booked is not None):
+            return "the model runs (or is starting) another backend: a duplicate"
+        if len(self.loaded()) >= self.config.scheduling.max_loaded_models:
             return "max_loaded_models is already reached"
         profile = self.profile(entry)
         try:
@@ -152,6 +200,7 @@ class Supervisor:
     async def close(self) -> None:
         """Stop every backend (unless configured to survive for adoption) and every owner task."""
         self._closing = True
+        await cancel_and_wait(self._passing)
         self._background.cancel()
         keep = self.config.runtime.keep_backends_on_exit
         await asyncio.gather(*(model.close(stop_backend=not keep) for model in self._models.values()))

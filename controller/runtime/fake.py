@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from controller.errors import BackendStartFailed
+from controller.errors import BackendStartFailed, BackendStopFailed
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec
 
 # Port 1 on loopback refuses at once: a request that reaches a fake backend fails fast with UpstreamError.
@@ -29,6 +29,7 @@ class FakeBehaviour:
     fail_start: str | None = None  # runtime.start raises BackendStartFailed with this message
     exit_while_loading: int | None = None  # the process exits with this code before becoming ready
     never_ready: bool = False
+    fail_stops: int = 0  # this many stops raise (the backend runs on) before one succeeds
 
 
 @dataclass
@@ -83,8 +84,12 @@ class FakeRuntime:
 
     async def stop(self, backend: Backend, timeout: float) -> None:
         self.stops.append(backend.handle)
-        self._exit(backend.handle, 0, "stopped")
+        behaviour = self.behaviour(backend.model)
         await asyncio.sleep(0)
+        if behaviour.fail_stops > 0 and backend.handle in self.running:
+            behaviour.fail_stops -= 1
+            raise BackendStopFailed(f"the engine did not stop {backend.handle} in time")
+        self._exit(backend.handle, 0, "stopped")
 
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         running = self.running.get(backend.handle)
@@ -93,15 +98,15 @@ class FakeRuntime:
         return await asyncio.shield(running.exited)
 
     async def list_managed(self) -> list[Backend]:
-        found = []
+        """What runs now: the leftovers (adopted from here on) and what this runtime started."""
         for leftover in self.leftovers:
             backend = replace(leftover, adopted=True)
             exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
             spec = LaunchSpec(backend.model, Path("leftover.gguf"))
             self.running[backend.handle] = _Running(backend, spec, time.monotonic(), exited)
-            found.append(backend)
         self.leftovers = []
-        return found
+        await asyncio.sleep(0)
+        return [running.backend for running in self.running.values()]
 
     def on_resync(self, callback: Callable[[], None]) -> None:
         self._resync = callback
@@ -133,6 +138,16 @@ class FakeRuntime:
         for running in self.running.values():
             if running.backend.model == model:
                 running.healthy = False
+
+    def vanish(self, model: str) -> None:
+        """Make the backend of ``model`` disappear without an exit event (a lost event: only a pass sees it)."""
+        for handle, running in list(self.running.items()):
+            if running.backend.model == model:
+                del self.running[handle]
+
+    def resync(self) -> None:
+        """As a runtime does after its lost event stream is back."""
+        self._resync()
 
     def alive(self, model: str) -> list[Backend]:
         return [r.backend for r in self.running.values() if r.backend.model == model]

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from controller.errors import BackendStartFailed, LlamaControllerError
+from controller.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices, write_json_atomically
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LogBook, read_log, rotated
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _TAIL_INTERVAL = 0.2
 _POLL_INTERVAL = 0.1
+KILL_CONFIRM_TIMEOUT = 10.0  # seconds a SIGKILLed backend may take to be gone before the stop counts as failed
 _HIDDEN_ENV_PREFIX = "LLAMACONTROLLER_"  # the controller's own settings never leak into a backend
 
 
@@ -348,7 +349,14 @@ class ProcessRuntime:
         except TimeoutError:
             log.warning("llama-server for %s ignored SIGTERM for %.0fs; killing it", record.model, timeout)
             self._signal(record.pid, signal.SIGKILL)
-            await self._wait_gone(record, proc)
+            try:
+                async with asyncio.timeout(KILL_CONFIRM_TIMEOUT):
+                    await self._wait_gone(record, proc)
+            except TimeoutError:  # not ours to kill (EPERM), or stuck in the kernel: the lifecycle tries again
+                raise BackendStopFailed(
+                    f"llama-server for {record.model} (pid {record.pid}) still runs {KILL_CONFIRM_TIMEOUT:g}s "
+                    "after SIGKILL"
+                ) from None
         await self._forget(backend.handle)
 
     @staticmethod

@@ -101,7 +101,8 @@ class NoModels:
 def test_metrics_lifecycle_is_counted_from_state_events() -> None:
     registry = CollectorRegistry()
     counted = ControllerMetrics(registry, NoModels())  # type: ignore[arg-type]
-    steps = [("stopped", "starting"), ("starting", "ready"), ("ready", "failed"), ("failed", "starting")]
+    steps = [("stopped", "starting"), ("starting", "ready"), ("ready", "stopping"), ("stopping", "failed")]
+    steps += [("failed", "starting")]
     steps += [("starting", "failed"), ("failed", "starting"), ("starting", "ready"), ("ready", "stopping")]
     steps += [("stopping", "stopped")]
     for old, new in steps:
@@ -141,3 +142,11 @@ def test_metrics_backends_are_relabelled_into_one_exposition() -> None:
 
 def test_metrics_an_unreadable_backend_is_left_out() -> None:
     assert relabel([BackendFamilies("a", "this is { not metrics")]) == ""
+
+
+def test_metrics_count_each_failed_stop() -> None:
+    registry = CollectorRegistry()
+    counted = ControllerMetrics(registry, NoModels())  # type: ignore[arg-type]
+    for _ in range(2):
+        counted.on_event({"type": "model_stop_failed", "model": "m", "error": "engine timeout"})
+    assert registry.get_sample_value("llamacontroller_backend_stop_failures_total", {"model": "m"}) == 2

@@ -128,7 +128,7 @@ async def test_model_crash_while_ready_fails_fast_and_restarts_on_demand(harness
     assert isinstance(harness.model.last_error, BackendCrashed)
     second = await harness.ready()
     assert second.handle != first.handle
-    assert harness.states() == ["starting", "ready", "failed", "starting", "ready"]
+    assert harness.states() == ["starting", "ready", "stopping", "failed", "starting", "ready"]
 
 
 async def test_model_repeated_failures_back_off() -> None:
@@ -242,7 +242,7 @@ async def test_model_pinned_restarts_by_itself_after_a_crash() -> None:
     h.runtime.crash(NAME)
     await asyncio.sleep(0.05)
     await h.wait_state(State.READY)
-    assert h.states() == ["starting", "ready", "failed", "starting", "ready"]
+    assert h.states() == ["starting", "ready", "stopping", "failed", "starting", "ready"]
     assert h.model.backend is not None and h.model.backend.handle != first.handle
     await h.model.close()
 
