@@ -32,6 +32,7 @@ from controller.edge.admin import EdgeError, unix_socket_path
 from controller.edge.render import logging_config
 from controller.runtime.base import write_json_atomically
 from controller.runtime.process import process_start_ticks, spawn_detached
+from controller.runtime.watching import Backoff
 from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class CaddyChild:
         self._task = asyncio.create_task(self._supervise(), name="caddy-child")
 
     async def _supervise(self) -> None:
-        attempt = 0
+        backoff = Backoff(RESTART_BACKOFF)
         while True:
             process = self._process
             assert process is not None
@@ -239,8 +240,8 @@ class CaddyChild:
             if self.stopping:
                 return
             if time.monotonic() - self._spawned_at >= HEALTHY_AFTER:
-                attempt = 0  # it ran well: one crash now is not a crash loop
-            delay = RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)]
+                backoff.reset()  # it ran well: one crash now is not a crash loop
+            delay = backoff.next_delay()
             reason = (
                 f"caddy exited with code {code}; restarting it in {delay:.1f}s "
                 f"(see {self.log_path} and {self.output_path})"
@@ -248,7 +249,6 @@ class CaddyChild:
             log.error("%s", reason)
             self._on_exit(reason)
             await asyncio.sleep(delay)
-            attempt += 1
             self._process = self._spawn()
             self.restarts += 1
             log.info("restarted caddy (pid %d)", self._process.pid)

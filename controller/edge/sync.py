@@ -21,6 +21,7 @@ from typing import Any
 
 from controller.edge.admin import CaddyAdmin, EdgeError
 from controller.edge.render import EdgeSettings, render
+from controller.runtime.watching import Backoff
 from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class EdgeSync:
             self._publish({"type": "edge", "state": state, "error": error, "time": now})
 
     async def _run(self) -> None:
-        failures = 0
+        backoff = Backoff(RETRY_DELAYS)
         while True:
             self._wake.clear()
             if self._caddy_started:
@@ -125,11 +126,10 @@ class EdgeSync:
                 await self._wait_for_admin()
             try:
                 await self.reconcile()
-                failures = 0
+                backoff.reset()
                 delay = self._interval
             except EdgeError:
-                delay = min(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)], self._interval)
-                failures += 1
+                delay = min(backoff.next_delay(), self._interval)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
