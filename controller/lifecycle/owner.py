@@ -425,11 +425,9 @@ class ModelOwner:
         self._reject_ready(ShuttingDown("the server is shutting down"))
         await cancel_and_wait(self._liveness)
         if self._state is State.READY and self._keep_on_close:
+            # It stays ready in the books: it runs on, and "stopped" would be untrue to the last event anyone saw.
             log.info("model %s: leaving its backend running for the next controller to adopt", self.name)
             await cancel_and_wait(self._gone)
-            self._backend = self._gone = None
-            self._set_state(State.STOPPING)
-            self._set_state(State.STOPPED)
         elif self._state in (State.STARTING, State.READY, State.STOPPING):
             if self._state is not State.STOPPING:
                 self._set_state(State.STOPPING)

@@ -208,6 +208,8 @@ async def test_supervisor_keep_backends_on_exit_leaves_them_running(tmp_path: Pa
     await supervisor.load("a")
     await supervisor.close()
     assert runtime.alive("a:latest")
+    last = [e["state"] for e in supervisor.events if e["type"] == "model_state"][-1]  # type: ignore[attr-defined]
+    assert last == "ready", "a backend left running is never reported stopped"
 
 
 async def test_supervisor_state_changes_are_published(tmp_path: Path, tiny_model: Path) -> None:
