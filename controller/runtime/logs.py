@@ -14,10 +14,33 @@ DEFAULT_CAPACITY = 2000
 START_MARKER = "[llamacontroller] started"  # written before each backend start, so its own lines can be told apart
 _FOLLOWER_BACKLOG = 1000
 ROTATE_BYTES = 8 * 2**20  # a model's log file moves to .log.1 past this size
+MAX_LINE_BYTES = 64 * 1024
 
 
 def rotated(path: Path) -> Path:
     return path.with_suffix(".log.1")
+
+
+class LineSplitter:
+    """A backend's output as it comes (in chunks of any size) in, whole lines out: decoded (bad UTF-8 replaced),
+    the CR of a CRLF dropped. A line longer than MAX_LINE_BYTES is cut there: output without a newline must not
+    grow memory without bound. Every runtime's log follower reads through one."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        pieces = (self._partial + data).split(b"\n")
+        self._partial = pieces.pop()
+        while len(self._partial) > MAX_LINE_BYTES:
+            pieces.append(self._partial[:MAX_LINE_BYTES])
+            self._partial = self._partial[MAX_LINE_BYTES:]
+        return [piece.decode("utf-8", "replace").rstrip("\r") for piece in pieces]
+
+    def rest(self) -> list[str]:
+        """What came after the last newline (output that ended without one)."""
+        rest, self._partial = self._partial, b""
+        return [rest.decode("utf-8", "replace").rstrip("\r")] if rest else []
 
 
 class LogFile:

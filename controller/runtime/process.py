@@ -34,7 +34,7 @@ from typing import BinaryIO
 from controller.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices, write_json_atomically
 from controller.runtime.exits import describe_exit
-from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LogBook, read_log, rotated
+from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LineSplitter, LogBook, read_log, rotated
 from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class _FileTail:
 
     def __init__(self, path: Path, offset: int, model: str, logbook: LogBook) -> None:
         self._path, self._offset, self._model, self._logbook = path, offset, model, logbook
-        self._partial = b""
+        self._lines = LineSplitter()
         self._task = asyncio.create_task(self._run(), name=f"log-tail:{model}")
 
     def read_new(self) -> None:
@@ -133,10 +133,8 @@ class _FileTail:
         if not data:
             return
         self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._logbook.append(self._model, line.decode("utf-8", "replace").rstrip("\r"))
+        for line in self._lines.feed(data):
+            self._logbook.append(self._model, line)
 
     async def _run(self) -> None:
         while True:
@@ -146,9 +144,8 @@ class _FileTail:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self.read_new()
-        if self._partial:
-            self._logbook.append(self._model, self._partial.decode("utf-8", "replace"))
-            self._partial = b""
+        for line in self._lines.rest():
+            self._logbook.append(self._model, line)
 
 
 class ProcessRuntime:
