@@ -13,6 +13,12 @@ from prometheus_client import CollectorRegistry
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from common.asgi import ASGIApp, Receive, Scope, Send
+from common.background import cancel_and_wait
+from common.dialects import control_error, describe
+from common.errors import BackendStartFailed, LlamaControllerError
+from common.peers import TrustedProxies
+from common.upstream import Timeouts, Upstream
 from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
 from controller.api.sse import STREAMS_KEY, EventStreams
@@ -24,7 +30,6 @@ from controller.bodies import BoundedRequest, too_large
 from controller.catalog import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
-from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.lifecycle.health import HttpProbe
 from controller.lifecycle.model import Probe
 from controller.lifecycle.supervisor import Supervisor
@@ -39,12 +44,7 @@ from controller.settings import find_llama_server, supported_flags
 from controller.store import make_store
 from proxy.access import AccessLog
 from proxy.app import Gateway
-from proxy.asgi import ASGIApp, Receive, Scope, Send
-from proxy.background import cancel_and_wait
-from proxy.dialects import control_error, describe
 from proxy.measure import GatewayMetrics
-from proxy.peers import TrustedProxies
-from proxy.upstream import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
 

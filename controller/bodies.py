@@ -1,6 +1,6 @@
 """Request bodies the control plane reads (Quart): bounded per path, and refused in the caller's words.
 
-The gateway reads its bodies itself (``proxy.asgi.read_body``); everything else goes through Quart, whose
+The gateway reads its bodies itself (``common.asgi.read_body``); everything else goes through Quart, whose
 body limit is ``server.max_body_bytes`` (64 MiB by default) for every path. The sign-in forms are read before
 anyone is known, so they get a limit of their own that fits a user name and a password with room to spare.
 """
@@ -12,7 +12,7 @@ from typing import Any
 from quart import Request, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from controller.errors import PayloadTooLarge
+from common.errors import PayloadTooLarge
 
 SIGN_IN_PATHS = frozenset({"/ui/login", "/auth/login"})
 SIGN_IN_LIMIT = 16 * 2**10

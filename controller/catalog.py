@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.errors import InvalidModelFile, InvalidModelName, ModelNotFound
 from controller.config import Config, ModelConfig
-from controller.errors import InvalidModelFile, InvalidModelName, ModelNotFound
 from controller.gguf_meta import GgufMetadata, read_gguf_metadata
 from controller.names import canonical, name_from_filename, validate_model_name
 

@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.errors import BackendStartFailed, ConfigError
 from controller import __version__
 from controller.cli_admin import add_commands as add_admin_commands
 from controller.cli_edge import add_commands as add_edge_commands
 from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config, validate_config
-from controller.errors import BackendStartFailed, ConfigError
 
 DEMO_MODEL_NAME = "gemma3:270m"
 DEMO_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"

@@ -15,9 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from common.errors import ConfigError, LlamaControllerError
 from controller.auth.service import AuthService
 from controller.config import ENV_CONFIG_PATH, Config, load_config
-from controller.errors import ConfigError, LlamaControllerError
 from controller.store import make_store
 
 ACTOR = "cli"

@@ -9,12 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+from common.errors import LlamaControllerError
 from controller.cli_admin import config_from_args, report
 from controller.config import ENV_CONFIG_PATH, Config
 from controller.edge.admin import CaddyAdmin, EdgeError
 from controller.edge.edge import admin_address, caddy_home, edge_settings
 from controller.edge.render import render
-from controller.errors import LlamaControllerError
 
 
 def local_ca_file(config: Config) -> Path:

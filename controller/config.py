@@ -17,13 +17,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from common.errors import ConfigError
 from controller.config_schema import (
     AuthConfig,
     Config,
     ModelConfig,
 )
 from controller.config_yaml import load_yaml
-from controller.errors import ConfigError
 from controller.names import canonical
 
 __all__ = ["ENV_CONFIG_PATH", "AuthConfig", "Config", "ModelConfig", "load_config", "validate_config"]

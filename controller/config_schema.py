@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from controller.errors import InvalidModelName
+from common.durations import DurationError, parse_go_duration, parse_keep_alive
+from common.errors import InvalidModelName
 from controller.names import canonical, validate_model_name
-from proxy.keepalive import DurationError, parse_go_duration, parse_keep_alive
 
 
 def _seconds(value: object) -> object:

@@ -16,7 +16,7 @@ import yaml
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
-from controller.errors import ConfigError
+from common.errors import ConfigError
 
 MAX_DEPTH = 64  # a config nests 6 levels deep; lists in a model's kubernetes settings a few more
 MAX_NODES = 100_000  # after expanding aliases: a thousand models with every setting is a tenth of it

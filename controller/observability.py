@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from proxy.logsafe import OneLineFormatter
+from common.logsafe import OneLineFormatter
 
 _SUBSCRIBER_BACKLOG = 256
 

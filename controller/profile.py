@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from common.errors import BadRequest
 from controller.catalog import CatalogEntry
 from controller.config import Config
-from controller.errors import BadRequest
 from controller.lifecycle.requirements import ModelPolicy, Requirements
 from controller.runtime.base import GpuSelection, LaunchSpec
 

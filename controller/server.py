@@ -18,10 +18,10 @@ import uvicorn
 from quart import Quart
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from common.asgi import compact_json
+from common.dialects import error_body
 from controller.api.sse import STREAMS_KEY, EventStreams
 from controller.config import Config
-from proxy.asgi import compact_json
-from proxy.dialects import error_body
 
 
 def bind(listen: str) -> socket.socket:

@@ -10,7 +10,7 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
-from controller.errors import BackendStartFailed
+from common.errors import BackendStartFailed
 
 log = logging.getLogger(__name__)
 

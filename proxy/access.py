@@ -2,8 +2,8 @@
 
 Authentication refusals (401/403/429), the gateway's answers and the control plane's (Quart) all pass through
 here, so bad keys and probing leave a trace too. The line names the model the request asked for (also when it
-failed), the status, the time, the request id and the client's address (through the edge, see ``proxy.peers``);
-every value a client chose is escaped (``proxy.logsafe``). The same wrapper of ``send`` records what the
+failed), the status, the time, the request id and the client's address (through the edge, see ``common.peers``);
+every value a client chose is escaped (``common.logsafe``). The same wrapper of ``send`` records what the
 gateway's metrics need (``proxy.measure``), so a streamed chunk passes through one wrapper, not two.
 """
 
@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
+from common import notes
+from common.asgi import ASGIApp, Message, Receive, Scope, Send
+from common.logsafe import loggable_field
+from common.peers import PEERS_KEY, TrustedProxies
 from proxy import measure
-from proxy.asgi import ASGIApp, Message, Receive, Scope, Send
 from proxy.forward import request_id
-from proxy.logsafe import loggable_field
-from proxy.peers import PEERS_KEY, TrustedProxies
 
 access_log = logging.getLogger("llamacontroller.access")
 
@@ -29,7 +30,7 @@ class Tracking:
     """Wraps ``send`` to remember the status, to give every answer its request id, to note when the answer's
     pieces leave (metrics), and to drop the body of HEAD responses."""
 
-    def __init__(self, send: Send, head: bool, request_id: str, timing: measure.RequestTiming) -> None:
+    def __init__(self, send: Send, head: bool, request_id: str, timing: notes.RequestTiming) -> None:
         self._send = send
         self._head = head
         self._request_id = request_id.encode()
@@ -60,8 +61,8 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        timing = measure.RequestTiming(time.perf_counter())
-        measure.current.set(timing)  # this request's task (and the tasks it starts) see it
+        timing = notes.RequestTiming(time.perf_counter())
+        notes.current.set(timing)  # this request's task (and the tasks it starts) see it
         scope[PEERS_KEY] = self.peers
         method: str = scope["method"]
         rid = request_id(scope)
@@ -74,7 +75,7 @@ class AccessLog:
                 self.metrics.observe(route, timing.model, timing.status, timing, ended)
             self._log(scope, method, rid, timing, ended)
 
-    def _log(self, scope: Scope, method: str, rid: str, timing: measure.RequestTiming, ended: float) -> None:
+    def _log(self, scope: Scope, method: str, rid: str, timing: notes.RequestTiming, ended: float) -> None:
         path: str = scope["path"]
         # A health probe that passes (kubelet asks every 5 s) is news only when debugging.
         level = logging.DEBUG if timing.status == 200 and path in _PROBES else logging.INFO

@@ -12,18 +12,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controller.errors import ClientGone, MethodNotAllowed, NotFound
-from proxy import measure
+from common import notes
+from common.asgi import ASGIApp, Receive, Scope, Send, send_json
+from common.dialects import describe, error_body
+from common.directory import ModelDirectory
+from common.errors import ClientGone, MethodNotAllowed, NotFound
+from common.logsafe import loggable
+from common.upstream import Upstream
 from proxy.access import ROUTE_KEY, access_log
-from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
-from proxy.dialects import describe, error_body
-from proxy.directory import ModelDirectory
-from proxy.logsafe import loggable
 from proxy.native import PREFIX as NATIVE_PREFIX
 from proxy.native import NativeRoutes
 from proxy.ollama.routes import OllamaRoutes
 from proxy.openai import PASSTHROUGH_PATHS, OpenAIRoutes
-from proxy.upstream import Upstream
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[str | None]]
 
@@ -113,14 +113,14 @@ class Gateway:
                 allowed = ", ".join(sorted(route.methods))
                 raise MethodNotAllowed(f"{method} is not allowed on {scope['path']}; use {allowed}")
             handler = route.handler if route.methods else self._not_found
-            measure.note_asked(await handler(scope, receive, send))
+            notes.note_asked(await handler(scope, receive, send))
         except ClientGone as exc:
-            timing = measure.current.get()
+            timing = notes.current.get()
             if timing is not None and not timing.status:
                 timing.status = ClientGone.status  # the access log says 499, as nginx does; nothing to answer
             access_log.info("%s", exc)
         except Exception as exc:
-            timing = measure.current.get()
+            timing = notes.current.get()
             if timing is not None and timing.status:  # the response began: nothing more can be said in it
                 access_log.warning("error after the response began: %s", loggable(exc))
             else:

@@ -6,11 +6,11 @@ import json
 import secrets
 from collections.abc import Mapping
 
-from controller.errors import UpstreamError
-from proxy import measure
-from proxy.asgi import Headers, Scope, Send, header
-from proxy.dialects import openai_error
-from proxy.upstream import Upstream
+from common import notes
+from common.asgi import Headers, Scope, Send, header
+from common.dialects import openai_error
+from common.errors import UpstreamError
+from common.upstream import Upstream
 
 _FORWARDED_RESPONSE_HEADERS = (b"content-type", b"content-length")
 _WHOLE = 1 << 20  # a non-streamed answer up to this size is relayed in one piece
@@ -62,7 +62,7 @@ async def forward(
     started = False
     event_stream = False
     headers_out = {"Content-Type": content_type, **(extra or {})}
-    measure.note_backend_contact()
+    notes.note_backend_contact()
     try:
         async with upstream.request(method, url, body, headers_out, target=target) as response:
             headers: Headers = [
@@ -78,7 +78,7 @@ async def forward(
             start = {"type": "http.response.start", "status": response.status, "headers": headers}
             if not event_stream and response.content_length is not None and response.content_length <= _WHOLE:
                 whole = await response.read()  # before the status: a backend that stalls here is a clean 504
-                measure.sniff_timings(whole)
+                notes.sniff_timings(whole)
                 await send(start)
                 started = True
                 await send({"type": "http.response.body", "body": whole})  # one write
@@ -86,7 +86,7 @@ async def forward(
             await send(start)
             started = True
             async for chunk in response.iter_chunks():
-                measure.sniff_timings(chunk)
+                notes.sniff_timings(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return response.status

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote
 
-from controller.errors import BackendError, Forbidden, NotFound
-from proxy import measure
-from proxy.asgi import (
+from common import notes
+from common.asgi import (
     Message,
     Receive,
     Scope,
@@ -31,11 +30,13 @@ from proxy.asgi import (
     read_body,
     run_until_disconnect,
 )
-from proxy.directory import HAS_SCOPE_KEY, ModelDirectory, Restricted
+from common.directory import HAS_SCOPE_KEY, ModelDirectory
+from common.errors import BackendError, Forbidden, NotFound
+from common.jsonbody import parse_json_object
+from common.upstream import Upstream
 from proxy.forward import forward, passed_headers
-from proxy.jsonbody import parse_json_object
 from proxy.limits import asked_predict, clamp_predict
-from proxy.upstream import Upstream
+from proxy.restricted import Restricted
 
 PREFIX = "/llama/"
 _PREFIX_BYTES = PREFIX.encode()
@@ -134,7 +135,7 @@ class NativeRoutes:
         has_scope: Callable[[str], bool] | None = scope.get(HAS_SCOPE_KEY)
         if path == "/metrics" and has_scope is not None and not has_scope(METRICS_SCOPE):
             raise Forbidden("a backend's /metrics needs a token with the 'metrics' scope")
-        measure.note_asked(name)
+        notes.note_asked(name)
         body = await read_body(scope, receive, self._max_body)
         content_type = (header(scope, b"content-type") or b"application/json").decode("latin-1")
         method: str = scope["method"]

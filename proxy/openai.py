@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.errors import BadRequest
-from proxy import measure
-from proxy.asgi import Receive, Scope, Send, compact_json, read_body, run_until_disconnect, send_json
-from proxy.directory import ModelDirectory, ModelInfo, Restricted
+from common import notes
+from common.asgi import Receive, Scope, Send, compact_json, read_body, run_until_disconnect, send_json
+from common.directory import ModelDirectory, ModelInfo
+from common.errors import BadRequest
+from common.jsonbody import parse_json_object
+from common.upstream import Upstream
 from proxy.forward import forward, passed_headers
-from proxy.jsonbody import parse_json_object
 from proxy.limits import asked_predict, clamp_predict
-from proxy.upstream import Upstream
+from proxy.restricted import Restricted
 
 EMBEDDING_PATHS = frozenset({"/v1/embeddings"})  # need a backend started with --embeddings
 PASSTHROUGH_PATHS = frozenset(
@@ -47,7 +48,7 @@ class OpenAIRoutes:
         body = await read_body(scope, receive, self._max_body)
         request = parse_json_object(body)
         name = request.get("model")
-        measure.note_asked(name)
+        notes.note_asked(name)
         if not isinstance(name, str) or not name:
             raise BadRequest("'model' is required and must be a string")
         path: str = scope["path"]
@@ -72,6 +73,6 @@ class OpenAIRoutes:
     async def get_model(self, scope: Scope, receive: Receive, send: Send) -> str:
         """GET /v1/models/<name>."""
         name: str = scope["path"][len("/v1/models/") :]
-        measure.note_asked(name)
+        notes.note_asked(name)
         await send_json(send, 200, model_object(await Restricted.for_scope(self._directory, scope).model(name)))
         return name

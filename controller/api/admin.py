@@ -7,11 +7,11 @@ from typing import Any
 
 from quart import Blueprint, current_app, request
 
+from common.errors import BadRequest
 from controller.api.inputs import json_object, whole_number
 from controller.auth.asgi import identity_of
 from controller.auth.identity import Identity
 from controller.auth.service import AuthService
-from controller.errors import BadRequest
 from controller.store.base import User
 
 blueprint = Blueprint("control_admin", __name__, url_prefix="/control/v1")

@@ -1,7 +1,7 @@
 """What the control plane reads from a request: JSON bodies (control API, ``/auth/*``), query-string numbers.
 
 A JSON body is read only up to a small limit (no control request is anywhere near it) and then decoded
-by the gateway's decoder (``proxy.jsonbody``: bounded depth and numbers, no lone surrogates), and must be
+by the gateway's decoder (``common.jsonbody``: bounded depth and numbers, no lone surrogates), and must be
 an object. A number in a query string is at most nine ASCII digits: ``str.isdigit()`` also accepts ``"²"``,
 which ``int()`` then refuses, and ``int()`` of thousands of digits is slow, then refused.
 """
@@ -12,8 +12,8 @@ from typing import Any
 
 from quart import request
 
-from controller.errors import BadRequest, PayloadTooLarge
-from proxy.jsonbody import parse_json_object
+from common.errors import BadRequest, PayloadTooLarge
+from common.jsonbody import parse_json_object
 
 MAX_CONTROL_BODY = 1 << 20  # bytes; a token or a user is a few hundred
 MAX_DIGITS = 9  # of a number in a query string: more is refused, not read

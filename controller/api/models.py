@@ -9,15 +9,15 @@ from typing import Any
 
 from quart import Blueprint, Response, current_app, request
 
+from common.directory import ALLOW_MODEL_KEY, Allowed, ModelInfo
+from common.durations import DurationError, parse_keep_alive
+from common.errors import BadRequest
 from controller.api.inputs import json_object, whole_number
 from controller.api.sse import StreamAccess, sse_response, sse_stream
 from controller.auth.asgi import identity_of
 from controller.auth.identity import required_scope
-from controller.errors import BadRequest
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
-from proxy.directory import ALLOW_MODEL_KEY, Allowed, ModelInfo
-from proxy.keepalive import DurationError, parse_keep_alive
 
 blueprint = Blueprint("control_models", __name__, url_prefix="/control/v1")
 

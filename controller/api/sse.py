@@ -17,9 +17,9 @@ from typing import Any
 
 from quart import Response, current_app
 
+from common.errors import AuthError, Unavailable
 from controller.auth.identity import Identity
 from controller.auth.service import AuthService
-from controller.errors import AuthError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from quart import Blueprint, current_app
 
+from common.errors import LlamaControllerError
 from controller import __version__
 from controller.config import Config
 from controller.edge.edge import Edge
-from controller.errors import LlamaControllerError
 from controller.settings import find_llama_server, llama_server_version
 
 blueprint = Blueprint("control_system", __name__, url_prefix="/control/v1")

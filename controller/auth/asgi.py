@@ -12,13 +12,13 @@ from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
+from common.asgi import ASGIApp, Receive, Scope, Send, send_json
+from common.dialects import error_body
+from common.directory import ALLOW_MODEL_KEY, HAS_SCOPE_KEY
+from common.errors import AuthError, LlamaControllerError, RateLimited, Unavailable
+from common.peers import client_address
 from controller.auth.identity import OPEN, Identity, required_scope
 from controller.auth.service import AuthService, Request
-from controller.errors import AuthError, LlamaControllerError, RateLimited, Unavailable
-from proxy.asgi import ASGIApp, Receive, Scope, Send, send_json
-from proxy.dialects import error_body
-from proxy.directory import ALLOW_MODEL_KEY, HAS_SCOPE_KEY
-from proxy.peers import client_address
 
 IDENTITY_KEY = "llamacontroller.identity"
 

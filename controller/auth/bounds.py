@@ -20,9 +20,9 @@ import math
 import re
 from dataclasses import dataclass
 
+from common.errors import BadRequest, Forbidden
 from controller.auth.identity import Identity, glob_allows
 from controller.auth.secrets import parse_expiry
-from controller.errors import BadRequest, Forbidden
 
 MAX_RPM = 1_000_000
 MAX_EXPIRY_SECONDS = 10 * 365 * 86400  # ten years

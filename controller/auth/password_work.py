@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
-from controller.errors import RateLimited
+from common.errors import RateLimited
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from typing import Any
 from passlib.exc import PasswordSizeError
 from passlib.hash import argon2
 
-from controller.errors import BadRequest
+from common.errors import BadRequest
 
 TOKEN_PREFIX = "lc_"  # noqa: S105 - a visible prefix, not a secret
 _TOKEN = re.compile(r"lc_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from common.background import Background
+from common.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthenticated
 from controller.auth.bounds import Grant, check_glob_count, check_name, check_rpm, expiry_seconds, within_maker
 from controller.auth.identity import ROLE_SCOPES, Identity, Scope
 from controller.auth.password_work import PasswordWork
@@ -40,10 +42,8 @@ from controller.auth.secrets import (
     verify_password,
 )
 from controller.config import AuthConfig, Config
-from controller.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthenticated
 from controller.names import validate_model_name
 from controller.store.base import AuditEvent, Ephemeral, Role, SessionRecord, Store, TokenRecord, User
-from proxy.background import Background
 
 log = logging.getLogger(__name__)
 

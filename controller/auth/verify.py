@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
+from common.asgi import Scope, Send, header, send_json
+from common.dialects import error_body
+from common.errors import LlamaControllerError, Unauthenticated
 from controller.auth.asgi import auth_headers, request_of
 from controller.auth.identity import OPEN, required_scope
 from controller.auth.service import IDENTITY_HEADER, AuthService
-from controller.errors import LlamaControllerError, Unauthenticated
-from proxy.asgi import Scope, Send, header, send_json
-from proxy.dialects import error_body
 
 VERIFY_PATH = "/auth/verify"
 

@@ -8,12 +8,12 @@ from typing import Any
 from quart import Blueprint, Response, current_app, jsonify, request
 from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
+from common.dialects import error_body
+from common.errors import AuthError, BadRequest, LlamaControllerError
+from common.peers import client_address
 from controller.api.inputs import json_object
 from controller.auth.asgi import auth_headers, identity_of
 from controller.auth.service import SESSION_COOKIE, AuthService
-from controller.errors import AuthError, BadRequest, LlamaControllerError
-from proxy.dialects import error_body
-from proxy.peers import client_address
 
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from controller.errors import EdgeError
+from common.errors import EdgeError
 
 __all__ = ["CaddyAdmin", "EdgeError", "unix_socket_path"]
 

@@ -28,12 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.background import cancel_and_wait
 from controller.edge.admin import EdgeError, unix_socket_path
 from controller.edge.render import logging_config
 from controller.runtime.base import write_json_atomically
 from controller.runtime.process import process_start_ticks, spawn_detached
 from controller.runtime.watching import Backoff
-from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

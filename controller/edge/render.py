@@ -35,7 +35,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.dialects import error_body
+from common.dialects import error_body
 
 IDENTITY_HEADER = "X-LlamaController-Identity"
 VERIFY_PATH = "/auth/verify"

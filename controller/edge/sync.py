@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from common.background import cancel_and_wait
 from controller.edge.admin import CaddyAdmin, EdgeError
 from controller.edge.render import EdgeSettings, render
 from controller.runtime.watching import Backoff
-from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

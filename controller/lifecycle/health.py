@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from controller.errors import UpstreamError
+from common.errors import UpstreamError
+from common.upstream import Upstream, bearer
 from controller.runtime.base import Backend
-from proxy.upstream import Upstream, bearer
 
 
 class HttpProbe:

@@ -36,14 +36,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from controller.errors import LlamaControllerError, ModelStopping, ShuttingDown
+from common.directory import LiveState
+from common.errors import LlamaControllerError, ModelStopping, ShuttingDown
 from controller.lifecycle.owner import ModelOwner, Probe, Publish, SpecFactory
 from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import OCCUPYING, Goal, State, fresh
 from controller.lifecycle.usage import Usage
 from controller.runtime.base import Backend, ExitInfo, Runtime
 from controller.runtime.logs import LogBook
-from proxy.directory import LiveState
 
 __all__ = ["Admit", "ManagedModel", "Probe", "Publish", "SpecFactory"]
 

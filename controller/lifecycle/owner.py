@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from controller.errors import (
+from common.background import cancel_and_wait
+from common.errors import (
     BackendCrashed,
     BackendStartFailed,
     LlamaControllerError,
@@ -29,7 +30,6 @@ from controller.lifecycle.usage import KEEP_ALIVE_LABEL, Usage, keep_alive_label
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook
 from controller.runtime.watching import Backoff
-from proxy.background import cancel_and_wait
 
 log = logging.getLogger("controller.lifecycle.model")
 

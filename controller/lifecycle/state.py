@@ -15,7 +15,7 @@ import re
 from enum import StrEnum
 from typing import TypeVar
 
-from controller.errors import InvalidTransition, LlamaControllerError
+from common.errors import InvalidTransition, LlamaControllerError
 from controller.runtime.logs import START_MARKER
 
 MAX_BACKOFF = 30.0

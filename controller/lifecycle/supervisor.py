@@ -20,9 +20,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Collection
 from contextlib import asynccontextmanager
 
+from common import notes
+from common.background import Background, cancel_and_wait
+from common.directory import Allowed, Lease, LiveState, ModelInfo
+from common.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
 from controller.catalog import Catalog, CatalogEntry
 from controller.config import Config
-from controller.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
 from controller.lifecycle.model import ManagedModel, Probe, Publish
 from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, Wait, choose_victims
 from controller.lifecycle.reconcile import compare
@@ -32,9 +35,6 @@ from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import Backend, LaunchSpec, Runtime
 from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook
-from proxy import measure
-from proxy.background import Background, cancel_and_wait
-from proxy.directory import Allowed, Lease, LiveState, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class Supervisor:
             raise
         if allowed is not None and not allowed(entry.name):
             raise forbidden(name)
-        measure.note_model(entry.name)  # the request's metrics are labelled with this name, never its spelling
+        notes.note_model(entry.name)  # the request's metrics are labelled with this name, never its spelling
         return entry
 
     @asynccontextmanager

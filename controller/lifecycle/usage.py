@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Mapping
 
-from controller.errors import QueueFull
+from common.errors import QueueFull
 from controller.lifecycle.requirements import ModelPolicy
 
 KEEP_ALIVE_LABEL = "keep_alive"  # kept with the backend (Runtime.keep_labels), read back on adoption

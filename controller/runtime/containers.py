@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from common.errors import BackendStartFailed, DockerUnavailable
 from controller.config import Config
 from controller.config_schema import ContainerSettings
-from controller.errors import BackendStartFailed, DockerUnavailable
 from controller.names import canonical
 from controller.runtime.base import GpuSelection, LaunchSpec
 

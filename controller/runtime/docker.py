@@ -34,8 +34,9 @@ import docker.errors
 from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount, Ulimit
 
+from common.background import Background
+from common.errors import BackendStartFailed, LlamaControllerError
 from controller.config import Config
-from controller.errors import BackendStartFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds, write_json_atomically
 from controller.runtime.containers import (
     INSTANCE,
@@ -55,7 +56,6 @@ from controller.runtime.containers import (
 )
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import START_MARKER, LogBook, LogFile, last_written, read_log
-from proxy.background import Background
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from controller.errors import BackendStartFailed, BackendStopFailed
+from common.errors import BackendStartFailed, BackendStopFailed
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec
 
 # Port 1 on loopback refuses at once: a request that reaches a fake backend fails fast with UpstreamError.

@@ -17,7 +17,7 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Pod, PodLog, Secret, Service
 from lightkube.types import CascadeType, PatchType
 
-from controller.errors import BackendStartFailed, KubernetesUnavailable
+from common.errors import BackendStartFailed, KubernetesUnavailable
 
 Kind = Literal["Deployment", "Service", "Pod", "Secret"]
 TIMEOUT = httpx.Timeout(10.0)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from common.errors import BackendStartFailed
 from controller.config import Config
 from controller.config_schema import KubernetesConfig
-from controller.errors import BackendStartFailed
 from controller.names import canonical
 from controller.runtime.base import GpuSelection, LaunchSpec
 

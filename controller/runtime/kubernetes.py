@@ -29,8 +29,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from common.background import Background, cancel_and_wait
+from common.errors import BackendStartFailed
 from controller.config import Config
-from controller.errors import BackendStartFailed
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
 from controller.runtime.kube_api import KubeApi, describe, kube_errors
 from controller.runtime.kube_objects import (
@@ -49,7 +50,6 @@ from controller.runtime.kube_objects import (
     settings_for,
 )
 from controller.runtime.logs import START_MARKER, LogBook, LogFile, last_written, read_log
-from proxy.background import Background, cancel_and_wait
 
 log = logging.getLogger(__name__)
 

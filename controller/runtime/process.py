@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from controller.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
+from common.background import cancel_and_wait
+from common.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices, write_json_atomically
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LineSplitter, LogBook, read_log, rotated
-from proxy.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, cast
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from controller.errors import Conflict, NotFound, Unavailable
+from common.errors import Conflict, NotFound, Unavailable
 from controller.store.base import (
     AUDIT_KEEP,
     MAX_SESSIONS_PER_USER,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller.errors import Conflict, NotFound, Unavailable
+from common.errors import Conflict, NotFound, Unavailable
 from controller.store.base import (
     AUDIT_KEEP,
     MAX_SESSIONS_PER_USER,

@@ -6,8 +6,8 @@ from typing import Any
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from common.errors import LlamaControllerError
 from controller.bodies import too_large
-from controller.errors import LlamaControllerError
 from controller.web import accounts, pages  # noqa: F401 - their routes register on the blueprint
 from controller.web.base import blueprint, htmx, viewer
 

@@ -7,15 +7,15 @@ from typing import Any
 
 from quart import Response, redirect, request
 
+from common.errors import BadRequest, LlamaControllerError, RateLimited, Unauthenticated
+from common.peers import client_address
 from controller.auth.bounds import parse_rpm
 from controller.auth.identity import Scope
 from controller.auth.views import clear_session_cookie, set_session_cookie
-from controller.errors import BadRequest, LlamaControllerError, RateLimited, Unauthenticated
 from controller.store.base import Role
 from controller.web.base import Viewer, blueprint, page, service, viewer
 from controller.web.pages import render
 from controller.web.present import ago, safe_next
-from proxy.peers import client_address
 
 SCOPE_ORDER = [Scope.INFERENCE, Scope.MODELS, Scope.METRICS, Scope.ADMIN]
 

@@ -19,10 +19,10 @@ from urllib.parse import quote
 from quart import Blueprint, Response, current_app, redirect, request
 from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
+from common.errors import AuthError, Forbidden
 from controller.auth.asgi import request_of
 from controller.auth.identity import Identity, Scope
 from controller.auth.service import SESSION_COOKIE, AuthService
-from controller.errors import AuthError, Forbidden
 from controller.lifecycle.supervisor import Supervisor
 
 STATIC = Path(__file__).parent / "static"

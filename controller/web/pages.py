@@ -8,13 +8,13 @@ from typing import Any
 import yaml
 from quart import Response, current_app, redirect, render_template, stream_with_context
 
+from common.errors import LlamaControllerError
 from controller import __version__
 from controller.api.sse import PING, StreamAccess, heartbeat, sse_response, sse_stream
 from controller.api.system import llama_server_facts
 from controller.auth.identity import Scope
 from controller.config import Config
 from controller.edge.edge import Edge
-from controller.errors import LlamaControllerError
 from controller.names import canonical
 from controller.observability import EventBus
 from controller.web.base import Viewer, blueprint, htmx, page, supervisor, vendor_scripts

@@ -13,10 +13,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from controller.errors import BadRequest, UpstreamError, UpstreamRefused
+from common.errors import BadRequest, UpstreamError, UpstreamRefused
+from common.upstream import Upstream
 from proxy.ollama.fit import embedding_limit
 from proxy.ollama.wire import post_json, upstream_error_message
-from proxy.upstream import Upstream
 
 TOO_LONG = "the input length exceeds the context length"
 _ATTEMPTS = 3  # as sent, then cut to the batch size, then (rarely) to a smaller context

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from proxy.directory import ModelInfo
+from common.directory import ModelInfo
 
 # Ollama's "forever" is now + MaxInt64 nanoseconds (about 292 years).
 _FOREVER = timedelta(days=292 * 365)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from controller.errors import BadRequest
+from common.errors import BadRequest
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.errors import BadRequest, ModelNotFound
-from proxy.jsonbody import decode_json
-from proxy.keepalive import DurationError, parse_keep_alive
+from common.durations import DurationError, parse_keep_alive
+from common.errors import BadRequest, ModelNotFound
+from common.jsonbody import decode_json
 from proxy.ollama.options import MappedOptions, map_options
 
 THINK_LEVELS = ("low", "medium", "high", "max")

@@ -9,13 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from controller.errors import BadRequest, UpstreamError, UpstreamRefused
-from proxy import measure
-from proxy.asgi import Receive, Scope, Send, header, read_body, run_until_disconnect, send_json
-from proxy.background import Background
-from proxy.directory import Lease, ModelDirectory, ModelInfo, Restricted
+from common import notes
+from common.asgi import Receive, Scope, Send, header, read_body, run_until_disconnect, send_json
+from common.background import Background
+from common.directory import Lease, ModelDirectory, ModelInfo
+from common.errors import BadRequest, UpstreamError, UpstreamRefused
+from common.jsonbody import parse_json_object
+from common.upstream import Upstream
 from proxy.forward import passed_headers
-from proxy.jsonbody import parse_json_object
 from proxy.limits import clamp_predict
 from proxy.ollama import info as render
 from proxy.ollama.convert import chat_body, generate_chat_body, native_body, openai_messages
@@ -34,7 +35,7 @@ from proxy.ollama.requests import (
 )
 from proxy.ollama.stream import Accumulator, SSEParser, load_chunk
 from proxy.ollama.wire import encode, json_or_error, upstream_error_message
-from proxy.upstream import Upstream
+from proxy.restricted import Restricted
 
 OLLAMA_VERSION = "0.33.0"  # the Ollama API version whose wire format this gateway follows
 NDJSON = b"application/x-ndjson"
@@ -114,7 +115,7 @@ class OllamaRoutes:
 
     async def _json(self, scope: Scope, receive: Receive) -> dict[str, Any]:
         body = parse_json_object(await read_body(scope, receive, self._max_body))
-        measure.note_asked(body.get("model") or body.get("name"))  # named in the log line even if it fails
+        notes.note_asked(body.get("model") or body.get("name"))  # named in the log line even if it fails
         return body
 
     # ------------------------------------------------------------------ simple endpoints
@@ -282,7 +283,7 @@ class OllamaRoutes:
         try:
             while True:
                 payload = encode({**body, "stream": streaming})
-                measure.note_backend_contact()
+                notes.note_backend_contact()
                 headers = {**call.headers, **lease.credentials}
                 async with self._upstream.request("POST", lease.url + call.path, payload, headers) as response:
                     if response.status >= 400:

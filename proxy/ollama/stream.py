@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from controller.errors import BadRequest
-from proxy import measure
-from proxy.jsonbody import decode_json
+from common import notes
+from common.errors import BadRequest
+from common.jsonbody import decode_json
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Accumulator:
             return []
         if isinstance(event.get("timings"), dict):
             self.timings = event["timings"]
-            measure.note_timings(self.timings)
+            notes.note_timings(self.timings)
         if "choices" in event:
             text, thought, logprobs = self._openai(event)
         else:

@@ -6,9 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from proxy import measure
-from proxy.asgi import compact_json
-from proxy.upstream import Upstream
+from common import notes
+from common.asgi import compact_json
+from common.upstream import Upstream
 
 encode = compact_json
 
@@ -33,6 +33,6 @@ def upstream_error_message(payload: bytes) -> str:
 
 async def post_json(upstream: Upstream, url: str, body: Any, headers: Mapping[str, str]) -> tuple[int, bytes]:
     """One small JSON request, answer read whole: (status, body)."""
-    measure.note_backend_contact()
+    notes.note_backend_contact()
     async with upstream.request("POST", url, encode(body), {"Content-Type": "application/json", **headers}) as answer:
         return answer.status, await answer.read()

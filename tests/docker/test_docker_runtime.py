@@ -21,8 +21,8 @@ import ollama
 import pytest
 from docker.models.containers import Container
 
+from common.errors import BackendStartFailed
 from controller.config import validate_config
-from controller.errors import BackendStartFailed
 from controller.runtime.base import LaunchSpec
 from controller.runtime.containers import INSTANCE, MANAGED, MODEL
 from controller.runtime.docker import DockerRuntime

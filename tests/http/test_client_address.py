@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from quart import Quart
 
+from common.peers import TrustedProxies
 from controller.auth.service import AuthService
 from controller.runtime.fake import FakeRuntime
-from proxy.peers import TrustedProxies
 from tests.support.harness import fake_app, fake_config
 
 EDGE = "127.0.0.1"

@@ -1,6 +1,6 @@
 """Hostile input at every route: JSON bodies, query strings and form fields a client should never send.
 
-Each answer must be below 500 and, when it is an error, in the caller's dialect (``proxy.dialects``
+Each answer must be below 500 and, when it is an error, in the caller's dialect (``common.dialects``
 decides the shape per path; the web page answers HTML). The routes come from the apps' own tables (the
 gateway's and Quart's), so a new route is covered without touching this file. Backends are a scripted
 server that refuses every request with a 400 of its own: a request the gateway accepts and forwards gets
@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
+from common.dialects import error_body
 from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.runtime.fake import FakeRuntime
 from proxy.app import Gateway
-from proxy.dialects import error_body
 from proxy.native import PREFIX as NATIVE_PREFIX
 from proxy.ollama.options import _KNOWN as OLLAMA_OPTIONS
 from tests.support.harness import fake_app, fake_config

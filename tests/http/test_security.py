@@ -18,11 +18,11 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
+from common.errors import ConfigError
 from controller.auth import secrets as auth_secrets
 from controller.auth.secrets import digest, new_token, sign_claims
 from controller.auth.service import AuthService
 from controller.config import validate_config
-from controller.errors import ConfigError
 from controller.runtime.fake import FakeRuntime
 from controller.store.base import TokenRecord
 from controller.store.ephemeral import InProcessEphemeral

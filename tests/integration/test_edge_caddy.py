@@ -22,13 +22,13 @@ import psutil
 import pytest
 
 import controller.edge.child as child_module
+from common.errors import EdgeError
 from controller.config import Config, validate_config
 from controller.edge.admin import CaddyAdmin
 from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.edge import Edge, admin_socket, caddy_home
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeSync
-from controller.errors import EdgeError
 from controller.runtime.process import free_port, process_start_ticks
 from tests.support.server import edge_section, real_config, serve_subprocess
 

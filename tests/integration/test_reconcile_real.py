@@ -14,8 +14,8 @@ from typing import Any
 
 import psutil
 
+from common.errors import BackendStopFailed
 from controller.config import validate_config
-from controller.errors import BackendStopFailed
 from controller.lifecycle import owner
 from controller.runtime.base import Backend
 from controller.runtime.logs import LogBook

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from common.errors import BackendStartFailed, KubernetesUnavailable
 from controller.config import Config, validate_config
-from controller.errors import BackendStartFailed, KubernetesUnavailable
 from controller.runtime.base import LaunchSpec
 from controller.runtime.keys import BackendKeys
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, REQUIREMENTS, RUN, backend_name

@@ -9,9 +9,9 @@ import random
 import time
 from pathlib import Path
 
+from common.errors import Unauthenticated
 from controller.auth.service import AuthService, Request
 from controller.config import validate_config
-from controller.errors import Unauthenticated
 from controller.store import make_store
 from tests.load.common import check, median, percentile
 from tests.support.redis_server import redis_server

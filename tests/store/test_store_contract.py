@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from controller.errors import Conflict, NotFound
+from common.errors import Conflict, NotFound
 from controller.store.base import (
     MAX_AUDIT_DETAIL,
     MAX_AUDIT_TEXT,

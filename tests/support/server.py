@@ -21,10 +21,10 @@ import pytest
 import yaml
 from quart import Quart
 
+from common.errors import BackendStartFailed
 from controller.app import create_app
 from controller.auth.service import AuthService
 from controller.config import Config, validate_config
-from controller.errors import BackendStartFailed
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.process import free_port
 from controller.server import bind, uvicorn_server

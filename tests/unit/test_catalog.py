@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import InvalidModelFile, ModelNotFound
 from controller.catalog import Catalog
 from controller.config import validate_config
-from controller.errors import InvalidModelFile, ModelNotFound
 
 
 def catalog_for(tmp_path: Path, models: dict[str, object] | None = None) -> Catalog:

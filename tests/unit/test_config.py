@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ConfigError
 from controller.config import Config, apply_env_overrides, load_config, substitute_env, validate_config
-from controller.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "config"

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from common.errors import LlamaControllerError
 from controller.config import validate_config
 from controller.edge.child import find_caddy
 from controller.edge.edge import edge_settings
 from controller.edge.render import EdgeSettings, render
-from controller.errors import LlamaControllerError
 from tests.support.server import require
 
 GOLDEN = Path(__file__).parent / "golden" / "edge"

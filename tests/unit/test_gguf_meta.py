@@ -7,7 +7,7 @@ from gguf import GGUFReader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.errors import InvalidModelFile
+from common.errors import InvalidModelFile
 from controller.gguf_meta import read_gguf_metadata
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.keepalive import FOREVER, DurationError, parse_go_duration, parse_keep_alive
+from common.durations import FOREVER, DurationError, parse_go_duration, parse_keep_alive
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from common.errors import BackendStartFailed, ConfigError
 from controller.config import validate_config
-from controller.errors import BackendStartFailed, ConfigError
 from controller.runtime.base import LaunchSpec
 from controller.runtime.kube_objects import backend_name, gpu_count, judge_pod, plan, settings_for
 

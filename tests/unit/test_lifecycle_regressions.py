@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from controller.errors import BackendStartFailed, ShuttingDown
+from common.background import cancel_and_wait
+from common.errors import BackendStartFailed, ShuttingDown
 from controller.lifecycle.state import State
 from controller.runtime.base import Backend
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
-from proxy.background import cancel_and_wait
 from tests.support.harness import fake_config, fake_supervisor
 
 

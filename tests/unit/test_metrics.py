@@ -8,6 +8,7 @@ import json
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import notes
 from controller.metrics import BackendFamilies, ControllerMetrics, relabel
 from proxy import measure
 
@@ -18,23 +19,23 @@ def sse(event: dict[str, object]) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-def timed() -> measure.RequestTiming:
-    timing = measure.RequestTiming(started=100.0)
-    measure.current.set(timing)
+def timed() -> notes.RequestTiming:
+    timing = notes.RequestTiming(started=100.0)
+    notes.current.set(timing)
     return timing
 
 
 def test_metrics_timings_are_found_in_a_whole_answer() -> None:
     timing = timed()
-    measure.sniff_timings(json.dumps({"choices": [], "timings": TIMINGS}).encode())
+    notes.sniff_timings(json.dumps({"choices": [], "timings": TIMINGS}).encode())
     assert timing.timings == TIMINGS
 
 
 def test_metrics_timings_are_found_in_the_last_event_of_a_stream() -> None:
     timing = timed()
-    measure.sniff_timings(sse({"choices": [{"delta": {"content": "hi"}}]}))
+    notes.sniff_timings(sse({"choices": [{"delta": {"content": "hi"}}]}))
     assert timing.timings is None
-    measure.sniff_timings(sse({"choices": [], "timings": TIMINGS}) + b"data: [DONE]\n\n")
+    notes.sniff_timings(sse({"choices": [], "timings": TIMINGS}) + b"data: [DONE]\n\n")
     assert timing.timings == TIMINGS
 
 
@@ -42,30 +43,30 @@ def test_metrics_timings_split_across_two_reads_are_joined() -> None:
     timing = timed()
     event = sse({"choices": [{"delta": {}, "finish_reason": "stop"}], "timings": TIMINGS})
     cut = event.index(b'"predicted_n"')
-    measure.sniff_timings(b"data: [x]\n\n" + event[:cut])
+    notes.sniff_timings(b"data: [x]\n\n" + event[:cut])
     assert timing.timings is None
-    measure.sniff_timings(event[cut:])
+    notes.sniff_timings(event[cut:])
     assert timing.timings == TIMINGS
 
 
 def test_metrics_unreadable_answers_record_nothing() -> None:
     timing = timed()
-    measure.sniff_timings(b'{"timings": ')  # a JSON answer cut short
-    measure.sniff_timings(b'data: {"timings": {broken}\n\n')
+    notes.sniff_timings(b'{"timings": ')  # a JSON answer cut short
+    notes.sniff_timings(b'data: {"timings": {broken}\n\n')
     assert timing.timings is None
 
 
 def test_metrics_gateway_time_excludes_the_wait_for_the_model() -> None:
-    timing = measure.RequestTiming(started=10.0, waited=2.0, backend_at=12.0005)
+    timing = notes.RequestTiming(started=10.0, waited=2.0, backend_at=12.0005)
     assert abs(timing.added(ended=15.0) - 0.0005) < 1e-9
-    no_backend = measure.RequestTiming(started=10.0)
+    no_backend = notes.RequestTiming(started=10.0)
     assert abs(no_backend.added(ended=10.001) - 0.001) < 1e-9
 
 
 def test_metrics_one_request_becomes_samples_per_model() -> None:
     registry = CollectorRegistry()
     metrics = measure.GatewayMetrics(registry)
-    timing = measure.RequestTiming(started=1.0, backend_at=1.001, first_body_at=1.2, bodies=5, timings=TIMINGS)
+    timing = notes.RequestTiming(started=1.0, backend_at=1.001, first_body_at=1.2, bodies=5, timings=TIMINGS)
     metrics.observe("chat", "gemma3:270m", 200, timing, ended=2.0)
     text = generate_latest(registry).decode()
     assert 'llamacontroller_requests_total{endpoint="chat",model="gemma3:270m",status="200"} 1.0' in text
@@ -78,7 +79,7 @@ def test_metrics_one_request_becomes_samples_per_model() -> None:
 def test_metrics_a_single_piece_answer_has_no_first_token_time() -> None:
     registry = CollectorRegistry()
     metrics = measure.GatewayMetrics(registry)
-    metrics.observe("tags", None, 200, measure.RequestTiming(started=1.0, first_body_at=1.1, bodies=1), ended=1.1)
+    metrics.observe("tags", None, 200, notes.RequestTiming(started=1.0, first_body_at=1.1, bodies=1), ended=1.1)
     count = registry.get_sample_value(
         "llamacontroller_time_to_first_token_seconds_count", {"endpoint": "tags", "model": ""}
     )

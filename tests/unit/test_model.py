@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.errors import (
+from common.errors import (
     BackendCrashed,
     BackendStartFailed,
     ModelStopping,

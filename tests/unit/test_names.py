@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.errors import InvalidModelName
+from common.errors import InvalidModelName
 from controller.names import canonical, name_from_filename, validate_model_name
 
 

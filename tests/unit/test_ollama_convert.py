@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from controller.errors import BadRequest, ModelNotFound
-from proxy.asgi import compact_json
+from common.asgi import compact_json
+from common.errors import BadRequest, ModelNotFound
 from proxy.ollama.convert import chat_body, generate_chat_body, native_body, sniff_image_type
 from proxy.ollama.options import SAMPLING_DEFAULTS, map_options
 from proxy.ollama.requests import parse_chat, parse_embed, parse_generate

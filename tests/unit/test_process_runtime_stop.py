@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.errors import BackendStopFailed
+from common.errors import BackendStopFailed
 from controller.runtime import process
 from controller.runtime.base import LaunchSpec
 from controller.runtime.logs import LogBook

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from common.errors import BadRequest
 from controller.catalog import Catalog
 from controller.config import validate_config
-from controller.errors import BadRequest
 from controller.lifecycle.requirements import Requirements
 from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import visible_devices

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from common.errors import BackendStartFailed
 from controller.catalog import Catalog
-from controller.errors import BackendStartFailed
 from controller.lifecycle import owner
 from controller.lifecycle.reconcile import compare
 from controller.lifecycle.supervisor import Supervisor

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import InvalidTransition
+from common.errors import InvalidTransition
 from controller.lifecycle.state import ALLOWED, State, check_transition
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.errors import InvalidModelFile, InvalidModelName, ModelNotFound, NoCapacity, QueueFull
+from common.errors import InvalidModelFile, InvalidModelName, ModelNotFound, NoCapacity, QueueFull
 from controller.lifecycle.state import State
 from controller.runtime.base import Backend
 from controller.runtime.fake import FakeBehaviour, FakeRuntime

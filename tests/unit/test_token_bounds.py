@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from common.errors import BadRequest
 from controller.auth.bounds import MAX_EXPIRY_SECONDS, expiry_seconds, glob_within, parse_rpm
 from controller.auth.identity import Identity
-from controller.errors import BadRequest
 
 
 @pytest.mark.parametrize(

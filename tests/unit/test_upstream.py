@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from controller.errors import UpstreamError, UpstreamTimeout
-from proxy.upstream import Timeouts, Upstream
+from common.errors import UpstreamError, UpstreamTimeout
+from common.upstream import Timeouts, Upstream
 from tests.support.scripted_http import Exchange, ScriptedServer, response
 
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from controller.errors import ClientGone, PayloadTooLarge
+from common.errors import ClientGone, PayloadTooLarge
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

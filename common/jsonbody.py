@@ -16,7 +16,7 @@ import math
 import re
 from typing import Any
 
-from controller.errors import BadRequest
+from common.errors import BadRequest
 
 MAX_DEPTH = 128  # objects and lists inside each other; JSON Schemas and tool arguments stay far below
 MAX_INT_DIGITS = 20  # 2**64 has 20 digits: every integer a real API takes (seeds included) fits

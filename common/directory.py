@@ -1,20 +1,18 @@
-"""The only thing the gateway knows about the control plane: a ModelDirectory.
+"""The only thing the gateway knows about the control plane: a ModelDirectory (and the data it answers with).
 
 In the embedded shape the directory is the in-process supervisor; a remote implementation can call
 the controller over HTTP so gateway replicas scale apart from the single-writer controller.
-Errors crossing this boundary are the ones in ``controller.errors`` (the shared exception tree).
+Errors crossing this boundary are the ones in ``common.errors`` (the shared exception tree).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy import measure
-from proxy.upstream import bearer
+from common.upstream import bearer
 
 
 @dataclass(frozen=True)
@@ -125,47 +123,3 @@ class ModelDirectory(Protocol):
 
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         """One model by name or alias; raise ModelNotFound / InvalidModelName / Forbidden."""
-
-
-class Restricted:
-    """The directory as one caller sees it: only the models its credentials allow."""
-
-    def __init__(self, inner: ModelDirectory, allowed: Allowed | None) -> None:
-        self._inner = inner
-        self._allowed = allowed
-
-    @classmethod
-    def for_scope(cls, inner: ModelDirectory, scope: MutableMapping[str, Any]) -> Restricted:
-        return cls(inner, scope.get(ALLOW_MODEL_KEY))
-
-    @asynccontextmanager
-    async def lease(
-        self,
-        name: str,
-        *,
-        keep_alive: float | None = None,
-        embeddings: bool = False,
-        ctx_size: int | None = None,
-        num_predict: int | None = None,
-    ) -> AsyncIterator[Lease]:
-        began = time.perf_counter()
-        held = self._inner.lease(
-            name,
-            keep_alive=keep_alive,
-            embeddings=embeddings,
-            ctx_size=ctx_size,
-            num_predict=num_predict,
-            allowed=self._allowed,
-        )
-        async with held as lease:
-            measure.note_wait(time.perf_counter() - began)  # loading, queueing: the model's time, not ours
-            yield lease
-
-    async def unload(self, name: str) -> None:
-        await self._inner.unload(name, self._allowed)
-
-    async def models(self) -> Sequence[ModelInfo]:
-        return await self._inner.models(self._allowed)
-
-    async def model(self, name: str) -> ModelInfo:
-        return await self._inner.model(name, self._allowed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from controller.errors import LlamaControllerError
+from common.errors import LlamaControllerError
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from controller.errors import UpstreamError, UpstreamTimeout
+from common.errors import UpstreamError, UpstreamTimeout
 
 _HEAD_LIMIT = 64 * 1024
 _READ_CHUNK = 64 * 1024
