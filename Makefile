@@ -23,6 +23,7 @@ lint: install-test
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
+	$(VENV)/lint-imports
 
 fix: install-test
 	$(VENV)/ruff check --fix .

@@ -6,9 +6,9 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Blueprint, Response, current_app
 
+from common.upstream import Upstream
 from controller.lifecycle.supervisor import Supervisor
 from controller.metrics import ControllerMetrics, relabel, scrape_backends
-from proxy.app import Gateway
 
 blueprint = Blueprint("metrics", __name__)
 
@@ -16,9 +16,9 @@ blueprint = Blueprint("metrics", __name__)
 @blueprint.get("/metrics")
 async def metrics() -> Response:
     supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
-    gateway: Gateway = current_app.extensions["llamacontroller.gateway"]
+    upstream: Upstream = current_app.extensions["llamacontroller.upstream"]
     controller: ControllerMetrics = current_app.extensions["llamacontroller.metrics"]
-    backends = relabel(await scrape_backends(supervisor, gateway.upstream))
+    backends = relabel(await scrape_backends(supervisor, upstream))
     controller.start_known_series()
     body = generate_latest(controller.registry) + backends.encode()
     return Response(body, content_type=CONTENT_TYPE_LATEST)

@@ -19,8 +19,8 @@ from typing import Any
 import docker
 import httpx
 
-from controller import images
 from controller.runtime.process import free_port
+from llamacontroller import images
 from tests.support.server import serve_subprocess
 from tests.support.tinymodel import write_tiny_model
 

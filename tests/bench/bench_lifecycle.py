@@ -108,7 +108,7 @@ def serve_startup(model_path: Path, rounds: int) -> dict[str, float]:
             path.write_text(yaml.safe_dump(config))
             started = time.perf_counter()
             process = subprocess.Popen(
-                [sys.executable, "-m", "controller", "serve", "--config", str(path)],
+                [sys.executable, "-m", "llamacontroller", "serve", "--config", str(path)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from controller import images
+from llamacontroller import images
 from tests.support.server import llama_server_or_skip, require
 
 # testcontainers: its reaper image cannot be pulled here, and this machine looks like a container to it.

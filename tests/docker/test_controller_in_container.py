@@ -17,11 +17,11 @@ import yaml
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.wait_strategies import HttpWaitStrategy
 
-from controller import images
 from controller.config import validate_config
 from controller.runtime.containers import MANAGED
 from controller.runtime.kube_objects import backend_name
 from controller.runtime.process import free_port
+from llamacontroller import images
 from tests.support.kubecluster import emulated_cluster
 from tests.support.server import llama_server_or_skip, provision_token
 

@@ -61,7 +61,7 @@ def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) ->
             [
                 sys.executable,
                 "-m",
-                "controller",
+                "llamacontroller",
                 "token",
                 "create",
                 "--name",

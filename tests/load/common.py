@@ -69,7 +69,7 @@ class Controller:
 
     def start(self) -> None:
         log = (self.folder / "serve.log").open("ab")
-        command = [sys.executable, "-m", "controller", "serve", "--config", str(self.config_path)]
+        command = [sys.executable, "-m", "llamacontroller", "serve", "--config", str(self.config_path)]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         if not answers(f"{self.url}/readyz", self.process, 60):
             raise RuntimeError(f"serve did not start: see {self.folder / 'serve.log'}")

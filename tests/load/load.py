@@ -344,7 +344,7 @@ def restart_docker_run(root: Path, quick: bool) -> None:
     """The same storm with the docker runtime: llama-server containers of the local image, the tiny model."""
     import docker
 
-    from controller import images
+    from llamacontroller import images
 
     engine = docker.from_env(version="auto")
     images.build(["llama-server"], Path(__file__).resolve().parents[2])

@@ -8,12 +8,12 @@ from typing import Any
 
 from quart import Quart
 
-from controller.app import create_app
 from controller.catalog import Catalog
 from controller.config import Config, validate_config
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.fake import FakeRuntime
 from controller.runtime.logs import LogBook
+from llamacontroller.app import create_app
 
 
 def fake_config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, Any]], **sections: Any) -> Config:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import docker
 
-from controller.images import shared_libraries
+from llamacontroller.images import shared_libraries
 
 REDIS_IMAGE = "llamacontroller-test/redis:local"
 

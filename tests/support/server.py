@@ -22,14 +22,14 @@ import yaml
 from quart import Quart
 
 from common.errors import BackendStartFailed
-from controller.app import create_app
 from controller.auth.service import AuthService
 from controller.config import Config, validate_config
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.process import free_port
-from controller.server import bind, uvicorn_server
 from controller.settings import find_llama_server
 from controller.store import make_store
+from llamacontroller.app import create_app
+from llamacontroller.server import bind, uvicorn_server
 
 T = TypeVar("T")
 TESTER_PASSWORD = "tester-password"  # of the admin `provision_token` adds
@@ -189,7 +189,7 @@ class ServeProcess:
             [
                 sys.executable,
                 "-m",
-                "controller",
+                "llamacontroller",
                 "edge",
                 "ca",
                 "--config",
@@ -238,7 +238,7 @@ def serve_subprocess(config: dict[str, Any], tmp_path: Path, name: str = "serve"
     log_path = tmp_path / f"{name}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "controller", "serve", "--config", str(config_path)],
+            [sys.executable, "-m", "llamacontroller", "serve", "--config", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,

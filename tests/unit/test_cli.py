@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from controller.api.system import llama_server_facts
-from controller.cli import _banner, main
 from controller.config import validate_config
+from llamacontroller.cli import _banner, main
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 

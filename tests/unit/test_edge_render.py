@@ -121,7 +121,7 @@ def test_edge_render_internal_certificates_cover_loopback_names() -> None:
 
 def test_edge_image_bootstraps_agree() -> None:
     """The registry Dockerfile's bootstrap file and the local image's are the same document."""
-    from controller.images import EDGE_BOOTSTRAP
+    from llamacontroller.images import EDGE_BOOTSTRAP
 
     committed = (Path(__file__).resolve().parents[2] / "images" / "edge" / "bootstrap.json").read_text()
     assert json.loads(committed) == json.loads(EDGE_BOOTSTRAP)

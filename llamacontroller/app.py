@@ -116,6 +116,7 @@ def create_app(
     app.extensions["llamacontroller.events"] = events
     app.extensions[STREAMS_KEY] = EventStreams()  # the server ends them when it begins to shut down
     app.extensions["llamacontroller.gateway"] = gateway
+    app.extensions["llamacontroller.upstream"] = upstream
     app.extensions["llamacontroller.edge"] = edge
     app.register_blueprint(health.blueprint)
     app.register_blueprint(models.blueprint)

@@ -1,0 +1,5 @@
+import sys
+
+from llamacontroller.cli import main
+
+sys.exit(main())
