@@ -27,7 +27,7 @@ from controller.auth.asgi import AuthMiddleware, auth_headers
 from controller.auth.service import AuthService
 from controller.auth.verify import forward_auth
 from controller.bodies import BoundedRequest, too_large
-from controller.catalog import Catalog
+from controller.catalog.entries import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
 from controller.lifecycle.health import HttpProbe

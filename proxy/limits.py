@@ -1,7 +1,7 @@
 """``max_predict`` on the bodies the gateway passes on: OpenAI's, Anthropic's, the native passthrough's, and
 the ones it makes from Ollama requests.
 
-Every backend runs with ``--n-predict max_predict`` (controller/profile.py), but llama-server takes that only
+Every backend runs with ``--n-predict max_predict`` (controller/catalog/profile.py), but llama-server takes that only
 as the default: a request that names its own ``n_predict`` or ``max_tokens`` above it is served as asked
 (checked against the llama-server this project pins). So the gateway lowers those fields to the limit before
 a body leaves, and the model's directory refuses them first where the config says ``over_limit: refuse``.

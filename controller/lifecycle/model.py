@@ -38,8 +38,8 @@ from contextlib import asynccontextmanager
 
 from common.directory import LiveState
 from common.errors import LlamaControllerError, ModelStopping, ShuttingDown
+from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.owner import ModelOwner, Probe, Publish, SpecFactory
-from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import OCCUPYING, Goal, State, fresh
 from controller.lifecycle.usage import Usage
 from controller.runtime.base import Backend, ExitInfo, Runtime

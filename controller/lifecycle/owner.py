@@ -23,8 +23,8 @@ from common.errors import (
     ShuttingDown,
     StartupTimeout,
 )
+from controller.catalog.requirements import ModelPolicy, Requirements
 from controller.lifecycle.health import watch_liveness
-from controller.lifecycle.requirements import ModelPolicy, Requirements
 from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, fresh, log_hint
 from controller.lifecycle.usage import KEEP_ALIVE_LABEL, Usage, keep_alive_label, kept_keep_alive
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime

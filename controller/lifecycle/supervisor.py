@@ -24,14 +24,14 @@ from common import notes
 from common.background import Background, cancel_and_wait
 from common.directory import Allowed, Lease, LiveState, ModelInfo
 from common.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
-from controller.catalog import Catalog, CatalogEntry
+from controller.catalog.entries import Catalog, CatalogEntry
+from controller.catalog.profile import ModelProfile, build_profile
+from controller.catalog.requirements import NOTHING_SPECIAL, Requirements
 from controller.config import Config
 from controller.lifecycle.model import ManagedModel, Probe, Publish
 from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, Wait, choose_victims
 from controller.lifecycle.reconcile import compare
-from controller.lifecycle.requirements import NOTHING_SPECIAL, Requirements
 from controller.lifecycle.state import State
-from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import Backend, LaunchSpec, Runtime
 from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook

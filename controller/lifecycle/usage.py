@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 
 from common.errors import QueueFull
-from controller.lifecycle.requirements import ModelPolicy
+from controller.catalog.requirements import ModelPolicy
 
 KEEP_ALIVE_LABEL = "keep_alive"  # kept with the backend (Runtime.keep_labels), read back on adoption
 

@@ -23,10 +23,10 @@ import httpx
 import psutil
 import yaml
 
-from controller.catalog import Catalog
+from controller.catalog.entries import Catalog
+from controller.catalog.profile import build_profile
+from controller.catalog.requirements import Requirements
 from controller.config import validate_config
-from controller.lifecycle.requirements import Requirements
-from controller.profile import build_profile
 from controller.runtime.process import free_port
 from controller.settings import find_llama_server, supported_flags
 from tests.support.server import running_app

@@ -8,7 +8,7 @@ from typing import Any
 
 from quart import Quart
 
-from controller.catalog import Catalog
+from controller.catalog.entries import Catalog
 from controller.config import Config, validate_config
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.fake import FakeRuntime

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from controller.catalog import Catalog
+from controller.catalog.entries import Catalog
 from controller.config import validate_config
 from controller.config_schema import ContainerSettings
 from controller.lifecycle.supervisor import Supervisor

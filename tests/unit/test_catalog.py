@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidModelFile, ModelNotFound
-from controller.catalog import Catalog
+from controller.catalog.entries import Catalog
 from controller.config import validate_config
 
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.errors import InvalidModelFile
-from controller.gguf_meta import read_gguf_metadata
+from controller.catalog.gguf_meta import read_gguf_metadata
 
 
 def test_gguf_meta_matches_the_reference_reader(tiny_model: Path) -> None:

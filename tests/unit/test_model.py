@@ -18,8 +18,8 @@ from common.errors import (
     ShuttingDown,
     StartupTimeout,
 )
+from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.model import ManagedModel
-from controller.lifecycle.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.lifecycle.state import State, backoff_delay
 from controller.runtime.base import Backend, LaunchSpec
 from controller.runtime.fake import FakeBehaviour, FakeRuntime

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from common.errors import BadRequest
-from controller.catalog import Catalog
+from controller.catalog.entries import Catalog
+from controller.catalog.profile import ModelProfile, build_profile
+from controller.catalog.requirements import Requirements
 from controller.config import validate_config
-from controller.lifecycle.requirements import Requirements
-from controller.profile import ModelProfile, build_profile
 from controller.runtime.base import visible_devices
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from common.errors import BackendStartFailed
-from controller.catalog import Catalog
+from controller.catalog.entries import Catalog
 from controller.lifecycle import owner
 from controller.lifecycle.reconcile import compare
 from controller.lifecycle.supervisor import Supervisor

@@ -11,9 +11,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from common.errors import BadRequest
-from controller.catalog import CatalogEntry
+from controller.catalog.entries import CatalogEntry
+from controller.catalog.requirements import ModelPolicy, Requirements
 from controller.config import Config
-from controller.lifecycle.requirements import ModelPolicy, Requirements
 from controller.runtime.base import GpuSelection, LaunchSpec
 
 _POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's GGUF says so

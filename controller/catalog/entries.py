@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from common.errors import InvalidModelFile, InvalidModelName, ModelNotFound
+from controller.catalog.gguf_meta import GgufMetadata, read_gguf_metadata
 from controller.config import Config, ModelConfig
-from controller.gguf_meta import GgufMetadata, read_gguf_metadata
 from controller.names import canonical, name_from_filename, validate_model_name
 
 log = logging.getLogger(__name__)
