@@ -20,8 +20,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from common.asgi import compact_json
 from common.dialects import error_body
-from controller.api.sse import STREAMS_KEY, EventStreams
+from controller.api.sse import EventStreams
 from controller.config import Config
+from controller.services import services_of
 
 
 def bind(listen: str) -> socket.socket:
@@ -138,7 +139,7 @@ def uvicorn_server(app: Quart, config: Config) -> uvicorn.Server:
         timeout_graceful_shutdown=math.ceil(config.runtime.stop_timeout),
         server_header=False,
         # Not uvicorn's proxy_headers (a rewrite of every request's scope): the client's address behind the edge
-        # is read only where it is used (proxy/peers.py).
+        # is read only where it is used (common/peers.py).
         proxy_headers=False,
     )
-    return _Server(settings, app.extensions.get(STREAMS_KEY))
+    return _Server(settings, services_of(app).streams)

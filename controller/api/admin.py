@@ -5,20 +5,21 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from quart import Blueprint, current_app, request
+from quart import Blueprint, request
 
 from common.errors import BadRequest
 from controller.api.inputs import json_object, whole_number
 from controller.auth.asgi import identity_of
 from controller.auth.identity import Identity
 from controller.auth.service import AuthService
+from controller.services import services
 from controller.store.base import User
 
 blueprint = Blueprint("control_admin", __name__, url_prefix="/control/v1")
 
 
 def _service() -> AuthService:
-    service: AuthService = current_app.extensions["llamacontroller.auth"]
+    service: AuthService = services().auth
     return service
 
 

@@ -14,11 +14,12 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from quart import Blueprint, current_app
+from quart import Blueprint
 
 from controller.auth.service import AuthService
 from controller.edge.edge import Edge
 from controller.lifecycle.supervisor import Supervisor
+from controller.services import services
 
 blueprint = Blueprint("health", __name__)
 
@@ -34,12 +35,12 @@ async def healthz() -> dict[str, Any]:
 async def readyz() -> tuple[dict[str, Any], int]:
     """200 once start-up and adoption are done and the store is the one opened; with the edge enabled, the
     answer also says how the edge is (``"edge": {"state", "error"}``), whatever it is."""
-    supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
-    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    supervisor: Supervisor = services().supervisor
+    edge = services().edge
     shown = {"edge": {"state": edge.status.state, "error": edge.status.error}} if edge is not None else {}
     if not supervisor.ready:
         return {"status": "starting", **shown}, 503
-    auth: AuthService = current_app.extensions["llamacontroller.auth"]
+    auth: AuthService = services().auth
     problem = await auth.store.problem()
     if problem is not None:
         return {"status": "store failed", "error": problem, **shown}, 503

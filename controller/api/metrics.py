@@ -4,20 +4,21 @@ own llama-server metrics with a ``model`` label — one scrape target for the wh
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response
 
 from common.upstream import Upstream
 from controller.lifecycle.supervisor import Supervisor
 from controller.metrics import ControllerMetrics, relabel, scrape_backends
+from controller.services import services
 
 blueprint = Blueprint("metrics", __name__)
 
 
 @blueprint.get("/metrics")
 async def metrics() -> Response:
-    supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
-    upstream: Upstream = current_app.extensions["llamacontroller.upstream"]
-    controller: ControllerMetrics = current_app.extensions["llamacontroller.metrics"]
+    supervisor: Supervisor = services().supervisor
+    upstream: Upstream = services().upstream
+    controller: ControllerMetrics = services().metrics
     backends = relabel(await scrape_backends(supervisor, upstream))
     controller.start_known_series()
     body = generate_latest(controller.registry) + backends.encode()

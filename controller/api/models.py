@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, request
 
 from common.directory import ALLOW_MODEL_KEY, Allowed, ModelInfo
 from common.durations import DurationError, parse_keep_alive
@@ -18,6 +18,7 @@ from controller.auth.asgi import identity_of
 from controller.auth.identity import required_scope
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
+from controller.services import services
 
 blueprint = Blueprint("control_models", __name__, url_prefix="/control/v1")
 
@@ -25,7 +26,7 @@ MAX_LOG_LINES = 2000
 
 
 def _supervisor() -> Supervisor:
-    supervisor: Supervisor = current_app.extensions["llamacontroller.supervisor"]
+    supervisor: Supervisor = services().supervisor
     return supervisor
 
 
@@ -127,7 +128,7 @@ async def model_logs(name: str) -> Response | dict[str, Any]:
 async def events() -> Response:
     """Model state changes as server-sent events (``{"type": "model_state", ...}``), only of the models
     the caller may see."""
-    bus: EventBus = current_app.extensions["llamacontroller.events"]
+    bus: EventBus = services().events
     access = _access()
 
     def wanted(event: dict[str, Any]) -> bool:

@@ -15,17 +15,17 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from quart import Response, current_app
+from quart import Response
 
 from common.errors import AuthError, Unavailable
 from controller.auth.identity import Identity
 from controller.auth.service import AuthService
+from controller.services import services
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 15.0
 PING = object()  # what heartbeat() yields when it is time for a keep-alive comment
-STREAMS_KEY = "llamacontroller.streams"
 
 
 class EventStreams:
@@ -46,8 +46,8 @@ class StreamAccess:
         self.identity = identity
         self._scope = scope
         self._model = model
-        self._service: AuthService = current_app.extensions["llamacontroller.auth"]
-        streams: EventStreams = current_app.extensions[STREAMS_KEY]
+        self._service: AuthService = services().auth
+        streams: EventStreams = services().streams
         self.closing = streams.closing
 
     async def holds(self) -> bool:

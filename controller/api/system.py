@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from quart import Blueprint, current_app
+from quart import Blueprint
 
 from common.errors import LlamaControllerError
 from controller import __version__
 from controller.config import Config
-from controller.edge.edge import Edge
+from controller.services import services
 from controller.settings import find_llama_server, llama_server_version
 
 blueprint = Blueprint("control_system", __name__, url_prefix="/control/v1")
@@ -29,8 +29,8 @@ async def llama_server_facts(config: Config) -> dict[str, Any]:
 
 @blueprint.get("/system")
 async def system() -> dict[str, Any]:
-    config: Config = current_app.extensions["llamacontroller.config"]
-    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    config: Config = services().config
+    edge = services().edge
     return {
         "version": __version__,
         "runtime": config.runtime.kind,

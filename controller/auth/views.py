@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, Response, jsonify, request
 from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
 from common.dialects import error_body
@@ -14,12 +14,13 @@ from common.peers import client_address
 from controller.api.inputs import json_object
 from controller.auth.asgi import auth_headers, identity_of
 from controller.auth.service import SESSION_COOKIE, AuthService
+from controller.services import services
 
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 
 
 def _service() -> AuthService:
-    service: AuthService = current_app.extensions["llamacontroller.auth"]
+    service: AuthService = services().auth
     return service
 
 

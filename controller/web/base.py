@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ParamSpec
 from urllib.parse import quote
 
-from quart import Blueprint, Response, current_app, redirect, request
+from quart import Blueprint, Response, redirect, request
 from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
 from common.errors import AuthError, Forbidden
@@ -24,6 +24,7 @@ from controller.auth.asgi import request_of
 from controller.auth.identity import Identity, Scope
 from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.lifecycle.supervisor import Supervisor
+from controller.services import services
 
 STATIC = Path(__file__).parent / "static"
 CONTENT_SECURITY_POLICY = (
@@ -60,12 +61,12 @@ class Viewer:
 
 
 def service() -> AuthService:
-    auth: AuthService = current_app.extensions["llamacontroller.auth"]
+    auth: AuthService = services().auth
     return auth
 
 
 def supervisor() -> Supervisor:
-    found: Supervisor = current_app.extensions["llamacontroller.supervisor"]
+    found: Supervisor = services().supervisor
     return found
 
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import yaml
-from quart import Response, current_app, redirect, render_template, stream_with_context
+from quart import Response, redirect, render_template, stream_with_context
 
 from common.errors import LlamaControllerError
 from controller import __version__
@@ -14,9 +14,9 @@ from controller.api.sse import PING, StreamAccess, heartbeat, sse_response, sse_
 from controller.api.system import llama_server_facts
 from controller.auth.identity import Scope
 from controller.config import Config
-from controller.edge.edge import Edge
 from controller.names import canonical
 from controller.observability import EventBus
+from controller.services import services
 from controller.web.base import Viewer, blueprint, htmx, page, supervisor, vendor_scripts
 from controller.web.present import ModelRow, model_row, redact, row_id
 
@@ -82,7 +82,7 @@ async def model_action(me: Viewer, name: str, action: str) -> Any:
 @page()
 async def events(me: Viewer) -> Response:
     """Server-sent events for the dashboard: a model's new row (HTML) whenever its state changes."""
-    bus: EventBus = current_app.extensions["llamacontroller.events"]
+    bus: EventBus = services().events
     access = StreamAccess(me.identity)  # the session, asked about again at each heartbeat
 
     def wanted(event: dict[str, Any]) -> bool:
@@ -150,8 +150,8 @@ async def log_download(me: Viewer, name: str) -> Response:
 @blueprint.get("/system")
 @page(Scope.ADMIN)
 async def system(me: Viewer) -> str:
-    config: Config = current_app.extensions["llamacontroller.config"]
-    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    config: Config = services().config
+    edge = services().edge
     shown = yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
     facts = await llama_server_facts(config)
     return await render(
@@ -163,7 +163,7 @@ async def system(me: Viewer) -> str:
 @page()
 async def local_ca(me: Viewer) -> Response:
     """The edge's local CA root certificate, for clients to trust."""
-    edge: Edge | None = current_app.extensions.get("llamacontroller.edge")
+    edge = services().edge
     if edge is None:
         return Response("the HTTPS edge is not enabled here\n", status=404, content_type="text/plain")
     pem = await edge.ca_certificate()

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from quart import Quart
+
 from common.errors import BackendStartFailed, ConfigError
 from controller import __version__
 from controller.config import ENV_CONFIG_PATH, Config, ModelConfig, load_config, validate_config
@@ -91,11 +93,10 @@ def _banner(config: Config) -> None:
     print(f"  try: curl http://{shown_host}:{port}/v1/models", flush=True)
 
 
-def _announce(app: object) -> None:
-    from controller.lifecycle.supervisor import Supervisor
+def _announce(app: Quart) -> None:
+    from controller.services import services_of
 
-    supervisor: Supervisor = app.extensions["llamacontroller.supervisor"]  # type: ignore[attr-defined]
-    for entry in supervisor.catalog.entries():
+    for entry in services_of(app).supervisor.catalog.entries():
         meta = entry.metadata
         facts = [meta.architecture, meta.file_type or "?"] if meta else []
         summary = entry.error or ", ".join([*facts, f"{entry.size / 1e6:.0f} MB"])

@@ -11,6 +11,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
+from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
 
 
@@ -25,7 +26,6 @@ async def app(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Quart]:
     Path(config.models["broken"].path).write_bytes(b"definitely not gguf")
     runtime = FakeRuntime({"b:latest": FakeBehaviour(fail_start="llama-server exited with code 1")})
     application = fake_app(config, runtime)
-    application.extensions["fake_runtime"] = runtime
     async with application.test_app():
         yield application
 
@@ -50,7 +50,7 @@ async def test_http_ready_fails_when_the_store_file_is_deleted_or_replaced(
 ) -> None:
     """Deleted or replaced under a running controller, the store's writes went to a file gone at the next
     start, and nothing said so."""
-    path = app.extensions["llamacontroller.config"].store_path
+    path = services_of(app).config.store_path
     moved = path.with_name("moved.db")
     path.rename(moved)
     response = await client.get("/readyz")
@@ -127,7 +127,7 @@ async def test_http_unknown_route_and_method_are_json(client: Client) -> None:
 
 async def test_http_logs_tail_returns_lines(app: Quart, client: Client) -> None:
     await client.post("/control/v1/models/a/load")
-    supervisor = app.extensions["llamacontroller.supervisor"]
+    supervisor = services_of(app).supervisor
     supervisor.logbook.append("a:latest", "srv  load_model: loading model")
     body = await (await client.get("/control/v1/models/a/logs?tail=5")).get_json()
     assert body == {"model": "a", "lines": ["srv  load_model: loading model"]}

@@ -26,6 +26,8 @@ from quart.typing import TestClientProtocol as Client
 from common.dialects import error_body
 from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.runtime.fake import FakeRuntime
+from controller.services import services_of
+from llamacontroller.app import GATEWAY_KEY
 from proxy.app import Gateway
 from proxy.native import PREFIX as NATIVE_PREFIX
 from proxy.ollama.options import _KNOWN as OLLAMA_OPTIONS
@@ -123,13 +125,13 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         )
         app = fake_app(config, FakeRuntime(backend_url=backend.url))
         async with app.test_app():
-            service: AuthService = app.extensions["llamacontroller.auth"]
+            service: AuthService = services_of(app).auth
             await service.add_user("root", "root-password", "admin", "tests")
             await service.add_user("a", "a-password", "user", "tests")
             bearer, _ = await service.create_token("root", "admin", ["admin"], [], None, None, "tests")
             _, victim = await service.create_token("a", "victim", ["inference"], [], None, None, "tests")
             world = World(app, app.test_client(use_cookies=False), service, bearer)
-            world.targets = [*_gateway_targets(app.extensions["llamacontroller.gateway"])]
+            world.targets = [*_gateway_targets(app.extensions[GATEWAY_KEY])]
             world.targets += _quart_targets(app, victim.id)
             yield world
 

@@ -24,6 +24,7 @@ from controller.auth.secrets import digest, new_token, sign_claims
 from controller.auth.service import AuthService
 from controller.config import validate_config
 from controller.runtime.fake import FakeRuntime
+from controller.services import services_of
 from controller.store.base import TokenRecord
 from controller.store.ephemeral import InProcessEphemeral
 from tests.support.harness import fake_app, fake_config
@@ -52,7 +53,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     runtime = FakeRuntime()
     app = fake_app(config, runtime)
     async with app.test_app():
-        service: AuthService = app.extensions["llamacontroller.auth"]
+        service: AuthService = services_of(app).auth
         await service.add_user("root", "root-password", "admin", "tests")
         await service.add_user("alice", "alice-password", "user", "tests")
         tokens: dict[str, str] = {}
@@ -429,7 +430,7 @@ def test_security_auth_can_only_be_off_on_loopback() -> None:
 
 
 async def test_security_secrets_are_generated_with_0600(world: World) -> None:
-    config = world.app.extensions["llamacontroller.config"]
+    config = services_of(world.app).config
     for name in ("identity.key", "session.key"):
         path = config.secrets_dir / name
         assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_bytes()) == 32

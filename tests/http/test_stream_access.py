@@ -20,6 +20,7 @@ import controller.api.sse
 from controller.auth.service import AuthService
 from controller.runtime.fake import FakeRuntime
 from controller.runtime.logs import LogBook
+from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
 
 DEADLINE = 30.0  # how long a test waits for a condition; heartbeats come every 50 ms here
@@ -34,7 +35,7 @@ class World:
 
     @property
     def logbook(self) -> LogBook:
-        found: LogBook = self.app.extensions["llamacontroller.supervisor"].logbook
+        found: LogBook = services_of(self.app).supervisor.logbook
         return found
 
 
@@ -44,7 +45,7 @@ async def world(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatc
     config = fake_config(tmp_path, tiny_model, {"a": {}, "b": {}}, auth={"enabled": True, "token_cache_ttl": 0.1})
     app = fake_app(config, FakeRuntime())
     async with app.test_app():
-        service: AuthService = app.extensions["llamacontroller.auth"]
+        service: AuthService = services_of(app).auth
         await service.add_user("root", "root-password", "admin", "tests")
         await service.add_user("bob", "bob-password", "user", "tests", ("a",))
         token, record = await service.create_token("bob", "watch", ["models:manage"], [], None, 3, "tests")

@@ -14,6 +14,7 @@ from quart.typing import TestClientProtocol as Client
 
 from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
+from controller.services import services_of
 from controller.web.present import redact, safe_next, size, until
 from tests.support.harness import fake_app, fake_config
 from tests.support.standin import StandIn
@@ -39,7 +40,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         runtime = FakeRuntime(backend_url=standin.url)
         app = fake_app(config, runtime)
         async with app.test_app():
-            service: AuthService = app.extensions["llamacontroller.auth"]
+            service: AuthService = services_of(app).auth
             await service.add_user("root", "root-password", "admin", "tests")
             await service.add_user("bob", "bob-password", "user", "tests", ("a",))
             yield World(app, app.test_client())
@@ -103,7 +104,7 @@ async def test_web_dashboard_lists_models_and_loads_without_javascript(world: Wo
 
 
 async def test_web_a_failed_load_without_javascript_says_why_on_the_dashboard(world: World) -> None:
-    runtime = world.app.extensions["llamacontroller.supervisor"].runtime
+    runtime = services_of(world.app).supervisor.runtime
     runtime.behaviours["b:latest"] = FakeBehaviour(fail_start="llama-server exited with code 1")
     csrf = await sign_in(world, "root", "root-password")
     failed = await world.client.post("/ui/models/b/load", form={"csrf_token": csrf})

@@ -26,6 +26,7 @@ from controller.auth.service import AuthService
 from controller.config import Config, validate_config
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.process import free_port
+from controller.services import services_of
 from controller.settings import find_llama_server
 from controller.store import make_store
 from llamacontroller.app import create_app
@@ -110,7 +111,7 @@ class RunningApp:
 
     @property
     def supervisor(self) -> Supervisor:
-        supervisor: Supervisor = self.app.extensions["llamacontroller.supervisor"]
+        supervisor: Supervisor = services_of(self.app).supervisor
         return supervisor
 
 

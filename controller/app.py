@@ -1,0 +1,227 @@
+"""The control plane's app: its services built once (``build_services``) and the Quart app that serves them
+(``create_control_app``): the control API, the web page, health, metrics, errors in JSON, and the lifespan that
+starts and stops it all. The embedded shape composes the gateway in front of it (llamacontroller/app.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import cache
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from prometheus_client import CollectorRegistry
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from common.background import cancel_and_wait
+from common.dialects import control_error, describe
+from common.errors import BackendStartFailed, LlamaControllerError
+from common.peers import TrustedProxies
+from common.upstream import Timeouts, Upstream
+from controller import __version__, web
+from controller.api import admin, health, metrics, models, system
+from controller.api.sse import EventStreams
+from controller.auth import views as auth_views
+from controller.auth.asgi import auth_headers
+from controller.auth.service import AuthService
+from controller.bodies import BoundedRequest, too_large
+from controller.catalog.entries import Catalog
+from controller.config import Config
+from controller.edge.edge import Edge
+from controller.lifecycle.health import HttpProbe
+from controller.lifecycle.model import Probe
+from controller.lifecycle.supervisor import Supervisor
+from controller.metrics import ControllerMetrics
+from controller.observability import EventBus
+from controller.runtime.base import Runtime
+from controller.runtime.instance import instance_id
+from controller.runtime.keys import BackendKeys
+from controller.runtime.logs import LogBook
+from controller.runtime.process import ProcessRuntime
+from controller.services import Services
+from controller.settings import find_llama_server, supported_flags
+from controller.store import make_store
+
+log = logging.getLogger(__name__)
+
+
+def build_services(
+    config: Config,
+    *,
+    runtime: Runtime | None = None,
+    probe: Probe | None = None,
+    binary: Callable[[], str] | None = None,
+) -> Services:
+    """Everything the control plane runs on, wired once; ``runtime``/``probe``/``binary`` are for tests."""
+    logbook = LogBook()
+    events = EventBus()
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    find_binary = binary or cache(lambda: find_llama_server(config.llama_server.binary))
+    runtime = runtime or make_runtime(config, logbook, find_binary)
+    timeouts = Timeouts(
+        connect=config.upstream.connect_timeout,
+        write=config.upstream.write_timeout,
+        response=config.upstream.response_timeout,
+        stall=config.upstream.stall_timeout,
+    )
+    upstream = Upstream(timeouts)
+    registry = CollectorRegistry(auto_describe=True)  # one per app: tests build many apps in one process
+    counted: ControllerMetrics | None = None
+
+    def publish(event: dict[str, Any]) -> None:
+        if counted is not None:
+            counted.on_event(event)
+        events.publish(event)
+
+    http_probe = HttpProbe(upstream)
+    supervisor = Supervisor(
+        config,
+        runtime,
+        Catalog(config),
+        logbook,
+        probe or http_probe,
+        publish,
+        keys=BackendKeys.from_secrets_dir(config.secrets_dir),
+        key_check=None if probe else http_probe.key_accepted,  # a test's stand-in probe knows no keys
+    )
+    counted = ControllerMetrics(registry, supervisor)
+    edge = Edge(config, events.publish) if config.edge.enabled else None
+    if edge is not None:
+        registry.register(health.EdgeState(edge))
+    store, ephemeral = make_store(config)
+    return Services(
+        config=config,
+        supervisor=supervisor,
+        auth=AuthService.from_config(config, store, ephemeral),
+        store=store,
+        ephemeral=ephemeral,
+        events=events,
+        metrics=counted,
+        registry=registry,
+        upstream=upstream,
+        peers=TrustedProxies(config.server.trusted_proxies),
+        streams=EventStreams(),
+        edge=edge,
+        find_binary=find_binary,
+    )
+
+
+def create_control_app(services: Services, on_ready: Callable[[Quart], None] | None = None) -> Quart:
+    """The Quart app over ``services``: blueprints, error handlers, and the lifespan."""
+    config = services.config
+    app = Quart("controller")
+    app.request_class = BoundedRequest
+    app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    services.install(app)
+    for module in (health, models, admin, metrics, system, web, auth_views):
+        app.register_blueprint(module.blueprint)
+    _register_error_handlers(app)
+    _relative_redirects(app)
+
+    @app.while_serving
+    async def lifespan() -> AsyncGenerator[None, None]:
+        async with _serving(services):
+            if on_ready is not None:
+                on_ready(app)
+            yield
+
+    return app
+
+
+@asynccontextmanager
+async def _serving(services: Services) -> AsyncIterator[None]:
+    """Start the control plane; at the end (also when start-up failed half-way) stop what started: nothing
+    started may outlive the controller."""
+    config = services.config
+    if config.runtime.kind == "process":  # a container runtime's llama-server is in its image
+        try:
+            binary_path = await asyncio.to_thread(services.find_binary)
+            services.supervisor.set_flags(await asyncio.to_thread(supported_flags, binary_path))
+        except BackendStartFailed as exc:
+            log.error("%s", exc.message)
+    await services.store.open()
+    await _first_admin(services)
+    resolving = asyncio.create_task(services.peers.keep_resolved(), name="trusted-proxies")
+    try:
+        await services.supervisor.start()
+        if services.edge is not None:
+            await services.edge.start()
+        count = len(services.supervisor.catalog.entries())
+        log.info("LlamaController %s ready: %d model(s) in the catalog", __version__, count)
+        yield
+    finally:
+        await cancel_and_wait(resolving)
+        if services.edge is not None:
+            await services.edge.close()
+        await services.supervisor.close()
+        await services.upstream.close()  # the probes' pool (and, embedded, the gateway's)
+        await services.auth.close()
+        await services.ephemeral.close()
+        await services.store.close()
+
+
+async def _first_admin(services: Services) -> None:
+    if not services.config.auth.enabled:
+        log.warning("authentication is DISABLED (auth.enabled: false): anyone who can connect is admin")
+        return
+    password = await services.auth.ensure_first_admin()
+    if password is not None:  # printed once, to the console only: never logged
+        print(
+            f"\n  created user 'admin' with password: {password}\n"
+            "  (shown once; change it with: llamacontroller user passwd admin)\n",
+            flush=True,
+        )
+
+
+def make_runtime(config: Config, logbook: LogBook, binary: Callable[[], str]) -> Runtime:
+    """The runtime ``runtime.kind`` names (the docker SDK and the Kubernetes client are imported only when used)."""
+    if config.runtime.kind == "docker":
+        from controller.runtime.docker import DockerRuntime
+
+        return DockerRuntime(config, logbook, instance_id(config.data_dir))
+    if config.runtime.kind == "kubernetes":
+        from controller.runtime.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(config, logbook, instance_id(config.data_dir))
+    return ProcessRuntime(config.data_dir, logbook, binary)
+
+
+def _relative_redirects(app: Quart) -> None:
+    @app.after_request
+    async def relative_location(response: Response) -> Response:
+        """A redirect to this app names a path only. Quart's trailing-slash redirect (``/ui`` → ``/ui/``) is
+        absolute, built from the app's own scheme and the request's Host: behind the HTTPS edge that is
+        ``http://`` (a downgrade) and whatever host a client wrote (an open redirect)."""
+        location = response.headers.get("Location")
+        if location and "://" in location:
+            parts = urlsplit(location)
+            if parts.netloc == request.host:
+                response.headers["Location"] = urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))
+        return response
+
+
+def _register_error_handlers(app: Quart) -> None:
+    @app.errorhandler(LlamaControllerError)
+    async def our_error(exc: LlamaControllerError) -> tuple[dict[str, Any], int, dict[str, str]]:
+        # A 401 names its challenge (WWW-Authenticate), a 429 when to come back, as the middleware's do.
+        headers = {name.decode(): value.decode() for name, value in auth_headers(exc)}
+        return control_error(exc.message, exc.code), exc.status, headers
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def body_too_large(exc: RequestEntityTooLarge) -> tuple[dict[str, Any], int, dict[str, str]]:
+        return await our_error(too_large(exc))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
+        status = exc.code or 500
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return control_error(exc.description or exc.name or "error", code), status
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> tuple[dict[str, Any], int]:
+        status, message, code = describe(exc)
+        return control_error(message, code), status
