@@ -25,10 +25,10 @@ from common.errors import (
 )
 from controller.catalog.requirements import ModelPolicy, Requirements
 from controller.lifecycle.health import watch_liveness
-from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, fresh, log_hint
+from controller.lifecycle.state import ALLOWED, Goal, State, backoff_delay, check_transition, fresh
 from controller.lifecycle.usage import KEEP_ALIVE_LABEL, Usage, keep_alive_label, kept_keep_alive
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
-from controller.runtime.logs import LogBook
+from controller.runtime.logs import LogBook, log_hint
 from controller.runtime.watching import Backoff
 
 log = logging.getLogger("controller.lifecycle.model")

@@ -11,12 +11,10 @@ backoff, or at once for a pinned model) or by an explicit unload.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import TypeVar
 
 from common.errors import InvalidTransition, LlamaControllerError
-from controller.runtime.logs import START_MARKER
 
 MAX_BACKOFF = 30.0
 
@@ -73,20 +71,3 @@ def fresh(error: E) -> E:
 def backoff_delay(failures: int) -> float:
     """Seconds before the next start after ``failures`` consecutive failures: 0, 0, 1, 2, 4, ... 30."""
     return 0.0 if failures <= 1 else min(2.0 ** (failures - 2), MAX_BACKOFF)
-
-
-_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([A-Z]) ")
-
-
-def log_hint(lines: list[str], last_resort: bool = True) -> str:
-    """``": <first error line>"`` from llama-server's log since the last start marker, or ``""``; with
-    ``last_resort`` the last line when no line looks like an error (a start that failed says why there)."""
-    for index in range(len(lines) - 1, -1, -1):
-        if lines[index].startswith(START_MARKER):
-            lines = lines[index + 1 :]
-            break
-    errors = [line for line in lines if (m := _LOG_PREFIX.match(line)) and m.group(1) == "E"]
-    errors = errors or [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
-    chosen = errors[0] if errors else (lines[-1] if lines and last_resort else "")
-    chosen = _LOG_PREFIX.sub("", chosen).strip()
-    return f": {chosen[:300]}" if chosen else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,23 @@ MAX_LINE_BYTES = 64 * 1024
 
 def rotated(path: Path) -> Path:
     return path.with_suffix(".log.1")
+
+
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([A-Z]) ")
+
+
+def log_hint(lines: list[str], last_resort: bool = True) -> str:
+    """``": <first error line>"`` from llama-server's log since the last start marker, or ``""``; with
+    ``last_resort`` the last line when no line looks like an error (a start that failed says why there)."""
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith(START_MARKER):
+            lines = lines[index + 1 :]
+            break
+    errors = [line for line in lines if (m := _LOG_PREFIX.match(line)) and m.group(1) == "E"]
+    errors = errors or [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    chosen = errors[0] if errors else (lines[-1] if lines and last_resort else "")
+    chosen = _LOG_PREFIX.sub("", chosen).strip()
+    return f": {chosen[:300]}" if chosen else ""
 
 
 class LineSplitter:

@@ -194,17 +194,22 @@ def test_docker_twenty_restarts_never_orphan_or_duplicate(
 async def test_docker_events_stream_lost_is_reconnected_and_exits_still_noticed(
     tmp_path: Path, engine: docker.DockerClient, llama_server_image: str, models_dir: Path
 ) -> None:
-    """The engine's event stream breaks (as when dockerd restarts): the runtime reconnects, and an exit that
-    happened while nobody listened is still reported."""
+    """The engine's event stream breaks (as when dockerd restarts): the runtime reconnects, an exit that happened
+    while nobody listened is still reported, and the lifecycle is told to compare again (``on_resync``: before,
+    it was never called)."""
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
     runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    resynced = asyncio.Event()
+    runtime.on_resync(resynced.set)
     backend = await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
     try:
         exited = asyncio.ensure_future(runtime.wait_exit(backend))
         stream = runtime._event_stream
         await asyncio.to_thread(stream.close)  # the connection to the engine is gone
         engine.containers.get(backend.handle).kill()  # ... and the container dies meanwhile
-        info = await asyncio.wait_for(exited, 10)
+        async with asyncio.timeout(30):
+            info = await exited
+            await resynced.wait()
         assert info.code == 137 and "SIGKILL" in info.reason
         assert runtime._event_stream is not stream, "a new stream was opened"
     finally:
@@ -376,7 +381,7 @@ async def test_docker_a_container_that_cannot_start_fails_each_start_alike(
         for _ in range(2):
             with pytest.raises(BackendStartFailed, match="NVIDIA Container Toolkit"):
                 await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", gpus="all"))
-        assert runtime._exits == {}
+        assert list(runtime._exits.waiting()) == [] and runtime._drained == {}
     finally:
         await runtime.close()
     assert ours(engine, tmp_path) == []
