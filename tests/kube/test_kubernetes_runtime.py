@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from common.errors import BackendStartFailed, KubernetesUnavailable
 from controller.config import Config, validate_config
+from controller.runtime import kube_api
 from controller.runtime.base import LaunchSpec
 from controller.runtime.keys import BackendKeys
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, REQUIREMENTS, RUN, backend_name
@@ -392,19 +394,26 @@ def logged(tmp_path: Path, model: str = "a:1b") -> list[str]:
 
 
 async def test_pod_logs_keep_coming_after_a_silence_longer_than_the_api_clients_read_timeout(
-    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A backend says nothing for a while (no requests): what it says next still reaches its log. Before the
-    fix the API client's 10 s read timeout ended the follow stream, and the follower gave up."""
+    """A backend says nothing for a while (no requests): what it says next still reaches its log, on the stream
+    opened first. The API client's read timeout (10 s; here 0.5 s) must not apply to a follow stream: it ended
+    the stream of any quiet backend."""
+    monkeypatch.setattr(kube_api, "TIMEOUT", httpx.Timeout(0.5))
     kube = runtime()
     backend = await kube.start(spec(tmp_path))
     pod = await running_pod(cluster)
     say(cluster, pod, "first")
     await eventually(lambda: logged(tmp_path) == ["first"])
-    await asyncio.sleep(11)  # silence, longer than the client's 10 s read timeout
+    await asyncio.sleep(2.0)  # silence, four times the client's read timeout
     say(cluster, pod, "second")
     await eventually(lambda: logged(tmp_path) == ["first", "second"], timeout=30)
+    assert len(log_requests(cluster, pod)) == 1, "the stream was never broken off"
     await kube.stop(backend, timeout=1)
+
+
+def log_requests(cluster: Cluster, pod: str) -> list[tuple[str, str]]:
+    return [(method, path) for method, path in cluster.requests if path.endswith(f"/pods/{pod}/log")]
 
 
 async def test_a_broken_log_stream_is_followed_again_with_nothing_lost_or_repeated(
