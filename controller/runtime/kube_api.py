@@ -18,6 +18,7 @@ from lightkube.resources.core_v1 import Pod, PodLog, Secret, Service
 from lightkube.types import CascadeType, PatchType
 
 from common.errors import BackendStartFailed, KubernetesUnavailable
+from controller.runtime.logs import LineSplitter
 
 Kind = Literal["Deployment", "Service", "Pod", "Secret"]
 TIMEOUT = httpx.Timeout(10.0)
@@ -88,7 +89,9 @@ class KubeApi:
 
         Built here rather than by lightkube's ``log``, for two reasons: its requests carry the client's 10 s read
         timeout, which ended the stream of any backend quiet for 10 s (a follow stream has no read timeout here:
-        a backend may say nothing for hours), and it has no ``sinceTime``."""
+        a backend may say nothing for hours), and it has no ``sinceTime``. Lines are cut by a LineSplitter (a
+        line without end is cut at MAX_LINE_BYTES); what follows the last newline comes only with a clean end: a
+        stream broken off mid-line leaves that line to the next follow, which brings it whole."""
         generic = self._client._client
         params = {"container": container, "follow": True, "timestamps": True, "sinceTime": since_time}
         request = generic.build_adapter_request(generic.prepare_request("get", PodLog, name=pod, params=params))
@@ -98,7 +101,11 @@ class KubeApi:
             if response.is_error:
                 await response.aread()
                 generic.raise_for_status(response)
-            async for line in response.aiter_lines():
+            lines = LineSplitter()
+            async for chunk in response.aiter_bytes():
+                for line in lines.feed(chunk):
+                    yield line
+            for line in lines.rest():
                 yield line
         finally:
             await response.aclose()

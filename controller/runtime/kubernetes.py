@@ -14,6 +14,15 @@ Why it looks like this:
   adopts what matches and deletes the rest; Services without their Deployment are removed too.
 - A backend's API key is in a Secret of the backend's name, read by its pod through the environment; the
   controller creates and deletes it but never lists Secrets (adoption derives the key again: runtime/keys.py).
+- A stop deletes the Deployment, then the pods (so the stop's grace period holds whatever the garbage collector
+  does), waits until they are gone, then deletes the Service and the Secret; it raises BackendStopFailed while
+  anything may remain, and the lifecycle tries again. Everything a backend holds goes with it: a pod left behind
+  keeps its GPU, and the next model fails with "Insufficient nvidia.com/gpu".
+- Starts, stops and the listing of each backend take a lock per backend name: a reconcile pass that lists while
+  a backend starts waits for the start (it never meets a Service whose Deployment is still to come) and reports
+  what this controller started as its own, never as a leftover to adopt.
+- An exit is told once the pod's log stream has ended (bounded: watching.DRAIN_BOUND), so the error can quote
+  llama-server's last words; a watch that was lost and is back calls the lifecycle's resync.
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from common.background import Background, cancel_and_wait
-from common.errors import BackendStartFailed
+from common.background import cancel_and_wait
+from common.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
 from controller.config import Config
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
 from controller.runtime.kube_api import KubeApi, describe, kube_errors
@@ -43,6 +52,7 @@ from controller.runtime.kube_objects import (
     REQUIREMENTS,
     RUN,
     SPEC,
+    backend_name,
     judge_pod,
     owned_labels,
     owner_reference,
@@ -50,12 +60,13 @@ from controller.runtime.kube_objects import (
     settings_for,
 )
 from controller.runtime.logs import START_MARKER, LogBook, LogFile, last_written, read_log
+from controller.runtime.watching import Backoff, ExitBook
 
 log = logging.getLogger(__name__)
 
-RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0)
 GONE_POLL = 0.2  # seconds between checks that a stopped backend's pods are gone
 GONE_SLACK = 10.0  # past its grace period, a pod still there is deleted with no grace at all
+FORCED_GONE_TIMEOUT = 10.0  # seconds a pod deleted with no grace may take to go before the stop fails
 
 
 class KubernetesRuntime:
@@ -70,18 +81,21 @@ class KubernetesRuntime:
         self._log_dir = config.data_dir / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._client: KubeApi | None = None
-        self._exits: dict[str, asyncio.Future[ExitInfo]] = {}  # backend name → its exit
+        self._exits = ExitBook()  # by backend name
         self._runs: dict[str, str] = {}  # backend name → the run id its current pods carry
         self._models: dict[str, str] = {}  # backend name → model
+        self._own: dict[str, Backend] = {}  # backend name → the backend this controller started (until stopped)
+        self._locks: dict[str, asyncio.Lock] = {}  # backend name → held while it starts, stops or is listed
         self._stopping: set[str] = set()
+        self._ended: set[str] = set()  # backend names whose exit is told (or being told) for their current run
         self._patience: dict[str, asyncio.TimerHandle] = {}  # backend name → when its unschedulable pod fails
         self._pods: dict[str, dict[str, Any]] = {}  # this controller's pods as last seen, by name
-        self._followed: set[str] = set()  # pod names whose output is followed
+        self._followers: dict[str, asyncio.Task[None]] = {}  # pod name → the task following its output
+        self._log_tasks: set[asyncio.Task[None]] = set()
         self._labels: dict[str, dict[str, str]] = {}  # backend name → the labels kept with it
         self._adopted: set[str] = set()  # backend names adopted from an earlier controller (and not started since)
         self._watching: asyncio.Task[None] | None = None
         self._watch_ready = asyncio.Event()
-        self._background = Background()
         self._owner_reference: dict[str, Any] | None = None
         self._resync: Callable[[], None] = lambda: None  # the lifecycle compares again (on_resync)
 
@@ -94,7 +108,14 @@ class KubernetesRuntime:
 
     # ------------------------------------------------------------------ start and stop
 
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
     async def start(self, spec: LaunchSpec) -> Backend:
+        async with self._lock(backend_name(self._instance, spec.model)):
+            return await self._start(spec)
+
+    async def _start(self, spec: LaunchSpec) -> Backend:
         settings = settings_for(self._config, spec.model)
         run = secrets.token_hex(4)
         with kube_errors(f"starting a pod for {spec.model}"):
@@ -113,7 +134,7 @@ class KubernetesRuntime:
                     await api.delete("Secret", name)
                 raise
             self._adopted.discard(name)
-            self._expect(name, run, spec.model)
+            self._expect(name, run, spec.model, new_start=True)
             try:
                 await api.create(objects.deployment)
             except BaseException:
@@ -125,8 +146,7 @@ class KubernetesRuntime:
         self._logbook.append(spec.model, f"{START_MARKER} deployment {self._api().namespace}/{name} (run {run})")
         log.info("created deployment %s/%s for %s", self._api().namespace, name, spec.model)
         self._labels[name] = dict(spec.labels)
-        self._judge_known_pods(name)
-        return Backend(
+        backend = self._own[name] = Backend(
             model=spec.model,
             url=_service_url(service),
             handle=name,
@@ -134,6 +154,8 @@ class KubernetesRuntime:
             started_at=time.time(),
             labels=dict(spec.labels),
         )
+        self._judge_known_pods(name)
+        return backend
 
     async def _owner(self) -> dict[str, Any] | None:
         """The ownerReference to runtime.kubernetes.owner_deployment, looked up once (None when unset or gone)."""
@@ -148,47 +170,89 @@ class KubernetesRuntime:
             self._owner_reference = owner_reference(found)
         return self._owner_reference
 
+    def _ours(self, found: dict[str, Any]) -> bool:
+        labels = found["metadata"].get("labels") or {}
+        return all(labels.get(key) == value for key, value in self._selector.items())
+
     async def _remove_leftover(self, name: str) -> None:
-        """Ours under this name from an earlier start that was not cleaned up (a crash mid-stop): delete it."""
+        """Ours under this name from an earlier start that was not cleaned up (a crash mid-stop, a pod still
+        terminating): delete it, and wait until its pods are gone (never two of a model)."""
         api = self._api()
+        leftover = False
         for kind in ("Deployment", "Service", "Secret"):
             found = await api.get(kind, name)
             if found is None:
                 continue
-            labels = found["metadata"].get("labels") or {}
-            if any(labels.get(key) != value for key, value in self._selector.items()):
+            if not self._ours(found):
                 raise BackendStartFailed(
                     f"a {kind} named {name} exists in namespace {self._api().namespace} that this controller "
                     "does not manage: delete it, or give this controller another runtime.kubernetes.instance"
                 )
-            await self._delete_backend(name, grace=0)
+            leftover = True
+        if leftover or (await api.list("Pod", {**self._selector, BACKEND: name}))[0]:
+            try:
+                await self._release(name, grace=0)
+            except BackendStopFailed as exc:
+                raise BackendStartFailed(f"what an earlier start left is still being removed: {exc.message}") from exc
 
     async def stop(self, backend: Backend, timeout: float) -> None:
-        self._stopping.add(backend.handle)
-        try:
-            with kube_errors(f"stopping deployment {backend.handle}"):
-                await self._delete_backend(backend.handle, grace=max(1, round(timeout)))
-        finally:
-            self._stopping.discard(backend.handle)
-        self._resolve(backend.handle, ExitInfo(None, "stopped"))
-        self._cancel_patience(backend.handle)
-        self._runs.pop(backend.handle, None)  # its exit stays answered; later pods of the name are another run
-        self._labels.pop(backend.handle, None)
+        name = backend.handle
+        async with self._lock(name):
+            self._stopping.add(name)
+            try:
+                await self._release(name, grace=max(1, round(timeout)))
+            finally:
+                self._stopping.discard(name)
+            self._exits.answer(name, ExitInfo(None, "stopped"))
+            self._cancel_patience(name)
+            self._own.pop(name, None)
+            self._adopted.discard(name)
+            self._runs.pop(name, None)  # its exit stays answered; later pods of the name are another run
+            self._labels.pop(name, None)
 
-    async def _delete_backend(self, name: str, grace: int) -> None:
-        """Delete the Deployment, wait until its pods are gone (never two of a model), then the Service."""
+    async def _release(self, name: str, grace: int) -> None:
+        """Delete the Deployment and its pods, wait until the pods are gone (never two of a model, and a GPU is
+        free only then), then the Service and the Secret. Raise BackendStopFailed while anything may remain: an
+        API error, or a pod still there FORCED_GONE_TIMEOUT after a delete with no grace period."""
+        try:
+            with kube_errors(f"stopping deployment {name}"):
+                api = self._api()
+                await api.delete("Deployment", name, grace)
+                await self._pods_gone(name, grace)
+                await api.delete("Service", name)
+                await api.delete("Secret", name)
+        except BackendStopFailed:
+            raise
+        except LlamaControllerError as exc:
+            raise BackendStopFailed(exc.message) from exc
+
+    async def _pods_gone(self, name: str, grace: int) -> None:
+        """Delete the backend's pods (with ``grace``; the Deployment's deletion would take them only when the
+        garbage collector gets to them) and return once they are gone; past ``grace`` + GONE_SLACK they are
+        deleted with no grace at all, and past FORCED_GONE_TIMEOUT more the stop fails."""
         api = self._api()
-        await api.delete("Deployment", name, grace)
-        give_up = time.monotonic() + grace + GONE_SLACK
-        forced = False
-        while (pods := (await api.list("Pod", {**self._selector, BACKEND: name}))[0]) != []:
-            if not forced and time.monotonic() > give_up:
-                for pod in pods:
-                    await api.delete("Pod", pod["metadata"]["name"], grace=0)
-                forced = True
+        force_at = time.monotonic() + grace + GONE_SLACK
+        give_up: float | None = None
+        asked: set[str] = set()
+        while pods := (await api.list("Pod", {**self._selector, BACKEND: name}))[0]:
+            now = time.monotonic()
+            if give_up is not None and now > give_up:
+                names = ", ".join(sorted(pod["metadata"]["name"] for pod in pods))
+                raise BackendStopFailed(
+                    f"pod {names} of deployment {name} is still terminating {FORCED_GONE_TIMEOUT:g}s after it was "
+                    "deleted with no grace period (its node may not answer): it may still hold its GPU"
+                )
+            forced = give_up is None and now > force_at
+            if forced:
+                give_up = now + FORCED_GONE_TIMEOUT
+            for pod in pods:
+                pod_name = pod["metadata"]["name"]
+                if forced:
+                    await api.delete("Pod", pod_name, grace=0)
+                elif pod_name not in asked and "deletionTimestamp" not in pod["metadata"]:
+                    await api.delete("Pod", pod_name, grace)
+                    asked.add(pod_name)
             await asyncio.sleep(GONE_POLL)
-        await api.delete("Service", name)
-        await api.delete("Secret", name)
 
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         future = self._exits.get(backend.handle)
@@ -197,46 +261,78 @@ class KubernetesRuntime:
         return await asyncio.shield(future)
 
     async def list_managed(self) -> list[Backend]:
-        with kube_errors("listing the deployments of a previous run"):
+        """What runs now: each backend name met in a listing is looked at again under its lock, so a backend being
+        started is seen whole (or not at all) and one being stopped is seen gone (or still there, when the stop
+        failed). A backend this controller started is reported as its own and never touched here; a leftover it
+        cannot use (its Deployment or Service gone, realised otherwise) is deleted, and one that cannot be is
+        left to the next pass."""
+        with kube_errors("listing this controller's deployments"):
             api = self._api()
             await self._ensure_watching()
-            deployments, _ = await api.list("Deployment", self._selector)
-            services = {
-                service["metadata"]["name"]: service for service in (await api.list("Service", self._selector))[0]
-            }
+            names = {item["metadata"]["name"] for item in (await api.list("Deployment", self._selector))[0]}
+            names |= {item["metadata"]["name"] for item in (await api.list("Service", self._selector))[0]}
+            for pod in (await api.list("Pod", self._selector))[0]:
+                names.add((pod["metadata"].get("labels") or {}).get(BACKEND, ""))
+            names.discard("")
             found = []
-            for deployment in deployments:
-                metadata = deployment["metadata"]
-                name, annotations = metadata["name"], metadata.get("annotations") or {}
-                model = annotations.get(MODEL_NAME, "")
-                expected = settings_for(self._config, model).realisation()
-                service = services.pop(name, None)
-                if service is None or (metadata.get("labels") or {}).get(REALISED) != expected:
-                    why = "its Service is missing" if service is None else "its image, resources or placement changed"
-                    log.info("deleting deployment %s left by a previous run: %s", name, why)
-                    await self._delete_backend(name, grace=0)
-                    continue
-                run = deployment["spec"]["template"]["metadata"]["labels"].get(RUN, "")
-                self._adopted.add(name)
-                self._expect(name, run, model)
-                self._judge_known_pods(name)
-                labels = self._labels[name] = json.loads(annotations.get(REQUIREMENTS, "{}"))
-                found.append(
-                    Backend(
-                        model=model,
-                        url=_service_url(service),
-                        handle=name,
-                        spec_hash=metadata["labels"].get(SPEC, ""),
-                        started_at=epoch_seconds(metadata.get("creationTimestamp", "")),
-                        adopted=True,
-                        labels=dict(labels),
-                    )
-                )
-            for name in services:  # a Service whose Deployment is gone serves nothing
-                log.info("deleting service %s left by a previous run: its deployment is gone", name)
-                await api.delete("Service", name)
-                await api.delete("Secret", name)
+            for name in sorted(names):
+                async with self._lock(name):
+                    backend = await self._examine(name)
+                if backend is not None:
+                    found.append(backend)
         return found
+
+    async def _examine(self, name: str) -> Backend | None:
+        """The backend of this name as it is now (its lock held): ours, adopted, or (a leftover) deleted."""
+        api = self._api()
+        deployment = await api.get("Deployment", name)
+        service = await api.get("Service", name)
+        own = self._own.get(name)
+        if own is not None:  # gone behind this controller's back: not listed, so the lifecycle stops what is left
+            return own if deployment is not None and service is not None else None
+        if deployment is not None and not self._ours(deployment):
+            return None  # someone else's of the same name: never touched (a start under it refuses to run)
+        if deployment is None:
+            log.info("deleting what is left of backend %s: its deployment is gone", name)
+            await self._release_leftover(name)
+            return None
+        metadata = deployment["metadata"]
+        annotations = metadata.get("annotations") or {}
+        model = annotations.get(MODEL_NAME, "")
+        if (
+            service is None
+            or (metadata.get("labels") or {}).get(REALISED) != settings_for(self._config, model).realisation()
+        ):
+            why = "its Service is missing" if service is None else "its image, resources or placement changed"
+            log.info("deleting deployment %s left by a previous run: %s", name, why)
+            await self._release_leftover(name)
+            return None
+        run = deployment["spec"]["template"]["metadata"]["labels"].get(RUN, "")
+        if name not in self._adopted or self._runs.get(name) != run:
+            self._adopted.add(name)
+            self._expect(name, run, model, new_start=self._runs.get(name) != run)
+            self._labels[name] = json.loads(annotations.get(REQUIREMENTS, "{}"))
+            self._judge_known_pods(name)
+        return Backend(
+            model=model,
+            url=_service_url(service),
+            handle=name,
+            spec_hash=metadata["labels"].get(SPEC, ""),
+            started_at=epoch_seconds(metadata.get("creationTimestamp", "")),
+            adopted=True,
+            labels=dict(self._labels.get(name, {})),
+        )
+
+    async def _release_leftover(self, name: str) -> None:
+        try:
+            await self._release(name, grace=0)
+        except BackendStopFailed as exc:
+            log.warning("could not delete what is left of backend %s (%s); the next pass tries again", name, exc)
+            return
+        self._exits.answer(name, ExitInfo(None, "removed"))
+        self._adopted.discard(name)
+        self._runs.pop(name, None)
+        self._labels.pop(name, None)
 
     def on_resync(self, callback: Callable[[], None]) -> None:
         self._resync = callback
@@ -257,30 +353,33 @@ class KubernetesRuntime:
         for name in list(self._patience):
             self._cancel_patience(name)
         await cancel_and_wait(self._watching)
-        self._background.cancel()
-        await self._background.drain()
+        for follower in list(self._followers.values()):
+            await cancel_and_wait(follower)
+        await self._exits.close()
         if self._client is not None:
             await self._client.close()
 
     # ------------------------------------------------------------------ exits (the pod watch)
 
-    def _expect(self, name: str, run: str, model: str) -> asyncio.Future[ExitInfo]:
+    def _expect(self, name: str, run: str, model: str, new_start: bool = False) -> asyncio.Future[ExitInfo]:
+        """The exit of backend ``name``'s pods of ``run``; ``new_start``: a new one in place of one told before."""
         self._runs[name] = run
         self._models[name] = model
-        future = self._exits.get(name)
-        if future is None or future.done():
-            future = self._exits[name] = asyncio.get_running_loop().create_future()
-        return future
+        if new_start:
+            self._ended.discard(name)
+        return self._exits.watch(name, model, new_start=new_start)
 
     def _forget(self, name: str) -> None:
-        self._exits.pop(name, None)
+        self._exits.forget(name)
         self._runs.pop(name, None)
         self._models.pop(name, None)
 
-    def _resolve(self, name: str, info: ExitInfo) -> None:
-        future = self._exits.get(name)
-        if future is not None and not future.done():
-            future.set_result(info)
+    def _exited(self, name: str, info: ExitInfo, pod_name: str | None = None) -> None:
+        """Tell the exit once the pod's output is read to its end (bounded: watching.DRAIN_BOUND)."""
+        if name in self._ended:
+            return
+        self._ended.add(name)
+        self._exits.answer_when_drained(name, info, self._followers.get(pod_name) if pod_name else None)
 
     def _judge_known_pods(self, name: str) -> None:
         """A pod the watch saw before this backend was expected (adoption) is judged now."""
@@ -297,7 +396,8 @@ class KubernetesRuntime:
 
     async def _watch_pods(self) -> None:
         api = self._api()
-        attempt = 0
+        backoff = Backoff()
+        lost = False
         while True:
             try:
                 listed, version = await api.list("Pod", self._selector)
@@ -309,7 +409,10 @@ class KubernetesRuntime:
                 for pod in pods.values():
                     self._on_pod(pod)
                 self._watch_ready.set()
-                attempt = 0
+                backoff.reset()
+                if lost:  # an event may have been missed meanwhile: the lifecycle compares again
+                    lost = False
+                    self._call_resync()
                 async for kind, pod in api.watch("Pod", self._selector, version):
                     if kind == "DELETED":
                         self._pods.pop(pod["metadata"]["name"], None)
@@ -320,11 +423,17 @@ class KubernetesRuntime:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # API server gone, 410 Gone, a broken stream: list and watch again
-                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+                lost = True
+                delay = backoff.next_delay()
                 log.warning("pod watch lost (%s); listing again in %.1fs", describe(exc), delay)
-                attempt += 1
                 self._watch_ready.set()  # nobody waits on a watch that cannot start
                 await asyncio.sleep(delay)
+
+    def _call_resync(self) -> None:
+        try:
+            self._resync()
+        except Exception:
+            log.exception("the resync callback failed")
 
     def _backend_of(self, pod: dict[str, Any]) -> str | None:
         """The backend this pod is the current start of; None for a previous start's pod on its way out, or
@@ -350,7 +459,7 @@ class KubernetesRuntime:
             if name not in self._patience:
                 self._patience[name] = asyncio.get_running_loop().call_later(wait, self._still_unschedulable, name)
             return
-        self._resolve(name, ExitInfo(verdict.exit_code, verdict.failed))
+        self._exited(name, ExitInfo(verdict.exit_code, verdict.failed), pod["metadata"]["name"])
 
     def _still_unschedulable(self, name: str) -> None:
         """runtime.kubernetes.unschedulable_timeout has passed: fail if no pod of this start got a node."""
@@ -360,7 +469,7 @@ class KubernetesRuntime:
             verdict = judge_pod(pod)
             if self._backend_of(pod) == name and verdict.unschedulable:
                 reason = f"{verdict.failed} (for {wait:g}s: runtime.kubernetes.unschedulable_timeout)"
-                self._resolve(name, ExitInfo(None, reason))
+                self._exited(name, ExitInfo(None, reason))
                 return
 
     def _cancel_patience(self, name: str) -> None:
@@ -369,21 +478,25 @@ class KubernetesRuntime:
             timer.cancel()
 
     def _on_pod_deleted(self, pod: dict[str, Any]) -> None:
-        self._followed.discard(pod["metadata"]["name"])
+        pod_name = pod["metadata"]["name"]
         name = self._backend_of(pod)
-        if name is None or name in self._stopping:
-            return
-        self._resolve(name, ExitInfo(None, "its pod was deleted (evicted, drained, or deleted by hand)"))
+        if name is not None and name not in self._stopping:
+            self._exited(name, ExitInfo(None, "its pod was deleted (evicted, drained, or deleted by hand)"), pod_name)
+        self._followers.pop(pod_name, None)  # its task ends by itself: the pod is gone
 
     # ------------------------------------------------------------------ logs
 
     def _follow(self, pod_name: str, model: str, since: float | None) -> None:
         """The pod's output from ``since`` (seconds since the epoch; None = all of it) into the model's ring
-        buffer and log file (a terminated container's too)."""
-        if pod_name in self._followed:
+        buffer and log file (a terminated container's too). Its task, done, tells that the output is all in."""
+        if pod_name in self._followers:
             return
-        self._followed.add(pod_name)
-        self._background.spawn(self._read_logs(pod_name, model, LogResume.after(since)), f"pod-logs:{pod_name}")
+        task = asyncio.get_running_loop().create_task(
+            self._read_logs(pod_name, model, LogResume.after(since)), name=f"pod-logs:{pod_name}"
+        )
+        self._followers[pod_name] = task
+        self._log_tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._log_tasks.discard)
 
     async def _read_logs(self, pod_name: str, model: str, resume: LogResume) -> None:
         """Follow again after a broken stream (an API server restart, a proxy's idle timeout) while the pod
@@ -391,28 +504,30 @@ class KubernetesRuntime:
         container has ended is the end (its last lines are in); one broken off then is read once more, for the
         lines it did not bring; a pod that is gone takes its log with it."""
         log_file = LogFile(self._log_dir / f"{model}.log")
-        attempt = 0
-        while pod_name in self._followed:
-            resume.restart()
-            broken = False
-            try:
-                async for line in self._api().log(pod_name, CONTAINER, resume.since_time()):
-                    text = resume.take(line)
-                    if text is None:
-                        continue
-                    attempt = 0
-                    log_file.write(text)
-                    self._logbook.append(model, text)
-            except Exception as exc:
-                broken = True
-                log.debug("log stream of pod %s ended: %s", pod_name, describe(exc))
-            pod = self._pods.get(pod_name)
-            if pod is None:
-                return
-            if not judge_pod(pod).running and (not broken or attempt > 0):
-                return  # ended, and read to its end (or tried once more)
-            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
-            attempt += 1
+        backoff = Backoff()
+        try:
+            while True:
+                resume.restart()
+                broken = False
+                try:
+                    async for line in self._api().log(pod_name, CONTAINER, resume.since_time()):
+                        text = resume.take(line)
+                        if text is None:
+                            continue
+                        backoff.reset()
+                        log_file.write(text)
+                        self._logbook.append(model, text)
+                except Exception as exc:
+                    broken = True
+                    log.debug("log stream of pod %s ended: %s", pod_name, describe(exc))
+                pod = self._pods.get(pod_name)
+                if pod is None:
+                    return
+                if not judge_pod(pod).running and (not broken or backoff.failures > 0):
+                    return  # ended, and read to its end (or tried once more)
+                await asyncio.sleep(backoff.next_delay())
+        except OSError as exc:  # the log file cannot be written (a full disk): the ring buffer has what came
+            log.warning("following the output of pod %s stopped: %s", pod_name, exc)
 
 
 class LogResume:

@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from common.errors import BackendStartFailed, KubernetesUnavailable
+from common.errors import BackendStartFailed, BackendStopFailed, KubernetesUnavailable
 from controller.config import Config, validate_config
+from controller.runtime import kube_api, kubernetes
 from controller.runtime.base import LaunchSpec
 from controller.runtime.keys import BackendKeys
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, REQUIREMENTS, RUN, backend_name
@@ -392,19 +394,26 @@ def logged(tmp_path: Path, model: str = "a:1b") -> list[str]:
 
 
 async def test_pod_logs_keep_coming_after_a_silence_longer_than_the_api_clients_read_timeout(
-    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A backend says nothing for a while (no requests): what it says next still reaches its log. Before the
-    fix the API client's 10 s read timeout ended the follow stream, and the follower gave up."""
+    """A backend says nothing for a while (no requests): what it says next still reaches its log, on the stream
+    opened first. The API client's read timeout (10 s; here 0.5 s) must not apply to a follow stream: it ended
+    the stream of any quiet backend."""
+    monkeypatch.setattr(kube_api, "TIMEOUT", httpx.Timeout(0.5))
     kube = runtime()
     backend = await kube.start(spec(tmp_path))
     pod = await running_pod(cluster)
     say(cluster, pod, "first")
     await eventually(lambda: logged(tmp_path) == ["first"])
-    await asyncio.sleep(11)  # silence, longer than the client's 10 s read timeout
+    await asyncio.sleep(2.0)  # silence, four times the client's read timeout
     say(cluster, pod, "second")
     await eventually(lambda: logged(tmp_path) == ["first", "second"], timeout=30)
+    assert len(log_requests(cluster, pod)) == 1, "the stream was never broken off"
     await kube.stop(backend, timeout=1)
+
+
+def log_requests(cluster: Cluster, pod: str) -> list[tuple[str, str]]:
+    return [(method, path) for method, path in cluster.requests if path.endswith(f"/pods/{pod}/log")]
 
 
 async def test_a_broken_log_stream_is_followed_again_with_nothing_lost_or_repeated(
@@ -487,3 +496,89 @@ async def test_a_log_stream_broken_as_the_container_ends_is_read_to_its_end(
     say(cluster, pod, "last words")
     await eventually(lambda: logged(tmp_path) == ["one", "last words"], timeout=30)
     await kube.stop(backend, timeout=1)
+
+
+async def test_a_lost_pod_watch_that_is_back_asks_the_lifecycle_to_compare_again(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    kube = runtime()
+    resyncs: list[float] = []
+    kube.on_resync(lambda: resyncs.append(asyncio.get_running_loop().time()))
+    backend = await kube.start(spec(tmp_path))
+    await running_pod(cluster)
+    assert resyncs == []  # the first listing is no resync
+    cluster.drop_watches()  # an API server restart: events may be lost until the runtime lists again
+    await eventually(lambda: resyncs, timeout=30)
+    cluster.drop_watches(cleanly=True)  # a watch's timeout: resumed from its last version, nothing missed
+    await asyncio.sleep(1.0)
+    assert len(resyncs) == 1
+    await kube.stop(backend, timeout=1)
+
+
+async def test_listing_while_a_backend_starts_or_stops_disturbs_neither(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """A reconcile pass may list at any moment: between a start's Service and its Deployment, it must not take
+    the Service for a leftover; a backend this controller started is its own, not adopted."""
+    kube = runtime()
+    cluster.create_delays["Deployment"] = 0.5
+    starting = asyncio.ensure_future(kube.start(spec(tmp_path)))
+    name = backend_name("test", "a:1b")
+    await eventually(lambda: cluster.get("Service", NAMESPACE, name))
+    listed = await kube.list_managed()  # waits for the start: what it lists is whole
+    backend = await starting
+    assert [(b.handle, b.adopted) for b in listed] == [(name, False)]
+    assert cluster.get("Service", NAMESPACE, name) is not None
+    await running_pod(cluster)
+    exit_watch = asyncio.ensure_future(kube.wait_exit(backend))
+    assert [(b.handle, b.adopted) for b in await kube.list_managed()] == [(name, False)]
+    stopping = asyncio.ensure_future(kube.stop(backend, timeout=1))
+    while not stopping.done():
+        await kube.list_managed()
+        await asyncio.sleep(0.02)
+    await stopping
+    assert (await exit_watch).reason == "stopped"
+    assert await kube.list_managed() == []
+    assert cluster.find("Deployment") == cluster.find("Service") == cluster.find("Pod") == []
+
+
+async def test_a_stop_raises_while_a_delete_is_refused_or_a_pod_stays_and_releases_all_in_the_end(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kubernetes, "GONE_SLACK", 0.2)
+    monkeypatch.setattr(kubernetes, "FORCED_GONE_TIMEOUT", 0.5)
+    kube = runtime()
+    backend = await kube.start(spec(tmp_path))
+    pod = await running_pod(cluster)
+    cluster.refuse_deletes("Deployment")
+    with pytest.raises(BackendStopFailed, match="500"):
+        await kube.stop(backend, timeout=1)
+    cluster.keep_pods_terminating()
+    with pytest.raises(BackendStopFailed, match=f"{pod}.*still terminating"):
+        await kube.stop(backend, timeout=1)
+    assert cluster.find("Pod") != [] and cluster.get("Service", NAMESPACE, backend.handle) is not None
+    cluster.let_pods_go()
+    await kube.stop(backend, timeout=1)
+    assert cluster.find("Deployment") == cluster.find("Service") == cluster.find("Pod") == []
+    assert cluster.find("Secret") == []
+
+
+async def test_an_exit_is_told_after_the_pods_last_log_lines(
+    tmp_path: Path, cluster: Cluster, runtime: Callable[..., KubernetesRuntime]
+) -> None:
+    """The watch tells of the exit before the log stream brings the last lines (they come 0.5 s late here):
+    wait_exit answers once they are in, so the error can quote them."""
+    logbook = LogBook()
+    kube = KubernetesRuntime(kube_config(tmp_path, cluster), logbook, "unused")
+    try:
+        backend = await kube.start(spec(tmp_path))
+        pod = await running_pod(cluster)
+        cluster.log_delay = 0.5
+        say(cluster, pod, "loading", "fatal: out of cheese")
+        cluster.end_container(pod, exit_code=3)
+        exit_info = await asyncio.wait_for(kube.wait_exit(backend), 10)
+        assert exit_info.code == 3
+        assert logbook.tail("a:1b", 1) == ["fatal: out of cheese"]
+        await kube.stop(backend, timeout=1)
+    finally:
+        await kube.close()

@@ -18,9 +18,12 @@ Pod logs are served line by line as a kubelet does, each line stamped with the t
 (``timestamps``, ``sinceTime``, ``sinceSeconds``: a line written while no one followed gets the time of its first
 reading, which keeps "since" true for a client that resumes).
 
-Faults are injected by the tests: ``set_container_state`` (OOMKilled, ImagePullBackOff...), ``compact``
-(old resource versions answer 410 Gone), ``drop_watches`` (an API server restart, seen by clients),
-``drop_logs`` (every open log stream broken off).
+Faults are injected by the tests: ``set_container_state`` (OOMKilled, ImagePullBackOff...), ``end_container``
+(an inert container exits: its log stream ends), ``compact`` (old resource versions answer 410 Gone),
+``drop_watches`` (an API server restart, seen by clients), ``drop_logs`` (every open log stream broken off),
+``refuse_deletes`` (the next deletes of a kind answer 500), ``keep_pods_terminating`` (a deleted pod stays, as
+on a node that no longer answers, until ``let_pods_go``), ``log_delay`` (each chunk of a log stream comes that
+many seconds late) and ``create_delays`` (a create of a kind takes that long).
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class Container:
     log_path: Path
     gpus: int = 0
     stopping: bool = False
+    ended: bool = False  # an inert container that exited (end_container): its log stream ends
 
 
 @dataclass
@@ -136,6 +140,11 @@ class Cluster:
         self.gone_answers = 0  # watches answered 410 Gone
         self.ips = itertools.count(1)
         self.free_gpus = self.gpus
+        self.refusals: dict[str, int] = {}  # kind → deletes still to answer 500
+        self.pods_released = threading.Event()  # cleared: deleted pods stay terminating
+        self.pods_released.set()
+        self.log_delay = 0.0
+        self.create_delays: dict[str, float] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.closing = False
@@ -161,6 +170,7 @@ class Cluster:
 
     def close(self) -> None:
         self.closing = True
+        self.pods_released.set()
         for name in list(self.containers):
             self._stop_container(name, grace=2)
         with self.changed:
@@ -216,6 +226,19 @@ class Cluster:
         with self.changed:
             self.log_generation += 1
 
+    def refuse_deletes(self, kind: str, times: int = 1) -> None:
+        """The next ``times`` deletes of ``kind`` answer 500, as an API server whose etcd times out does."""
+        with self.changed:
+            self.refusals[kind] = times
+
+    def keep_pods_terminating(self) -> None:
+        """Deleted pods stay, terminating, their containers running on (a node that no longer answers, a stuck
+        finalizer), a forced delete with no grace period included, until ``let_pods_go``."""
+        self.pods_released.clear()
+
+    def let_pods_go(self) -> None:
+        self.pods_released.set()
+
     def _line_time(self, pod_name: str, index: int) -> int:
         with self.changed:
             times = self.line_times.setdefault(pod_name, [])
@@ -251,7 +274,10 @@ class Cluster:
             return 404, status(404, "NotFound", f'{kind.lower()}s "{name}" not found')
         return 200, self._commit(kind, "MODIFIED", merge_patch(found, body))
 
-    def delete(self, kind: str, namespace: str, name: str, grace: int | None) -> tuple[int, dict[str, Any]]:
+    def delete(
+        self, kind: str, namespace: str, name: str, grace: int | None, orphan: bool = False
+    ) -> tuple[int, dict[str, Any]]:
+        """Delete, and what it owns with it; ``orphan`` leaves what it owns (``kubectl delete --cascade=orphan``)."""
         found = self.get(kind, namespace, name)
         if found is None:
             return 404, status(404, "NotFound", f'{kind.lower()}s "{name}" not found')
@@ -259,7 +285,8 @@ class Cluster:
             self._delete_pod(found, grace)
             return 200, found
         self._commit(kind, "DELETED", found)
-        self._collect_garbage(found["metadata"]["uid"], grace)
+        if not orphan:
+            self._collect_garbage(found["metadata"]["uid"], grace)
         return 200, found
 
     def _collect_garbage(self, uid: str, grace: int | None) -> None:
@@ -279,6 +306,7 @@ class Cluster:
             self._commit("Pod", "MODIFIED", pod)
 
         def finish() -> None:
+            self.pods_released.wait()
             self._stop_container(pod["metadata"]["name"], grace)
             current = self.get("Pod", pod["metadata"]["namespace"], pod["metadata"]["name"])
             if current is not None:
@@ -458,6 +486,13 @@ class Cluster:
         pod = next(p for p in self.find("Pod") if p["metadata"]["name"] == pod_name)
         self._update_container(pod["metadata"]["namespace"], pod_name, {"state": state, **changes})
 
+    def end_container(self, pod_name: str, exit_code: int = 1) -> None:
+        """The inert container in ``pod_name`` exits with ``exit_code``: reported terminated, its log ends."""
+        container = self.containers[pod_name]
+        container.ended = True
+        terminated = {"exitCode": exit_code, "reason": "Error", "finishedAt": now()}
+        self.set_container_state(pod_name, {"terminated": terminated}, ready=False)
+
     def kill(self, pod_name: str) -> None:
         """SIGKILL the real llama-server in ``pod_name`` (a crash)."""
         container = self.containers[pod_name]
@@ -528,7 +563,10 @@ class Cluster:
             self._send(request, 404, status(404, "NotFound", f"the server could not find {parts.path}"))
             return
         kind, namespace, name, sub = route
-        if method == "POST" and name is None:
+        if method == "DELETE" and self._refused(kind):
+            self._send(request, 500, status(500, "InternalError", "etcdserver: request timed out"))
+        elif method == "POST" and name is None:
+            time.sleep(self.create_delays.get(kind, 0.0))
             self._send(request, *self.create(kind, namespace, body))
         elif method == "PATCH" and name is not None and sub is None:
             self._send(request, *self.patch(kind, namespace, name, body))
@@ -557,6 +595,13 @@ class Cluster:
             self._send(request, 200, listing)
         else:
             self._send(request, 405, status(405, "MethodNotAllowed", "method not allowed"))
+
+    def _refused(self, kind: str) -> bool:
+        with self.changed:
+            left = self.refusals.get(kind, 0)
+            if left:
+                self.refusals[kind] = left - 1
+            return left > 0
 
     @staticmethod
     def _route(path: str) -> tuple[str, str, str | None, str | None] | None:
@@ -667,6 +712,7 @@ class Cluster:
                             if since is None or stamp >= since:
                                 out.append((rfc3339_nano(stamp) + " " if stamped else "").encode() + line + b"\n")
                         if out:
+                            time.sleep(self.log_delay)
                             self._chunk(request, b"".join(out))
                         continue
                     running = pod_name in self.containers and self._running(pod_name)
@@ -683,7 +729,7 @@ class Cluster:
 
     def _running(self, pod_name: str) -> bool:
         container = self.containers.get(pod_name)
-        if container is None:
+        if container is None or container.ended:
             return False
         return container.process is None or container.process.poll() is None
 
