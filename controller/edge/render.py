@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from common.dialects import error_body
 
@@ -48,7 +48,7 @@ class EdgeSettings:
     listen: str  # host:port of the HTTPS server
     admin_listen: str  # where Caddy's admin API listens (the same in every pushed document)
     app: str  # host:port where Caddy reaches the app (gateway, control API, UI)
-    tls_mode: str = "internal"  # internal | files | acme
+    tls_mode: Literal["internal", "files", "acme"] = "internal"
     hostname: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

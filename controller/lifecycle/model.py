@@ -16,15 +16,17 @@ the state follow the goal:
 admission, waits for a ready backend that meets the request's requirements, and holds it for the block.
 
 Invariants, enforced where noted:
-- Exactly one start for N concurrent callers: waiters queue on ``_ready_waiters``; only ``_run`` starts.
+- Exactly one start for N concurrent callers: waiters queue on ``_ready_waiters``; only the owner task
+  (``ModelOwner._run`` in owner.py) starts.
 - The backend is recorded the moment the runtime returns it (``_start``), so a stop or shutdown during the
-  load stops it: nothing a runtime started is ever lost.
-- A model with in-flight requests is never stopped by expiry, eviction or unload (``_serve`` waits for
-  ``_in_flight == 0``); only a crash or shutdown ends it under them.
+  load stops it: nothing a runtime started is ever lost; it leaves the books only once the runtime confirms
+  it is gone (``_stop_until_gone``).
+- A model with in-flight requests is never stopped by expiry, eviction or unload (``_serve`` waits until
+  ``Usage.drained``); only a crash or shutdown ends it under them.
 - While a restart for new requirements is pending (embeddings, a larger context), no new request is
   leased to the old backend (``_usable``): they queue for the new one, so the drain always completes.
 - keep_alive follows Ollama: the last request *scheduled* onto the backend decides the idle expiry.
-- ``_take`` re-checks everything synchronously: between the owner resolving a waiter and the waiter
+- ``lease`` re-checks ``_usable`` synchronously: between the owner resolving a waiter and the waiter
   running, the owner may have begun a stop; such a lease is refused and the caller asks again.
 """
 

@@ -31,7 +31,7 @@ from controller.runtime.base import Backend, ExitInfo, LaunchSpec, Runtime
 from controller.runtime.logs import LogBook, log_hint
 from controller.runtime.watching import Backoff
 
-log = logging.getLogger("controller.lifecycle.model")
+log = logging.getLogger("controller.lifecycle.model")  # one object with ManagedModel, so one logger
 
 START_POLL_INTERVAL = 0.02  # seconds between /health polls while loading: adds ≤ 20 ms to a load
 PROBE_TIMEOUT = 2.0

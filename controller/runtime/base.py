@@ -1,4 +1,5 @@
-"""The boundary between the lifecycle and whatever runs llama-server (processes now, containers later).
+"""The boundary between the lifecycle and whatever runs llama-server: local processes, Docker containers or
+Kubernetes Deployments.
 
 A runtime starts a backend from a ``LaunchSpec``, stops it, tells when it exits, and lists what it left
 running so a restarted controller can adopt or remove it. It never decides *when*: that is the
