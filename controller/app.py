@@ -25,8 +25,9 @@ from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
 from controller.api.sse import EventStreams
 from controller.auth import views as auth_views
+from controller.auth.admin import Administration
 from controller.auth.asgi import auth_headers
-from controller.auth.service import AuthService
+from controller.auth.authenticate import Authenticator
 from controller.bodies import BoundedRequest, too_large
 from controller.catalog.entries import Catalog
 from controller.config import Config
@@ -92,10 +93,12 @@ def build_services(
     if edge is not None:
         registry.register(health.EdgeState(edge))
     store, ephemeral = make_store(config)
+    authenticator = Authenticator.from_config(config, store, ephemeral)
     return Services(
         config=config,
         supervisor=supervisor,
-        auth=AuthService.from_config(config, store, ephemeral),
+        auth=authenticator,
+        admin=Administration(store, authenticator),
         store=store,
         ephemeral=ephemeral,
         events=events,
@@ -168,7 +171,7 @@ async def _first_admin(services: Services) -> None:
     if not services.config.auth.enabled:
         log.warning("authentication is DISABLED (auth.enabled: false): anyone who can connect is admin")
         return
-    password = await services.auth.ensure_first_admin()
+    password = await services.admin.ensure_first_admin()
     if password is not None:  # printed once, to the console only: never logged
         print(
             f"\n  created user 'admin' with password: {password}\n"

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from common.peers import TrustedProxies
     from common.upstream import Upstream
     from controller.api.sse import EventStreams
-    from controller.auth.service import AuthService
+    from controller.auth.admin import Administration
+    from controller.auth.authenticate import Authenticator
     from controller.config import Config
     from controller.edge.edge import Edge
     from controller.lifecycle.supervisor import Supervisor
@@ -34,7 +35,8 @@ SERVICES_KEY = "llamacontroller.services"
 class Services:
     config: Config
     supervisor: Supervisor
-    auth: AuthService
+    auth: Authenticator  # who is asking: tokens, sessions, sign-in
+    admin: Administration  # users and tokens, changed
     store: Store
     ephemeral: Ephemeral  # rate-limit counters and other short-lived state
     events: EventBus

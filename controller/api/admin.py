@@ -9,17 +9,17 @@ from quart import Blueprint, request
 
 from common.errors import BadRequest
 from controller.api.inputs import json_object, whole_number
+from controller.auth.admin import Administration
 from controller.auth.asgi import identity_of
 from controller.auth.identity import Identity
-from controller.auth.service import AuthService
 from controller.services import services
 from controller.store.base import User
 
 blueprint = Blueprint("control_admin", __name__, url_prefix="/control/v1")
 
 
-def _service() -> AuthService:
-    service: AuthService = services().auth
+def _service() -> Administration:
+    service: Administration = services().admin
     return service
 
 

@@ -16,7 +16,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from quart import Blueprint
 
-from controller.auth.service import AuthService
 from controller.edge.edge import Edge
 from controller.lifecycle.supervisor import Supervisor
 from controller.services import services
@@ -40,8 +39,7 @@ async def readyz() -> tuple[dict[str, Any], int]:
     shown = {"edge": {"state": edge.status.state, "error": edge.status.error}} if edge is not None else {}
     if not supervisor.ready:
         return {"status": "starting", **shown}, 503
-    auth: AuthService = services().auth
-    problem = await auth.store.problem()
+    problem = await services().store.problem()
     if problem is not None:
         return {"status": "store failed", "error": problem, **shown}, 503
     return {"status": "ready", **shown}, 200

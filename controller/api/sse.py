@@ -18,8 +18,8 @@ from typing import Any
 from quart import Response
 
 from common.errors import AuthError, Unavailable
+from controller.auth.authenticate import Authenticator
 from controller.auth.identity import Identity
-from controller.auth.service import AuthService
 from controller.services import services
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class StreamAccess:
         self.identity = identity
         self._scope = scope
         self._model = model
-        self._service: AuthService = services().auth
+        self._service: Authenticator = services().auth
         streams: EventStreams = services().streams
         self.closing = streams.closing
 

@@ -17,8 +17,8 @@ from common.dialects import error_body
 from common.directory import ALLOW_MODEL_KEY, HAS_SCOPE_KEY
 from common.errors import AuthError, LlamaControllerError, RateLimited, Unavailable
 from common.peers import client_address
+from controller.auth.authenticate import Authenticator, Request
 from controller.auth.identity import OPEN, Identity, required_scope
-from controller.auth.service import AuthService, Request
 
 IDENTITY_KEY = "llamacontroller.identity"
 
@@ -55,7 +55,7 @@ class AuthMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        service: AuthService,
+        service: Authenticator,
         verify: ASGIApp | None = None,
         on_refused: Callable[[int], None] | None = None,
     ) -> None:

@@ -19,13 +19,13 @@ from common.asgi import Scope, Send, header, send_json
 from common.dialects import error_body
 from common.errors import LlamaControllerError, Unauthenticated
 from controller.auth.asgi import auth_headers, request_of
+from controller.auth.authenticate import IDENTITY_HEADER, Authenticator
 from controller.auth.identity import OPEN, required_scope
-from controller.auth.service import IDENTITY_HEADER, AuthService
 
 VERIFY_PATH = "/auth/verify"
 
 
-async def forward_auth(scope: Scope, send: Send, service: AuthService) -> None:
+async def forward_auth(scope: Scope, send: Send, service: Authenticator) -> None:
     method = (header(scope, b"x-forwarded-method") or b"GET").decode("latin-1").upper()
     uri = (header(scope, b"x-forwarded-uri") or b"/").decode("latin-1")
     path = unquote(uri.split("?", 1)[0]) or "/"  # decoded as the app decodes it: the identity is bound to it

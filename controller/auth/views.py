@@ -13,14 +13,14 @@ from common.errors import AuthError, BadRequest, LlamaControllerError
 from common.peers import client_address
 from controller.api.inputs import json_object
 from controller.auth.asgi import auth_headers, identity_of
-from controller.auth.service import SESSION_COOKIE, AuthService
+from controller.auth.authenticate import SESSION_COOKIE, Authenticator
 from controller.services import services
 
 blueprint = Blueprint("auth", __name__, url_prefix="/auth")
 
 
-def _service() -> AuthService:
-    service: AuthService = services().auth
+def _service() -> Authenticator:
+    service: Authenticator = services().auth
     return service
 
 

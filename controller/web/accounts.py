@@ -13,7 +13,7 @@ from controller.auth.bounds import parse_rpm
 from controller.auth.identity import Scope
 from controller.auth.views import clear_session_cookie, set_session_cookie
 from controller.store.base import Role
-from controller.web.base import Viewer, blueprint, page, service, viewer
+from controller.web.base import Viewer, administration, authenticator, blueprint, page, viewer
 from controller.web.pages import render
 from controller.web.present import ago, safe_next
 
@@ -43,7 +43,7 @@ async def login() -> Any:
     form = await request.form
     target = safe_next(form.get("next"))
     try:
-        cookie, _ = await service().login(form.get("username", ""), form.get("password", ""), _client())
+        cookie, _ = await authenticator().login(form.get("username", ""), form.get("password", ""), _client())
     except RateLimited as exc:
         minutes = max(1, round(exc.retry_after / 60))
         error = f"Too many failed sign-ins. Wait about {minutes} minute{'s' if minutes > 1 else ''} and try again."
@@ -52,14 +52,14 @@ async def login() -> Any:
     except Unauthenticated:
         return await render("login.html", None, next=target, error="Wrong user name or password."), 200
     response = redirect(target, 303)
-    set_session_cookie(response, cookie, service().settings.session_ttl)
+    set_session_cookie(response, cookie, authenticator().settings.session_ttl)
     return response
 
 
 @blueprint.post("/logout")
 @page(write=True)
 async def logout(me: Viewer) -> Any:
-    await service().logout(me.identity)
+    await authenticator().logout(me.identity)
     response = redirect("/ui/login", 303)
     clear_session_cookie(response)
     return response
@@ -69,7 +69,7 @@ async def logout(me: Viewer) -> Any:
 
 
 async def _tokens_page(me: Viewer, created: str | None = None, error: str | None = None, status: int = 200) -> Any:
-    tokens = await service().tokens_for(me.identity)
+    tokens = await administration().tokens_for(me.identity)
     shown = sorted(tokens, key=lambda t: (t.revoked, -t.created_at))
     scopes = [scope for scope in SCOPE_ORDER if me.identity.has(scope)]
     page_html = await render("tokens.html", me, tokens=shown, created=created, error=error, scopes=scopes, ago=ago)
@@ -90,7 +90,7 @@ async def create_token(me: Viewer) -> Any:
     # Unknown scopes are the service's 400, as on the API: dropping them made a token other than the one asked for.
     chosen = form.getlist("scopes") or [Scope.INFERENCE.value]
     try:
-        secret, _ = await service().create_token(
+        secret, _ = await administration().create_token(
             me.name,
             form.get("name", "").strip() or "unnamed",
             chosen,
@@ -109,7 +109,7 @@ async def create_token(me: Viewer) -> Any:
 @page(write=True)
 async def revoke_token(me: Viewer, token_id: str) -> Any:
     try:
-        await service().revoke_token(token_id, me.name, by=me.identity)
+        await administration().revoke_token(token_id, me.name, by=me.identity)
     except LlamaControllerError as exc:
         return await _tokens_page(me, error=exc.message, status=exc.status)
     return redirect("/ui/tokens", 303)
@@ -119,7 +119,7 @@ async def revoke_token(me: Viewer, token_id: str) -> Any:
 
 
 async def _users_page(me: Viewer, notice: str | None = None, error: str | None = None, status: int = 200) -> Any:
-    users = await service().store.list_users()
+    users = await administration().store.list_users()
     return await render("users.html", me, users=users, notice=notice, error=error), status
 
 
@@ -135,7 +135,7 @@ async def add_user(me: Viewer) -> Any:
     form = await request.form
     role: Role = "admin" if form.get("role") == "admin" else "user"
     try:
-        user = await service().add_user(
+        user = await administration().add_user(
             form.get("name", "").strip(), form.get("password", ""), role, me.name, tuple(_globs(form.get("models", "")))
         )
     except LlamaControllerError as exc:
@@ -147,18 +147,18 @@ async def add_user(me: Viewer) -> Any:
 @page(Scope.ADMIN, write=True)
 async def change_user(me: Viewer, name: str, action: str) -> Any:
     form = await request.form
-    auth = service()
+    admin = administration()
     try:
         if action in ("disable", "enable"):
             if name.lower() == me.name.lower() and action == "disable":
                 raise BadRequest("you cannot disable your own account")
-            await auth.set_disabled(name, action == "disable", me.name)
+            await admin.set_disabled(name, action == "disable", me.name)
             notice = f"{name} is {action}d."
         elif action == "password":
-            await auth.set_password(name, form.get("password", ""), me.name)
+            await admin.set_password(name, form.get("password", ""), me.name)
             notice = f"The password of {name} was reset; their sessions were ended."
         elif action == "models":
-            await auth.set_models(name, tuple(_globs(form.get("models", ""))), me.name)
+            await admin.set_models(name, tuple(_globs(form.get("models", ""))), me.name)
             notice = f"The models {name} may use were changed."
         else:
             return Response("unknown action", status=404)

@@ -2,7 +2,7 @@
 
 Pages are server-rendered (Jinja2). htmx, when its files are installed, only swaps fragments: every form also
 works as a plain POST answered with a redirect (303) or a full page. Visitors sign in with the web session
-(the cookie of ``AuthService.login``); a page asked for without one redirects to the sign-in page. Every
+(the cookie of ``Authenticator.login``); a page asked for without one redirects to the sign-in page. Every
 state-changing request carries the CSRF token — a hidden form field, or the ``X-CSRF-Token`` header htmx sends.
 """
 
@@ -20,9 +20,10 @@ from quart import Blueprint, Response, redirect, request
 from werkzeug.sansio.response import Response as SansIOResponse  # Quart's and a redirect's alike
 
 from common.errors import AuthError, Forbidden
+from controller.auth.admin import Administration
 from controller.auth.asgi import request_of
+from controller.auth.authenticate import SESSION_COOKIE, Authenticator
 from controller.auth.identity import Identity, Scope
-from controller.auth.service import SESSION_COOKIE, AuthService
 from controller.lifecycle.supervisor import Supervisor
 from controller.services import services
 
@@ -60,9 +61,14 @@ class Viewer:
         return self.identity.has(Scope.MODELS)
 
 
-def service() -> AuthService:
-    auth: AuthService = services().auth
+def authenticator() -> Authenticator:
+    auth: Authenticator = services().auth
     return auth
+
+
+def administration() -> Administration:
+    admin: Administration = services().admin
+    return admin
 
 
 def supervisor() -> Supervisor:
@@ -83,7 +89,7 @@ async def viewer() -> Viewer | None:
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
-    auth = service()
+    auth = authenticator()
     try:  # authenticated as a read; the CSRF check of a write is `check_csrf`, which also reads form fields
         identity = await auth.authenticate(request_of(request.scope, method="GET"))
     except AuthError:

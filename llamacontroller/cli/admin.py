@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from common.errors import ConfigError, LlamaControllerError
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.config import ENV_CONFIG_PATH, Config, load_config
 from controller.store import make_store
 
@@ -43,14 +43,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
-def _run(args: argparse.Namespace, work: Callable[[AuthService], Awaitable[int]]) -> int:
+def _run(args: argparse.Namespace, work: Callable[[Administration], Awaitable[int]]) -> int:
     async def main() -> int:
         config = config_from_args(args)
-        store, ephemeral = make_store(config)
+        store, _ = make_store(config)  # no Ephemeral: nothing here is rate-limited or throttled
         await store.open()
         try:
-            service = AuthService.from_config(config, store, ephemeral)
-            return await work(service)
+            return await work(Administration(store))
         finally:
             await store.close()
 
@@ -68,7 +67,7 @@ def report(exc: LlamaControllerError) -> int:
 
 
 def user_add(args: argparse.Namespace) -> int:
-    async def work(service: AuthService) -> int:
+    async def work(service: Administration) -> int:
         password = _read_password(f"password for {args.name}")
         user = await service.add_user(args.name, password, "admin" if args.admin else "user", ACTOR)
         print(f"added {user.role} '{user.name}'")
@@ -78,7 +77,7 @@ def user_add(args: argparse.Namespace) -> int:
 
 
 def user_list(args: argparse.Namespace) -> int:
-    async def work(service: AuthService) -> int:
+    async def work(service: Administration) -> int:
         for user in await service.store.list_users():
             state = "disabled" if user.disabled else "active"
             print(f"{user.name:<24} {user.role:<6} {state}")
@@ -88,7 +87,7 @@ def user_list(args: argparse.Namespace) -> int:
 
 
 def user_passwd(args: argparse.Namespace) -> int:
-    async def work(service: AuthService) -> int:
+    async def work(service: Administration) -> int:
         await service.set_password(args.name, _read_password(f"new password for {args.name}"), ACTOR)
         print(f"password of '{args.name}' changed; its sessions were ended")
         return 0
@@ -97,7 +96,7 @@ def user_passwd(args: argparse.Namespace) -> int:
 
 
 def user_disable(args: argparse.Namespace) -> int:
-    async def work(service: AuthService) -> int:
+    async def work(service: Administration) -> int:
         user = await service.set_disabled(args.name, args.command_name == "disable", ACTOR)
         print(f"'{user.name}' is {'disabled' if user.disabled else 'enabled'}")
         return 0
@@ -106,7 +105,7 @@ def user_disable(args: argparse.Namespace) -> int:
 
 
 def token_create(args: argparse.Namespace) -> int:
-    async def work(service: AuthService) -> int:
+    async def work(service: Administration) -> int:
         token, _ = await service.create_token(
             args.owner, args.name, args.scope or ["inference"], args.model or [], args.expires, args.rpm, ACTOR
         )
@@ -117,7 +116,7 @@ def token_create(args: argparse.Namespace) -> int:
 
 
 def token_list(args: argparse.Namespace) -> int:
-    async def work(service: AuthService) -> int:
+    async def work(service: Administration) -> int:
         now = time.time()
         for token in await service.store.list_tokens():
             if token.revoked:
@@ -134,7 +133,7 @@ def token_list(args: argparse.Namespace) -> int:
 
 
 def token_revoke(args: argparse.Namespace) -> int:
-    async def work(service: AuthService) -> int:
+    async def work(service: Administration) -> int:
         await service.revoke_token(args.id, ACTOR)
         print(f"revoked {args.id}")
         return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.config import validate_config
 from controller.runtime.process import free_port
 from controller.store import make_store
@@ -67,10 +67,10 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator
 async def add_user(config: dict[str, object], name: str, password: str, models: tuple[str, ...]) -> None:
     """A user of the role `user` limited to `models` (made before the server starts, like the CLI would)."""
     validated = validate_config(config)
-    store, ephemeral = make_store(validated)
+    store, _ = make_store(validated)
     await store.open()
     try:
-        await AuthService.from_config(validated, store, ephemeral).add_user(name, password, "user", "tests", models)
+        await Administration(store).add_user(name, password, "user", "tests", models)
     finally:
         await store.close()
 

@@ -13,7 +13,7 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.observability import configure_logging
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
@@ -42,7 +42,7 @@ async def world(tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixtu
     config = fake_config(tmp_path, tiny_model, {"a": {}, "b": {}}, auth={"enabled": True})
     app = fake_app(config, FakeRuntime())  # its backends refuse connections: a generation fails with 502
     async with app.test_app():
-        service: AuthService = services_of(app).auth
+        service: Administration = services_of(app).admin
         await service.add_user("alice", "alice-password", "user", "tests")
         token, _ = await service.create_token("alice", "t", ["inference"], ["a"], None, None, "tests")
         yield World(app, app.test_client(use_cookies=False), token, caplog)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from quart import Quart
 
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
@@ -40,7 +40,7 @@ async def app(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Quart]:
     config = fake_config(tmp_path, tiny_model, {"a": {}}, auth={"enabled": True})
     app = fake_app(config, FakeRuntime())
     async with app.test_app():
-        service: AuthService = services_of(app).auth
+        service: Administration = services_of(app).admin
         await service.add_user("root", "root-password", "admin", "tests")
         yield app
 

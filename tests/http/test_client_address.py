@@ -15,7 +15,8 @@ import pytest
 from quart import Quart
 
 from common.peers import TrustedProxies
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
+from controller.auth.authenticate import Authenticator
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
@@ -37,7 +38,7 @@ async def make_app(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Callable[.
         context = app.test_app()
         await context.__aenter__()
         started.append(context)
-        service: AuthService = services_of(app).auth
+        service: Administration = services_of(app).admin
         await service.add_user("root", "root-password", "admin", "tests")
         return app
 
@@ -93,7 +94,7 @@ async def test_client_address_in_the_audit_log_and_the_access_log(
     caplog.set_level(logging.INFO, logger="llamacontroller.access")
     app = await make_app()
     assert await sign_in(app, "wrong-password", "203.0.113.7") == 401
-    service: AuthService = services_of(app).auth
+    service: Administration = services_of(app).admin
     failed = [event for event in await service.store.list_audit() if event.action == "login_failed"]
     assert [event.detail["client"] for event in failed] == ["203.0.113.7"]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /auth/login")]
@@ -126,7 +127,7 @@ async def test_client_address_guesses_from_many_claimed_addresses_are_bounded_pe
 ) -> None:
     """A local user on the trusted loopback listener can claim any address: the account's own bound holds."""
     app = await make_app()
-    service: AuthService = services_of(app).auth
+    service: Authenticator = services_of(app).auth
     service.settings = service.settings.model_copy(update={"login_max_failures_per_user": 6})
     for n in range(6):  # two guesses per claimed address: under the per-address bound of 3
         assert await sign_in(app, "wrong-password", f"203.0.113.{n // 2}") == 401

@@ -24,7 +24,8 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from common.dialects import error_body
-from controller.auth.service import SESSION_COOKIE, AuthService
+from controller.auth.admin import Administration
+from controller.auth.authenticate import SESSION_COOKIE, Authenticator
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from llamacontroller.app import GATEWAY_KEY
@@ -85,7 +86,8 @@ class Target:
 class World:
     app: Quart
     client: Client
-    service: AuthService
+    service: Administration
+    auth: Authenticator
     bearer: str
     session: dict[str, str] | None = None
     targets: list[Target] = field(default_factory=list)
@@ -125,12 +127,12 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         )
         app = fake_app(config, FakeRuntime(backend_url=backend.url))
         async with app.test_app():
-            service: AuthService = services_of(app).auth
+            service: Administration = services_of(app).admin
             await service.add_user("root", "root-password", "admin", "tests")
             await service.add_user("a", "a-password", "user", "tests")
             bearer, _ = await service.create_token("root", "admin", ["admin"], [], None, None, "tests")
             _, victim = await service.create_token("a", "victim", ["inference"], [], None, None, "tests")
-            world = World(app, app.test_client(use_cookies=False), service, bearer)
+            world = World(app, app.test_client(use_cookies=False), service, services_of(app).auth, bearer)
             world.targets = [*_gateway_targets(app.extensions[GATEWAY_KEY])]
             world.targets += _quart_targets(app, victim.id)
             yield world
@@ -148,8 +150,8 @@ async def _credentials(world: World, target: Target) -> dict[str, str]:
     if not target.path.startswith("/ui"):
         return {"Authorization": f"Bearer {world.bearer}"}
     if world.session is None:
-        cookie, _ = await world.service.login("root", "root-password", "127.0.0.1")
-        world.session = {"Cookie": f"{SESSION_COOKIE}={cookie}", "X-CSRF-Token": world.service.csrf_token(cookie)}
+        cookie, _ = await world.auth.login("root", "root-password", "127.0.0.1")
+        world.session = {"Cookie": f"{SESSION_COOKIE}={cookie}", "X-CSRF-Token": world.auth.csrf_token(cookie)}
     session = world.session
     if target.path.endswith("/logout"):
         world.session = None

@@ -18,7 +18,7 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
@@ -49,7 +49,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         runtime = FakeRuntime(backend_url=standin.url)
         app = fake_app(config, runtime)
         async with app.test_app():
-            service: AuthService = services_of(app).auth
+            service: Administration = services_of(app).admin
             await service.add_user("root", "root-password", "admin", "tests")
             tokens = {}
             for name, scopes, models in (

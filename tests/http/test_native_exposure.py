@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from quart.typing import TestClientProtocol as Client
 
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
@@ -30,7 +30,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     async with StandIn() as standin:
         app = fake_app(config, FakeRuntime(backend_url=standin.url))
         async with app.test_app():
-            service: AuthService = services_of(app).auth
+            service: Administration = services_of(app).admin
             await service.add_user("root", "root-password", "admin", "tests")
             tokens = {}
             for name, scopes in (("inference", ["inference"]), ("metrics", ["inference", "metrics"])):

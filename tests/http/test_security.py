@@ -20,8 +20,9 @@ from quart.typing import TestClientProtocol as Client
 
 from common.errors import ConfigError
 from controller.auth import secrets as auth_secrets
+from controller.auth.admin import Administration
+from controller.auth.authenticate import Authenticator
 from controller.auth.secrets import digest, new_token, sign_claims
-from controller.auth.service import AuthService
 from controller.config import validate_config
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
@@ -34,8 +35,9 @@ from tests.support.harness import fake_app, fake_config
 class World:
     app: Quart
     client: Client
-    service: AuthService
+    service: Administration
     tokens: dict[str, str]
+    auth: Authenticator
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -53,7 +55,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     runtime = FakeRuntime()
     app = fake_app(config, runtime)
     async with app.test_app():
-        service: AuthService = services_of(app).auth
+        service: Administration = services_of(app).admin
         await service.add_user("root", "root-password", "admin", "tests")
         await service.add_user("alice", "alice-password", "user", "tests")
         tokens: dict[str, str] = {}
@@ -67,7 +69,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         ):
             tokens[name], _ = await service.create_token(owner, name, scopes, models, None, rpm, "tests")
         # No cookie jar: each test sends exactly the cookies it means to.
-        yield World(app, app.test_client(use_cookies=False), service, tokens)
+        yield World(app, app.test_client(use_cookies=False), service, tokens, services_of(app).auth)
 
 
 async def get(world: World, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
@@ -386,7 +388,7 @@ async def test_security_comparisons_are_constant_time(world: World, monkeypatch:
         return original(a, b)
 
     monkeypatch.setattr(auth_secrets.hmac, "compare_digest", recording)
-    world.service._cache.clear()
+    world.auth._cache.clear()
     assert (await get(world, "/api/tags", bearer(world.tokens["inference"])))[0] == 200
     assert calls, "token secrets are compared with hmac.compare_digest"
     calls.clear()
@@ -489,7 +491,7 @@ async def test_security_a_users_allow_list_binds_its_tokens(world: World) -> Non
 
 async def test_security_sign_in_with_an_impossible_name_stores_nothing(world: World) -> None:
     """A sign-in with a huge name once grew the process and the store file by the name's size per try."""
-    store, ephemeral = world.service.store, world.service.ephemeral
+    store, ephemeral = world.auth.store, world.auth.ephemeral
     before = await store.list_audit(1000)
     huge = "x" * 10_000  # under the sign-in form's own 16 KiB bound (past it: 413, nothing read)
     for username in (huge, "alice\n", "../alice", "alice bob", ""):
@@ -680,7 +682,7 @@ async def test_security_password_checks_leave_the_event_loop_free_and_are_bounde
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bogus sign-ins with a new name each once ran argon2 on the event loop: 100 at once stalled every request."""
-    from controller.auth import service as auth_service
+    from controller.auth import authenticate as auth_service
     from controller.auth.password_work import PasswordWork
 
     release = threading.Event()
@@ -693,7 +695,7 @@ async def test_security_password_checks_leave_the_event_loop_free_and_are_bounde
         return real(password, hashed)
 
     monkeypatch.setattr(auth_service, "verify_password", slow_verify)
-    world.service._password_work = PasswordWork(parallel=1, waiting=2)
+    world.auth.password_work = PasswordWork(parallel=1, waiting=2)
     guesses = [asyncio.create_task(login(world, f"ghost{n}", "whatever-password")) for n in range(4)]
     while len(threads) < 1:
         await asyncio.sleep(0.01)  # the loop runs while a check is under way: it is not on this thread

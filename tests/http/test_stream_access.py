@@ -17,7 +17,7 @@ from quart.testing import connections
 from quart.typing import TestClientProtocol as Client
 
 import controller.api.sse
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.runtime.fake import FakeRuntime
 from controller.runtime.logs import LogBook
 from controller.services import services_of
@@ -29,7 +29,7 @@ DEADLINE = 30.0  # how long a test waits for a condition; heartbeats come every 
 @dataclass
 class World:
     app: Quart
-    service: AuthService
+    service: Administration
     token: str  # bob's, models:manage, 3 requests a minute
     token_id: str
 
@@ -45,7 +45,7 @@ async def world(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatc
     config = fake_config(tmp_path, tiny_model, {"a": {}, "b": {}}, auth={"enabled": True, "token_cache_ttl": 0.1})
     app = fake_app(config, FakeRuntime())
     async with app.test_app():
-        service: AuthService = services_of(app).auth
+        service: Administration = services_of(app).admin
         await service.add_user("root", "root-password", "admin", "tests")
         await service.add_user("bob", "bob-password", "user", "tests", ("a",))
         token, record = await service.create_token("bob", "watch", ["models:manage"], [], None, 3, "tests")

@@ -12,7 +12,8 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.auth.service import SESSION_COOKIE, AuthService
+from controller.auth.admin import Administration
+from controller.auth.authenticate import SESSION_COOKIE
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
 from controller.services import services_of
 from controller.web.present import redact, safe_next, size, until
@@ -40,7 +41,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
         runtime = FakeRuntime(backend_url=standin.url)
         app = fake_app(config, runtime)
         async with app.test_app():
-            service: AuthService = services_of(app).auth
+            service: Administration = services_of(app).admin
             await service.add_user("root", "root-password", "admin", "tests")
             await service.add_user("bob", "bob-password", "user", "tests", ("a",))
             yield World(app, app.test_client())

@@ -13,7 +13,7 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
@@ -32,7 +32,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
     config = fake_config(tmp_path, tiny_model, {"a": {}}, auth={"enabled": True})
     app = fake_app(config, FakeRuntime())
     async with app.test_app():
-        service: AuthService = services_of(app).auth
+        service: Administration = services_of(app).admin
         await service.add_user("root", "root-password", "admin", "tests")
         yield World(app, app.test_client())
 

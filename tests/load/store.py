@@ -1,5 +1,5 @@
 """Token verification under load, SQLite and Redis: 1,000 verifications a second by the server's
-AuthService while a second AuthService (another replica, or the CLI) revokes tokens. Every revoked token
+Authenticator while a second replica's Administration (or the CLI's) revokes tokens. Every revoked token
 must be refused within ``auth.token_cache_ttl`` of its revocation, every time."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from common.errors import Unauthenticated
-from controller.auth.service import AuthService, Request
+from controller.auth.admin import Administration
+from controller.auth.authenticate import Authenticator, Request
 from controller.config import validate_config
 from controller.store import make_store
 from tests.load.common import check, median, percentile
@@ -25,15 +26,16 @@ async def verify_run(config: dict[str, object], seconds: float) -> tuple[int, fl
     """(verifications, achieved rate, latencies, worst staleness after a revocation, violations)."""
     validated = validate_config(config)
     store, ephemeral = make_store(validated)
-    other_store, other_ephemeral = make_store(validated)
+    other_store, _ = make_store(validated)
     await store.open()
     await other_store.open()
-    server = AuthService.from_config(validated, store, ephemeral)
-    revoker = AuthService.from_config(validated, other_store, other_ephemeral)
+    server = Authenticator.from_config(validated, store, ephemeral)
+    admin = Administration(store, server)
+    revoker = Administration(other_store)
     try:
-        await server.add_user("load", "load-password-1", "admin", "load")
+        await admin.add_user("load", "load-password-1", "admin", "load")
         issued = [
-            await server.create_token("load", f"t{i}", ["inference"], [], None, None, "load") for i in range(TOKENS)
+            await admin.create_token("load", f"t{i}", ["inference"], [], None, None, "load") for i in range(TOKENS)
         ]
         revoked_at: dict[str, float] = {}
         latencies: list[float] = []
@@ -69,7 +71,6 @@ async def verify_run(config: dict[str, object], seconds: float) -> tuple[int, fl
         return count, count / elapsed, latencies, worst, violations
     finally:
         await server.close()
-        await revoker.close()
         await store.close()
         await other_store.close()
 

@@ -22,7 +22,7 @@ import yaml
 from quart import Quart
 
 from common.errors import BackendStartFailed
-from controller.auth.service import AuthService
+from controller.auth.admin import Administration
 from controller.config import Config, validate_config
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.process import free_port
@@ -80,10 +80,10 @@ def real_config(tmp_path: Path, models: dict[str, dict[str, Any]], **sections: A
 
 async def provision_token(config: Config, scopes: tuple[str, ...] = ("admin",), user: str = "tester") -> str:
     """Create (once) an admin user and a new API token in the config's store; return the token."""
-    store, ephemeral = make_store(config)
+    store, _ = make_store(config)
     await store.open()
     try:
-        service = AuthService.from_config(config, store, ephemeral)
+        service = Administration(store)
         if await store.get_user(user) is None:
             await service.add_user(user, TESTER_PASSWORD, "admin", "tests")
         token, _ = await service.create_token(user, "tests", list(scopes), [], None, None, "tests")

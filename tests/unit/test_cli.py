@@ -15,7 +15,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 def test_cli_config_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(CONFIG_DIR / "llamacontroller.example.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "OK (3 model(s) configured)" in out
+    assert "OK (4 model(s) configured)" in out
     assert "warning: model file not found" in out  # the example points at files this machine lacks
 
 

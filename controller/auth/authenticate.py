@@ -1,4 +1,4 @@
-"""``AuthService.authenticate()``: the one function that turns a request's credentials into an Identity.
+"""``Authenticator.authenticate()``: the one function that turns a request's credentials into an Identity.
 
 Two callers, one function: ``GET /auth/verify`` (Caddy's forward_auth, which then copies our signed
 identity header onto the proxied request) and the app itself for requests that arrive directly. A request
@@ -9,6 +9,9 @@ Credentials, in order: the signed identity header; an API token as ``Authorizati
 or the password of ``Authorization: Basic`` (clients differ); the web session cookie (plus a CSRF token
 for state-changing requests). Token lookups are cached for ``token_cache_ttl`` seconds, so a revocation
 takes effect within seconds, across replicas too (they share the store).
+
+Changing users and tokens is controller/auth/admin.py's ``Administration``; it empties this cache (``forget``)
+when it changes what a cached lookup says.
 """
 
 from __future__ import annotations
@@ -18,23 +21,19 @@ import binascii
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from common.background import Background
-from common.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthenticated
-from controller.auth.bounds import Grant, check_glob_count, check_name, check_rpm, expiry_seconds, within_maker
+from common.errors import Forbidden, RateLimited, Unauthenticated
+from controller.auth.accounts import audit, is_user_name
 from controller.auth.identity import ROLE_SCOPES, Identity, Scope
 from controller.auth.password_work import PasswordWork
 from controller.auth.secrets import (
     digest,
-    hash_password,
     load_or_create_key,
-    new_token,
     parse_token,
     same,
     sign_claims,
@@ -42,8 +41,7 @@ from controller.auth.secrets import (
     verify_password,
 )
 from controller.config import AuthConfig, Config
-from controller.names import validate_model_name
-from controller.store.base import AuditEvent, Ephemeral, Role, SessionRecord, Store, TokenRecord, User
+from controller.store.base import Ephemeral, SessionRecord, Store, TokenRecord, User
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,6 @@ CSRF_HEADER = "x-csrf-token"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _TOUCH_EVERY = 60.0  # last-used time is written at most once a minute per token
 _CACHE_LIMIT = 10_000
-_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -74,20 +71,13 @@ class Request:
     cookies: Mapping[str, str]
 
 
-def _validate_globs(globs: tuple[str, ...]) -> None:
-    check_glob_count(globs)
-    for glob in globs:
-        validate_model_name(glob.replace("*", "x").replace("?", "x"))
+class Authenticator:
+    """Who is asking, and may they: verifying an API token, a web session or the edge's signed identity
+    (``authenticate``, ``revalidate``, ``authorize``), signing that identity (``sign_identity``), signing in and
+    out with a password (``login``, ``logout``, ``csrf_token``), and what those keep: the verify cache, the
+    per-token rate limits and the sign-in throttle (in the ``Ephemeral``), the last-used writes, the signing and
+    session keys, and the bound on password checks at once (``password_work``, which administration shares)."""
 
-
-def validate_user_name(name: str) -> str:
-    if not isinstance(name, str) or _USER_NAME.fullmatch(name) is None:
-        shown = repr(name[:65]) + ("…" if len(name) > 65 else "") if isinstance(name, str) else "(not text)"
-        raise BadRequest(f"invalid user name {shown}: letters, digits, '.', '_' and '-', at most 64")
-    return name
-
-
-class AuthService:
     def __init__(
         self,
         settings: AuthConfig,
@@ -104,10 +94,10 @@ class AuthService:
         self._cache: dict[str, _Cached] = {}
         self._touched: dict[str, float] = {}
         self._background = Background()
-        self._password_work = PasswordWork()
+        self.password_work = PasswordWork()
 
     @classmethod
-    def from_config(cls, config: Config, store: Store, ephemeral: Ephemeral) -> AuthService:
+    def from_config(cls, config: Config, store: Store, ephemeral: Ephemeral) -> Authenticator:
         """With the signing and session keys of the config's secrets dir (made on first use)."""
         return cls(
             config.auth,
@@ -116,6 +106,14 @@ class AuthService:
             load_or_create_key(config.secrets_dir / "identity.key"),
             load_or_create_key(config.secrets_dir / "session.key"),
         )
+
+    def forget(self, token_id: str | None = None) -> None:
+        """Drop a token's cached lookup (every token's with none), so that this process reads the store again
+        at its next use; other processes see the change within ``token_cache_ttl``."""
+        if token_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(token_id, None)
 
     # ------------------------------------------------------------------ authenticate
 
@@ -278,7 +276,7 @@ class AuthService:
 
     async def login(self, username: str, password: str, client: str) -> tuple[str, User]:
         """Check the password (throttled per user and address) and open a new session: (cookie, user)."""
-        if not isinstance(username, str) or _USER_NAME.fullmatch(username) is None:
+        if not is_user_name(username):
             # No account has such a name: refuse before anything is counted or audited, so a sign-in with a
             # 20 MB name costs nothing to keep.
             raise Unauthenticated("invalid user name or password")
@@ -290,159 +288,23 @@ class AuthService:
         ):
             raise RateLimited("too many failed sign-ins: wait and try again", self.settings.login_window)
         user = await self.store.get_user(username)
-        matches = await self._password_work.run(verify_password, password, user.password_hash if user else None)
+        matches = await self.password_work.run(verify_password, password, user.password_hash if user else None)
         if not matches or user is None or user.disabled:
             await self.ephemeral.add_failure(key, self.settings.login_window)
             await self.ephemeral.add_failure(account, self.settings.login_window)
-            await self._audit("login_failed", username, username, {"client": client})
+            await audit(self.store, "login_failed", username, username, {"client": client})
             raise Unauthenticated("invalid user name or password")
         await self.ephemeral.clear_failures(key)  # the account's count stays: other addresses' guesses remain
         cookie = secrets.token_urlsafe(32)  # always new: a session id chosen before sign-in is never reused
         now = time.time()
         await self.store.add_session(SessionRecord(digest(cookie), user.name, now, now + self.settings.session_ttl))
-        await self._audit("login", user.name, user.name, {"client": client})
+        await audit(self.store, "login", user.name, user.name, {"client": client})
         return cookie, user
 
     async def logout(self, identity: Identity) -> None:
         if identity.session_hash:
             await self.store.delete_session(identity.session_hash)
-            await self._audit("logout", identity.subject, identity.subject)
-
-    # ------------------------------------------------------------------ users and tokens
-
-    async def _audit(self, action: str, actor: str, target: str, detail: dict[str, Any] | None = None) -> None:
-        await self.store.add_audit(AuditEvent(time.time(), action, actor, target, detail or {}))
-
-    async def add_user(self, name: str, password: str, role: Role, actor: str, models: tuple[str, ...] = ()) -> User:
-        validate_user_name(name)
-        if len(password) < 8:
-            raise BadRequest("passwords need at least 8 characters")
-        _validate_globs(models)
-        user = User(
-            name, await self._password_work.run(hash_password, password), role, False, time.time(), tuple(models)
-        )
-        await self.store.add_user(user)
-        await self._audit("user_added", actor, name, {"role": role, "models": list(models)})
-        return user
-
-    async def set_models(self, name: str, models: tuple[str, ...], actor: str) -> User:
-        """The user's model allow-list (for the user and every token it owns); empty: every model."""
-        _validate_globs(models)
-        user = await self.store.update_user(name, models=tuple(models))
-        self._cache.clear()
-        await self._audit("user_models_changed", actor, name, {"models": list(models)})
-        return user
-
-    async def set_password(self, name: str, password: str, actor: str) -> None:
-        if len(password) < 8:
-            raise BadRequest("passwords need at least 8 characters")
-        user = await self.store.update_user(name, password_hash=await self._password_work.run(hash_password, password))
-        await self.store.delete_user_sessions(user.name)
-        await self._audit("password_changed", actor, name)
-
-    async def set_disabled(self, name: str, disabled: bool, actor: str) -> User:
-        user = await self.store.update_user(name, disabled=disabled)
-        if disabled:
-            await self.store.delete_user_sessions(user.name)
-        self._cache.clear()
-        await self._audit("user_disabled" if disabled else "user_enabled", actor, name)
-        return user
-
-    async def ensure_first_admin(self) -> str | None:
-        """With no users at all, create ``admin`` with a random password and return it (to print once)."""
-        if await self.store.list_users():
-            return None
-        password = secrets.token_urlsafe(12)
-        await self.add_user("admin", password, "admin", "first start")
-        return password
-
-    async def create_token(
-        self,
-        owner: str,
-        name: str,
-        scopes: list[str],
-        models: list[str],
-        expires: str | float | None,
-        rpm: int | None,
-        actor: str,
-        creator: Identity | None = None,
-    ) -> tuple[str, TokenRecord]:
-        """Returns (the secret token, shown once; its record). A ``creator`` who is not an admin may make
-        tokens only for itself and only with scopes it has; a creator that is a token bounds the new one by
-        its own models, rate and expiry (controller/auth/bounds.py). The CLI passes none: it acts as the
-        machine's administrator."""
-        unknown = [scope for scope in scopes if scope not in {s.value for s in Scope}]
-        if unknown or not scopes:
-            raise BadRequest(f"scopes must be some of {[s.value for s in Scope]}")
-        if creator is not None and not creator.is_admin:
-            if owner.lower() != creator.subject.lower():
-                raise Forbidden("you can create tokens only for yourself")
-            beyond = [scope for scope in scopes if not creator.has(scope)]
-            if beyond:
-                raise Forbidden(f"you cannot give a token scopes you do not have: {', '.join(beyond)}")
-        user = await self.store.get_user(owner)
-        if user is None:
-            raise NotFound(f"user '{owner}' not found")
-        if Scope.ADMIN in scopes and user.role != "admin":
-            raise BadRequest("only admins may own tokens with the admin scope")
-        check_name(name)
-        _validate_globs(tuple(models))
-        seconds = expiry_seconds(expires)
-        now = time.time()
-        grant = Grant(tuple(models), check_rpm(rpm), now + seconds if seconds else None)
-        if creator is not None and creator.token_id is not None:
-            grant = within_maker(creator, grant, never=isinstance(expires, str) and seconds is None)
-        token, token_id, secret_hash = new_token()
-        record = TokenRecord(
-            id=token_id,
-            name=name,
-            owner=user.name,  # as stored, whatever the case asked for
-            secret_hash=secret_hash,
-            scopes=tuple(sorted(set(scopes))),
-            models=grant.models,
-            expires_at=grant.expires_at,
-            created_at=now,
-            rpm=grant.rpm,
-            made_by=creator.token_id if creator is not None else None,
-        )
-        await self.store.add_token(record)
-        detail = {"name": name, "owner": user.name, "scopes": scopes, "made_by": record.made_by}
-        await self._audit("token_created", actor, token_id, detail)
-        return token, record
-
-    async def tokens_for(self, viewer: Identity) -> list[TokenRecord]:
-        """Every token for an admin; a user's own otherwise."""
-        tokens = await self.store.list_tokens()
-        return [t for t in tokens if viewer.is_admin or t.owner == viewer.subject]
-
-    async def revoke_token(self, token_id: str, actor: str, by: Identity | None = None) -> TokenRecord:
-        if by is not None and not by.is_admin:
-            own = await self.store.get_token(token_id)
-            if own is None or own.owner != by.subject:  # another user's token: as if it did not exist
-                raise NotFound(f"token '{token_id}' not found")
-        if not await self.store.revoke_token(token_id):
-            raise NotFound(f"token '{token_id}' not found")
-        self._cache.pop(token_id, None)
-        await self._audit("token_revoked", actor, token_id)
-        await self._revoke_made_by(token_id, actor)
-        token = await self.store.get_token(token_id)
-        assert token is not None
-        return token
-
-    async def _revoke_made_by(self, token_id: str, actor: str) -> None:
-        """Revoke every token made, directly or in turn, with ``token_id``: a leaked token's children go with it."""
-        tokens = await self.store.list_tokens()
-        made: dict[str, list[TokenRecord]] = {}
-        for token in tokens:
-            if token.made_by:
-                made.setdefault(token.made_by, []).append(token)
-        pending = [token_id]
-        while pending:
-            for child in made.pop(pending.pop(), []):
-                pending.append(child.id)
-                if not child.revoked and await self.store.revoke_token(child.id):
-                    self._cache.pop(child.id, None)
-                    await self._audit("token_revoked", actor, child.id, {"made_by": child.made_by})
+            await audit(self.store, "logout", identity.subject, identity.subject)
 
 
 def _token_identity(token: TokenRecord, owner: User | None) -> Identity:
