@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -44,6 +45,14 @@ def test_each_start_gets_its_own_key_and_an_adopter_derives_it_again(tmp_path: P
     assert keys.recover(replace(adopted, labels={})).api_key == ""
 
 
+async def settled_cmdline(pid: int) -> list[bytes]:
+    """The process's argv once its exec is done: read mid-exec (a busy machine), /proc/PID/cmdline is empty."""
+    deadline = time.monotonic() + 30
+    while not (cmdline := Path(f"/proc/{pid}/cmdline").read_bytes()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return cmdline.split(b"\0")
+
+
 async def test_process_runtime_passes_the_key_in_a_private_file_not_on_the_command_line(tmp_path: Path) -> None:
     binary = tmp_path / "llama-server"
     binary.write_text("#!/bin/sh\nsleep 30\n")  # not exec: its argv stays what the runtime gave
@@ -55,7 +64,7 @@ async def test_process_runtime_passes_the_key_in_a_private_file_not_on_the_comma
         key_file = runtime.key_path(spec.model)
         assert key_file.read_text().strip() == spec.api_key
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        argv = Path(f"/proc/{backend.handle}/cmdline").read_bytes().split(b"\0")
+        argv = await settled_cmdline(int(backend.handle))
         assert b"--api-key-file" in argv and str(key_file).encode() in argv
         assert not any(spec.api_key.encode() in arg for arg in argv)
         pid_file = (tmp_path / "state" / "run" / f"{spec.model}.json").read_text()
