@@ -7,7 +7,8 @@ lifecycle's job. Blocking calls (SDKs, file system scans) must run off the event
 
 A ``LaunchSpec`` says what llama-server is asked to do (model file, flags, GPUs), never how: the process
 runtime turns it into an argv and environment, a container runtime into an image, a command, mounts and
-device requests. So its ``spec_hash`` means the same thing in every runtime.
+device requests. So its ``spec_hash`` means the same thing in every runtime, and its ``argv`` is llama-server's
+argument list in every runtime, given where that runtime lets llama-server see the files and listen.
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ class LaunchSpec:
     # The backend's own API key (runtime/keys.py): a new one per start, so never part of spec_hash; each runtime
     # hands it to llama-server without putting it on a command line, and it never appears in a repr.
     api_key: str = field(default="", repr=False)
+
+    def argv(self, seen_as: Callable[[Path], str], host: str, port: int) -> list[str]:
+        """llama-server's arguments (the binary not included), built here for every runtime: ``seen_as`` gives a
+        file's path as llama-server sees it (in its container, its pod, or as it is), ``host`` and ``port`` where
+        it listens."""
+        argv = ["--model", seen_as(self.model_file)]
+        if self.mmproj is not None:
+            argv += ["--mmproj", seen_as(self.mmproj)]
+        return [*argv, *self.args, "--host", host, "--port", str(port)]
 
     @property
     def spec_hash(self) -> str:

@@ -52,7 +52,6 @@ from controller.runtime.containers import (
     INSTANCE,
     MANAGED,
     MODEL,
-    PORT,
     REALISED,
     REQUIREMENTS,
     SPEC,
@@ -64,6 +63,7 @@ from controller.runtime.containers import (
     realisation_hash,
     settings_for,
 )
+from controller.runtime.contract import PORT
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import START_MARKER, LineSplitter, LogBook, LogFile, last_written, log_hint, read_log
 from controller.runtime.watching import DRAIN_BOUND, Backoff, ExitBook

@@ -42,12 +42,12 @@ from common.background import cancel_and_wait
 from common.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
 from controller.config import Config
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
+from controller.runtime.contract import PORT
 from controller.runtime.kube_api import KubeApi, describe, kube_errors
 from controller.runtime.kube_objects import (
     BACKEND,
     CONTAINER,
     MODEL_NAME,
-    PORT,
     REALISED,
     REQUIREMENTS,
     RUN,

@@ -194,10 +194,7 @@ class ProcessRuntime:
             binary = self._binary()
         except LlamaControllerError as exc:
             raise BackendStartFailed(exc.message) from exc
-        argv = [binary, "--model", str(spec.model_file)]
-        if spec.mmproj is not None:
-            argv += ["--mmproj", str(spec.mmproj)]
-        argv += [*spec.args, "--host", self._host, "--port", str(port)]
+        argv = [binary, *spec.argv(str, self._host, port)]
         if spec.api_key:
             argv += ["--api-key-file", str(self.key_path(spec.model))]
         env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIX)}

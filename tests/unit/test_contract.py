@@ -3,11 +3,18 @@ an older one left only when it names them, labels them and hashes them as that o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from common.errors import InvalidModelName
+from controller.config import Config, validate_config
+from controller.runtime import containers, kube_objects
+from controller.runtime.base import LaunchSpec
 from controller.runtime.containers import container_name
 from controller.runtime.kube_objects import backend_name
+from controller.runtime.logs import LogBook
+from controller.runtime.process import ProcessRuntime
 
 INSTANCE = "0123456789abcdef0123456789abcdef"
 
@@ -41,3 +48,49 @@ def test_a_name_that_is_no_model_name_is_refused_by_both() -> None:
         container_name(INSTANCE, "hf.co/org/model:tag")
     with pytest.raises(InvalidModelName):
         backend_name("release-a", "hf.co/org/model:tag")
+
+
+def config() -> Config:
+    kubernetes = {"models": {"claim_name": "m", "mount_path": "/srv/models"}}
+    model = {
+        "path": "/srv/models/m.gguf",
+        "container": {"memory": "1GiB", "env": {"A": "b"}},
+        "kubernetes": {"node_selector": {"k": "v"}},
+        "startup_timeout": 60,
+    }
+    return validate_config({"runtime": {"kind": "kubernetes", "kubernetes": kubernetes}, "models": {"m:1": model}})
+
+
+def test_realisation_hashes_are_what_older_controllers_wrote() -> None:
+    """A model with its own settings and one without, in both container runtimes."""
+    made = config()
+    assert containers.realisation_hash(containers.settings_for(made, "m:1")) == "beb4149c49bb6be4"
+    assert containers.realisation_hash(containers.settings_for(made, "x:1")) == "4e285397f5ffb233"
+    assert kube_objects.settings_for(made, "m:1").realisation() == "d1dfa5d30d240725"
+    assert kube_objects.settings_for(made, "x:1").realisation() == "153e08977ac74a75"
+
+
+def test_each_runtime_gives_llama_server_the_same_arguments_where_it_sees_the_files(tmp_path: Path) -> None:
+    made = config()
+    spec = LaunchSpec("m:1", Path("/srv/models/m.gguf"), ("--ctx-size", "512"), mmproj=Path("/srv/other/p.gguf"))
+    in_container = ["--ctx-size", "512", "--host", "0.0.0.0", "--port", "8080"]
+    docker = containers.plan(spec, containers.settings_for(made, "m:1"), "i", {"/srv": "/host"})
+    assert docker.command == ["--model", "/models/m.gguf", "--mmproj", "/mmproj/p.gguf", *in_container]
+    assert docker.mounts == [("/host/models", "/models"), ("/host/other", "/mmproj")]
+    beside = LaunchSpec("m:1", Path("/srv/models/m.gguf"), ("--ctx-size", "512"), mmproj=Path("/srv/models/p.gguf"))
+    assert containers.plan(beside, containers.settings_for(made, "m:1"), "i", {}).command[:4] == [
+        "--model",
+        "/models/m.gguf",
+        "--mmproj",
+        "/models/p.gguf",
+    ]
+    pod = kube_objects.plan(beside, kube_objects.settings_for(made, "m:1"), "i", "r")
+    args = pod.deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == ["--model", "/models/m.gguf", "--mmproj", "/models/p.gguf", *in_container]
+    process = ProcessRuntime(tmp_path, LogBook(), lambda: "/bin/llama-server")
+    argv, _ = process.command(spec, 4321)
+    assert argv == [
+        "/bin/llama-server",
+        *["--model", "/srv/models/m.gguf", "--mmproj", "/srv/other/p.gguf", "--ctx-size", "512"],
+        *["--host", "127.0.0.1", "--port", "4321"],
+    ]
