@@ -12,10 +12,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import BackendStartFailed, DockerUnavailable
-from controller.config import Config
-from controller.config_schema import ContainerSettings
+from controller.config_schema import ContainerSettings, DockerConfig
 from controller.runtime import contract
-from controller.runtime.base import GpuSelection, LaunchSpec
+from controller.runtime.base import GpuSelection, LaunchSpec, Placement
 from controller.runtime.contract import API_KEY_ENV, DEFAULT_IMAGE, MODELS_MOUNT, container_args, name_digest, slug
 
 LABEL = "io.llamacontroller"
@@ -52,11 +51,9 @@ def container_name(instance: str, model: str) -> str:
     return f"llamacontroller-{instance[:8]}-{slug(model, dns_label=False)}-{name_digest(instance, model)}"
 
 
-def settings_for(config: Config, model: str) -> ContainerSettings:
+def settings_for(base: DockerConfig, placement: Placement) -> ContainerSettings:
     """``runtime.docker`` with the model's own ``container`` settings over it."""
-    base = config.runtime.docker
-    entry = config.configured_model(model)
-    override = entry.container if entry else None
+    override = placement.container
     merged = ContainerSettings(
         image=base.image, memory=base.memory, shm_size=base.shm_size, ulimits=base.ulimits, env=base.env
     )

@@ -17,9 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import BackendStartFailed
-from controller.config import Config
-from controller.config_schema import KubernetesConfig
-from controller.runtime.base import GpuSelection, LaunchSpec
+from controller.runtime.base import GpuSelection, LaunchSpec, Placement, RuntimeSetup
 from controller.runtime.contract import (
     API_KEY_ENV,
     MODELS_MOUNT,
@@ -95,12 +93,10 @@ class BackendObjects:
     secret: dict[str, Any] | None = field(default=None, repr=False)  # the backend's API key, when it has one
 
 
-def settings_for(config: Config, model: str) -> PodPlanSettings:
-    base: KubernetesConfig = config.runtime.kubernetes
-    entry = config.configured_model(model)
-    container = entry.container if entry else None
-    pod = entry.kubernetes if entry else None
-    startup = entry.startup_timeout if entry and entry.startup_timeout is not None else None
+def settings_for(setup: RuntimeSetup, placement: Placement) -> PodPlanSettings:
+    """``runtime.kubernetes`` with the model's own settings over it."""
+    base = setup.settings.kubernetes
+    container, pod, startup = placement.container, placement.pod, placement.startup_timeout
     return PodPlanSettings(
         image=(container.image if container and container.image else None) or base.image,
         image_pull_policy=base.image_pull_policy,
@@ -121,8 +117,8 @@ def settings_for(config: Config, model: str) -> PodPlanSettings:
         sub_path=base.models.sub_path,
         mount_path=base.models.mount_path,
         liveness_period=base.liveness_period,
-        startup_timeout=startup if startup is not None else config.defaults.startup_timeout,
-        stop_timeout=config.runtime.stop_timeout,
+        startup_timeout=startup if startup is not None else setup.defaults.startup_timeout,
+        stop_timeout=setup.settings.stop_timeout,
     )
 
 

@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidModelName
+from controller.catalog.entries import CatalogEntry
+from controller.catalog.profile import build_profile
+from controller.catalog.requirements import Requirements
 from controller.config import Config, validate_config
-from controller.runtime import containers, kube_objects
-from controller.runtime.base import LaunchSpec
+from controller.config_schema import ContainerSettings
+from controller.runtime import containers, kube_objects, runtime_setup
+from controller.runtime.base import LaunchSpec, RuntimeSetup
 from controller.runtime.containers import container_name
 from controller.runtime.kube_objects import backend_name
 from controller.runtime.logs import LogBook
@@ -61,33 +65,52 @@ def config() -> Config:
     return validate_config({"runtime": {"kind": "kubernetes", "kubernetes": kubernetes}, "models": {"m:1": model}})
 
 
+def docker_settings(made: Config, model: str) -> ContainerSettings:
+    """As the docker runtime judges a leftover of ``model`` (its setup's placement of it)."""
+    return containers.settings_for(made.runtime.docker, runtime_setup(made, LogBook(), instance="i").placement(model))
+
+
+def pod_settings(made: Config, model: str) -> kube_objects.PodPlanSettings:
+    setup = runtime_setup(made, LogBook(), instance="i")
+    return kube_objects.settings_for(setup, setup.placement(model))
+
+
 def test_realisation_hashes_are_what_older_controllers_wrote() -> None:
     """A model with its own settings and one without, in both container runtimes."""
     made = config()
-    assert containers.realisation_hash(containers.settings_for(made, "m:1")) == "beb4149c49bb6be4"
-    assert containers.realisation_hash(containers.settings_for(made, "x:1")) == "4e285397f5ffb233"
-    assert kube_objects.settings_for(made, "m:1").realisation() == "d1dfa5d30d240725"
-    assert kube_objects.settings_for(made, "x:1").realisation() == "153e08977ac74a75"
+    assert containers.realisation_hash(docker_settings(made, "m:1")) == "beb4149c49bb6be4"
+    assert containers.realisation_hash(docker_settings(made, "x:1")) == "4e285397f5ffb233"
+    assert pod_settings(made, "m:1").realisation() == "d1dfa5d30d240725"
+    assert pod_settings(made, "x:1").realisation() == "153e08977ac74a75"
+
+
+def test_a_backend_is_started_as_its_leftover_is_judged() -> None:
+    """The placement a model's profile puts on its LaunchSpec (start) is the one its setup gives (adoption)."""
+    made = config()
+    entry = CatalogEntry("m:1", Path("/srv/models/m.gguf"), (), "config", made.models["m:1"], 1, 1, None, None)
+    spec = build_profile(entry, made).spec(Requirements())
+    assert spec.placement == runtime_setup(made, LogBook(), instance="i").placement("m:1")
+    assert spec.placement.container is not None and spec.placement.startup_timeout == 60
 
 
 def test_each_runtime_gives_llama_server_the_same_arguments_where_it_sees_the_files(tmp_path: Path) -> None:
     made = config()
     spec = LaunchSpec("m:1", Path("/srv/models/m.gguf"), ("--ctx-size", "512"), mmproj=Path("/srv/other/p.gguf"))
     in_container = ["--ctx-size", "512", "--host", "0.0.0.0", "--port", "8080"]
-    docker = containers.plan(spec, containers.settings_for(made, "m:1"), "i", {"/srv": "/host"})
+    docker = containers.plan(spec, docker_settings(made, "m:1"), "i", {"/srv": "/host"})
     assert docker.command == ["--model", "/models/m.gguf", "--mmproj", "/mmproj/p.gguf", *in_container]
     assert docker.mounts == [("/host/models", "/models"), ("/host/other", "/mmproj")]
     beside = LaunchSpec("m:1", Path("/srv/models/m.gguf"), ("--ctx-size", "512"), mmproj=Path("/srv/models/p.gguf"))
-    assert containers.plan(beside, containers.settings_for(made, "m:1"), "i", {}).command[:4] == [
+    assert containers.plan(beside, docker_settings(made, "m:1"), "i", {}).command[:4] == [
         "--model",
         "/models/m.gguf",
         "--mmproj",
         "/models/p.gguf",
     ]
-    pod = kube_objects.plan(beside, kube_objects.settings_for(made, "m:1"), "i", "r")
+    pod = kube_objects.plan(beside, pod_settings(made, "m:1"), "i", "r")
     args = pod.deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args == ["--model", "/models/m.gguf", "--mmproj", "/models/p.gguf", *in_container]
-    process = ProcessRuntime(tmp_path, LogBook(), lambda: "/bin/llama-server")
+    process = ProcessRuntime(RuntimeSetup(tmp_path, LogBook(), binary=lambda: "/bin/llama-server"))
     argv, _ = process.command(spec, 4321)
     assert argv == [
         "/bin/llama-server",
