@@ -37,11 +37,10 @@ from controller.lifecycle.model import Probe
 from controller.lifecycle.supervisor import Supervisor
 from controller.metrics import ControllerMetrics
 from controller.observability import EventBus
+from controller.runtime import make_runtime
 from controller.runtime.base import Runtime
-from controller.runtime.instance import instance_id
 from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook
-from controller.runtime.process import ProcessRuntime
 from controller.services import Services
 from controller.settings import find_llama_server, supported_flags
 from controller.store import make_store
@@ -178,19 +177,6 @@ async def _first_admin(services: Services) -> None:
             "  (shown once; change it with: llamacontroller user passwd admin)\n",
             flush=True,
         )
-
-
-def make_runtime(config: Config, logbook: LogBook, binary: Callable[[], str]) -> Runtime:
-    """The runtime ``runtime.kind`` names (the docker SDK and the Kubernetes client are imported only when used)."""
-    if config.runtime.kind == "docker":
-        from controller.runtime.docker import DockerRuntime
-
-        return DockerRuntime(config, logbook, instance_id(config.data_dir))
-    if config.runtime.kind == "kubernetes":
-        from controller.runtime.kubernetes import KubernetesRuntime
-
-        return KubernetesRuntime(config, logbook, instance_id(config.data_dir))
-    return ProcessRuntime(config.data_dir, logbook, binary)
 
 
 def _relative_redirects(app: Quart) -> None:

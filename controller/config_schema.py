@@ -111,6 +111,11 @@ class ServerConfig(_Strict):
         return value
 
 
+# The llama-server image a container runtime starts unless told otherwise (runtime/contract.py names it for the
+# runtimes; `llamacontroller images build` makes it).
+DEFAULT_IMAGE = "llamacontroller/llama-server:local"
+
+
 class ContainerSettings(_Strict):
     """How the docker runtime runs one model's container (per model, over ``runtime.docker``)."""
 
@@ -125,7 +130,7 @@ class DockerConfig(_Strict):
     """``runtime.kind: docker``: one container per model, through the Docker Engine API."""
 
     base_url: str | None = None  # default: DOCKER_HOST, else the local socket
-    image: str = "llamacontroller/llama-server:local"  # `llamacontroller images build` makes it
+    image: str = DEFAULT_IMAGE
     network: str | None = None  # the user-defined network backends join when the controller runs in a container
     in_container: Literal["auto"] | bool = "auto"  # auto: the engine knows this host name as a container
     memory: ByteSize | None = None
@@ -173,7 +178,7 @@ class KubernetesConfig(PodSettings):
     instance: str | None = None  # labels this controller's backends; default: the data dir's instance id
     # The controller's own Deployment: backends name it as their owner, so deleting it (helm uninstall) deletes them.
     owner_deployment: str | None = None
-    image: str = "llamacontroller/llama-server:local"
+    image: str = DEFAULT_IMAGE
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = Field(default_factory=list)
     gpu_resource: str = "nvidia.com/gpu"

@@ -29,9 +29,10 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 from controller.edge.child import find_caddy
+from controller.runtime.contract import DEFAULT_IMAGE, PORT
 from controller.settings import find_llama_server
 
-LLAMA_SERVER_IMAGE = "llamacontroller/llama-server:local"
+LLAMA_SERVER_IMAGE = DEFAULT_IMAGE
 EDGE_IMAGE = "llamacontroller/edge:local"
 APP_IMAGE = "llamacontroller/app:local"
 PACKAGES = ("common", "controller", "llamacontroller", "proxy")  # the project's own, copied into the app image
@@ -94,9 +95,9 @@ def llama_server_context(context: Path) -> None:
         "FROM scratch\n"
         "COPY rootfs/ /\n"
         "ENV LD_LIBRARY_PATH=/app\n"
-        "EXPOSE 8080\n"
+        f"EXPOSE {PORT}\n"
         'ENTRYPOINT ["/app/llama-server"]\n'
-        'CMD ["--host", "0.0.0.0", "--port", "8080"]\n'
+        f'CMD ["--host", "0.0.0.0", "--port", "{PORT}"]\n'
     )
 
 

@@ -14,7 +14,7 @@ from common.errors import BadRequest
 from controller.catalog.entries import CatalogEntry
 from controller.catalog.requirements import ModelPolicy, Requirements
 from controller.config import Config
-from controller.runtime.base import GpuSelection, LaunchSpec
+from controller.runtime.base import GpuSelection, LaunchSpec, Placement
 
 _POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's GGUF says so
 
@@ -138,6 +138,7 @@ class ModelProfile:
             env=dict(self.env),
             fingerprint=entry.fingerprint,
             labels=requirements.as_labels(),
+            placement=Placement.of(entry.config),
         )
 
 

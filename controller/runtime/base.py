@@ -7,7 +7,10 @@ lifecycle's job. Blocking calls (SDKs, file system scans) must run off the event
 
 A ``LaunchSpec`` says what llama-server is asked to do (model file, flags, GPUs), never how: the process
 runtime turns it into an argv and environment, a container runtime into an image, a command, mounts and
-device requests. So its ``spec_hash`` means the same thing in every runtime.
+device requests. So its ``spec_hash`` means the same thing in every runtime, and its ``argv`` is llama-server's
+argument list in every runtime, given where that runtime lets llama-server see the files and listen. Beside it
+travels the model's ``Placement`` (its own container and pod settings), so that no runtime looks a model up in
+the config; every runtime is built from one ``RuntimeSetup`` (``controller.runtime.make_runtime``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Protocol
+
+from common.errors import BackendStartFailed
+from controller.config_schema import ContainerSettings, ModelConfig, ModelDefaults, PodSettings, RuntimeConfig
+from controller.runtime.logs import LogBook
 
 GpuSelection = Literal["auto", "all", "none"] | tuple[int, ...]
 
@@ -57,6 +64,25 @@ def write_json_atomically(path: Path, data: object, *, sort_keys: bool = False) 
 
 
 @dataclass(frozen=True)
+class Placement:
+    """A model's own settings for how a container runtime runs it (its ``container`` and ``kubernetes`` config,
+    its startup timeout), over the runtime's own. The profile puts them on the LaunchSpec, so that a runtime never
+    looks a model up in the config; not part of ``spec_hash``: a container runtime hashes them, with its own
+    settings, into the realisation label instead."""
+
+    container: ContainerSettings | None = None
+    pod: PodSettings | None = None
+    startup_timeout: float | None = None  # None: the config's default (RuntimeSetup.defaults)
+
+    @classmethod
+    def of(cls, model: ModelConfig | None) -> Placement:
+        """The placement of a model with this ``models:`` entry (None: a model found in models_dir)."""
+        if model is None:
+            return cls()
+        return cls(model.container, model.kubernetes, model.startup_timeout)
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """What one llama-server is asked to do for one model; host, port and binary are the runtime's."""
 
@@ -71,6 +97,16 @@ class LaunchSpec:
     # The backend's own API key (runtime/keys.py): a new one per start, so never part of spec_hash; each runtime
     # hands it to llama-server without putting it on a command line, and it never appears in a repr.
     api_key: str = field(default="", repr=False)
+    placement: Placement = field(default_factory=Placement)  # container runtimes only; never part of spec_hash
+
+    def argv(self, seen_as: Callable[[Path], str], host: str, port: int) -> list[str]:
+        """llama-server's arguments (the binary not included), built here for every runtime: ``seen_as`` gives a
+        file's path as llama-server sees it (in its container, its pod, or as it is), ``host`` and ``port`` where
+        it listens."""
+        argv = ["--model", seen_as(self.model_file)]
+        if self.mmproj is not None:
+            argv += ["--mmproj", seen_as(self.mmproj)]
+        return [*argv, *self.args, "--host", host, "--port", str(port)]
 
     @property
     def spec_hash(self) -> str:
@@ -87,6 +123,35 @@ class LaunchSpec:
             ]
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _no_binary() -> str:
+    raise BackendStartFailed("this runtime was given no llama-server binary")
+
+
+def _unplaced(model: str) -> Placement:
+    return Placement()
+
+
+@dataclass(frozen=True)
+class RuntimeSetup:
+    """What every runtime is built with (``controller.runtime.make_runtime``): the ``runtime`` settings and this
+    controller's identity, never the config itself. A backend is started as its LaunchSpec says; ``placement``
+    is how the config places a model now, by which a leftover of an earlier controller is judged."""
+
+    data_dir: Path  # logs/, run/ (pid files), containers/ (kept labels)
+    logbook: LogBook
+    settings: RuntimeConfig = field(default_factory=RuntimeConfig)
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)  # for a model that sets none of its own
+    instance: str = ""  # labels what a container runtime starts (runtime/instance.py)
+    binary: Callable[[], str] = _no_binary  # where llama-server is (the process runtime)
+    placement: Callable[[str], Placement] = _unplaced
+
+    def folder(self, name: str) -> Path:
+        """``data_dir/name`` (``logs``: each model's log, one file in every runtime), private to this user."""
+        path = self.data_dir / name
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
 
 
 @dataclass(frozen=True)

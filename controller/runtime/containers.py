@@ -4,9 +4,7 @@ where Docker SDK exceptions become ours (``map_docker_errors``, used only around
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,18 +12,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import BackendStartFailed, DockerUnavailable
-from controller.config import Config
-from controller.config_schema import ContainerSettings
-from controller.names import canonical
-from controller.runtime.base import GpuSelection, LaunchSpec
+from controller.config_schema import ContainerSettings, DockerConfig
+from controller.runtime import contract
+from controller.runtime.base import GpuSelection, LaunchSpec, Placement
+from controller.runtime.contract import API_KEY_ENV, DEFAULT_IMAGE, MODELS_MOUNT, container_args, name_digest, slug
 
 LABEL = "io.llamacontroller"
 MANAGED, MODEL, SPEC, INSTANCE = f"{LABEL}.managed", f"{LABEL}.model", f"{LABEL}.spec", f"{LABEL}.instance"
 REALISED, REQUIREMENTS = f"{LABEL}.container", f"{LABEL}.requirements"
-PORT = 8080  # llama-server's port inside its container
-API_KEY_ENV = "LLAMA_API_KEY"  # llama-server's environment variable for --api-key
-MODELS_MOUNT = "/models"
-MMPROJ_MOUNT = "/mmproj"
+MMPROJ_MOUNT = "/mmproj"  # a projector in another directory than its model's
 NVIDIA_TOOLKIT_HELP = (
     "the Docker engine has no NVIDIA runtime, so it cannot give GPUs to containers: install the NVIDIA Container "
     "Toolkit on the host (nvidia-ctk runtime configure --runtime=docker, then restart dockerd), or set gpus: none "
@@ -49,23 +44,16 @@ class ContainerPlan:
     ulimits: dict[str, int] = field(default_factory=dict)
 
 
-def slug(model: str) -> str:
-    return re.sub(r"[^a-z0-9_.-]+", "-", canonical(model)).strip("-.") or "model"
-
-
 def container_name(instance: str, model: str) -> str:
     """The slug alone is not unique (``a:b-c`` and ``a-b:c`` both read ``a-b-c``): a short hash of the canonical
     name keeps them apart, as kube_objects.backend_name does. Only for people reading ``docker ps``: adoption
     goes by labels, so containers named the older way (no hash) are still adopted or removed."""
-    digest = hashlib.sha256(f"{instance}\0{canonical(model)}".encode()).hexdigest()[:8]
-    return f"llamacontroller-{instance[:8]}-{slug(model)}-{digest}"
+    return f"llamacontroller-{instance[:8]}-{slug(model, dns_label=False)}-{name_digest(instance, model)}"
 
 
-def settings_for(config: Config, model: str) -> ContainerSettings:
+def settings_for(base: DockerConfig, placement: Placement) -> ContainerSettings:
     """``runtime.docker`` with the model's own ``container`` settings over it."""
-    base = config.runtime.docker
-    entry = config.configured_model(model)
-    override = entry.container if entry else None
+    override = placement.container
     merged = ContainerSettings(
         image=base.image, memory=base.memory, shm_size=base.shm_size, ulimits=base.ulimits, env=base.env
     )
@@ -92,17 +80,16 @@ def host_path(path: Path, path_map: Mapping[str, str]) -> str:
 
 
 def plan(spec: LaunchSpec, settings: ContainerSettings, instance: str, path_map: Mapping[str, str]) -> ContainerPlan:
-    """A model's directory is mounted read-only (never ``/``); llama-server reads the file from there."""
+    """A model's directory is mounted read-only (never ``/``); llama-server reads the file from there, and a
+    projector in another directory from a second mount."""
     mounts = [(host_path(spec.model_file.parent, path_map), MODELS_MOUNT)]
-    command = ["--model", str(PurePosixPath(MODELS_MOUNT) / spec.model_file.name)]
-    if spec.mmproj is not None:
-        if spec.mmproj.parent == spec.model_file.parent:
-            command += ["--mmproj", str(PurePosixPath(MODELS_MOUNT) / spec.mmproj.name)]
-        else:
-            mounts.append((host_path(spec.mmproj.parent, path_map), MMPROJ_MOUNT))
-            command += ["--mmproj", str(PurePosixPath(MMPROJ_MOUNT) / spec.mmproj.name)]
-    command += [*spec.args, "--host", "0.0.0.0", "--port", str(PORT)]  # noqa: S104 - inside its container
-    image = settings.image or "llamacontroller/llama-server:local"
+    if spec.mmproj is not None and spec.mmproj.parent != spec.model_file.parent:
+        mounts.append((host_path(spec.mmproj.parent, path_map), MMPROJ_MOUNT))
+
+    def seen_as(path: Path) -> str:
+        return str(PurePosixPath(MODELS_MOUNT if path.parent == spec.model_file.parent else MMPROJ_MOUNT) / path.name)
+
+    image = settings.image or DEFAULT_IMAGE
     labels = {
         MANAGED: "true",
         MODEL: spec.model,
@@ -114,7 +101,7 @@ def plan(spec: LaunchSpec, settings: ContainerSettings, instance: str, path_map:
     return ContainerPlan(
         name=container_name(instance, spec.model),
         image=image,
-        command=command,
+        command=container_args(spec, seen_as),
         labels=labels,
         environment={**settings.env, **spec.env, **api_key_env(spec)},
         mounts=mounts,
@@ -136,8 +123,7 @@ def realisation_hash(settings: ContainerSettings) -> str:
     """How the container is run (image, resources, its own environment) — what the spec hash does not cover:
     a leftover realised otherwise is not adopted."""
     payload: list[Any] = [settings.image, settings.memory, settings.shm_size, sorted(settings.ulimits.items())]
-    payload.append(sorted(settings.env.items()))
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+    return contract.realisation_hash([*payload, sorted(settings.env.items())])
 
 
 def device_request_kwargs(gpus: GpuSelection, engine_has_nvidia: bool) -> list[dict[str, Any]]:

@@ -46,13 +46,11 @@ from docker.types import DeviceRequest, Mount, Ulimit
 
 from common.background import Background
 from common.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
-from controller.config import Config
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds, write_json_atomically
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, RuntimeSetup, epoch_seconds, write_json_atomically
 from controller.runtime.containers import (
     INSTANCE,
     MANAGED,
     MODEL,
-    PORT,
     REALISED,
     REQUIREMENTS,
     SPEC,
@@ -64,8 +62,9 @@ from controller.runtime.containers import (
     realisation_hash,
     settings_for,
 )
+from controller.runtime.contract import PORT
 from controller.runtime.exits import describe_exit
-from controller.runtime.logs import START_MARKER, LineSplitter, LogBook, LogFile, last_written, log_hint, read_log
+from controller.runtime.logs import START_MARKER, LineSplitter, LogFile, last_written, log_hint, read_log
 from controller.runtime.watching import DRAIN_BOUND, Backoff, ExitBook
 
 log = logging.getLogger(__name__)
@@ -78,16 +77,14 @@ BUILTIN_NETWORKS = frozenset({"bridge", "host", "none"})
 class DockerRuntime:
     name = "docker"
 
-    def __init__(self, config: Config, logbook: LogBook, instance: str) -> None:
-        self._config = config
-        self._settings = config.runtime.docker
-        self._logbook = logbook
-        self._instance = instance
-        self._log_dir = config.data_dir / "logs"
-        self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def __init__(self, setup: RuntimeSetup) -> None:
+        self._settings = setup.settings.docker
+        self._placement = setup.placement  # how the config places a model now: leftovers are judged by it
+        self._logbook = setup.logbook
+        self._instance = setup.instance
+        self._log_dir = setup.folder("logs")
         # Labels kept after creation (keep_labels), one file per container: Docker's own are fixed at creation.
-        self._kept_dir = config.data_dir / "containers"
-        self._kept_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._kept_dir = setup.folder("containers")
         self._client: docker.DockerClient | None = None
         self._engine_has_nvidia: bool | None = None
         self._network: str | None = None
@@ -184,7 +181,8 @@ class DockerRuntime:
 
     async def start(self, spec: LaunchSpec) -> Backend:
         self._ensure_watching()
-        container_plan = plan(spec, settings_for(self._config, spec.model), self._instance, self._settings.path_map)
+        settings = settings_for(self._settings, spec.placement)
+        container_plan = plan(spec, settings, self._instance, self._settings.path_map)
         with self._holding(self._starting, container_plan.name):  # no listing removes it half-started
             return await self._start(spec, container_plan)
 
@@ -362,7 +360,7 @@ class DockerRuntime:
         for backend, container in listed:
             if container is not None:  # adopted by this listing: followed from the end of its log file
                 model = backend.model
-                self._watch(backend.handle, settings_for(self._config, model).memory, model)
+                self._watch(backend.handle, settings_for(self._settings, self._placement(model)).memory, model)
                 self._follow(container, model, since=last_written(self._log_dir / f"{model}.log"))
         return [backend for backend, _ in listed]
 
@@ -374,7 +372,7 @@ class DockerRuntime:
         for container in listed:
             container_id = container.id or ""
             running = container.status == "running"
-            expected = realisation_hash(settings_for(self._config, container.labels.get(MODEL, "")))
+            expected = realisation_hash(settings_for(self._settings, self._placement(container.labels.get(MODEL, ""))))
             usable = running and container.labels.get(REALISED) == expected
             with self._guard:  # decided and claimed at once: a start, stop or other listing sees the claim
                 held = (

@@ -9,7 +9,6 @@ controllers in one namespace apart) and its exact name travels in an annotation.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import re
@@ -18,10 +17,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import BackendStartFailed
-from controller.config import Config
-from controller.config_schema import KubernetesConfig
-from controller.names import canonical
-from controller.runtime.base import GpuSelection, LaunchSpec
+from controller.runtime.base import GpuSelection, LaunchSpec, Placement, RuntimeSetup
+from controller.runtime.contract import (
+    API_KEY_ENV,
+    MODELS_MOUNT,
+    PORT,
+    container_args,
+    name_digest,
+    realisation_hash,
+    slug,
+)
 
 GROUP = "llamacontroller.io"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -32,9 +37,7 @@ INSTANCE, MODEL, SPEC = f"{GROUP}/instance", f"{GROUP}/model", f"{GROUP}/spec"
 BACKEND, RUN, REALISED = f"{GROUP}/backend", f"{GROUP}/run", f"{GROUP}/realisation"
 MODEL_NAME, REQUIREMENTS = f"{GROUP}/model-name", f"{GROUP}/requirements"  # annotations: any text
 CONTAINER = "llama-server"
-API_KEY_ENV, API_KEY_ITEM = "LLAMA_API_KEY", "api-key"  # llama-server's variable for --api-key; the Secret's item
-PORT = 8080
-MODELS_MOUNT = "/models"
+API_KEY_ITEM = "api-key"  # the item of the backend's Secret that holds its key
 STARTUP_PERIOD = 2  # seconds between startup probes: a ready backend is noticed within this long
 # Waiting reasons after which the kubelet will not get the container running by itself soon.
 FAILED_WAITING = frozenset(
@@ -79,7 +82,7 @@ class PodPlanSettings:
     def realisation(self) -> str:
         """How the pod is run (what the spec hash does not cover): a leftover realised otherwise is not adopted."""
         payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return realisation_hash(payload)
 
 
 @dataclass(frozen=True)
@@ -90,12 +93,10 @@ class BackendObjects:
     secret: dict[str, Any] | None = field(default=None, repr=False)  # the backend's API key, when it has one
 
 
-def settings_for(config: Config, model: str) -> PodPlanSettings:
-    base: KubernetesConfig = config.runtime.kubernetes
-    entry = config.configured_model(model)
-    container = entry.container if entry else None
-    pod = entry.kubernetes if entry else None
-    startup = entry.startup_timeout if entry and entry.startup_timeout is not None else None
+def settings_for(setup: RuntimeSetup, placement: Placement) -> PodPlanSettings:
+    """``runtime.kubernetes`` with the model's own settings over it."""
+    base = setup.settings.kubernetes
+    container, pod, startup = placement.container, placement.pod, placement.startup_timeout
     return PodPlanSettings(
         image=(container.image if container and container.image else None) or base.image,
         image_pull_policy=base.image_pull_policy,
@@ -116,8 +117,8 @@ def settings_for(config: Config, model: str) -> PodPlanSettings:
         sub_path=base.models.sub_path,
         mount_path=base.models.mount_path,
         liveness_period=base.liveness_period,
-        startup_timeout=startup if startup is not None else config.defaults.startup_timeout,
-        stop_timeout=config.runtime.stop_timeout,
+        startup_timeout=startup if startup is not None else setup.defaults.startup_timeout,
+        stop_timeout=setup.settings.stop_timeout,
     )
 
 
@@ -147,14 +148,9 @@ def gpu_count(gpus: GpuSelection, configured: int) -> int:
     return configured
 
 
-def slug(model: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", canonical(model)).strip("-") or "model"
-
-
 def backend_name(instance: str, model: str) -> str:
     """A DNS-1035 label (Service names must be one): starts with a letter, at most 63 characters."""
-    digest = hashlib.sha256(f"{instance}\0{canonical(model)}".encode()).hexdigest()[:8]
-    return f"llama-{slug(model)[:48].strip('-')}-{digest}"
+    return f"llama-{slug(model, dns_label=True)[:48].strip('-')}-{name_digest(instance, model)}"
 
 
 def owned_labels(instance: str) -> dict[str, str]:
@@ -185,15 +181,12 @@ def plan(
     """The Deployment and Service for one backend; ``run`` marks this start's pods apart from a previous one's.
     ``owner`` (an ownerReference): when that object is deleted (helm uninstall), Kubernetes deletes these too."""
     name = backend_name(instance, spec.model)
-    args = ["--model", path_in_pod(spec.model_file, settings)]
-    if spec.mmproj is not None:
-        args += ["--mmproj", path_in_pod(spec.mmproj, settings)]
-    args += [*spec.args, "--host", "0.0.0.0", "--port", str(PORT)]  # noqa: S104 - inside its pod
+    args = container_args(spec, lambda path: path_in_pod(path, settings))
     labels = {
         **owned_labels(instance),
         NAME_LABEL: "llama-server",
         COMPONENT: "model-backend",
-        MODEL: slug(spec.model)[:63].strip("-"),
+        MODEL: slug(spec.model, dns_label=True)[:63].strip("-"),
         SPEC: spec.spec_hash,
         REALISED: settings.realisation(),
         BACKEND: name,

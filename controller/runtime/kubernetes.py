@@ -40,14 +40,13 @@ from typing import Any
 
 from common.background import cancel_and_wait
 from common.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
-from controller.config import Config
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec, epoch_seconds
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, RuntimeSetup, epoch_seconds
+from controller.runtime.contract import PORT
 from controller.runtime.kube_api import KubeApi, describe, kube_errors
 from controller.runtime.kube_objects import (
     BACKEND,
     CONTAINER,
     MODEL_NAME,
-    PORT,
     REALISED,
     REQUIREMENTS,
     RUN,
@@ -59,7 +58,7 @@ from controller.runtime.kube_objects import (
     plan,
     settings_for,
 )
-from controller.runtime.logs import START_MARKER, LogBook, LogFile, last_written, read_log
+from controller.runtime.logs import START_MARKER, LogFile, last_written, read_log
 from controller.runtime.watching import Backoff, ExitBook
 
 log = logging.getLogger(__name__)
@@ -72,14 +71,13 @@ FORCED_GONE_TIMEOUT = 10.0  # seconds a pod deleted with no grace may take to go
 class KubernetesRuntime:
     name = "kubernetes"
 
-    def __init__(self, config: Config, logbook: LogBook, instance: str) -> None:
-        self._config = config
-        self._settings = config.runtime.kubernetes
-        self._logbook = logbook
-        self._instance = self._settings.instance or instance
+    def __init__(self, setup: RuntimeSetup) -> None:
+        self._setup = setup  # its placement of a model: how the config places it now, leftovers are judged by it
+        self._settings = setup.settings.kubernetes
+        self._logbook = setup.logbook
+        self._instance = self._settings.instance or setup.instance
         self._selector = owned_labels(self._instance)
-        self._log_dir = config.data_dir / "logs"
-        self._log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._log_dir = setup.folder("logs")
         self._client: KubeApi | None = None
         self._exits = ExitBook()  # by backend name
         self._runs: dict[str, str] = {}  # backend name → the run id its current pods carry
@@ -116,7 +114,7 @@ class KubernetesRuntime:
             return await self._start(spec)
 
     async def _start(self, spec: LaunchSpec) -> Backend:
-        settings = settings_for(self._config, spec.model)
+        settings = settings_for(self._setup, spec.placement)
         run = secrets.token_hex(4)
         with kube_errors(f"starting a pod for {spec.model}"):
             api = self._api()
@@ -299,10 +297,8 @@ class KubernetesRuntime:
         metadata = deployment["metadata"]
         annotations = metadata.get("annotations") or {}
         model = annotations.get(MODEL_NAME, "")
-        if (
-            service is None
-            or (metadata.get("labels") or {}).get(REALISED) != settings_for(self._config, model).realisation()
-        ):
+        realisation = settings_for(self._setup, self._setup.placement(model)).realisation()
+        if service is None or (metadata.get("labels") or {}).get(REALISED) != realisation:
             why = "its Service is missing" if service is None else "its image, resources or placement changed"
             log.info("deleting deployment %s left by a previous run: %s", name, why)
             await self._release_leftover(name)

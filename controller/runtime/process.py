@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from common.background import cancel_and_wait
 from common.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
-from controller.runtime.base import Backend, ExitInfo, LaunchSpec, visible_devices, write_json_atomically
+from controller.runtime.base import Backend, ExitInfo, LaunchSpec, RuntimeSetup, visible_devices, write_json_atomically
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LineSplitter, LogBook, read_log, rotated
 
@@ -153,17 +153,14 @@ class ProcessRuntime:
 
     name = "process"
 
-    def __init__(self, state_dir: Path, logbook: LogBook, binary: Callable[[], str], host: str = "127.0.0.1") -> None:
-        self._binary = binary
-        self._run_dir = state_dir / "run"
-        self._log_dir = state_dir / "logs"
-        self._host = host
-        self._logbook = logbook
+    def __init__(self, setup: RuntimeSetup) -> None:
+        self._binary, self._logbook = setup.binary, setup.logbook
+        self._run_dir = setup.folder("run")
+        self._log_dir = setup.folder("logs")
+        self._host = "127.0.0.1"
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._records: dict[str, PidRecord] = {}
         self._tails: dict[str, _FileTail] = {}
-        for folder in (self._run_dir, self._log_dir):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def log_path(self, model: str) -> Path:
         return self._log_dir / f"{model}.log"
@@ -194,10 +191,7 @@ class ProcessRuntime:
             binary = self._binary()
         except LlamaControllerError as exc:
             raise BackendStartFailed(exc.message) from exc
-        argv = [binary, "--model", str(spec.model_file)]
-        if spec.mmproj is not None:
-            argv += ["--mmproj", str(spec.mmproj)]
-        argv += [*spec.args, "--host", self._host, "--port", str(port)]
+        argv = [binary, *spec.argv(str, self._host, port)]
         if spec.api_key:
             argv += ["--api-key-file", str(self.key_path(spec.model))]
         env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIX)}

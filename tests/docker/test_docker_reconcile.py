@@ -23,6 +23,7 @@ from docker.models.containers import Container
 from common.errors import BackendStartFailed
 from controller.config import validate_config
 from controller.lifecycle import owner
+from controller.runtime import runtime_setup
 from controller.runtime.base import LaunchSpec
 from controller.runtime.docker import DockerRuntime
 from controller.runtime.instance import instance_id
@@ -126,7 +127,7 @@ async def test_docker_listing_while_a_container_starts_or_stops_leaves_it_alone(
         return call
 
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
-    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    runtime = DockerRuntime(runtime_setup(config, LogBook()))
     try:
         monkeypatch.setattr(Container, "start", held(real_start))
         starting = asyncio.ensure_future(runtime.start(LaunchSpec(A, models_dir / "a.gguf", ("--ctx-size", "512"))))
@@ -164,10 +165,10 @@ async def test_docker_start_removes_an_earlier_container_of_the_model_that_still
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
     instance = instance_id(config.data_dir)
     spec = LaunchSpec(A, models_dir / "a.gguf", ("--ctx-size", "512"))
-    first = DockerRuntime(config, LogBook(), instance)
+    first = DockerRuntime(runtime_setup(config, LogBook(), instance=instance))
     earlier = await first.start(spec)
     await first.close()
-    second = DockerRuntime(config, LogBook(), instance)
+    second = DockerRuntime(runtime_setup(config, LogBook(), instance=instance))
     try:
         backend = await second.start(spec)
         [running] = ours(engine, tmp_path)
@@ -234,7 +235,7 @@ async def test_docker_exit_right_after_start_is_answered_with_the_backends_last_
     slow_logs(monkeypatch)
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
     logbook = LogBook()
-    runtime = DockerRuntime(config, logbook, instance_id(config.data_dir))
+    runtime = DockerRuntime(runtime_setup(config, logbook))
     try:
         for _ in range(3):
             try:

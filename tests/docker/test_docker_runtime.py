@@ -23,6 +23,7 @@ from docker.models.containers import Container
 
 from common.errors import BackendStartFailed
 from controller.config import validate_config
+from controller.runtime import runtime_setup
 from controller.runtime.base import LaunchSpec
 from controller.runtime.containers import INSTANCE, MANAGED, MODEL
 from controller.runtime.docker import DockerRuntime
@@ -198,7 +199,7 @@ async def test_docker_events_stream_lost_is_reconnected_and_exits_still_noticed(
     while nobody listened is still reported, and the lifecycle is told to compare again (``on_resync``: before,
     it was never called)."""
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
-    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    runtime = DockerRuntime(runtime_setup(config, LogBook()))
     resynced = asyncio.Event()
     runtime.on_resync(resynced.set)
     backend = await runtime.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
@@ -246,7 +247,7 @@ async def test_docker_container_that_exits_right_after_start_is_seen(
     the exit watch was registered after the start returned, the event was dropped and a load waited out its
     whole startup timeout)."""
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
-    runtime = LateToResume(config, LogBook(), instance_id(config.data_dir))
+    runtime = LateToResume(runtime_setup(config, LogBook()))
     try:
         for _ in range(3):
             try:
@@ -270,7 +271,7 @@ async def test_docker_two_models_whose_names_slug_alike_run_side_by_side(
     "another controller"."""
     models = {"a:b-c": {"path": str(models_dir / "a.gguf")}, "a-b:c": {"path": str(models_dir / "b.gguf")}}
     config = validate_config(docker_config(tmp_path, models))
-    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    runtime = DockerRuntime(runtime_setup(config, LogBook()))
     backends = []
     try:
         for model, file in (("a:b-c", "a.gguf"), ("a-b:c", "b.gguf")):
@@ -290,11 +291,11 @@ async def test_docker_container_named_the_older_way_is_still_adopted(
     """Names gained a hash; a container an older controller named without it is adopted by its labels."""
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
     instance = instance_id(config.data_dir)
-    first = DockerRuntime(config, LogBook(), instance)
+    first = DockerRuntime(runtime_setup(config, LogBook(), instance=instance))
     backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
     await first.close()
     engine.containers.get(backend.handle).rename(f"llamacontroller-{instance[:8]}-a-latest")
-    second = DockerRuntime(config, LogBook(), instance)
+    second = DockerRuntime(runtime_setup(config, LogBook(), instance=instance))
     try:
         adopted = await second.list_managed()
         assert [(b.handle, b.adopted, b.url) for b in adopted] == [(backend.handle, True, backend.url)]
@@ -312,7 +313,7 @@ async def test_docker_adoption_follows_only_new_output(
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
     instance = instance_id(config.data_dir)
     log_file = config.data_dir / "logs" / "a:latest.log"
-    first = DockerRuntime(config, LogBook(), instance)
+    first = DockerRuntime(runtime_setup(config, LogBook(), instance=instance))
     backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512")))
     try:
         async with asyncio.timeout(60):
@@ -325,7 +326,7 @@ async def test_docker_adoption_follows_only_new_output(
         second_log.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(log_file, second_log)  # with its time of last write
         before = second_log.read_text()
-        second = DockerRuntime(second_config, LogBook(), instance)
+        second = DockerRuntime(runtime_setup(second_config, LogBook(), instance=instance))
         try:
             assert [b.handle for b in await second.list_managed()] == [backend.handle]
             async with httpx.AsyncClient() as client:
@@ -352,12 +353,12 @@ async def test_docker_labels_kept_after_creation_are_read_back_on_adoption(
     container's id in the data dir, read back by the next controller and removed with the container."""
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
     instance = instance_id(config.data_dir)
-    first = DockerRuntime(config, LogBook(), instance)
+    first = DockerRuntime(runtime_setup(config, LogBook(), instance=instance))
     labels = {"ctx_size": "512"}
     backend = await first.start(LaunchSpec("a:latest", models_dir / "a.gguf", ("--ctx-size", "512"), labels=labels))
     await first.keep_labels(backend, {"keep_alive": "inf"})
     await first.close()
-    second = DockerRuntime(config, LogBook(), instance)
+    second = DockerRuntime(runtime_setup(config, LogBook(), instance=instance))
     try:
         [adopted] = await second.list_managed()
         assert adopted.handle == backend.handle and adopted.labels == {"ctx_size": "512", "keep_alive": "inf"}
@@ -376,7 +377,7 @@ async def test_docker_a_container_that_cannot_start_fails_each_start_alike(
     if "nvidia" in (engine.info().get("Runtimes") or {}):
         pytest.skip("this engine has the NVIDIA runtime")
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
-    runtime = DockerRuntime(config, LogBook(), instance_id(config.data_dir))
+    runtime = DockerRuntime(runtime_setup(config, LogBook()))
     try:
         for _ in range(2):
             with pytest.raises(BackendStartFailed, match="NVIDIA Container Toolkit"):

@@ -17,6 +17,7 @@ import psutil
 from common.errors import BackendStopFailed
 from controller.config import validate_config
 from controller.lifecycle import owner
+from controller.runtime import runtime_setup
 from controller.runtime.base import Backend
 from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
@@ -48,7 +49,7 @@ async def test_process_stop_that_fails_twice_ends_stopped_and_never_reads_stoppe
     models = tiny_models("a")
     model_file = Path(models["a"]["path"])
     config = validate_config(real_config(tmp_path, models))
-    runtime = StopFailsTwice(config.data_dir, LogBook(), lambda: find_llama_server(None))
+    runtime = StopFailsTwice(runtime_setup(config, LogBook(), binary=lambda: find_llama_server(None)))
     async with running_app(config, runtime=runtime) as running:
         client = running.client
         assert (await client.post("/control/v1/models/a/load")).json()["state"] == "ready"

@@ -20,7 +20,7 @@ from controller.catalog.entries import Catalog
 from controller.config import Config, validate_config
 from controller.lifecycle import owner
 from controller.lifecycle.supervisor import Supervisor
-from controller.runtime import kubernetes
+from controller.runtime import kubernetes, runtime_setup
 from controller.runtime.base import Backend
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, backend_name
 from controller.runtime.kubernetes import KubernetesRuntime
@@ -115,7 +115,7 @@ def live_pods(cluster: Cluster) -> list[str]:
 @contextlib.asynccontextmanager
 async def supervisor(config: Config, cast: Cast) -> AsyncIterator[Supervisor]:
     logbook = LogBook()
-    runtime = KubernetesRuntime(config, logbook, "unused")
+    runtime = KubernetesRuntime(runtime_setup(config, logbook, instance="unused"))
     made = Supervisor(config, runtime, Catalog(config), logbook, cast.probe, cast.publish)
     await made.start()
     try:

@@ -19,7 +19,7 @@ import pytest
 
 from common.errors import BackendStartFailed, BackendStopFailed, KubernetesUnavailable
 from controller.config import Config, validate_config
-from controller.runtime import kube_api, kubernetes
+from controller.runtime import kube_api, kubernetes, runtime_setup
 from controller.runtime.base import LaunchSpec
 from controller.runtime.keys import BackendKeys
 from controller.runtime.kube_objects import BACKEND, INSTANCE, MANAGED_BY, MODEL_NAME, REQUIREMENTS, RUN, backend_name
@@ -63,7 +63,9 @@ async def runtime(tmp_path: Path, cluster: Cluster) -> AsyncIterator[Callable[..
     made: list[KubernetesRuntime] = []
 
     def make(**kubernetes: Any) -> KubernetesRuntime:
-        made.append(KubernetesRuntime(kube_config(tmp_path, cluster, **kubernetes), LogBook(), "unused"))
+        made.append(
+            KubernetesRuntime(runtime_setup(kube_config(tmp_path, cluster, **kubernetes), LogBook(), instance="unused"))
+        )
         return made[-1]
 
     yield make
@@ -569,7 +571,7 @@ async def test_an_exit_is_told_after_the_pods_last_log_lines(
     """The watch tells of the exit before the log stream brings the last lines (they come 0.5 s late here):
     wait_exit answers once they are in, so the error can quote them."""
     logbook = LogBook()
-    kube = KubernetesRuntime(kube_config(tmp_path, cluster), logbook, "unused")
+    kube = KubernetesRuntime(runtime_setup(kube_config(tmp_path, cluster), logbook, instance="unused"))
     try:
         backend = await kube.start(spec(tmp_path))
         pod = await running_pod(cluster)

@@ -15,8 +15,8 @@ from controller.catalog.entries import Catalog
 from controller.config import validate_config
 from controller.config_schema import ContainerSettings
 from controller.lifecycle.supervisor import Supervisor
-from controller.runtime import containers, kube_objects
-from controller.runtime.base import Backend, LaunchSpec
+from controller.runtime import containers, kube_objects, runtime_setup
+from controller.runtime.base import Backend, LaunchSpec, RuntimeSetup
 from controller.runtime.fake import FakeRuntime
 from controller.runtime.keys import NONCE_LABEL, BackendKeys
 from controller.runtime.logs import LogBook
@@ -57,7 +57,7 @@ async def test_process_runtime_passes_the_key_in_a_private_file_not_on_the_comma
     binary = tmp_path / "llama-server"
     binary.write_text("#!/bin/sh\nsleep 30\n")  # not exec: its argv stays what the runtime gave
     binary.chmod(0o700)
-    runtime = ProcessRuntime(tmp_path / "state", LogBook(), lambda: str(binary))
+    runtime = ProcessRuntime(RuntimeSetup(tmp_path / "state", LogBook(), binary=lambda: str(binary)))
     spec = spec_with_key(BackendKeys.ephemeral(), tmp_path / "a.gguf")
     backend = await runtime.start(spec)
     try:
@@ -77,7 +77,7 @@ async def test_process_runtime_passes_the_key_in_a_private_file_not_on_the_comma
 
 
 def test_process_runtime_without_a_key_passes_no_key_file(tmp_path: Path) -> None:
-    runtime = ProcessRuntime(tmp_path / "state", LogBook(), lambda: "/bin/llama-server")
+    runtime = ProcessRuntime(RuntimeSetup(tmp_path / "state", LogBook(), binary=lambda: "/bin/llama-server"))
     argv, _ = runtime.command(LaunchSpec("a:1b", tmp_path / "a.gguf"), 1234)
     assert "--api-key-file" not in argv
 
@@ -99,7 +99,8 @@ def test_kubernetes_keeps_the_key_in_a_secret_the_pod_reads_through_its_environm
         }
     )
     spec = spec_with_key(BackendKeys.ephemeral())
-    made = kube_objects.plan(spec, kube_objects.settings_for(config, "a:1b"), "i", "run")
+    settings = kube_objects.settings_for(runtime_setup(config, LogBook(), instance="i"), spec.placement)
+    made = kube_objects.plan(spec, settings, "i", "run")
     assert made.secret is not None and made.secret["kind"] == "Secret"
     assert made.secret["metadata"]["name"] == made.name
     assert base64.b64decode(made.secret["data"]["api-key"]).decode() == spec.api_key
@@ -108,15 +109,13 @@ def test_kubernetes_keeps_the_key_in_a_secret_the_pod_reads_through_its_environm
     reference = {"secretKeyRef": {"name": made.name, "key": "api-key"}}
     assert {"name": "LLAMA_API_KEY", "valueFrom": reference} in container["env"]
     assert container["startupProbe"]["httpGet"]["path"] == "/health"  # llama-server leaves /health open
-    assert (
-        kube_objects.plan(replace(spec, api_key=""), kube_objects.settings_for(config, "a:1b"), "i", "r").secret is None
-    )
+    assert kube_objects.plan(replace(spec, api_key=""), settings, "i", "r").secret is None
 
 
 def test_the_key_file_is_never_readable_by_others_even_with_a_lax_umask(tmp_path: Path) -> None:
     previous = os.umask(0)
     try:
-        runtime = ProcessRuntime(tmp_path / "state", LogBook(), lambda: "/bin/true")
+        runtime = ProcessRuntime(RuntimeSetup(tmp_path / "state", LogBook(), binary=lambda: "/bin/true"))
         spec = spec_with_key(BackendKeys.ephemeral(), tmp_path / "a.gguf")
         runtime._write_key_file(spec)
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from controller.runtime.base import LaunchSpec
+from controller.runtime.base import LaunchSpec, RuntimeSetup
 from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
 
@@ -15,9 +15,9 @@ async def test_process_runtime_keeps_labels_in_the_pid_file_for_the_next_control
     binary = tmp_path / "llama-server"
     binary.write_text("#!/bin/sh\nsleep 30\n")
     binary.chmod(0o700)
-    first = ProcessRuntime(tmp_path / "state", LogBook(), lambda: str(binary))
+    first = ProcessRuntime(RuntimeSetup(tmp_path / "state", LogBook(), binary=lambda: str(binary)))
     backend = await first.start(LaunchSpec("a:1b", tmp_path / "a.gguf", labels={"ctx_size": "4096"}))
-    second = ProcessRuntime(tmp_path / "state", LogBook(), lambda: str(binary))
+    second = ProcessRuntime(RuntimeSetup(tmp_path / "state", LogBook(), binary=lambda: str(binary)))
     try:
         await first.keep_labels(backend, {"keep_alive": "inf"})
         await first.keep_labels(backend, {"other": "1"})

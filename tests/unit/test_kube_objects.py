@@ -15,8 +15,10 @@ import pytest
 
 from common.errors import BackendStartFailed, ConfigError
 from controller.config import validate_config
-from controller.runtime.base import LaunchSpec
+from controller.runtime import runtime_setup
+from controller.runtime.base import LaunchSpec, Placement
 from controller.runtime.kube_objects import backend_name, gpu_count, judge_pod, plan, settings_for
+from controller.runtime.logs import LogBook
 
 GOLDEN = Path(__file__).parent / "golden" / "kubernetes"
 
@@ -64,8 +66,10 @@ def objects_for(case: str) -> dict[str, Any]:
         args=("--alias", "m:1", "--ctx-size", "8192", "--parallel", "2", "--metrics"),
         gpus="auto",
         labels={"ctx_size": "4096"},
+        placement=Placement.of(model),
     )
-    made = plan(spec, settings_for(config, "m:1"), instance="release-a", run="0a1b2c3d")
+    settings = settings_for(runtime_setup(config, LogBook(), instance="release-a"), spec.placement)
+    made = plan(spec, settings, instance="release-a", run="0a1b2c3d")
     return {"deployment": made.deployment, "service": made.service}
 
 
@@ -115,8 +119,9 @@ def test_the_models_volume_or_nothing() -> None:
         validate_config({"runtime": {"kind": "kubernetes"}})
     assert "exactly one of claim_name" in str(refused.value.problems)
     config = validate_config({"runtime": {"kind": "kubernetes", "kubernetes": {"models": {"claim_name": "m"}}}})
+    settings = settings_for(runtime_setup(config, LogBook(), instance="i"), Placement())
     with pytest.raises(BackendStartFailed, match=r"outside runtime\.kubernetes\.models\.mount_path"):
-        plan(LaunchSpec("m:1", Path("/elsewhere/m.gguf")), settings_for(config, "m:1"), "i", "r")
+        plan(LaunchSpec("m:1", Path("/elsewhere/m.gguf")), settings, "i", "r")
 
 
 def pod(status: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 
 from common.errors import BackendStopFailed
 from controller.runtime import process
-from controller.runtime.base import LaunchSpec
+from controller.runtime.base import LaunchSpec, RuntimeSetup
 from controller.runtime.logs import LogBook
 from controller.runtime.process import ProcessRuntime
 
@@ -30,7 +30,7 @@ async def test_a_stop_that_cannot_kill_the_backend_raises_and_a_later_one_succee
 ) -> None:
     monkeypatch.setattr(process, "KILL_CONFIRM_TIMEOUT", 0.3)
     binary = stand_in(tmp_path)
-    runtime = ProcessRuntime(tmp_path / "state", LogBook(), lambda: str(binary))
+    runtime = ProcessRuntime(RuntimeSetup(tmp_path / "state", LogBook(), binary=lambda: str(binary)))
     backend = await runtime.start(LaunchSpec("a:1b", tmp_path / "a.gguf"))
     pid = int(backend.handle)
     real_signal = ProcessRuntime._signal
@@ -52,7 +52,7 @@ async def test_a_stop_that_cannot_kill_the_backend_raises_and_a_later_one_succee
 async def test_list_managed_at_any_time_leaves_what_runs_alone(tmp_path: Path) -> None:
     binary = stand_in(tmp_path)
     book = LogBook()
-    runtime = ProcessRuntime(tmp_path / "state", book, lambda: str(binary))
+    runtime = ProcessRuntime(RuntimeSetup(tmp_path / "state", book, binary=lambda: str(binary)))
     backend = await runtime.start(LaunchSpec("a:1b", tmp_path / "a.gguf"))
     try:
         for _ in range(3):
