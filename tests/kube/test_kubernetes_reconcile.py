@@ -18,7 +18,7 @@ import pytest
 from common.errors import BackendStartFailed
 from controller.catalog.entries import Catalog
 from controller.config import Config, validate_config
-from controller.lifecycle import owner
+from controller.lifecycle import model as managed_model
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime import kubernetes
 from controller.runtime.base import Backend
@@ -130,7 +130,7 @@ async def test_kubernetes_stop_that_fails_twice_releases_everything_and_never_re
     """The first stop's Deployment delete is refused (500), the second's pod stays terminating past the bound;
     the model stays stopping meanwhile, reconcile passes running all the while disturb nothing, and the third
     try deletes everything. The next load makes one pod, which gets the one GPU."""
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (0.2,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (0.2,))
     monkeypatch.setattr(kubernetes, "GONE_SLACK", 0.2, raising=False)
     monkeypatch.setattr(kubernetes, "FORCED_GONE_TIMEOUT", 0.5, raising=False)
 
