@@ -31,6 +31,7 @@ from common.errors import (
     StartupTimeout,
 )
 from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
+from controller.events import Event, ModelStateChanged, ModelStopFailed
 from controller.lifecycle.health import watch_liveness
 from controller.lifecycle.state import ALLOWED, OCCUPYING, Goal, State, backoff_delay, check_transition, fresh
 from controller.lifecycle.usage import KEEP_ALIVE_LABEL, Usage, keep_alive_label, kept_keep_alive
@@ -51,7 +52,7 @@ CLOSE_STOP_TRIES = 3  # at shutdown: a backend still not stopped is left to the 
 
 Probe = Callable[[Backend, float], Awaitable[bool]]
 SpecFactory = Callable[[Requirements], LaunchSpec]
-Publish = Callable[[dict[str, Any]], None]
+Publish = Callable[[Event], None]
 Admit = Callable[[], Awaitable[None]]
 
 
@@ -394,17 +395,17 @@ class ManagedModel:
         if error is not None:
             self.last_error = fresh(error)  # kept through the backoff: it must hold no request's frames
         log.info("model %s: %s → %s%s", self.name, old, new, f" ({error.message})" if error else "")
-        event = {
-            "type": "model_state",
-            "model": self.name,
-            "from": str(old),
-            "state": str(new),
-            "error": error.message if error else None,
-            "time": time.time(),
-        }
-        if new is State.READY:
-            event["load_seconds"] = self.load_duration  # 0 for a backend adopted from an earlier controller
-        self._publish(event)
+        self._publish(
+            ModelStateChanged(
+                model=self.name,
+                old=str(old),
+                state=str(new),
+                error=error.message if error else None,
+                time=time.time(),
+                # 0 for a backend adopted from an earlier controller
+                load_seconds=self.load_duration if new is State.READY else None,
+            )
+        )
 
     # ------------------------------ starting
 
@@ -652,16 +653,15 @@ class ManagedModel:
                     delay,
                 )
                 self._publish(
-                    {
-                        "type": "model_stop_failed",
-                        "model": self.name,
-                        "state": str(self._state),
-                        "handle": backend.handle,
-                        "error": error,
-                        "failures": backoff.failures,
-                        "retry_in": delay,
-                        "time": time.time(),
-                    }
+                    ModelStopFailed(
+                        model=self.name,
+                        state=str(self._state),
+                        handle=backend.handle,
+                        error=error,
+                        failures=backoff.failures,
+                        retry_in=delay,
+                        time=time.time(),
+                    )
                 )
                 await self._pause(min(delay, 0.5) if closing else delay)
                 continue

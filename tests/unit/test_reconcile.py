@@ -13,6 +13,7 @@ import pytest
 
 from common.errors import BackendStartFailed
 from controller.catalog.entries import Catalog
+from controller.events import Event, ModelStateChanged, ModelStopFailed
 from controller.lifecycle import model as managed_model
 from controller.lifecycle.reconcile import compare
 from controller.lifecycle.supervisor import Supervisor
@@ -70,9 +71,9 @@ async def test_a_stop_that_fails_twice_keeps_the_model_stopping_until_it_succeed
     runtime = FakeRuntime({A: FakeBehaviour()})
     seen: list[tuple[str, bool]] = []  # (state, a backend runs) at every state event
 
-    def watch(event: dict[str, Any]) -> None:
-        if event["type"] == "model_state":
-            seen.append((event["state"], bool(runtime.alive(A))))
+    def watch(event: Event) -> None:
+        if isinstance(event, ModelStateChanged):
+            seen.append((event.state, bool(runtime.alive(A))))
 
     cfg = config(tmp_path, tiny_model)
     supervisor = Supervisor(cfg, runtime, Catalog(cfg), LogBook(), runtime.probe, watch)
@@ -100,8 +101,8 @@ async def test_a_failed_stop_is_an_event_and_a_metric(tmp_path: Path, tiny_model
     await supervisor.start()
     await supervisor.load("a")
     await supervisor.unload("a")
-    failed = [e for e in supervisor.events if e["type"] == "model_stop_failed"]  # type: ignore[attr-defined]
-    assert len(failed) == 1 and failed[0]["model"] == A and "did not stop" in failed[0]["error"]
+    failed = [e for e in supervisor.events if isinstance(e, ModelStopFailed)]  # type: ignore[attr-defined]
+    assert len(failed) == 1 and failed[0].model == A and "did not stop" in failed[0].error
     assert supervisor._models[A].stop_failures == 1
     await supervisor.close()
 
