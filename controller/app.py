@@ -32,6 +32,7 @@ from controller.bodies import BoundedRequest, too_large
 from controller.catalog.entries import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
+from controller.events import Event
 from controller.lifecycle.health import HttpProbe
 from controller.lifecycle.model import Probe
 from controller.lifecycle.supervisor import Supervisor
@@ -71,7 +72,7 @@ def build_services(
     registry = CollectorRegistry(auto_describe=True)  # one per app: tests build many apps in one process
     counted: ControllerMetrics | None = None
 
-    def publish(event: dict[str, Any]) -> None:
+    def publish(event: Event) -> None:
         if counted is not None:
             counted.on_event(event)
         events.publish(event)

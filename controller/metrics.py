@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -23,6 +22,7 @@ from prometheus_client.registry import Collector
 from common.errors import LlamaControllerError
 from common.notes import LATENCY_BUCKETS
 from common.upstream import Upstream, bearer
+from controller.events import Event, ModelStateChanged, ModelStopFailed
 from controller.lifecycle.state import State
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.base import Backend
@@ -91,17 +91,17 @@ class ControllerMetrics:
         entry = self._supervisor.catalog.get(key)
         return entry.name if entry is not None else key
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: Event) -> None:
         """Counts the lifecycle from the state events every model publishes."""
-        if event.get("type") == "model_stop_failed":
-            self.stop_failures.labels(self._name(str(event.get("model")))).inc()
+        if isinstance(event, ModelStopFailed):
+            self.stop_failures.labels(self._name(event.model)).inc()
             return
-        if event.get("type") != "model_state":
+        if not isinstance(event, ModelStateChanged):
             return
-        model, old, new = self._name(str(event.get("model"))), event.get("from"), event.get("state")
+        model, old, new = self._name(event.model), event.old, event.state
         if new == State.READY:
             self.loads.labels(model).inc()
-            seconds = event.get("load_seconds") or 0.0
+            seconds = event.load_seconds or 0.0
             if seconds > 0:  # 0: adopted from an earlier controller, not loaded here
                 self.load_seconds.labels(model).observe(seconds)
         elif new == State.STOPPED and old == State.STOPPING:

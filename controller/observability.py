@@ -1,4 +1,4 @@
-"""Logging set-up and the event bus (state changes, fanned out to SSE subscribers)."""
+"""Logging set-up and the event bus (state changes, fanned out to SSE subscribers; the kinds: events.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from common.logsafe import OneLineFormatter
+from controller.events import Event
 
 _SUBSCRIBER_BACKLOG = 256
 
@@ -25,12 +25,15 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 class EventBus:
-    """Publish never blocks: a subscriber that falls behind loses its oldest events, not the server."""
+    """Publish never blocks: a subscriber that falls behind loses its oldest events, not the server.
+
+    Events travel as the dataclasses of events.py; a subscriber that sends them out serialises them
+    (``Event.to_json()``), so what leaves the process is the one wire shape those classes define."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[asyncio.Queue[dict[str, Any]], Callable[[dict[str, Any]], bool]] = {}
+        self._subscribers: dict[asyncio.Queue[Event], Callable[[Event], bool]] = {}
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: Event) -> None:
         for queue, wanted in self._subscribers.items():
             if not wanted(event):
                 continue
@@ -39,11 +42,9 @@ class EventBus:
             queue.put_nowait(event)
 
     @contextmanager
-    def subscription(
-        self, wanted: Callable[[dict[str, Any]], bool] = lambda event: True
-    ) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+    def subscription(self, wanted: Callable[[Event], bool] = lambda event: True) -> Iterator[asyncio.Queue[Event]]:
         """A queue that receives every event published (and ``wanted``) while the block runs."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=_SUBSCRIBER_BACKLOG)
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=_SUBSCRIBER_BACKLOG)
         self._subscribers[queue] = wanted
         try:
             yield queue

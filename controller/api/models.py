@@ -16,6 +16,7 @@ from controller.api.inputs import json_object, whole_number
 from controller.api.sse import StreamAccess, sse_response, sse_stream
 from controller.auth.asgi import identity_of
 from controller.auth.identity import required_scope
+from controller.events import Event, event_model
 from controller.lifecycle.supervisor import Supervisor
 from controller.observability import EventBus
 from controller.services import services
@@ -131,13 +132,13 @@ async def events() -> Response:
     bus: EventBus = services().events
     access = _access()
 
-    def wanted(event: dict[str, Any]) -> bool:
-        return access.identity.allows_model(str(event.get("model", "")))  # today's allow-list
+    def wanted(event: Event) -> bool:
+        return access.identity.allows_model(event_model(event))  # today's allow-list
 
     async def stream() -> AsyncIterator[bytes]:
         with bus.subscription(wanted) as queue:
             yield b": connected\n\n"
-            async for event in sse_stream(queue, access):
+            async for event in sse_stream(queue, access, lambda item: item.to_json()):
                 yield event
 
     return sse_response(stream())

@@ -12,6 +12,7 @@ from controller.edge.admin import CaddyAdmin
 from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeStatus, EdgeSync
+from controller.events import EdgeChanged
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def https_url(config: Config) -> str:
 
 
 class Edge:
-    def __init__(self, config: Config, publish: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, config: Config, publish: Callable[[EdgeChanged], None]) -> None:
         settings = edge_settings(config)
         self.url = https_url(config)
         admin = CaddyAdmin(admin_address(config))

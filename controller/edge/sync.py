@@ -22,6 +22,7 @@ from typing import Any
 from common.background import cancel_and_wait
 from controller.edge.admin import CaddyAdmin, EdgeError
 from controller.edge.render import EdgeSettings, render
+from controller.events import EdgeChanged
 from controller.runtime.watching import Backoff
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class EdgeSync:
         self,
         settings: EdgeSettings,
         admin: CaddyAdmin,
-        publish: Callable[[dict[str, Any]], None],
+        publish: Callable[[EdgeChanged], None],
         interval: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -115,7 +116,7 @@ class EdgeSync:
                 log.info("edge: Caddy has the configuration (%s)", self.admin.address)
             else:
                 log.error("edge: %s", error)
-            self._publish({"type": "edge", "state": state, "error": error, "time": now})
+            self._publish(EdgeChanged(state, error, now))
 
     async def _run(self) -> None:
         backoff = Backoff(RETRY_DELAYS)

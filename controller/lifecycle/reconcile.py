@@ -10,6 +10,8 @@ lost and is back. The supervisor acts on the difference (supervisor.py ``reconci
 - *strays*: started by this controller yet in nobody's books, in two passes in a row (one pass may meet a backend
   between its start and its owner recording it): removed;
 - *missing*: in the books before and after the listing, yet not listed: taken for dead, as after a crash.
+
+How a pass fits with each model's owner task: controller/lifecycle/design.md ("Reconciliation and adoption").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model states, the goals callers set, and the only transitions allowed between states.
+"""Model states, the goals callers set, and the only transitions allowed between states (design.md).
 
     stopped ──▶ starting ──▶ ready ──▶ stopping ──▶ stopped
        ▲            │          │           ▲
@@ -46,7 +46,7 @@ def check_transition(old: State, new: State) -> None:
 
 
 class Goal(StrEnum):
-    """What callers want of a model; its owner task makes the state follow (see lifecycle/model.py)."""
+    """What callers want of a model; its owner task makes the state follow (design.md)."""
 
     IDLE = "idle"
     RUN = "run"

@@ -8,6 +8,9 @@ holds a slot never touch the lock (the hot path stays lock-free).
 
 ``resolve`` is the one rule for "may this caller touch this model", used by every caller: the gateway,
 the native passthrough, the control API and the web page.
+
+The admission rules, adoption and the reconcile passes, and how they meet each model's owner task:
+controller/lifecycle/design.md.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from controller.api.sse import PING, StreamAccess, heartbeat, sse_response, sse_
 from controller.api.system import llama_server_facts
 from controller.auth.identity import Scope
 from controller.config import Config
+from controller.events import Event, ModelStateChanged
 from controller.names import canonical
 from controller.observability import EventBus
 from controller.services import services
@@ -85,8 +86,8 @@ async def events(me: Viewer) -> Response:
     bus: EventBus = services().events
     access = StreamAccess(me.identity)  # the session, asked about again at each heartbeat
 
-    def wanted(event: dict[str, Any]) -> bool:
-        return event.get("type") == "model_state" and access.identity.allows_model(event["model"])
+    def wanted(event: Event) -> bool:
+        return isinstance(event, ModelStateChanged) and access.identity.allows_model(event.model)
 
     @stream_with_context
     async def stream() -> AsyncIterator[bytes]:
@@ -98,7 +99,7 @@ async def events(me: Viewer) -> Response:
                     continue
                 viewing = Viewer(access.identity, me.csrf)
                 try:
-                    row = await one_row(viewing, event["model"])
+                    row = await one_row(viewing, event.model)
                 except LlamaControllerError:
                     continue
                 html = await render("_row.html", viewing, model=row)

@@ -22,7 +22,7 @@ from docker.models.containers import Container
 
 from common.errors import BackendStartFailed
 from controller.config import validate_config
-from controller.lifecycle import owner
+from controller.lifecycle import model as managed_model
 from controller.runtime import runtime_setup
 from controller.runtime.base import LaunchSpec
 from controller.runtime.docker import DockerRuntime
@@ -73,7 +73,7 @@ async def eventually(condition: Any, seconds: float = 60.0) -> None:
 async def test_docker_stop_that_fails_twice_ends_gone_and_never_reads_stopped_before(
     tmp_path: Path, engine: docker.DockerClient, models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (0.3,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (0.3,))
     failed: list[str] = []
     real_stop = Container.stop
 

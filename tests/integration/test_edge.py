@@ -27,6 +27,7 @@ from controller.edge.admin import CaddyAdmin
 from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeSync
+from controller.events import EdgeChanged
 from controller.runtime.process import free_port
 from tests.support.server import TESTER_PASSWORD, ServeProcess, edge_section, serve_subprocess
 
@@ -299,7 +300,7 @@ async def test_edge_a_refused_config_is_reported_and_retried(tmp_path: Path) -> 
         key_file=str(key),
         storage=str(tmp_path / "data"),
     )
-    events: list[dict[str, Any]] = []
+    events: list[EdgeChanged] = []
     sync = EdgeSync(settings, CaddyAdmin(admin), events.append, interval=0.5)
     child = CaddyChild(find_caddy(None), tmp_path / "caddy", admin, sync.changed, sync.down)
     await child.start()
@@ -310,7 +311,7 @@ async def test_edge_a_refused_config_is_reported_and_retried(tmp_path: Path) -> 
             assert time.monotonic() < deadline, sync.status
             await asyncio.sleep(0.05)
         assert "Caddy rejected the configuration" in (sync.status.error or "")
-        assert events[-1]["type"] == "edge" and events[-1]["state"] == "rejected"
+        assert events[-1].type == "edge" and events[-1].state == "rejected"
         request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=llm.example.com"]
         subprocess.run(["openssl", *request, "-keyout", key, "-out", cert], check=True, capture_output=True)
         while sync.status.state != "ok":

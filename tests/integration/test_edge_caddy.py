@@ -29,6 +29,7 @@ from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.edge import Edge, admin_socket, caddy_home
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeSync
+from controller.events import EdgeChanged
 from controller.runtime.process import free_port, process_start_ticks
 from tests.support.server import edge_section, real_config, serve_subprocess
 
@@ -47,7 +48,7 @@ async def until(check: Callable[[], object], what: str, seconds: float = 20) -> 
 
 
 @asynccontextmanager
-async def running_edge(config: Config, events: list[dict[str, Any]]) -> AsyncIterator[Edge]:
+async def running_edge(config: Config, events: list[EdgeChanged]) -> AsyncIterator[Edge]:
     edge = Edge(config, events.append)
     await edge.start()
     try:
@@ -69,7 +70,7 @@ def port(address: str) -> int:
 async def test_embedded_admin_api_is_a_socket_only_the_controllers_user_can_open(tmp_path: Path) -> None:
     """On 127.0.0.1 any local user could load a config that serves the data dir (keys included)."""
     config = edge_config(tmp_path)
-    events: list[dict[str, Any]] = []
+    events: list[EdgeChanged] = []
     async with running_edge(config, events) as edge:
         socket = admin_socket(config)
         assert stat.S_ISSOCK(socket.stat().st_mode) and stat.S_IMODE(socket.stat().st_mode) == 0o600
@@ -83,7 +84,7 @@ async def test_embedded_admin_api_is_a_socket_only_the_controllers_user_can_open
         assert httpx.post(f"{metrics}/load", json={"apps": {}}).status_code == 404
         assert "caddy_config_last_reload_successful 1" in httpx.get(f"{metrics}/metrics").text
         # The push went through the socket, at once: never a failed first push while Caddy was starting.
-        assert [event["state"] for event in events] == ["ok"]
+        assert [event.state for event in events] == ["ok"]
         # The CA through the socket (what `llamacontroller edge ca` asks), and the app behind, unreachable: 503.
         trust = ssl.create_default_context(cadata=await edge.ca_certificate())
         answer = httpx.get(f"https://{config.edge.listen}/api/tags", verify=trust)
@@ -121,7 +122,7 @@ async def test_a_restarted_caddy_gets_its_config_without_a_failed_push(tmp_path:
     home = tmp_path / "caddy"
     admin = f"unix/{home}/admin.sock"
     settings = EdgeSettings(listen=f"127.0.0.1:{free_port()}", admin_listen=f"{admin}|0600", app="127.0.0.1:1")
-    events: list[dict[str, Any]] = []
+    events: list[EdgeChanged] = []
     sync = EdgeSync(settings, CaddyAdmin(admin), events.append, interval=600)  # only a restart pushes
     child = CaddyChild(find_caddy(None), home, settings.admin_listen, sync.changed, sync.down)
     await child.start()
@@ -136,8 +137,8 @@ async def test_a_restarted_caddy_gets_its_config_without_a_failed_push(tmp_path:
     finally:
         await sync.close()
         await child.stop()
-    assert [event["state"] for event in events] == ["down", "ok"], events
-    assert "caddy exited" in events[0]["error"]
+    assert [event.state for event in events] == ["down", "ok"], events
+    assert "caddy exited" in (events[0].error or "")
 
 
 async def test_an_unchanged_config_is_not_loaded_again(tmp_path: Path) -> None:

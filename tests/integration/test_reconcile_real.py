@@ -16,7 +16,7 @@ import psutil
 
 from common.errors import BackendStopFailed
 from controller.config import validate_config
-from controller.lifecycle import owner
+from controller.lifecycle import model as managed_model
 from controller.runtime import runtime_setup
 from controller.runtime.base import Backend
 from controller.runtime.logs import LogBook
@@ -45,7 +45,7 @@ class StopFailsTwice(ProcessRuntime):
 async def test_process_stop_that_fails_twice_ends_stopped_and_never_reads_stopped_before(
     tmp_path: Path, tiny_models: Models, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (0.3,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (0.3,))
     models = tiny_models("a")
     model_file = Path(models["a"]["path"])
     config = validate_config(real_config(tmp_path, models))

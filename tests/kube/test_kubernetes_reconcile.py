@@ -18,7 +18,8 @@ import pytest
 from common.errors import BackendStartFailed
 from controller.catalog.entries import Catalog
 from controller.config import Config, validate_config
-from controller.lifecycle import owner
+from controller.events import Event, ModelStateChanged, ModelStopFailed
+from controller.lifecycle import model as managed_model
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime import kubernetes, runtime_setup
 from controller.runtime.base import Backend
@@ -71,11 +72,11 @@ class Cast:
     """The rest of the controller around the runtime: a /health probe (a backend answers once its pod's
     container is ready, unless ``loading``), and every event the lifecycle publishes."""
 
-    def __init__(self, cluster: Cluster, on_event: Callable[[dict[str, Any]], None] = lambda _: None) -> None:
+    def __init__(self, cluster: Cluster, on_event: Callable[[Event], None] = lambda _: None) -> None:
         self.cluster = cluster
         self.loading = False
         self.on_event = on_event
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self.seen: list[tuple[str, list[str]]] = []  # each model state, with what of the backend existed then
 
     async def probe(self, backend: Backend, timeout: float) -> bool:
@@ -87,14 +88,14 @@ class Cast:
             for pod in self.cluster.find("Pod", {BACKEND: backend.handle})
         )
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: Event) -> None:
         self.events.append(event)
-        if event["type"] == "model_state":
-            self.seen.append((event["state"], left(self.cluster)))
+        if isinstance(event, ModelStateChanged):
+            self.seen.append((event.state, left(self.cluster)))
         self.on_event(event)
 
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [event for event in self.events if event["type"] == kind]
+    def stop_failures(self) -> list[ModelStopFailed]:
+        return [event for event in self.events if isinstance(event, ModelStopFailed)]
 
 
 def left(cluster: Cluster) -> list[str]:
@@ -130,14 +131,14 @@ async def test_kubernetes_stop_that_fails_twice_releases_everything_and_never_re
     """The first stop's Deployment delete is refused (500), the second's pod stays terminating past the bound;
     the model stays stopping meanwhile, reconcile passes running all the while disturb nothing, and the third
     try deletes everything. The next load makes one pod, which gets the one GPU."""
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (0.2,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (0.2,))
     monkeypatch.setattr(kubernetes, "GONE_SLACK", 0.2, raising=False)
     monkeypatch.setattr(kubernetes, "FORCED_GONE_TIMEOUT", 0.5, raising=False)
 
-    def fault(event: dict[str, Any]) -> None:
-        if event["type"] == "model_stop_failed" and event["failures"] == 1:
+    def fault(event: Event) -> None:
+        if isinstance(event, ModelStopFailed) and event.failures == 1:
             cluster.keep_pods_terminating()  # the second try meets a pod that will not go
-        if event["type"] == "model_stop_failed" and event["failures"] == 2:
+        if isinstance(event, ModelStopFailed) and event.failures == 2:
             cluster.let_pods_go()
 
     cast = Cast(cluster, fault)
@@ -158,9 +159,9 @@ async def test_kubernetes_stop_that_fails_twice_releases_everything_and_never_re
         finally:
             reconciling.cancel()
         assert running.view("a").state == "stopped"
-        failures = cast.of_type("model_stop_failed")
-        assert [event["failures"] for event in failures] == [1, 2]
-        assert "500" in failures[0]["error"] and "still terminating" in failures[1]["error"]
+        failures = cast.stop_failures()
+        assert [event.failures for event in failures] == [1, 2]
+        assert "500" in failures[0].error and "still terminating" in failures[1].error
         assert left(cluster) == []
         assert ("stopping", []) not in cast.seen[:-1], "stopping until the stop is confirmed"
         assert all(state != "stopped" or not held for state, held in cast.seen), cast.seen

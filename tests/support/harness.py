@@ -10,6 +10,7 @@ from quart import Quart
 
 from controller.catalog.entries import Catalog
 from controller.config import Config, validate_config
+from controller.events import Event
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.fake import FakeRuntime
 from controller.runtime.logs import LogBook
@@ -40,7 +41,7 @@ def fake_config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, An
 
 def fake_supervisor(config: Config, runtime: FakeRuntime | None = None) -> tuple[Supervisor, FakeRuntime]:
     runtime = runtime or FakeRuntime()
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     supervisor = Supervisor(config, runtime, Catalog(config), LogBook(), runtime.probe, events.append)
     supervisor.events = events  # type: ignore[attr-defined]
     return supervisor, runtime

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import notes
+from controller.events import ModelStateChanged, ModelStopFailed
 from controller.metrics import BackendFamilies, ControllerMetrics, relabel
 from proxy import measure
 
@@ -107,10 +108,8 @@ def test_metrics_lifecycle_is_counted_from_state_events() -> None:
     steps += [("starting", "failed"), ("failed", "starting"), ("starting", "ready"), ("ready", "stopping")]
     steps += [("stopping", "stopped")]
     for old, new in steps:
-        event = {"type": "model_state", "model": "m", "from": old, "state": new}
-        if new == "ready":
-            event["load_seconds"] = 1.5
-        counted.on_event(event)
+        load_seconds = 1.5 if new == "ready" else None
+        counted.on_event(ModelStateChanged("m", old, new, None, 0.0, load_seconds))
     value = registry.get_sample_value
     assert value("llamacontroller_model_loads_total", {"model": "m"}) == 2
     assert value("llamacontroller_model_unloads_total", {"model": "m"}) == 1
@@ -149,5 +148,5 @@ def test_metrics_count_each_failed_stop() -> None:
     registry = CollectorRegistry()
     counted = ControllerMetrics(registry, NoModels())  # type: ignore[arg-type]
     for _ in range(2):
-        counted.on_event({"type": "model_stop_failed", "model": "m", "error": "engine timeout"})
+        counted.on_event(ModelStopFailed("m", "stopping", "h", "engine timeout", 1, 0.5, 0.0))
     assert registry.get_sample_value("llamacontroller_backend_stop_failures_total", {"model": "m"}) == 2

@@ -19,6 +19,7 @@ from common.errors import (
     StartupTimeout,
 )
 from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
+from controller.events import Event
 from controller.lifecycle.model import ManagedModel
 from controller.lifecycle.state import State, backoff_delay
 from controller.runtime.base import Backend, LaunchSpec
@@ -33,7 +34,7 @@ class Harness:
         self, policy: ModelPolicy, behaviour: FakeBehaviour | None = None, runtime: FakeRuntime | None = None
     ) -> None:
         self.runtime = runtime or FakeRuntime({NAME: behaviour or FakeBehaviour()})
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self.logbook = LogBook()
         self.model = ManagedModel(
             NAME, policy, self.runtime, self.spec, self.runtime.probe, self.logbook, self.events.append
@@ -47,7 +48,7 @@ class Harness:
         return LaunchSpec(NAME, Path("m.gguf"), flags)
 
     def states(self) -> list[str]:
-        return [e["state"] for e in self.events]
+        return [e.state for e in self.events]
 
     async def wait_state(self, state: State, timeout: float = 2.0) -> None:
         async def poll() -> None:

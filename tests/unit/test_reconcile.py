@@ -13,7 +13,8 @@ import pytest
 
 from common.errors import BackendStartFailed
 from controller.catalog.entries import Catalog
-from controller.lifecycle import owner
+from controller.events import Event, ModelStateChanged, ModelStopFailed
+from controller.lifecycle import model as managed_model
 from controller.lifecycle.reconcile import compare
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.base import Backend
@@ -66,13 +67,13 @@ def test_compare_takes_nothing_for_missing_or_unknown_while_it_changed_during_th
 async def test_a_stop_that_fails_twice_keeps_the_model_stopping_until_it_succeeds(
     tmp_path: Path, tiny_model: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (0.05,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (0.05,))
     runtime = FakeRuntime({A: FakeBehaviour()})
     seen: list[tuple[str, bool]] = []  # (state, a backend runs) at every state event
 
-    def watch(event: dict[str, Any]) -> None:
-        if event["type"] == "model_state":
-            seen.append((event["state"], bool(runtime.alive(A))))
+    def watch(event: Event) -> None:
+        if isinstance(event, ModelStateChanged):
+            seen.append((event.state, bool(runtime.alive(A))))
 
     cfg = config(tmp_path, tiny_model)
     supervisor = Supervisor(cfg, runtime, Catalog(cfg), LogBook(), runtime.probe, watch)
@@ -95,13 +96,13 @@ async def test_a_stop_that_fails_twice_keeps_the_model_stopping_until_it_succeed
 
 
 async def test_a_failed_stop_is_an_event_and_a_metric(tmp_path: Path, tiny_model: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (0.01,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (0.01,))
     supervisor, _ = fake_supervisor(config(tmp_path, tiny_model), FakeRuntime({A: FakeBehaviour(fail_stops=1)}))
     await supervisor.start()
     await supervisor.load("a")
     await supervisor.unload("a")
-    failed = [e for e in supervisor.events if e["type"] == "model_stop_failed"]  # type: ignore[attr-defined]
-    assert len(failed) == 1 and failed[0]["model"] == A and "did not stop" in failed[0]["error"]
+    failed = [e for e in supervisor.events if isinstance(e, ModelStopFailed)]  # type: ignore[attr-defined]
+    assert len(failed) == 1 and failed[0].model == A and "did not stop" in failed[0].error
     assert supervisor._models[A].stop_failures == 1
     await supervisor.close()
 
@@ -131,7 +132,7 @@ async def test_a_backend_that_exits_while_loading_is_released(tmp_path: Path, ti
 async def test_a_hung_backend_whose_stop_fails_is_stopped_in_the_end(
     tmp_path: Path, tiny_model: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (0.02,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (0.02,))
     cfg = config(tmp_path, tiny_model, defaults={"health_interval": "10ms"})
     supervisor, runtime = fake_supervisor(cfg, FakeRuntime({A: FakeBehaviour(fail_stops=2)}))
     await supervisor.start()
@@ -216,7 +217,7 @@ async def test_a_pass_leaves_a_backend_that_is_starting_alone(tmp_path: Path, ti
 async def test_shutdown_gives_a_stop_that_keeps_failing_up_in_bounded_time(
     tmp_path: Path, tiny_model: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(owner, "STOP_RETRY_DELAYS", (30.0,))
+    monkeypatch.setattr(managed_model, "STOP_RETRY_DELAYS", (30.0,))
     supervisor, runtime = fake_supervisor(config(tmp_path, tiny_model), FakeRuntime({A: FakeBehaviour(fail_stops=99)}))
     await supervisor.start()
     await supervisor.load("a")

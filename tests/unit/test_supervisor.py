@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from common.errors import InvalidModelFile, InvalidModelName, ModelNotFound, NoCapacity, QueueFull
+from controller.events import ModelStateChanged
 from controller.lifecycle.state import State
 from controller.runtime.base import Backend
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
@@ -208,7 +209,7 @@ async def test_supervisor_keep_backends_on_exit_leaves_them_running(tmp_path: Pa
     await supervisor.load("a")
     await supervisor.close()
     assert runtime.alive("a:latest")
-    last = [e["state"] for e in supervisor.events if e["type"] == "model_state"][-1]  # type: ignore[attr-defined]
+    last = [e.state for e in supervisor.events if isinstance(e, ModelStateChanged)][-1]  # type: ignore[attr-defined]
     assert last == "ready", "a backend left running is never reported stopped"
 
 
@@ -217,7 +218,7 @@ async def test_supervisor_state_changes_are_published(tmp_path: Path, tiny_model
     await supervisor.start()
     await supervisor.load("a")
     await supervisor.unload("a")
-    events = [(e["model"], e["state"]) for e in supervisor.events]  # type: ignore[attr-defined]
+    events = [(e.model, e.state) for e in supervisor.events]  # type: ignore[attr-defined]
     assert events == [("a:latest", s) for s in ("starting", "ready", "stopping", "stopped")]
     await supervisor.close()
 
