@@ -37,9 +37,8 @@ from typing import Any, Literal
 
 from common.address import LOCAL_DIAL_HOST, LOOPBACK_HOSTS, Address
 from common.dialects import error_body
+from common.wire import IDENTITY_HEADER, VERIFY_PATH
 
-IDENTITY_HEADER = "X-LlamaController-Identity"
-VERIFY_PATH = "/auth/verify"
 HSTS = "max-age=31536000"
 
 
