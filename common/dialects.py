@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from common.errors import LlamaControllerError
+from common.wire import VERIFY_PATH
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def error_body(path: str, status: int, message: str, code: str) -> dict[str, Any
 
     Ollama clients get ``{"error": "..."}``, Anthropic clients Anthropic's shape, OpenAI clients and the
     native passthrough OpenAI's, everything else (control API, health) the control shape."""
-    if path == "/" or path.startswith(("/api/", "/auth/verify")):
+    if path == "/" or path.startswith(("/api/", VERIFY_PATH)):
         return ollama_error(message)
     if speaks_anthropic(path):
         return anthropic_error(status, message, code)

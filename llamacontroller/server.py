@@ -18,6 +18,7 @@ import uvicorn
 from quart import Quart
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from common.address import Address
 from common.asgi import compact_json
 from common.dialects import error_body
 from controller.api.sse import EventStreams
@@ -27,9 +28,8 @@ from controller.services import services_of
 
 def bind(listen: str) -> socket.socket:
     """A listening TCP socket for ``host:port`` (IPv6 hosts may be bracketed); raises OSError."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    where = Address.parse(listen)
+    family, kind, proto, _, address = socket.getaddrinfo(where.host, where.port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -17,6 +17,7 @@ from common.dialects import error_body
 from common.directory import ALLOW_MODEL_KEY, HAS_SCOPE_KEY
 from common.errors import AuthError, LlamaControllerError, RateLimited, Unavailable
 from common.peers import client_address
+from common.wire import VERIFY_PATH
 from controller.auth.authenticate import Authenticator, Request
 from controller.auth.identity import OPEN, Identity, required_scope
 
@@ -69,7 +70,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path == "/auth/verify" and self.verify is not None and scope["method"] in ("GET", "HEAD"):
+        if path == VERIFY_PATH and self.verify is not None and scope["method"] in ("GET", "HEAD"):
             await self.verify(scope, receive, send)
             return
         needed = required_scope(scope["method"], path)

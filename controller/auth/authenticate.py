@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from common import wire
 from common.background import Background
 from common.errors import Forbidden, RateLimited, Unauthenticated
 from controller.auth.accounts import audit, is_user_name
@@ -45,7 +46,7 @@ from controller.store.base import Ephemeral, SessionRecord, Store, TokenRecord, 
 
 log = logging.getLogger(__name__)
 
-IDENTITY_HEADER = "x-llamacontroller-identity"
+IDENTITY_HEADER = wire.IDENTITY_HEADER.lower()  # as the request object carries header names
 SESSION_COOKIE = "lc_session"
 CSRF_HEADER = "x-csrf-token"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

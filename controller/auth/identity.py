@@ -7,6 +7,8 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Literal
 
+from common.wire import VERIFY_PATH
+
 
 class Scope(StrEnum):
     INFERENCE = "inference"
@@ -57,7 +59,7 @@ def glob_allows(globs: tuple[str, ...], name: str) -> bool:
 
 def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; ``OPEN`` for the few paths that need none. Unknown paths need admin."""
-    if path in ("/healthz", "/readyz", "/") or path in ("/auth/login", "/auth/verify"):
+    if path in ("/healthz", "/readyz", "/") or path in ("/auth/login", VERIFY_PATH):
         return OPEN
     if path.startswith(("/api/", "/v1/", "/llama/")):
         return Scope.INFERENCE

@@ -18,11 +18,12 @@ from urllib.parse import unquote
 from common.asgi import Scope, Send, header, send_json
 from common.dialects import error_body
 from common.errors import LlamaControllerError, Unauthenticated
+from common.wire import IDENTITY_HEADER
 from controller.auth.asgi import auth_headers, request_of
-from controller.auth.authenticate import IDENTITY_HEADER, Authenticator
+from controller.auth.authenticate import Authenticator
 from controller.auth.identity import OPEN, required_scope
 
-VERIFY_PATH = "/auth/verify"
+_IDENTITY = IDENTITY_HEADER.lower()  # as ASGI carries header names
 
 
 async def forward_auth(scope: Scope, send: Send, service: Authenticator) -> None:
@@ -31,7 +32,7 @@ async def forward_auth(scope: Scope, send: Send, service: Authenticator) -> None
     path = unquote(uri.split("?", 1)[0]) or "/"  # decoded as the app decodes it: the identity is bound to it
     needed = required_scope(method, path)
     forwarded = request_of(scope, path=path, method=method)
-    headers = {k: v for k, v in forwarded.headers.items() if k != IDENTITY_HEADER}
+    headers = {k: v for k, v in forwarded.headers.items() if k != _IDENTITY}
     forwarded = type(forwarded)(method, path, headers, forwarded.client, forwarded.cookies)
     try:
         try:
@@ -47,4 +48,4 @@ async def forward_auth(scope: Scope, send: Send, service: Authenticator) -> None
         await send_json(send, exc.status, error_body(path, exc.status, exc.message, exc.code), auth_headers(exc))
         return
     signed = service.sign_identity(identity, method, path)
-    await send_json(send, 200, {"user": identity.subject}, [(IDENTITY_HEADER.encode(), signed.encode())])
+    await send_json(send, 200, {"user": identity.subject}, [(_IDENTITY.encode(), signed.encode())])

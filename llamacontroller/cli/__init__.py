@@ -73,15 +73,13 @@ def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
 def _banner(config: Config) -> None:
     from controller.settings import find_llama_server, llama_server_version
 
-    host, _, port = config.server.listen.rpartition(":")
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host  # noqa: S104 - display only
     print(f"LlamaController {__version__} listening on http://{config.server.listen}", flush=True)
     if config.edge.enabled:
         from controller.edge.edge import https_url
 
         where = https_url(config)
         if not config.edge.supervise and not config.edge.hostname:  # Caddy in its own container (compose)
-            where = f"{config.edge.admin.rpartition(':')[0]} listening on {config.edge.listen} (its published port)"
+            where = f"{config.edge.admin_address.url_host} listening on {config.edge.listen} (its published port)"
         print(f"  HTTPS (Caddy edge): {where}   trust its CA: llamacontroller edge ca --output ca.pem")
     image = config.runtime.llama_server_image
     if image is not None:  # the controller itself needs no llama-server (its image has none)
@@ -90,7 +88,7 @@ def _banner(config: Config) -> None:
         binary = find_llama_server(config.llama_server.binary)
         print(f"  llama-server {llama_server_version(binary)}: {binary}")
     print(f"  data dir: {config.data_dir}   models dir: {config.resolved_models_dir}")
-    print(f"  try: curl http://{shown_host}:{port}/v1/models", flush=True)
+    print(f"  try: curl http://{config.server.listen_address.dialable()}/v1/models", flush=True)
 
 
 def _announce(app: Quart) -> None:

@@ -25,7 +25,8 @@ from typing import Any
 
 import httpx
 
-from controller.edge.render import VERIFY_PATH, streaming_proxy
+from common.wire import IDENTITY_HEADER, VERIFY_PATH
+from controller.edge.render import streaming_proxy
 from controller.runtime.process import free_port
 from tests.bench.bench_gateway import RawClient, percentile
 from tests.support.server import backend_headers, serve_subprocess
@@ -33,7 +34,7 @@ from tests.support.tinymodel import write_tiny_model
 
 ALT_PREFIX = "/with-forward-auth"
 DIRECT_PREFIX = "/direct-tiny"
-IDENTITY = "X-LlamaController-Identity"
+IDENTITY = IDENTITY_HEADER
 
 
 def forward_auth(app: str) -> dict[str, Any]:
