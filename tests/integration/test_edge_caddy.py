@@ -187,6 +187,11 @@ def stale_caddy(child: CaddyChild, controller_pid: int, controller_ticks: int | 
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    # As a controller leaves it: Caddy running, not a child still between fork and exec (a busy machine), which
+    # the next controller rightly would not take for the Caddy its record names.
+    deadline = time.monotonic() + 30
+    while os.path.realpath(f"/proc/{caddy.pid}/exe") != os.path.realpath(binary) and time.monotonic() < deadline:
+        time.sleep(0.02)
     record = {
         "pid": caddy.pid,
         "start_ticks": process_start_ticks(caddy.pid),
@@ -211,6 +216,9 @@ async def test_a_caddy_left_by_a_dead_controller_is_stopped_by_the_next(tmp_path
         assert json.loads(child.pid_path.read_text())["pid"] == child.pid
     finally:
         await child.stop()
+        if stale.poll() is None:  # the test failed: leave no Caddy behind
+            stale.kill()
+            stale.wait()
     assert not child.pid_path.exists()
 
 
