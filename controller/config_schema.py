@@ -294,6 +294,15 @@ class StoreConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
 
 
+class GatewayConfig(_Strict):
+    """What the gateway does with what a model cannot do."""
+
+    # A chat's tools for a model without tool support: ignore drops them (the answer says so in the header
+    # X-LlamaController-Ignored: tools), as chat front ends send theirs with every request; reject answers
+    # Ollama's 400 "<model> does not support tools".
+    unsupported_tools: Literal["ignore", "reject"] = "ignore"
+
+
 class UpstreamConfig(_Strict):
     """The gateway's connections to backends."""
 
@@ -393,6 +402,7 @@ class Config(_Strict):
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)

@@ -34,7 +34,13 @@ def create_app(
     """The whole application; ``runtime``/``probe``/``binary`` are for tests (a fake runtime)."""
     services = build_services(config, runtime=runtime, probe=probe, binary=binary)
     app = create_control_app(services, on_ready)
-    gateway = Gateway(services.supervisor, cast(ASGIApp, app.asgi_app), config.server.max_body_bytes, services.upstream)
+    gateway = Gateway(
+        services.supervisor,
+        cast(ASGIApp, app.asgi_app),
+        config.server.max_body_bytes,
+        services.upstream,
+        config.gateway.unsupported_tools,
+    )
     auth = services.auth
 
     async def verify(scope: Scope, receive: Receive, send: Send) -> None:

@@ -22,7 +22,7 @@ from common.upstream import Upstream
 from proxy.access import ROUTE_KEY, access_log
 from proxy.native import PREFIX as NATIVE_PREFIX
 from proxy.native import NativeRoutes
-from proxy.ollama.routes import OllamaRoutes
+from proxy.ollama.routes import OllamaRoutes, UnsupportedTools
 from proxy.openai import PASSTHROUGH_PATHS, OpenAIRoutes
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[str | None]]
@@ -42,13 +42,14 @@ class Gateway:
         fallback: ASGIApp,
         max_body: int,
         upstream: Upstream | None = None,
+        unsupported_tools: UnsupportedTools = "ignore",
     ) -> None:
         self.directory = directory
         self.fallback = fallback
         self.upstream = upstream or Upstream()
         self.openai = OpenAIRoutes(directory, self.upstream, max_body)
         self.native = NativeRoutes(directory, self.upstream, max_body)
-        self.ollama = OllamaRoutes(directory, self.upstream, max_body)
+        self.ollama = OllamaRoutes(directory, self.upstream, max_body, unsupported_tools)
         self.routes = self._route_table()
 
     def _route_table(self) -> dict[str, Route]:

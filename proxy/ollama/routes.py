@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from common import notes
@@ -73,6 +73,19 @@ def _needs_capabilities(request: Common) -> bool:
     return isinstance(request, GenerateRequest) and bool(request.images or request.suffix)
 
 
+UnsupportedTools = Literal["ignore", "reject"]
+# Said on an answer whose request's tools were dropped (gateway.unsupported_tools: ignore).
+TOOLS_IGNORED_HEADER = (b"x-llamacontroller-ignored", b"tools")
+_TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def _unsupported_tools(request: Common, info: ModelInfo) -> ChatRequest | None:
+    """The chat whose tools its model cannot use, if this is one."""
+    if isinstance(request, ChatRequest) and request.tools and "tools" not in info.capabilities:
+        return request
+    return None
+
+
 def _check_capabilities(request: Common, info: ModelInfo, name: str) -> None:
     if isinstance(request, ChatRequest):
         if request.tools:
@@ -103,10 +116,20 @@ def _check_shift(request: Common, info: ModelInfo) -> None:
 
 
 class OllamaRoutes:
-    def __init__(self, directory: ModelDirectory, upstream: Upstream, max_body: int) -> None:
+    def __init__(
+        self,
+        directory: ModelDirectory,
+        upstream: Upstream,
+        max_body: int,
+        unsupported_tools: UnsupportedTools = "ignore",
+    ) -> None:
+        """``unsupported_tools``: ``ignore`` drops the tools of a chat whose model has no tool support (chat front
+        ends such as Open WebUI send theirs with every request) and says so in a header; ``reject`` answers
+        Ollama's 400."""
         self._directory = directory
         self._upstream = upstream
         self._max_body = max_body
+        self._ignore_tools = unsupported_tools == "ignore"
         self._background = Background()
 
     async def close(self) -> None:
@@ -238,12 +261,17 @@ class OllamaRoutes:
         if empty:
             await run_until_disconnect(receive, self._load_only(directory, send, request, kind))
             return
+        reply_headers: tuple[tuple[bytes, bytes], ...] = ()
         if _needs_capabilities(request) or request.shift is not None:
             info = await directory.model(request.model)
+            if self._ignore_tools and (chat := _unsupported_tools(request, info)) is not None:
+                request = replace(chat, tools=())
+                body = {key: value for key, value in body.items() if key not in _TOOL_KEYS}
+                reply_headers = (TOOLS_IGNORED_HEADER,)
             _check_capabilities(request, info, request.model)
             _check_shift(request, info)
         accumulator = Accumulator(model=request.model, kind=kind, streaming=request.stream)
-        call = _Call(path, body, passed_headers(scope), _shrinker(request))
+        call = _Call(path, body, passed_headers(scope), _shrinker(request), reply_headers)
 
         async def work() -> None:
             options = request.options
@@ -292,7 +320,8 @@ class OllamaRoutes:
                     if not streaming:
                         accumulator.feed(json_or_error(await response.read()))
                         break
-                    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", NDJSON)]})
+                    start = [(b"content-type", NDJSON), *call.reply_headers]
+                    await send({"type": "http.response.start", "status": 200, "headers": start})
                     began = True
                     async for chunk in response.iter_chunks():
                         for event in parser.feed(chunk):
@@ -317,7 +346,7 @@ class OllamaRoutes:
         if streaming:
             await send({"type": "http.response.body", "body": encode(final) + b"\n"})
         else:
-            await send_json(send, 200, final)
+            await send_json(send, 200, final, call.reply_headers)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -365,6 +394,7 @@ class _Call:
     body: dict[str, Any]
     extra: dict[str, str]
     shrink: Shrink | None
+    reply_headers: tuple[tuple[bytes, bytes], ...] = ()  # added to the client's answer
 
     @property
     def headers(self) -> dict[str, str]:

@@ -207,3 +207,39 @@ async def test_relay_native_passthrough_non_latin1_path_is_not_a_500(world: Worl
 async def test_relay_native_head_answers_without_a_body(world: World) -> None:
     response = await world.client.head("/llama/tiny/health")
     assert response.status_code == 200 and await response.get_data() == b""
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_relay_tools_a_model_cannot_use_are_dropped_and_the_answer_says_so(world: World, stream: bool) -> None:
+    """The default (gateway.unsupported_tools: ignore): a chat front end that sends its tools with every request
+    (Open WebUI) still chats with a model whose template has no tool support."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "stream": stream}
+    response = await world.client.post("/api/chat", json=body)
+    data = await response.get_data()
+    assert response.status_code == 200 and response.headers["X-LlamaController-Ignored"] == "tools"
+    lines = [json.loads(line) for line in data.splitlines()]
+    assert lines[-1]["done"] is True and "".join(line["message"]["content"] for line in lines) == "echo: x"
+    sent = world.standin.last("/v1/chat/completions").body
+    assert "tools" not in sent and "tool_choice" not in sent and sent["messages"] == [{"role": "user", "content": "x"}]
+
+
+async def test_relay_a_chat_without_tools_says_nothing_of_them(world: World) -> None:
+    response = await world.client.post(
+        "/api/chat", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert response.status_code == 200 and "X-LlamaController-Ignored" not in response.headers
+
+
+async def test_relay_tools_a_model_cannot_use_are_refused_as_ollama_does(tmp_path: Path, tiny_model: Path) -> None:
+    config = fake_config(tmp_path, tiny_model, {"tiny": {}}, gateway={"unsupported_tools": "reject"})
+    async with StandIn() as standin:
+        app: Quart = fake_app(config, FakeRuntime(backend_url=standin.url))
+        async with app.test_app():
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS}
+            response = await app.test_client().post("/api/chat", json=body)
+            assert response.status_code == 400
+            assert await response.get_json() == {"error": "tiny does not support tools"}
+            assert not [r for r in standin.requests if r.target.startswith("/v1/chat")]

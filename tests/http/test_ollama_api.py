@@ -129,16 +129,6 @@ async def test_ollama_http_unreachable_backend_is_a_clean_error(client: Client) 
         ),
         (
             "/api/chat",
-            {
-                "model": "tiny",
-                "messages": [{"role": "user", "content": "x"}],
-                "tools": [{"type": "function", "function": {"name": "f"}}],
-            },
-            400,
-            "tiny does not support tools",
-        ),
-        (
-            "/api/chat",
             {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "think": True},
             400,
             '"tiny" does not support thinking',

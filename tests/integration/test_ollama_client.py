@@ -167,7 +167,6 @@ def test_ollama_structured_outputs(client: ollama.Client) -> None:
 def test_ollama_capabilities_are_enforced(client: ollama.Client) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"think": True}, f'"{GEMMA}" does not support thinking'),
-        ({"tools": [WEATHER_TOOL]}, f"{GEMMA} does not support tools"),
         (
             {
                 "messages": [
@@ -187,6 +186,15 @@ def test_ollama_capabilities_are_enforced(client: ollama.Client) -> None:
             client.chat(GEMMA, **arguments)
         assert refused.value.status_code == 400 and refused.value.error == message
     assert client.chat(GEMMA, messages=[{"role": "user", "content": "hi"}], think=False, options=SHORT).done
+
+
+def test_ollama_tools_gemma_cannot_use_are_dropped_and_it_answers(client: ollama.Client) -> None:
+    """gateway.unsupported_tools: ignore (the default), as a chat front end sending its tools every time meets it;
+    the refusal Ollama answers instead (reject) is tested in tests/http/test_gateway_relay.py."""
+    reply = client.chat(
+        GEMMA, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL], options=SHORT, stream=False
+    )
+    assert reply.done and reply.message.content and not reply.message.tool_calls
 
 
 def test_ollama_tool_history_reaches_a_tools_model(client: ollama.Client) -> None:
