@@ -36,6 +36,8 @@ LLAMA_SERVER_IMAGE = DEFAULT_IMAGE
 EDGE_IMAGE = "llamacontroller/edge:local"
 APP_IMAGE = "llamacontroller/app:local"
 PACKAGES = ("common", "controller", "llamacontroller", "proxy")  # the project's own, copied into the app image
+# The folder that holds the packages: the checkout in an editable install, site-packages in a wheel install.
+INSTALLED_TREE = Path(__file__).resolve().parents[1]
 APP_USER = 10001
 _STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages", "venv"}
 _LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")

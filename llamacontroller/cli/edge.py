@@ -69,9 +69,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_images_build(args: argparse.Namespace) -> int:
     from llamacontroller import images
 
-    source = Path(__file__).resolve().parent.parent
     try:
-        images.build(args.only or ["llama-server", "edge", "app"], source)
+        images.build(args.only or ["llama-server", "edge", "app"], images.INSTALLED_TREE)
     except LlamaControllerError as exc:
         return report(exc)
     except Exception as exc:  # the Docker SDK's own errors: say which, never a traceback

@@ -7,6 +7,7 @@ import pytest
 
 from controller.api.system import llama_server_facts
 from controller.config import validate_config
+from controller.runtime.process import free_port
 from llamacontroller.cli import _banner, main
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
@@ -45,7 +46,8 @@ def test_cli_serve_refuses_a_bad_listen_address(tmp_path: Path, capsys: pytest.C
 def test_cli_serve_without_llama_server_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(f"llama_server:\n  binary: {tmp_path / 'no-such-binary'}\nmodels_dir: {tmp_path}\n")
-    assert main(["serve", "--config", str(config), "--data-dir", str(tmp_path)]) == 2
+    listen = f"127.0.0.1:{free_port()}"  # not the default port, which another server on this machine may hold
+    assert main(["serve", "--config", str(config), "--data-dir", str(tmp_path), "--listen", listen]) == 2
     assert "is not an executable file" in capsys.readouterr().err
 
 
