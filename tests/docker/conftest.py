@@ -52,7 +52,7 @@ def edge_image(engine: docker.DockerClient) -> str:
 
 
 def images_source() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return images.INSTALLED_TREE  # what `llamacontroller images build` uses
 
 
 @pytest.fixture(autouse=True)
