@@ -35,6 +35,8 @@ from controller.settings import find_llama_server
 LLAMA_SERVER_IMAGE = DEFAULT_IMAGE
 EDGE_IMAGE = "llamacontroller/edge:local"
 APP_IMAGE = "llamacontroller/app:local"
+TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # Docker's rule for a tag
+TAG_RULE = "letters, digits, '_', '.' and '-', at most 128, not starting with '.' or '-'"
 PACKAGES = ("common", "controller", "llamacontroller", "proxy")  # the project's own, copied into the app image
 # The folder that holds the packages: the checkout in an editable install, site-packages in a wheel install.
 INSTALLED_TREE = Path(__file__).resolve().parents[1]
@@ -206,14 +208,22 @@ def app_context(context: Path, source: Path) -> None:
     )
 
 
-def build(which: Iterable[str], source: Path, log: Callable[[str], None] = print) -> dict[str, str]:
-    """Build the named images (llama-server, edge, app) with the local Docker engine; returns name → tag."""
+def tagged(image: str, tag: str) -> str:
+    """``image`` (one of the names above) with another tag: ``llamacontroller/app:local`` → ``…/app:TAG``."""
+    if not TAG_PATTERN.fullmatch(tag):
+        raise ValueError(f"invalid image tag {tag!r}: {TAG_RULE}")
+    return f"{image.rpartition(':')[0]}:{tag}"
+
+
+def build(which: Iterable[str], source: Path, log: Callable[[str], None] = print, tag: str = "local") -> dict[str, str]:
+    """Build the named images (llama-server, edge, app) with the local Docker engine, tagged ``tag`` (another tag
+    keeps a second stack on one engine from replacing this one's images); returns name → image."""
     import docker
 
     contexts = {
-        "llama-server": (LLAMA_SERVER_IMAGE, llama_server_context),
-        "edge": (EDGE_IMAGE, edge_context),
-        "app": (APP_IMAGE, lambda context: app_context(context, source)),
+        "llama-server": (tagged(LLAMA_SERVER_IMAGE, tag), llama_server_context),
+        "edge": (tagged(EDGE_IMAGE, tag), edge_context),
+        "app": (tagged(APP_IMAGE, tag), lambda context: app_context(context, source)),
     }
     client = docker.from_env(version="auto", timeout=600)
     built = {}

@@ -70,13 +70,21 @@ def cmd_images_build(args: argparse.Namespace) -> int:
     from llamacontroller import images
 
     try:
-        images.build(args.only or ["llama-server", "edge", "app"], images.INSTALLED_TREE)
+        images.build(args.only or ["llama-server", "edge", "app"], images.INSTALLED_TREE, tag=args.tag)
     except LlamaControllerError as exc:
         return report(exc)
     except Exception as exc:  # the Docker SDK's own errors: say which, never a traceback
         print(f"error: could not build the images: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _image_tag(value: str) -> str:
+    from llamacontroller import images
+
+    if not images.TAG_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"invalid image tag {value!r}: {images.TAG_RULE}")
+    return value
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,6 +94,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "build", help="build llamacontroller/{llama-server,edge,app}:local from this install"
     )
     build.add_argument("--only", action="append", choices=["llama-server", "edge", "app"], help="build only this one")
+    build.add_argument(
+        "--tag",
+        type=_image_tag,
+        default="local",
+        help="the images' tag (default: local); set the same in .env's *_IMAGE variables",
+    )
     build.set_defaults(func=cmd_images_build)
 
     edge = commands.add_parser("edge", help="the HTTPS edge (Caddy)")
