@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,3 +152,15 @@ async def test_faults_backend_closes_in_the_middle_of_a_chunk(world: World) -> N
     events = sse_events(body)
     assert status == 200 and "closed the connection" in events[-1]["error"]["message"]
     await still_serving(world)
+
+
+async def test_faults_an_answer_that_timed_out_names_its_model_in_the_access_log(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llamacontroller.access")
+    world.backend.mode = "hang"
+    assert (await ask(world, "/v1/chat/completions", OPENAI_CHAT))[0] == 504
+    assert (await ask(world, "/api/chat", {**OLLAMA_CHAT, "stream": False}))[0] == 504
+    lines = [r.getMessage() for r in caplog.records if r.name == "llamacontroller.access"]
+    timed_out = [line for line in lines if " status=504 " in line]
+    assert len(timed_out) == 2 and all(" model=a " in line for line in timed_out), lines
