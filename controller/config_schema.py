@@ -129,6 +129,9 @@ class ContainerSettings(_Strict):
     shm_size: ByteSize | None = None
     ulimits: dict[str, int] = Field(default_factory=dict)  # e.g. {"nofile": 16384}; engines cap some (memlock)
     env: dict[str, str] = Field(default_factory=dict)
+    # "uid:gid" llama-server runs as; default 65532:65532 (not root). Set it where the models are readable only by
+    # another user; "0:0" runs it as root.
+    user: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}(:[A-Za-z0-9_.-]{1,64})?$")
 
 
 class DockerConfig(_Strict):

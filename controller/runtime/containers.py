@@ -15,7 +15,15 @@ from common.errors import BackendStartFailed, DockerUnavailable
 from controller.config_schema import ContainerSettings, DockerConfig
 from controller.runtime import contract
 from controller.runtime.base import GpuSelection, LaunchSpec, Placement
-from controller.runtime.contract import API_KEY_ENV, DEFAULT_IMAGE, MODELS_MOUNT, container_args, name_digest, slug
+from controller.runtime.contract import (
+    API_KEY_ENV,
+    BACKEND_UID,
+    DEFAULT_IMAGE,
+    MODELS_MOUNT,
+    container_args,
+    name_digest,
+    slug,
+)
 
 LABEL = "io.llamacontroller"
 MANAGED, MODEL, SPEC, INSTANCE = f"{LABEL}.managed", f"{LABEL}.model", f"{LABEL}.spec", f"{LABEL}.instance"
@@ -42,6 +50,7 @@ class ContainerPlan:
     memory: int | None
     shm_size: int | None
     ulimits: dict[str, int] = field(default_factory=dict)
+    user: str = f"{BACKEND_UID}:{BACKEND_UID}"
 
 
 def container_name(instance: str, model: str) -> str:
@@ -66,6 +75,7 @@ def settings_for(base: DockerConfig, placement: Placement) -> ContainerSettings:
             "shm_size": override.shm_size if override.shm_size is not None else merged.shm_size,
             "ulimits": {**merged.ulimits, **override.ulimits},
             "env": {**merged.env, **override.env},
+            "user": override.user,
         }
     )
 
@@ -109,6 +119,7 @@ def plan(spec: LaunchSpec, settings: ContainerSettings, instance: str, path_map:
         memory=settings.memory,
         shm_size=settings.shm_size,
         ulimits=dict(settings.ulimits),
+        user=settings.user or f"{BACKEND_UID}:{BACKEND_UID}",
     )
 
 
@@ -123,7 +134,10 @@ def realisation_hash(settings: ContainerSettings) -> str:
     """How the container is run (image, resources, its own environment) — what the spec hash does not cover:
     a leftover realised otherwise is not adopted."""
     payload: list[Any] = [settings.image, settings.memory, settings.shm_size, sorted(settings.ulimits.items())]
-    return contract.realisation_hash([*payload, sorted(settings.env.items())])
+    payload.append(sorted(settings.env.items()))
+    if settings.user is not None:  # only when set: the default keeps the hashes of containers made before it
+        payload.append(settings.user)
+    return contract.realisation_hash(payload)
 
 
 def device_request_kwargs(gpus: GpuSelection, engine_has_nvidia: bool) -> list[dict[str, Any]]:

@@ -22,6 +22,9 @@ PORT = 8080  # llama-server's port inside its container or pod
 MODELS_MOUNT = "/models"  # where a container or pod sees the models
 API_KEY_ENV = "LLAMA_API_KEY"  # llama-server's environment variable for --api-key
 EVERY_INTERFACE = "0.0.0.0"  # noqa: S104 - llama-server listens on its own container's network only
+# Who llama-server runs as in a container or pod: not root (the distroless "nonroot" ids). The models it reads must
+# be readable by it (world-readable, or a per-model container user).
+BACKEND_UID = 65532
 
 # Docker container names allow ``_`` and ``.``; Kubernetes names are DNS labels (letters, digits, ``-``).
 _NOT_IN_NAME = re.compile(r"[^a-z0-9_.-]+")

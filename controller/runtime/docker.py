@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 BUILTIN_NETWORKS = frozenset({"bridge", "host", "none"})
+# Processes and threads in one backend container: llama-server runs a thread per core and per HTTP slot.
+PIDS_LIMIT = 4096
 
 
 class DockerRuntime:
@@ -241,6 +243,14 @@ class DockerRuntime:
             "shm_size": container_plan.shm_size,
             "mem_limit": container_plan.memory,
             "ulimits": [Ulimit(name=n, soft=v, hard=v) for n, v in container_plan.ulimits.items()] or None,
+            # As the kubernetes runtime's pods: not root, no capabilities, nothing to gain by setuid, a root file
+            # system it cannot change (/tmp in memory), and a bound on processes and threads.
+            "user": container_plan.user,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges:true"],
+            "read_only": True,
+            "tmpfs": {"/tmp": "rw,noexec,nosuid,size=64m"},  # noqa: S108 - the container's own
+            "pids_limit": PIDS_LIMIT,
         }
         if network is None:
             options["ports"] = {f"{PORT}/tcp": ("127.0.0.1", None)}

@@ -20,6 +20,7 @@ from common.errors import BackendStartFailed
 from controller.runtime.base import GpuSelection, LaunchSpec, Placement, RuntimeSetup
 from controller.runtime.contract import (
     API_KEY_ENV,
+    BACKEND_UID,
     MODELS_MOUNT,
     PORT,
     container_args,
@@ -275,7 +276,7 @@ def _pod_spec(spec: LaunchSpec, settings: PodPlanSettings, args: list[str], name
         "terminationGracePeriodSeconds": max(1, math.ceil(settings.stop_timeout)),
         "automountServiceAccountToken": False,  # llama-server never talks to the API
         "enableServiceLinks": False,  # no environment variable per Service in the namespace
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": BACKEND_UID, "runAsGroup": BACKEND_UID},
     }
     optional = {
         "nodeSelector": settings.node_selector,

@@ -17,6 +17,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import httpx
 import pytest
 from docker.models.containers import Container
 
@@ -265,3 +266,22 @@ async def test_docker_load_of_a_backend_that_exits_at_once_quotes_its_reason(
         state = (await running.client.get("/control/v1/models/a")).json()
         assert state["state"] == "failed" and BAD_FLAG_LINE in state["error"]
     await eventually(lambda: ours(engine, tmp_path) == [])
+
+
+@pytest.mark.usefixtures("llama_server_image", "cleanup")
+async def test_docker_backend_runs_unprivileged(tmp_path: Path, engine: docker.DockerClient, models_dir: Path) -> None:
+    """As the kubernetes runtime's pods: not root, no capabilities, no-new-privileges, a read-only root file system,
+    a bound on processes; and llama-server serves that way."""
+    config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
+    runtime = DockerRuntime(runtime_setup(config, LogBook()))
+    try:
+        backend = await runtime.start(LaunchSpec(A, models_dir / "a.gguf", ("--ctx-size", "512")))
+        container = engine.containers.get(backend.handle)
+        host = container.attrs["HostConfig"]
+        assert container.attrs["Config"]["User"] == "65532:65532"
+        assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host["ReadonlyRootfs"] is True and host["PidsLimit"] == 4096 and "/tmp" in host["Tmpfs"]
+        await eventually(lambda: httpx.get(f"{backend.url}/health", timeout=5).status_code == 200)
+        await runtime.stop(backend, 2)
+    finally:
+        await runtime.close()

@@ -117,3 +117,19 @@ def test_each_runtime_gives_llama_server_the_same_arguments_where_it_sees_the_fi
         *["--model", "/srv/models/m.gguf", "--mmproj", "/srv/other/p.gguf", "--ctx-size", "512"],
         *["--host", "127.0.0.1", "--port", "4321"],
     ]
+
+
+def test_a_docker_backend_runs_as_65532_unless_its_model_says_who() -> None:
+    """Not root by default; a model whose files only another user may read names that user, which also makes a
+    container realised the old way (another user) a leftover not to adopt."""
+    made = config()
+    spec = LaunchSpec("x:1", Path("/srv/models/x.gguf"))
+    assert containers.plan(spec, docker_settings(made, "x:1"), "i", {}).user == "65532:65532"
+    owned = made.model_copy(
+        update={"models": {"m:1": made.models["m:1"].model_copy(update={"container": ContainerSettings(user="1000")})}}
+    )
+    settings = docker_settings(owned, "m:1")
+    assert containers.plan(spec, settings, "i", {}).user == "1000"
+    assert containers.realisation_hash(settings) != containers.realisation_hash(
+        settings.model_copy(update={"user": None})
+    )
