@@ -23,6 +23,7 @@ import docker
 import httpx
 import ollama
 import pytest
+from docker.models.containers import Container
 
 from controller.runtime.containers import MANAGED
 from controller.runtime.process import free_port
@@ -208,6 +209,32 @@ def test_compose_controller_killed_comes_back_and_adopts_its_model(
     chat["options"] = {"num_predict": 8}
     reply = httpx.post(f"{project.url}/api/chat", json=chat, headers=headers, verify=trust, timeout=300)
     assert reply.status_code == 200 and model_containers(engine, project) == before
+
+
+def test_compose_model_containers_reach_neither_the_edge_nor_the_store(
+    project: Project, access: tuple[str, ssl.SSLContext], engine: docker.DockerClient
+) -> None:
+    """A compromised llama-server must not reconfigure Caddy (its admin API has no authentication) nor read Redis:
+    model containers join the models' network only; the edge and Redis each share one network with the controller."""
+    token, trust = access
+    headers = {"Authorization": f"Bearer {token}"}
+    loaded = httpx.post(f"{project.url}/control/v1/models/gemma3-270m/load", headers=headers, verify=trust, timeout=300)
+    assert loaded.status_code == 200, loaded.text
+
+    def networks(container: Container) -> set[str]:
+        return set(container.attrs["NetworkSettings"]["Networks"])
+
+    def service(name: str) -> Container:
+        label = f"com.docker.compose.service={name}"
+        [found] = engine.containers.list(filters={"label": [f"com.docker.compose.project={project.name}", label]})
+        return found
+
+    [model] = engine.containers.list(filters={"label": f"{MANAGED}=true", "network": project.name})
+    SEEN.add(model.id)
+    assert networks(model) == {project.name}
+    assert networks(service("edge")) == {f"{project.name}_edge"}
+    assert networks(service("redis")) == {f"{project.name}_store"}
+    assert networks(service("controller")) == {project.name, f"{project.name}_edge", f"{project.name}_store"}
 
 
 def test_compose_down_leaves_nothing_behind(project: Project, engine: docker.DockerClient) -> None:
