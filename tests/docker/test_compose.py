@@ -211,7 +211,7 @@ def test_compose_controller_killed_comes_back_and_adopts_its_model(
     assert reply.status_code == 200 and model_containers(engine, project) == before
 
 
-def test_compose_model_containers_reach_neither_the_edge_nor_the_store(
+def test_compose_model_containers_reach_neither_the_edge_nor_the_store_and_logs_rotate(
     project: Project, access: tuple[str, ssl.SSLContext], engine: docker.DockerClient
 ) -> None:
     """A compromised llama-server must not reconfigure Caddy (its admin API has no authentication) nor read Redis:
@@ -235,6 +235,9 @@ def test_compose_model_containers_reach_neither_the_edge_nor_the_store(
     assert networks(service("edge")) == {f"{project.name}_edge"}
     assert networks(service("redis")) == {f"{project.name}_store"}
     assert networks(service("controller")) == {project.name, f"{project.name}_edge", f"{project.name}_store"}
+    for name in ("edge", "controller", "redis"):  # and each one's log is rotated
+        logging = service(name).attrs["HostConfig"]["LogConfig"]
+        assert logging == {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}}, (name, logging)
 
 
 def test_compose_down_leaves_nothing_behind(project: Project, engine: docker.DockerClient) -> None:
