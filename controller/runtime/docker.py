@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 from docker.models.containers import Container
-from docker.types import DeviceRequest, Mount, Ulimit
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from common.background import Background
 from common.errors import BackendStartFailed, BackendStopFailed, LlamaControllerError
@@ -251,6 +251,9 @@ class DockerRuntime:
             "read_only": True,
             "tmpfs": {"/tmp": "rw,noexec,nosuid,size=64m"},  # noqa: S108 - the container's own
             "pids_limit": PIDS_LIMIT,
+            # The follower reads the engine's log (json-file can be read back, and a since= follow works on it);
+            # rotated, because llama-server's output is kept by the controller's log book anyway.
+            "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
         }
         if network is None:
             options["ports"] = {f"{PORT}/tcp": ("127.0.0.1", None)}

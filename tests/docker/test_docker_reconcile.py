@@ -271,7 +271,7 @@ async def test_docker_load_of_a_backend_that_exits_at_once_quotes_its_reason(
 @pytest.mark.usefixtures("llama_server_image", "cleanup")
 async def test_docker_backend_runs_unprivileged(tmp_path: Path, engine: docker.DockerClient, models_dir: Path) -> None:
     """As the kubernetes runtime's pods: not root, no capabilities, no-new-privileges, a read-only root file system,
-    a bound on processes; and llama-server serves that way."""
+    a bound on processes, a rotated log; and llama-server serves that way."""
     config = validate_config(docker_config(tmp_path, {"a": {"path": str(models_dir / "a.gguf")}}))
     runtime = DockerRuntime(runtime_setup(config, LogBook()))
     try:
@@ -281,6 +281,7 @@ async def test_docker_backend_runs_unprivileged(tmp_path: Path, engine: docker.D
         assert container.attrs["Config"]["User"] == "65532:65532"
         assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges:true"]
         assert host["ReadonlyRootfs"] is True and host["PidsLimit"] == 4096 and "/tmp" in host["Tmpfs"]
+        assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}}
         await eventually(lambda: httpx.get(f"{backend.url}/health", timeout=5).status_code == 200)
         await runtime.stop(backend, 2)
     finally:
