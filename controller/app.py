@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import cache
@@ -25,9 +26,10 @@ from controller import __version__, web
 from controller.api import admin, health, metrics, models, system
 from controller.api.sse import EventStreams
 from controller.auth import views as auth_views
-from controller.auth.admin import Administration
+from controller.auth.admin import INITIAL_PASSWORD_FILE, Administration
 from controller.auth.asgi import auth_headers
 from controller.auth.authenticate import Authenticator
+from controller.auth.secrets import write_private
 from controller.bodies import BoundedRequest, too_large
 from controller.catalog.entries import Catalog
 from controller.config import Config
@@ -172,12 +174,17 @@ async def _first_admin(services: Services) -> None:
         log.warning("authentication is DISABLED (auth.enabled: false): anyone who can connect is admin")
         return
     password = await services.admin.ensure_first_admin()
-    if password is not None:  # printed once, to the console only: never logged
-        print(
-            f"\n  created user 'admin' with password: {password}\n"
-            "  (shown once; change it with: llamacontroller user passwd admin)\n",
-            flush=True,
-        )
+    if password is None:
+        return
+    # Never logged. Kept in a private file of the data dir (a container's log is kept by log pipelines, and lost
+    # with the container); shown as well only on a terminal, where nobody else keeps it.
+    kept = services.config.data_dir / INITIAL_PASSWORD_FILE
+    write_private(kept, password + "\n")
+    if sys.stdout.isatty():
+        said = f"created user 'admin' with password: {password}\n  (kept in {kept}, readable by this user only)"
+    else:
+        said = f"created user 'admin'; its password is in {kept} (readable by this user only)"
+    print(f"\n  {said}\n  change it with: llamacontroller user passwd admin (which deletes that file)\n", flush=True)
 
 
 def _relative_redirects(app: Quart) -> None:

@@ -20,6 +20,9 @@ from controller.auth.secrets import hash_password, new_token
 from controller.names import validate_model_name
 from controller.store.base import Role, Store, TokenRecord, User
 
+# The first admin's password, kept in the data dir (mode 0600) from the first start until it is changed.
+INITIAL_PASSWORD_FILE = "initial-admin-password"  # noqa: S105 - a file name
+
 
 def _validate_globs(globs: tuple[str, ...]) -> None:
     check_glob_count(globs)

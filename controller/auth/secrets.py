@@ -95,6 +95,15 @@ def load_or_create_key(path: Path) -> bytes:
     return key
 
 
+def write_private(path: Path, text: str) -> None:
+    """``text`` into a file only its owner may read (mode 0600 from its creation), replacing one left before."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from common.errors import ConfigError, LlamaControllerError
-from controller.auth.admin import Administration
+from controller.auth.admin import INITIAL_PASSWORD_FILE, Administration
 from controller.config import ENV_CONFIG_PATH, Config, load_config
 from controller.store import make_store
 
@@ -90,6 +90,8 @@ def user_passwd(args: argparse.Namespace) -> int:
     async def work(service: Administration) -> int:
         await service.set_password(args.name, _read_password(f"new password for {args.name}"), ACTOR)
         print(f"password of '{args.name}' changed; its sessions were ended")
+        if args.name == "admin":  # the first password, kept since the first start, is no longer one
+            (config_from_args(args).data_dir / INITIAL_PASSWORD_FILE).unlink(missing_ok=True)
         return 0
 
     return _run(args, work)
@@ -141,6 +143,16 @@ def token_revoke(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def user_first_password(args: argparse.Namespace) -> int:
+    """The first admin's password, as the first start kept it (a container's log never holds it)."""
+    kept = config_from_args(args).data_dir / INITIAL_PASSWORD_FILE
+    try:
+        print(kept.read_text().strip())
+    except FileNotFoundError:
+        return report(LlamaControllerError(f"no first password is kept in {kept.parent}: it was changed or deleted"))
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument("--config", help=f"config file (default: ${ENV_CONFIG_PATH})")
@@ -154,6 +166,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add.add_argument("--admin", action="store_true", help="an administrator (default: a user)")
     add.set_defaults(func=user_add)
     common(users.add_parser("list", help="list users")).set_defaults(func=user_list)
+    first = common(users.add_parser("first-password", help="print the first admin's password, kept since first start"))
+    first.set_defaults(func=user_first_password)
     passwd = common(users.add_parser("passwd", help="change a password"))
     passwd.add_argument("name")
     passwd.set_defaults(func=user_passwd)

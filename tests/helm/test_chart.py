@@ -189,7 +189,7 @@ def test_notes_say_where_the_url_and_the_first_admin_password_are(helm: str) -> 
     )
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubectl -n ai get service llm-llamacontroller-edge" in notes
-    assert "logs deploy/llm-llamacontroller-controller | grep \"created user 'admin'\"" in notes
+    assert "exec deploy/llm-llamacontroller-controller -- llamacontroller user first-password" in notes
     assert "llamacontroller edge ca" in notes
 
 

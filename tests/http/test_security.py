@@ -7,6 +7,8 @@ import base64
 import hmac
 import json
 import logging
+import stat
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -413,16 +415,30 @@ async def test_security_first_start_creates_admin_once(
             pass
         out = capsys.readouterr().out
         if run == 0:
-            password = out.split("password: ")[1].split()[0]
-            assert len(password) >= 16 and password not in caplog.text
+            kept = config.data_dir / "initial-admin-password"
+            password = kept.read_text().strip()
+            assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and f"its password is in {kept}" in out
+            # Not a terminal (a container's log, a pipe): the password is in the file only, never in a log.
+            assert len(password) >= 16 and password not in out and password not in caplog.text
         else:
-            assert "password" not in out, "printed once only"
+            assert "password" not in out, "said once only"
     service_app = fake_app(config, runtime)
     async with service_app.test_app():
         response = await service_app.test_client(use_cookies=False).post(
             "/auth/login", json={"username": "admin", "password": password}
         )
         assert response.status_code == 200
+
+
+async def test_security_first_start_on_a_terminal_shows_the_password_too(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    config = fake_config(tmp_path, tiny_model, {"a": {}}, auth={"enabled": True})
+    async with fake_app(config, FakeRuntime()).test_app():
+        pass
+    password = (config.data_dir / "initial-admin-password").read_text().strip()
+    assert f"created user 'admin' with password: {password}\n" in capsys.readouterr().out
 
 
 def test_security_auth_can_only_be_off_on_loopback() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,21 @@ def test_cli_serve_refuses_an_unknown_log_level_from_the_environment(
         main(["serve", "--data-dir", str(tmp_path), "--models-dir", str(tmp_path)])
     assert exited.value.code == 2
     assert "'[' is not a log level (--log-level or LLAMACONTROLLER_LOG_LEVEL)" in capsys.readouterr().err
+
+
+def test_cli_user_first_password_reads_the_kept_one_until_it_is_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a container's log must not hold it, `user first-password` reads it from the data dir; changing the
+    admin's password deletes the file."""
+    data = tmp_path / "data"
+    assert main(["user", "first-password", "--data-dir", str(data)]) == 1
+    assert "no first password is kept" in capsys.readouterr().err
+    data.mkdir()
+    (data / "initial-admin-password").write_text("first-secret-1\n")
+    assert main(["user", "first-password", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out == "first-secret-1\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("first-secret-1\nnew-password-2\n"))
+    assert main(["user", "add", "admin", "--admin", "--data-dir", str(data)]) == 0
+    assert main(["user", "passwd", "admin", "--data-dir", str(data)]) == 0
+    assert not (data / "initial-admin-password").exists()
