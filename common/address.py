@@ -35,9 +35,7 @@ class Address:
         host, sep, port = text.rpartition(":")
         if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= len(str(MAX_PORT))):
             raise AddressError(f'{text!r} is not "host:port"')
-        if not 0 < int(port) <= MAX_PORT:
-            raise AddressError(f"port {port} of {text!r} is not between 1 and {MAX_PORT}")
-        return cls(host.strip("[]"), int(port))
+        return cls(host.strip("[]"), int(port))  # which checks the port's range
 
     @property
     def loopback(self) -> bool:

@@ -9,15 +9,17 @@ clients of ``/control/v1/events`` see (docs/api.md); tests/http/test_event_wire.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
-class _Wire:
+class _Wire(ABC):
     type: ClassVar[str]
 
+    @abstractmethod
     def as_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The event as its wire shape, key for key and in order."""
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict())

@@ -208,11 +208,16 @@ def app_context(context: Path, source: Path) -> None:
     )
 
 
-def tagged(image: str, tag: str) -> str:
-    """``image`` (one of the names above) with another tag: ``llamacontroller/app:local`` → ``…/app:TAG``."""
+def check_tag(tag: str) -> str:
+    """``tag`` if Docker would take it as an image's tag; else ValueError."""
     if not TAG_PATTERN.fullmatch(tag):
         raise ValueError(f"invalid image tag {tag!r}: {TAG_RULE}")
-    return f"{image.rpartition(':')[0]}:{tag}"
+    return tag
+
+
+def tagged(image: str, tag: str) -> str:
+    """``image`` (one of the names above) with another tag: ``llamacontroller/app:local`` → ``…/app:TAG``."""
+    return f"{image.rpartition(':')[0]}:{check_tag(tag)}"
 
 
 def build(which: Iterable[str], source: Path, log: Callable[[str], None] = print, tag: str = "local") -> dict[str, str]:

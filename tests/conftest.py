@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,15 @@ from tests.support.tinymodel import write_tiny_model
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (random-weights) llama GGUF, ~0.5 MB, written once per test session."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_model: Path) -> Path:
+    """A models folder holding the tiny model as ``a.gguf`` (the docker and kubernetes tiers mount it)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "a.gguf")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def user_passwd(args: argparse.Namespace) -> int:
         await service.set_password(args.name, _read_password(f"new password for {args.name}"), ACTOR)
         print(f"password of '{args.name}' changed; its sessions were ended")
         if args.name == "admin":  # the first password, kept since the first start, is no longer one
-            (config_from_args(args).data_dir / INITIAL_PASSWORD_FILE).unlink(missing_ok=True)
+            _kept_password(args).unlink(missing_ok=True)
         return 0
 
     return _run(args, work)
@@ -143,9 +143,13 @@ def token_revoke(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def _kept_password(args: argparse.Namespace) -> Path:
+    return config_from_args(args).data_dir / INITIAL_PASSWORD_FILE
+
+
 def user_first_password(args: argparse.Namespace) -> int:
     """The first admin's password, as the first start kept it (a container's log never holds it)."""
-    kept = config_from_args(args).data_dir / INITIAL_PASSWORD_FILE
+    kept = _kept_password(args)
     try:
         print(kept.read_text().strip())
     except FileNotFoundError:

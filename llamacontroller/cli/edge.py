@@ -82,9 +82,10 @@ def cmd_images_build(args: argparse.Namespace) -> int:
 def _image_tag(value: str) -> str:
     from llamacontroller import images
 
-    if not images.TAG_PATTERN.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"invalid image tag {value!r}: {images.TAG_RULE}")
-    return value
+    try:
+        return images.check_tag(value)
+    except ValueError as exc:  # argparse would say only "invalid _image_tag value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

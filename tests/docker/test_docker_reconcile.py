@@ -8,7 +8,6 @@ Faults are injected into the docker SDK calls the runtime makes (``Container.sto
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -35,14 +34,6 @@ from tests.support.server import running_app
 A = "a:latest"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 BAD_FLAG_LINE = "invalid argument: --no-such-flag"  # what llama-server says before it exits with code 1
-
-
-@pytest.fixture
-def models_dir(tmp_path: Path, tiny_model: Path) -> Path:
-    folder = tmp_path / "models"
-    folder.mkdir()
-    shutil.copy(tiny_model, folder / "a.gguf")
-    return folder
 
 
 @pytest.fixture

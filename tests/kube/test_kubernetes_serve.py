@@ -9,7 +9,6 @@ go through the gateway to the backend the way they would in a cluster.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,14 +26,6 @@ from tests.support.server import ServeProcess, llama_server_or_skip, serve_proce
 
 INSTANCE_NAME = "serve-test"
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def models_dir(tmp_path: Path, tiny_model: Path) -> Path:
-    folder = tmp_path / "models"
-    folder.mkdir()
-    shutil.copy(tiny_model, folder / "a.gguf")
-    return folder
 
 
 @pytest.fixture
