@@ -1,7 +1,8 @@
 """The only thing the gateway knows about the control plane: a ModelDirectory (and the data it answers with).
 
-In the embedded shape the directory is the in-process supervisor; a remote implementation can call
-the controller over HTTP so gateway replicas scale apart from the single-writer controller.
+In the single-process shape the directory is the in-process supervisor; gateway processes follow the
+controller's published directory over HTTP (``proxy/remote.py``, the protocol in docs/architecture.md), whose
+entries are ``DirectoryEntry`` values: a model's info, its backends and the limits a gateway applies alone.
 Errors crossing this boundary are the ones in ``common.errors`` (the shared exception tree).
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from common.errors import Forbidden
 from common.upstream import bearer
 
 
@@ -24,6 +26,7 @@ class Lease:
     load_duration: float  # seconds this request waited for the model to be ready
     api_key: str = field(default="", repr=False)  # the backend's own key: only the gateway sends it
     max_predict: int | None = None  # tokens one request may generate (the model's max_predict); None: no limit
+    handle: str = ""  # the backend's pid or container id (what a gateway counts its requests against)
 
     @property
     def credentials(self) -> dict[str, str]:
@@ -92,6 +95,13 @@ class ModelInfo:
 
 
 Allowed = Callable[[str], bool]  # may the caller use the model of this name?
+
+
+def forbidden(name: str) -> Forbidden:
+    """The refusal of a model outside the caller's allow-list, whether or not such a model exists."""
+    return Forbidden(f"these credentials may not use model '{name}'")
+
+
 ALLOW_MODEL_KEY = "llamacontroller.allow_model"  # where the auth layer leaves the predicate in the ASGI scope
 HAS_SCOPE_KEY = "llamacontroller.has_scope"  # and the caller's scopes, as a predicate (``"metrics"`` → bool)
 
@@ -123,3 +133,57 @@ class ModelDirectory(Protocol):
 
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         """One model by name or alias; raise ModelNotFound / InvalidModelName / Forbidden."""
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    """A backend of a model as the directory publishes it: where it is, what it runs with, whether it drains."""
+
+    handle: str  # pid or container id: what gateways count their in-flight requests against
+    url: str
+    api_key: str = field(default="", repr=False)
+    embeddings: bool = False  # started with the embeddings endpoint
+    ctx_size: int | None = None  # tokens per request it was started with
+    draining: bool = False  # it will stop: gateways send it nothing new
+
+
+@dataclass(frozen=True)
+class DirectoryEntry:
+    """One model in the published directory: what a gateway needs to serve it without asking the controller."""
+
+    info: ModelInfo
+    backends: tuple[BackendRef, ...] = ()
+    max_predict: int | None = None  # the model's max_predict (a request's is lowered to it)
+    refuse_over_limit: bool = False  # a request above max_predict is refused, which only the controller says
+
+    def serving(self, embeddings: bool, ctx_size: int | None, num_predict: int | None) -> BackendRef | None:
+        """A ready backend this request may use as it is, or None when only the controller can decide (a load,
+        a restart with other flags, a refusal that names a limit)."""
+        if self.info.state != "ready":
+            return None
+        if self.refuse_over_limit and num_predict is not None and self.max_predict is not None:
+            if num_predict > self.max_predict:
+                return None
+        for backend in self.backends:
+            if backend.draining or (embeddings and not backend.embeddings):
+                continue
+            if ctx_size is not None and (backend.ctx_size is None or ctx_size > backend.ctx_size):
+                continue
+            return backend
+        return None
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> DirectoryEntry:
+        info = dict(data["info"])
+        info["aliases"] = tuple(info["aliases"])
+        info["capabilities"] = tuple(info["capabilities"])
+        info["live"] = LiveState(**info["live"])
+        return cls(
+            info=ModelInfo(**info),
+            backends=tuple(BackendRef(**backend) for backend in data["backends"]),
+            max_predict=data["max_predict"],
+            refuse_over_limit=data["refuse_over_limit"],
+        )

@@ -25,7 +25,8 @@ Third-party and OS exceptions (sockets, subprocess) are translated at the bounda
     │   ├── ModelStopping                503  the model was unloaded while the request waited
     │   ├── DockerUnavailable            503  the Docker engine does not answer, or refuses us (socket permissions)
     │   ├── KubernetesUnavailable        503  the Kubernetes API does not answer, or refuses us (RBAC)
-    │   └── EdgeError                    503  Caddy is unreachable or refused a configuration
+    │   ├── EdgeError                    503  Caddy is unreachable or refused a configuration
+    │   └── ControllerAway               503  a gateway's load waited for a controller that did not answer
     ├── BackendError                     502  the llama-server backend failed us
     │   ├── BackendStartFailed           502  it exited or was refused while starting
     │   ├── BackendCrashed               502  it died while serving (the in-flight request ends here)
@@ -170,6 +171,16 @@ class EdgeError(Unavailable):
     code = "edge_unavailable"
 
 
+class ControllerAway(Unavailable):
+    """Sent with Retry-After: the gateway keeps serving loaded models, but a load needs the controller."""
+
+    code = "controller_unavailable"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class BackendError(LlamaControllerError):
     status = 502
     code = "backend_error"
@@ -215,3 +226,21 @@ class StartupTimeout(LlamaControllerError):
 
 class InvalidTransition(LlamaControllerError):
     code = "invalid_transition"
+
+
+def _codes(cls: type[LlamaControllerError]) -> dict[str, type[LlamaControllerError]]:
+    found = {cls.code: cls}
+    for sub in cls.__subclasses__():
+        found.update(_codes(sub))
+    return found
+
+
+def error_from_wire(status: int, message: str, code: str) -> LlamaControllerError:
+    """An error another process of this project answered with (``describe``'s status, message and code), raised
+    again here as the same class, so that it reaches the client as the controller said it."""
+    kind = _codes(LlamaControllerError).get(code, LlamaControllerError)
+    error = LlamaControllerError.__new__(kind)
+    LlamaControllerError.__init__(error, message)
+    if error.status != status:
+        error.status = status  # an upstream's own status (UpstreamRefused), or a class this side lacks
+    return error

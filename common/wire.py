@@ -12,3 +12,7 @@ from __future__ import annotations
 
 IDENTITY_HEADER = "X-LlamaController-Identity"
 VERIFY_PATH = "/auth/verify"
+
+# The directory protocol between the controller and the gateway processes (controller/api/internal.py): never
+# routed by the edge, refused by the gateways, and open only with the deployment's shared secret.
+INTERNAL_PREFIX = "/internal/"

@@ -5,11 +5,14 @@ starts and stops it all. The embedded shape composes the gateway in front of it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,20 +26,22 @@ from common.errors import BackendStartFailed, LlamaControllerError
 from common.peers import TrustedProxies
 from common.upstream import Timeouts, Upstream
 from controller import __version__, web
-from controller.api import admin, health, metrics, models, system
+from controller.api import admin, health, internal, metrics, models, system
 from controller.api.sse import EventStreams
 from controller.auth import views as auth_views
 from controller.auth.admin import INITIAL_PASSWORD_FILE, Administration
 from controller.auth.asgi import auth_headers
 from controller.auth.authenticate import Authenticator
-from controller.auth.secrets import write_private
+from controller.auth.secrets import internal_secret, write_private
 from controller.bodies import BoundedRequest, too_large
 from controller.catalog.entries import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
 from controller.events import Event
+from controller.lifecycle.gateways import GatewayReports
 from controller.lifecycle.health import HttpProbe
 from controller.lifecycle.model import Probe
+from controller.lifecycle.publisher import DirectoryPublisher
 from controller.lifecycle.supervisor import Supervisor
 from controller.metrics import ControllerMetrics
 from controller.observability import EventBus
@@ -50,6 +55,8 @@ from controller.store import make_store
 
 log = logging.getLogger(__name__)
 
+CONTROLLER_PID_FILE = "controller.pid"  # in <data_dir>/run
+
 
 def build_services(
     config: Config,
@@ -57,8 +64,10 @@ def build_services(
     runtime: Runtime | None = None,
     probe: Probe | None = None,
     binary: Callable[[], str] | None = None,
+    caddy_apart: bool = False,
 ) -> Services:
-    """Everything the control plane runs on, wired once; ``runtime``/``probe``/``binary`` are for tests."""
+    """Everything the control plane runs on, wired once; ``runtime``/``probe``/``binary`` are for tests.
+    ``caddy_apart``: the embedded Caddy is the ``serve`` supervisor's child, which outlives this controller."""
     logbook = LogBook()
     events = EventBus()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -73,10 +82,13 @@ def build_services(
     upstream = Upstream(timeouts)
     registry = CollectorRegistry(auto_describe=True)  # one per app: tests build many apps in one process
     counted: ControllerMetrics | None = None
+    publisher: DirectoryPublisher | None = None
 
     def publish(event: Event) -> None:
         if counted is not None:
             counted.on_event(event)
+        if publisher is not None:
+            publisher.nudge()
         events.publish(event)
 
     http_probe = HttpProbe(upstream)
@@ -91,7 +103,8 @@ def build_services(
         key_check=None if probe else http_probe.key_accepted,  # a test's stand-in probe knows no keys
     )
     counted = ControllerMetrics(registry, supervisor)
-    edge = Edge(config, events.publish) if config.edge.enabled else None
+    publisher = DirectoryPublisher(supervisor, GatewayReports(config.gateway.report_ttl))
+    edge = Edge(config, events.publish, spawn_caddy=not caddy_apart) if config.edge.enabled else None
     if edge is not None:
         registry.register(health.EdgeState(edge))
     store, ephemeral = make_store(config)
@@ -111,6 +124,8 @@ def build_services(
         streams=EventStreams(),
         edge=edge,
         find_binary=find_binary,
+        publisher=publisher,
+        internal_secret=internal_secret(config.secrets_dir),
     )
 
 
@@ -122,7 +137,7 @@ def create_control_app(services: Services, on_ready: Callable[[Quart], None] | N
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     services.install(app)
-    for module in (health, models, admin, metrics, system, web, auth_views):
+    for module in (health, models, admin, metrics, system, web, auth_views, internal):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     _relative_redirects(app)
@@ -150,9 +165,11 @@ async def _serving(services: Services) -> AsyncIterator[None]:
             log.error("%s", exc.message)
     await services.store.open()
     await _first_admin(services)
+    pid_file = write_pid_file(config.data_dir / "run" / CONTROLLER_PID_FILE)
     resolving = asyncio.create_task(services.peers.keep_resolved(), name="trusted-proxies")
     try:
         await services.supervisor.start()
+        services.publisher.start()
         if services.edge is not None:
             await services.edge.start()
         count = len(services.supervisor.catalog.entries())
@@ -160,6 +177,7 @@ async def _serving(services: Services) -> AsyncIterator[None]:
         yield
     finally:
         await cancel_and_wait(resolving)
+        await services.publisher.close()
         if services.edge is not None:
             await services.edge.close()
         await services.supervisor.close()
@@ -167,6 +185,17 @@ async def _serving(services: Services) -> AsyncIterator[None]:
         await services.auth.close()
         await services.ephemeral.close()
         await services.store.close()
+        with contextlib.suppress(OSError):
+            if pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink()
+
+
+def write_pid_file(path: Path) -> Path:
+    """This process's pid in ``path``: how an operator (or a test) finds the controller among ``serve``'s
+    processes, to signal it or see that it restarted."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(f"{os.getpid()}\n")
+    return path
 
 
 async def _first_admin(services: Services) -> None:

@@ -18,13 +18,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from common.errors import ConfigError
+from common.names import canonical
 from controller.config_schema import (
     AuthConfig,
     Config,
     ModelConfig,
 )
 from controller.config_yaml import load_yaml
-from controller.names import canonical
 
 __all__ = ["ENV_CONFIG_PATH", "AuthConfig", "Config", "ModelConfig", "load_config", "validate_config"]
 

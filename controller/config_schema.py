@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from common.address import Address, AddressError
 from common.durations import DurationError, parse_go_duration, parse_keep_alive
 from common.errors import InvalidModelName
-from controller.names import canonical, validate_model_name
+from common.names import canonical, validate_model_name
 
 
 def _seconds(value: object) -> object:
@@ -297,13 +298,48 @@ class StoreConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
 
 
+def default_workers() -> int:
+    """Gateway processes ``serve`` runs when the config says ``auto``: one on a machine of 1-2 cores (a second
+    would compete with the backends for them), else one per core, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1 if cores <= 2 else min(cores, 8)
+
+
 class GatewayConfig(_Strict):
-    """What the gateway does with what a model cannot do."""
+    """The data plane: its processes, how they follow the controller, and what they do with what a model cannot do."""
 
     # A chat's tools for a model without tool support: ignore drops them (the answer says so in the header
     # X-LlamaController-Ignored: tools), as chat front ends send theirs with every request; reject answers
     # Ollama's 400 "<model> does not support tools".
     unsupported_tools: Literal["ignore", "reject"] = "ignore"
+    # Gateway processes ``serve`` runs on server.listen beside the controller; 0: the gateway runs inside the
+    # controller's process (one process: a controller restart is then an outage).
+    workers: int | Literal["auto"] = "auto"
+    controller: str | None = None  # how a gateway run apart reaches the controller (http://controller:11434)
+    report_interval: Period = 1.0  # a gateway reports its in-flight requests this often
+    report_ttl: Period = 10.0  # a gateway silent this long no longer holds a backend
+    drain_timeout: Seconds = 300.0  # a stopping backend waits this long at most for the gateways' requests on it
+    load_wait: Seconds = 30.0  # with no controller answering, a request that needs a load waits this long (then 503)
+
+    _blank = field_validator("controller", mode="before")(lambda value: value or None)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 64:
+            raise ValueError("must be auto or a number of processes from 0 to 64")
+        return value
+
+    @field_validator("controller")
+    @classmethod
+    def _controller_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^/?#\s]+/?", value):
+            raise ValueError("must be the controller's base URL, such as http://controller:11434")
+        return value.rstrip("/") if value else None
+
+    @property
+    def worker_count(self) -> int:
+        return default_workers() if self.workers == "auto" else int(self.workers)
 
 
 class UpstreamConfig(_Strict):

@@ -80,6 +80,21 @@ class ModelStopFailed(_Wire):
 
 
 @dataclass(frozen=True)
+class ModelDraining(_Wire):
+    """A ready model is about to stop (unload, eviction, expiry, a restart with other flags): its backend takes
+    nothing new, and stops once the requests on it, here and in the gateways, have ended."""
+
+    type: ClassVar[str] = "model_draining"
+
+    model: str
+    in_flight: int  # requests still running on it, when the drain began
+    time: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "model": self.model, "in_flight": self.in_flight, "time": self.time}
+
+
+@dataclass(frozen=True)
 class EdgeChanged(_Wire):
     """The HTTPS edge's state changed (edge/sync.py): ``ok``, ``down`` or ``rejected``, with the error."""
 
@@ -93,9 +108,9 @@ class EdgeChanged(_Wire):
         return {"type": self.type, "state": self.state, "error": self.error, "time": self.time}
 
 
-Event = ModelStateChanged | ModelStopFailed | EdgeChanged
+Event = ModelStateChanged | ModelStopFailed | ModelDraining | EdgeChanged
 
 
 def event_model(event: Event) -> str:
     """The model an event is about, "" for one about no model (the edge): what a model allow-list is asked."""
-    return event.model if isinstance(event, ModelStateChanged | ModelStopFailed) else ""
+    return event.model if isinstance(event, ModelStateChanged | ModelStopFailed | ModelDraining) else ""

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from controller.auth.authenticate import Authenticator
     from controller.config import Config
     from controller.edge.edge import Edge
+    from controller.lifecycle.publisher import DirectoryPublisher
     from controller.lifecycle.supervisor import Supervisor
     from controller.metrics import ControllerMetrics
     from controller.observability import EventBus
@@ -47,6 +48,8 @@ class Services:
     streams: EventStreams  # the server ends them when it begins to shut down
     edge: Edge | None
     find_binary: Callable[[], str]  # the llama-server binary (process runtime)
+    publisher: DirectoryPublisher  # the directory the gateway processes follow, and their reports
+    internal_secret: str  # what the gateway processes show on the internal routes
 
     def install(self, app: Quart) -> None:
         app.extensions[SERVICES_KEY] = self

@@ -5,8 +5,11 @@ refusals included; then authentication; then the gateway (the hot path); then Qu
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from quart import Quart
 
 from common.asgi import ASGIApp, Receive, Scope, Send
@@ -30,9 +33,16 @@ def create_app(
     probe: Probe | None = None,
     binary: Callable[[], str] | None = None,
     on_ready: Callable[[Quart], None] | None = None,
+    caddy_apart: bool = False,
+    gateway_metrics: Path | None = None,
 ) -> Quart:
-    """The whole application; ``runtime``/``probe``/``binary`` are for tests (a fake runtime)."""
-    services = build_services(config, runtime=runtime, probe=probe, binary=binary)
+    """The whole application; ``runtime``/``probe``/``binary`` are for tests (a fake runtime).
+
+    Under ``serve``'s supervisor, ``caddy_apart``: the supervisor runs Caddy; ``gateway_metrics``: the folder where
+    the gateway processes keep their request metrics, added up into this app's ``/metrics``."""
+    services = build_services(config, runtime=runtime, probe=probe, binary=binary, caddy_apart=caddy_apart)
+    if gateway_metrics is not None:
+        MultiProcessCollector(services.registry, path=str(gateway_metrics))  # type: ignore[no-untyped-call]
     app = create_control_app(services, on_ready)
     gateway = Gateway(
         services.supervisor,
@@ -47,7 +57,10 @@ def create_app(
         await forward_auth(scope, send, auth)
 
     authenticated = AuthMiddleware(gateway, auth, verify, services.metrics.auth_refused)
-    front = AccessLog(authenticated, GatewayMetrics(services.registry), services.peers)
+    # Under serve's supervisor the gateway processes' samples are this registry's series: the controller's own
+    # gateway (its loopback port serves none of the public traffic) keeps its samples apart.
+    measured = services.registry if gateway_metrics is None else CollectorRegistry(auto_describe=True)
+    front = AccessLog(authenticated, GatewayMetrics(measured), services.peers)
     app.asgi_app = cast(Any, front)  # type: ignore[method-assign]
     app.extensions[GATEWAY_KEY] = gateway
     app.after_serving(gateway.close)  # after the control plane's lifespan has ended

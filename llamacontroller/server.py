@@ -19,7 +19,7 @@ from quart import Quart
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from common.address import Address
-from common.asgi import compact_json
+from common.asgi import ASGIApp, compact_json
 from common.dialects import error_body
 from controller.api.sse import EventStreams
 from controller.config import Config
@@ -124,7 +124,8 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def uvicorn_server(app: Quart, config: Config) -> uvicorn.Server:
+def uvicorn_server(app: Quart | ASGIApp, config: Config) -> uvicorn.Server:
+    """uvicorn for the controller's app (a Quart app, whose event streams end at shutdown) or a gateway process's."""
     settings = uvicorn.Config(
         app,
         loop="uvloop",
@@ -142,4 +143,4 @@ def uvicorn_server(app: Quart, config: Config) -> uvicorn.Server:
         # is read only where it is used (common/peers.py).
         proxy_headers=False,
     )
-    return _Server(settings, services_of(app).streams)
+    return _Server(settings, services_of(app).streams if isinstance(app, Quart) else None)

@@ -16,6 +16,7 @@ from common import notes
 from common.asgi import ASGIApp, Message, Receive, Scope, Send
 from common.logsafe import loggable_field
 from common.peers import PEERS_KEY, TrustedProxies
+from common.wire import INTERNAL_PREFIX
 from proxy import measure
 from proxy.forward import request_id
 
@@ -77,8 +78,10 @@ class AccessLog:
 
     def _log(self, scope: Scope, method: str, rid: str, timing: notes.RequestTiming, ended: float) -> None:
         path: str = scope["path"]
-        # A health probe that passes (kubelet asks every 5 s) is news only when debugging.
-        level = logging.DEBUG if timing.status == 200 and path in _PROBES else logging.INFO
+        # A health probe that passes (kubelet asks every 5 s), a gateway's report (every second): news only when
+        # debugging.
+        routine = path in _PROBES or path.startswith(INTERNAL_PREFIX)
+        level = logging.DEBUG if timing.status == 200 and routine else logging.INFO
         if not access_log.isEnabledFor(level):
             return
         access_log.log(

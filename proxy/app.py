@@ -8,6 +8,7 @@ layer outside authentication, so that refusals are logged too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,10 @@ class Gateway:
             return
         await self._handle(scope, receive, send, route)
 
+    def handles(self, path: str) -> bool:
+        """Whether ``path`` is the gateway's (else ``fallback``'s): a gateway process sends the rest on."""
+        return path in self.routes or self._prefix_route(path) is not None
+
     def _prefix_route(self, path: str) -> Route | None:
         if path.startswith("/v1/models/"):
             return Route(frozenset({"GET", "HEAD"}), self.openai.get_model, "v1/models")
@@ -126,7 +131,9 @@ class Gateway:
                 access_log.warning("error after the response began: %s", loggable(exc))
             else:
                 status, message, code = describe(exc)
-                await send_json(send, status, error_body(scope["path"], status, message, code))
+                retry_after = getattr(exc, "retry_after", None)  # a rate limit, a controller away
+                extra = [(b"retry-after", b"%d" % max(1, math.ceil(retry_after)))] if retry_after else []
+                await send_json(send, status, error_body(scope["path"], status, message, code), extra)
 
     async def close(self) -> None:
         await self.ollama.close()

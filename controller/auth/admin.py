@@ -11,13 +11,13 @@ import secrets
 import time
 
 from common.errors import BadRequest, Forbidden, NotFound
+from common.names import validate_model_name
 from controller.auth.accounts import audit, validate_user_name
 from controller.auth.authenticate import Authenticator
 from controller.auth.bounds import Grant, check_glob_count, check_name, check_rpm, expiry_seconds, within_maker
 from controller.auth.identity import Identity, Scope
 from controller.auth.password_work import PasswordWork
 from controller.auth.secrets import hash_password, new_token
-from controller.names import validate_model_name
 from controller.store.base import Role, Store, TokenRecord, User
 
 # The first admin's password, kept in the data dir (mode 0600) from the first start until it is changed.

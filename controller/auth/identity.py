@@ -7,7 +7,7 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from common.wire import VERIFY_PATH
+from common.wire import INTERNAL_PREFIX, VERIFY_PATH
 
 
 class Scope(StrEnum):
@@ -61,6 +61,8 @@ def required_scope(method: str, path: str) -> str | None:
     """The scope a request needs; ``OPEN`` for the few paths that need none. Unknown paths need admin."""
     if path in ("/healthz", "/readyz", "/") or path in ("/auth/login", VERIFY_PATH):
         return OPEN
+    if path.startswith(INTERNAL_PREFIX):
+        return OPEN  # the gateways' routes check the deployment's shared secret themselves
     if path.startswith(("/api/", "/v1/", "/llama/")):
         return Scope.INFERENCE
     if path.startswith(("/control/v1/models", "/control/v1/events")):

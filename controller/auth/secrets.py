@@ -140,3 +140,19 @@ def verify_claims(key: bytes, value: str) -> SignedClaims | None:
     if not isinstance(claims, dict) or not isinstance(claims.get("n"), str):
         return None
     return SignedClaims(claims, claims["n"])
+
+
+INTERNAL_SECRET_ENV = "LLAMACONTROLLER_INTERNAL_SECRET"  # noqa: S105 - the variable's name
+INTERNAL_SECRET_FILE = "internal.key"  # noqa: S105 - a file name
+
+
+def internal_secret(secrets_dir: Path) -> str:
+    """The secret the controller and its gateway processes share (the directory protocol): the environment's
+    (compose's .env, a Kubernetes Secret) when set, else a key file made once in the secrets folder, which the
+    processes of one host share."""
+    given = os.environ.get(INTERNAL_SECRET_ENV, "")
+    if given:
+        if len(given) < 32:
+            raise RuntimeError(f"{INTERNAL_SECRET_ENV} is too short: use at least 32 random characters")
+        return given
+    return load_or_create_key(secrets_dir / INTERNAL_SECRET_FILE).hex()

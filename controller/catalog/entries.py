@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Literal
 
 from common.errors import InvalidModelFile, InvalidModelName, ModelNotFound
+from common.names import canonical, name_from_filename, validate_model_name
 from controller.catalog.gguf_meta import GgufMetadata, read_gguf_metadata
 from controller.config import Config, ModelConfig
-from controller.names import canonical, name_from_filename, validate_model_name
 
 log = logging.getLogger(__name__)
 

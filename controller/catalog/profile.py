@@ -156,6 +156,7 @@ def _policy(entry: CatalogEntry, config: Config) -> ModelPolicy:
         max_concurrent=int(pick(model.max_concurrent if model else None, defaults.max_concurrent)),
         queue_depth=int(pick(model.queue_depth if model else None, defaults.queue_depth)),
         pinned=bool(model and model.pinned),
+        drain_timeout=config.gateway.drain_timeout,
     )
 
 

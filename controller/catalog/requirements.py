@@ -68,6 +68,7 @@ class ModelPolicy:
     max_concurrent: int = 4
     queue_depth: int = 512
     pinned: bool = False
+    drain_timeout: float = 300.0  # how long a stop waits for the gateway processes' requests on the backend
 
 
 NOTHING_SPECIAL = Requirements()  # a plain request: chat or completion with the configured context

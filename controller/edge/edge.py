@@ -64,13 +64,15 @@ def https_url(config: Config) -> str:
 
 
 class Edge:
-    def __init__(self, config: Config, publish: Callable[[EdgeChanged], None]) -> None:
+    def __init__(self, config: Config, publish: Callable[[EdgeChanged], None], spawn_caddy: bool = True) -> None:
+        """``spawn_caddy`` false: with ``edge.supervise`` the Caddy child is another process's (``serve``'s
+        supervisor, which outlives a controller that restarts); this one only configures it."""
         settings = edge_settings(config)
         self.url = https_url(config)
         admin = CaddyAdmin(admin_address(config))
         self.sync = EdgeSync(settings, admin, publish, config.edge.reconcile_interval)
         self.child: CaddyChild | None = None
-        if config.edge.supervise:
+        if config.edge.supervise and spawn_caddy:
             binary = find_caddy(config.edge.binary)
             self.child = CaddyChild(
                 binary, caddy_home(config), settings.admin_listen, self.sync.changed, self.sync.down

@@ -31,7 +31,8 @@ from common.errors import (
     StartupTimeout,
 )
 from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
-from controller.events import Event, ModelStateChanged, ModelStopFailed
+from controller.events import Event, ModelDraining, ModelStateChanged, ModelStopFailed
+from controller.lifecycle.gateways import RemoteUse
 from controller.lifecycle.health import watch_liveness
 from controller.lifecycle.state import ALLOWED, OCCUPYING, Goal, State, backoff_delay, check_transition, fresh
 from controller.lifecycle.usage import KEEP_ALIVE_LABEL, Usage, keep_alive_label, kept_keep_alive
@@ -97,6 +98,7 @@ class ManagedModel:
         self._liveness: asyncio.Task[None] | None = None
         self._unhealthy: str | None = None  # why it is taken for dead while its runtime may still run it
         self._ready_since = 0.0
+        self._drain_since: float | None = None  # monotonic: when it began to drain, while it does
         self.stop_error: str | None = None  # why the last try to stop it failed, while it is tried again
         self.stop_failures = 0  # failed tries to stop a backend, over the model's life (a metric)
 
@@ -133,11 +135,18 @@ class ManagedModel:
 
     @property
     def in_flight(self) -> int:
-        return self._usage.in_flight
+        """Requests running on the backend, here and in the gateway processes."""
+        return self._usage.in_flight + self._usage.remote_in_flight
 
     @property
     def queued(self) -> int:
-        return self._usage.queued
+        return self._usage.waiting
+
+    @property
+    def draining(self) -> bool:
+        """Ready, but about to stop (unload, eviction, expiry, a restart with other flags): gateways send its
+        backend nothing new, and it stops once the requests on it have ended."""
+        return self._state is State.READY and (self._goal in (Goal.STOP, Goal.CLOSE) or self._restart_pending())
 
     @property
     def last_used(self) -> float:
@@ -170,8 +179,8 @@ class ManagedModel:
             backend_url=backend.url if backend and self._state is State.READY else None,
             handle=backend.handle if backend else None,
             adopted=bool(backend and backend.adopted),
-            in_flight=self._usage.in_flight,
-            queued=self._usage.queued,
+            in_flight=self.in_flight,
+            queued=self.queued,
             expires_at=self.expires_at(),
             load_duration=round(self.load_duration, 4),
             starts=self.starts,
@@ -317,6 +326,11 @@ class ManagedModel:
         self._running = self._wanted = requirements
         self._goal = Goal.RUN
         self._wake.set()
+
+    def remote_use(self, use: RemoteUse) -> None:
+        """What the gateway processes report about this model's backend (lifecycle/gateways.py)."""
+        if self._usage.set_remote(use) or self.draining:
+            self._wake.set()
 
     def lost(self, backend: Backend, reason: str) -> None:
         """``backend`` is taken for dead (it stopped answering, or its runtime no longer lists it): the owner
@@ -568,9 +582,10 @@ class ManagedModel:
         usage = self._usage
         if usage.keep_alive != self._kept_keep_alive:
             await self._keep_keep_alive(self._backend, usage.keep_alive)
-        drained = usage.drained
         now = time.monotonic()
-        idle = drained and usage.queued == 0 and not self.policy.pinned and self._goal is Goal.RUN
+        drain_left = self._drain_left(now)
+        drained = usage.drained
+        idle = drained and usage.waiting == 0 and not self.policy.pinned and self._goal is Goal.RUN
         expired = idle and usage.expires_at is not None and now >= usage.expires_at
         if drained and self._goal is Goal.STOP:
             await self._stop_backend()
@@ -583,8 +598,30 @@ class ManagedModel:
             log.info("model %s: keep_alive expired", self.name)
             self._goal = Goal.STOP
             return
-        timeout = (usage.expires_at - now) if idle and usage.expires_at is not None else None
+        timeout = (usage.expires_at - now) if idle and usage.expires_at is not None else drain_left
         await self._sleep(timeout, self._gone)
+
+    def _drain_left(self, now: float) -> float | None:
+        """While draining: announce it once, and give up waiting for the gateways' requests after the drain
+        timeout (a stream may never end by itself); the seconds left of it, else None."""
+        if not self.draining:
+            self._drain_since = None
+            return None
+        if self._drain_since is None:
+            self._drain_since = now
+            self._publish(ModelDraining(model=self.name, in_flight=self.in_flight, time=time.time()))
+        left = self._drain_since + self.policy.drain_timeout - now
+        usage = self._usage
+        if left <= 0 and usage.remote_counts and usage.remote_in_flight:
+            log.warning(
+                "model %s: %d requests in the gateways still run on %s after the drain timeout (%gs); stopping it",
+                self.name,
+                usage.remote_in_flight,
+                self._backend.handle if self._backend else "?",
+                self.policy.drain_timeout,
+            )
+            usage.remote_counts = False
+        return max(left, 0.0) if usage.remote_counts and usage.remote_in_flight else None
 
     async def _keep_keep_alive(self, backend: Backend, seconds: float) -> None:
         """Keep the keep_alive in force with the backend, so that a controller that adopts it after a restart

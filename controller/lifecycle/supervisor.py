@@ -25,12 +25,14 @@ from contextlib import asynccontextmanager
 
 from common import notes
 from common.background import Background, cancel_and_wait
-from common.directory import Allowed, Lease, LiveState, ModelInfo
-from common.errors import Forbidden, LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
+from common.directory import Allowed, BackendRef, DirectoryEntry, Lease, LiveState, ModelInfo, forbidden
+from common.errors import LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
+from common.names import canonical
 from controller.catalog.entries import Catalog, CatalogEntry
 from controller.catalog.profile import ModelProfile, build_profile
 from controller.catalog.requirements import NOTHING_SPECIAL, Requirements
 from controller.config import Config
+from controller.lifecycle.gateways import GatewayReports
 from controller.lifecycle.model import ManagedModel, Probe, Publish
 from controller.lifecycle.policy import Evict, Limits, Loaded, Refuse, Target, Wait, choose_victims
 from controller.lifecycle.reconcile import compare
@@ -53,10 +55,6 @@ async def wait_for_progress(models: list[ManagedModel]) -> None:
     finally:
         for wait in waits:
             wait.cancel()
-
-
-def forbidden(name: str) -> Forbidden:
-    return Forbidden(f"these credentials may not use model '{name}'")
 
 
 class Supervisor:
@@ -370,7 +368,14 @@ class Supervisor:
 
         async with model.lease(profile.effective(wanted), keep_alive, admit) as backend:
             waited = time.monotonic() - started
-            yield Lease(entry.name, backend.url, waited, api_key=backend.api_key, max_predict=profile.max_predict)
+            yield Lease(
+                entry.name,
+                backend.url,
+                waited,
+                api_key=backend.api_key,
+                max_predict=profile.max_predict,
+                handle=backend.handle,
+            )
 
     async def load(self, name: str, *, exclusive: bool = False, keep_alive: float | None = None) -> ModelInfo:
         """Make ``name`` ready (switching away from the others when ``exclusive``) and return its info."""
@@ -423,6 +428,36 @@ class Supervisor:
 
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         return self.info(await self.resolve(name, allowed))
+
+    async def directory(self) -> list[DirectoryEntry]:
+        """Every model as the gateway processes see it: its info, its backend and the limits they apply."""
+        entries = []
+        for info in await self.models():
+            entry = self.catalog.get(canonical(info.name))
+            profile = self._profiles.get(entry.key) if entry else None
+            model = self._models.get(entry.key) if entry else None
+            backends: tuple[BackendRef, ...] = ()
+            if model is not None and model.backend is not None and model.state is State.READY:
+                backend, running = model.backend, model.requirements
+                ctx = profile.context_size(running) if profile else running.ctx_size
+                ref = BackendRef(backend.handle, backend.url, backend.api_key, running.embeddings, ctx, model.draining)
+                backends = (ref,)
+            entries.append(
+                DirectoryEntry(
+                    info,
+                    backends,
+                    max_predict=profile.max_predict if profile else None,
+                    refuse_over_limit=bool(profile and profile.refuse_over_limit),
+                )
+            )
+        return entries
+
+    def take_reports(self, reports: GatewayReports) -> None:
+        """Hand each model what the gateway processes report about its current backend."""
+        for key, model in self._models.items():
+            entry = self.catalog.get(key)
+            backend = model.backend
+            model.remote_use(reports.use(entry.name if entry else key, backend.handle if backend else None))
 
     def ready_backends(self) -> list[tuple[str, Backend]]:
         """(catalog name, backend) of every ready model, key included: for scraping the backends' /metrics."""

@@ -2,6 +2,9 @@
 
 keep_alive follows Ollama: the last request *scheduled* onto the backend (``begin``) decides how long the
 model stays loaded once the last request has ended (``end``), whatever order they finish in.
+
+Requests that gateway processes run are counted apart (``remote``, from their reports: lifecycle/gateways.py):
+the backend is busy while either count is, and a remote request's keep_alive counts as a local one's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Mapping
 
 from common.errors import QueueFull
 from controller.catalog.requirements import ModelPolicy
+from controller.lifecycle.gateways import NOBODY, RemoteUse
 
 KEEP_ALIVE_LABEL = "keep_alive"  # kept with the backend (Runtime.keep_labels), read back on adoption
 
@@ -41,10 +45,40 @@ class Usage:
         self.expires_at: float | None = None  # monotonic; None = never (or busy)
         self._keep_alive = policy.keep_alive
         self._slots = asyncio.Semaphore(policy.max_concurrent)
+        self.remote: RemoteUse = NOBODY
+        self.remote_counts = True  # False once a drain has waited for the gateways past its timeout
+
+    @property
+    def remote_in_flight(self) -> int:
+        return self.remote.in_flight if self.remote_counts else 0
 
     @property
     def drained(self) -> bool:
-        return self.in_flight == 0
+        return self.in_flight == 0 and self.remote_in_flight == 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the model, here and in the gateways."""
+        return self.queued + self.remote.queued
+
+    def set_remote(self, use: RemoteUse) -> bool:
+        """The gateways' counts now; True when the owner has something to do (the keep_alive or the expiry)."""
+        before, self.remote = self.remote, use
+        changed = False
+        if use.last_used > before.last_used:
+            at = time.monotonic() - max(0.0, time.time() - use.last_used)
+            if at > self.last_used:
+                self.last_used, changed = at, True
+        if use.keep_alive_at > before.keep_alive_at and use.keep_alive_at:
+            wanted = self._policy.keep_alive if use.keep_alive is None else use.keep_alive
+            changed = changed or wanted != self._keep_alive
+            self._keep_alive = wanted
+        if not self.drained:
+            self.expires_at = None
+        elif changed or before.in_flight:
+            self._arm(self._keep_alive)
+            changed = True
+        return changed
 
     def enter_queue(self) -> None:
         """Count a new request; refuse it (503) past ``max_concurrent + queue_depth``."""
@@ -85,7 +119,7 @@ class Usage:
         self.in_flight -= 1
         self._slots.release()
         self.last_used = time.monotonic()
-        if self.in_flight == 0:
+        if self.drained:
             self._arm(self._keep_alive)
 
     def ready(self, keep_alive: float | None = None) -> None:
@@ -97,6 +131,7 @@ class Usage:
 
     def stopped(self) -> None:
         self.expires_at = None
+        self.remote_counts = True
 
     def _arm(self, seconds: float) -> None:
         self.expires_at = None if math.isinf(seconds) else self.last_used + seconds

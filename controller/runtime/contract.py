@@ -14,8 +14,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from common.names import canonical
 from controller.config_schema import DEFAULT_IMAGE as DEFAULT_IMAGE  # the config's default, which cannot import this
-from controller.names import canonical
 from controller.runtime.base import LaunchSpec
 
 PORT = 8080  # llama-server's port inside its container or pod

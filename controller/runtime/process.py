@@ -76,14 +76,14 @@ def spawn_detached(
         close_fds=True,
         env=env,
         # Between fork and exec the child calls only prctl and getppid: no lock that another thread may hold.
-        preexec_fn=_die_with(os.getpid()) if die_with_parent and sys.platform == "linux" else None,
+        preexec_fn=dying_with_parent(os.getpid()) if die_with_parent and sys.platform == "linux" else None,
     )
 
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def dying_with_parent(parent: int) -> Callable[[], None]:
     """What the forked child runs before exec: ask for SIGKILL when its parent dies (prctl)."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
 

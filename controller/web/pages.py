@@ -9,13 +9,13 @@ import yaml
 from quart import Response, redirect, render_template, stream_with_context
 
 from common.errors import LlamaControllerError
+from common.names import canonical
 from controller import __version__
 from controller.api.sse import PING, StreamAccess, heartbeat, sse_response, sse_stream
 from controller.api.system import llama_server_facts
 from controller.auth.identity import Scope
 from controller.config import Config
 from controller.events import Event, ModelStateChanged
-from controller.names import canonical
 from controller.observability import EventBus
 from controller.services import services
 from controller.web.base import Viewer, blueprint, htmx, page, supervisor, vendor_scripts

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 from common.directory import ModelInfo
-from controller.names import canonical
+from common.names import canonical
 
 SECRET_KEY = re.compile(r"(password|secret|token|key|credential)", re.IGNORECASE)
 REDACTED = "••••••"

@@ -106,14 +106,26 @@ def _announce(app: Quart) -> None:
         print(f"  serving {entry.name} ({summary})", flush=True)
 
 
+def _child_args(args: argparse.Namespace) -> list[str]:
+    """``serve``'s own options, for the processes it supervises (which load the same config the same way)."""
+    passed = []
+    for option in ("config", "listen", "data_dir", "models_dir", "log_level"):
+        value = getattr(args, option)
+        if value:
+            passed += [f"--{option.replace('_', '-')}", str(value)]
+    return passed
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from controller.observability import configure_logging
-    from llamacontroller.server import bind, uvicorn_server
+    from llamacontroller.server import bind
 
     configure_logging(args.log_level)
     try:
         config = _apply_overrides(load_config(_config_path(args.config)), args)
         config = with_demo_model(config)
+        if args.role is not None:
+            return _serve_role(config, args)
         sock = bind(config.server.listen)
     except ConfigError as exc:
         _print_config_error(exc)
@@ -127,10 +139,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    workers = config.gateway.worker_count
+    if workers > 0:
+        from llamacontroller.supervise import supervise
+
+        print(f"  processes: a controller, {workers} gateway worker(s), the edge", flush=True)
+        return supervise(config, _child_args(args), sock, workers)
     from llamacontroller.app import create_app
+    from llamacontroller.server import uvicorn_server
 
     # uvicorn handles SIGINT/SIGTERM: a graceful stop runs the app's shutdown, which stops every backend.
     uvicorn_server(create_app(config, on_ready=_announce), config).run(sockets=[sock])
+    return 0
+
+
+def _serve_role(config: Config, args: argparse.Namespace) -> int:
+    """One of the processes ``serve`` supervises (llamacontroller/supervise.py), on the socket it inherited."""
+    import socket
+
+    from llamacontroller.server import uvicorn_server
+
+    sock = socket.socket(fileno=args.fd)
+    if args.role == "gateway":
+        from controller.auth.secrets import internal_secret
+        from llamacontroller.gateway import GatewayProcess
+
+        process = GatewayProcess(config, args.controller_url, internal_secret(config.secrets_dir))
+        uvicorn_server(process, config).run(sockets=[sock])
+        return 0
+    from llamacontroller.app import create_app
+    from llamacontroller.supervise import GATEWAY_METRICS_ENV
+
+    metrics = os.environ.get(GATEWAY_METRICS_ENV)
+    app = create_app(config, on_ready=_announce, caddy_apart=True, gateway_metrics=Path(metrics) if metrics else None)
+    uvicorn_server(app, config).run(sockets=[sock])
     return 0
 
 
@@ -170,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="state, logs and pid files (default ~/.local/share/llamacontroller)")
     serve.add_argument("--models-dir", help="folder scanned for *.gguf files (default <data dir>/models)")
     serve.add_argument("--log-level", type=_log_level, default=os.environ.get("LLAMACONTROLLER_LOG_LEVEL", "INFO"))
+    # What serve's supervisor gives the processes it runs (llamacontroller/supervise.py); not for people.
+    serve.add_argument("--role", choices=("controller", "gateway"), help=argparse.SUPPRESS)
+    serve.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--controller-url", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     add_admin_commands(commands)

@@ -89,9 +89,16 @@ async def test_event_stream_of_a_load_and_an_unload(tmp_path: Path, tiny_model: 
             await read_until(connection, received, lambda: b": connected\n\n" in received)
             assert (await client.post("/control/v1/models/a/load")).status_code == 200
             assert (await client.post("/control/v1/models/a/unload")).status_code == 200
-            await read_until(connection, received, lambda: received.count(b"data: ") >= 4)
+            await read_until(connection, received, lambda: received.count(b"data: ") >= 5)
             await connection.disconnect()
-        events = [json.loads(line[6:]) for line in bytes(received).decode().splitlines() if line.startswith("data: ")]
+        published = [
+            json.loads(line[6:]) for line in bytes(received).decode().splitlines() if line.startswith("data: ")
+        ]
+        draining = [event for event in published if event["type"] == "model_draining"]
+        assert len(draining) == 1 and list(draining[0]) == ["type", "model", "in_flight", "time"]
+        assert draining[0]["model"] == "a:latest" and draining[0]["in_flight"] == 0
+        events = [event for event in published if event["type"] == "model_state"]
+        assert published.index(draining[0]) == 2  # after ready, before the stop begins
         assert [(event["from"], event["state"]) for event in events] == [
             ("stopped", "starting"),
             ("starting", "ready"),

@@ -273,3 +273,44 @@ def serve_processes(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
             return stack.enter_context(serve_subprocess(config, tmp_path, name))
 
         yield start
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    process: Any  # llamacontroller.gateway.GatewayProcess
+    client: httpx.AsyncClient  # authenticated as the controller's admin
+    server: Any
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await asyncio.wait_for(self.task, 30)
+
+
+@asynccontextmanager
+async def running_gateway(controller: RunningApp, config: Config) -> AsyncIterator[RunningGateway]:
+    """A gateway process's app (``llamacontroller gateway``) on a socket of its own, in this event loop, following
+    ``controller``: what `serve` runs as its workers."""
+    from controller.auth.secrets import internal_secret
+    from llamacontroller.gateway import GatewayProcess
+
+    listen = f"127.0.0.1:{free_port()}"
+    process = GatewayProcess(config, controller.url, internal_secret(config.secrets_dir))
+    sock = bind(listen)
+    server = uvicorn_server(process, config)
+    server.config.loop = "none"
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    async with httpx.AsyncClient(base_url=f"http://{listen}", timeout=60, headers=bearer(controller.token)) as client:
+        deadline = time.monotonic() + 20
+        while not (server.started and process.directory.synced.is_set()):
+            if task.done() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            await asyncio.sleep(0.02)
+        running = RunningGateway(f"http://{listen}", process, client, server, task)
+        try:
+            yield running
+        finally:
+            if not task.done():
+                await running.stop()
+            sock.close()

@@ -19,7 +19,7 @@ from common.errors import (
     StartupTimeout,
 )
 from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
-from controller.events import Event
+from controller.events import Event, ModelStateChanged
 from controller.lifecycle.model import ManagedModel
 from controller.lifecycle.state import State, backoff_delay
 from controller.runtime.base import Backend, LaunchSpec
@@ -48,7 +48,7 @@ class Harness:
         return LaunchSpec(NAME, Path("m.gguf"), flags)
 
     def states(self) -> list[str]:
-        return [e.state for e in self.events]
+        return [e.state for e in self.events if isinstance(e, ModelStateChanged)]
 
     async def wait_state(self, state: State, timeout: float = 2.0) -> None:
         async def poll() -> None:

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.errors import InvalidModelName
-from controller.names import canonical, name_from_filename, validate_model_name
+from common.names import canonical, name_from_filename, validate_model_name
 
 
 @pytest.mark.parametrize("name", ["gemma3", "gemma3:270m", "Qwen2.5-7B:q4_k_m", "tiny_1:latest", "a"])

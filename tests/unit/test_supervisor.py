@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from common.errors import InvalidModelFile, InvalidModelName, ModelNotFound, NoCapacity, QueueFull
-from controller.events import ModelStateChanged
+from controller.events import ModelDraining, ModelStateChanged
 from controller.lifecycle.state import State
 from controller.runtime.base import Backend
 from controller.runtime.fake import FakeBehaviour, FakeRuntime
@@ -218,8 +218,11 @@ async def test_supervisor_state_changes_are_published(tmp_path: Path, tiny_model
     await supervisor.start()
     await supervisor.load("a")
     await supervisor.unload("a")
-    events = [(e.model, e.state) for e in supervisor.events]  # type: ignore[attr-defined]
+    published = supervisor.events  # type: ignore[attr-defined]
+    events = [(e.model, e.state) for e in published if isinstance(e, ModelStateChanged)]
     assert events == [("a:latest", s) for s in ("starting", "ready", "stopping", "stopped")]
+    draining = [e for e in published if isinstance(e, ModelDraining)]
+    assert [(e.model, e.in_flight) for e in draining] == [("a:latest", 0)]  # announced once, before the stop
     await supervisor.close()
 
 

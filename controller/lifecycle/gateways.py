@@ -1,0 +1,151 @@
+"""What the gateway processes report: their in-flight requests per backend, queues and last use (bookkeeping).
+
+Each gateway reports every second (``POST /internal/v1/report``); a report replaces that gateway's previous one.
+A gateway silent for ``ttl`` seconds no longer counts: a killed gateway cannot hold a backend forever. An
+``ensure`` that hands a gateway a backend leaves a *hold* on it until that gateway's next report, which counts
+the request itself: without it a backend with ``keep_alive 0`` could stop before the request reached it.
+Times on the wire are wall-clock seconds (the processes may be on other hosts); the counts are plain ints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import BadRequest
+
+MAX_MODELS_PER_REPORT = 10_000
+MAX_BACKENDS_PER_MODEL = 64
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """One gateway's use of one model, as its last report said."""
+
+    in_flight: Mapping[str, int] = field(default_factory=dict)  # backend handle → requests running on it
+    queued: int = 0  # requests waiting for the model (a load, a restart)
+    last_used: float = 0.0  # wall clock of the last request's start or end
+    keep_alive: float | None = None  # what the last request that began asked for (None: the model's default)
+    keep_alive_at: float = 0.0  # wall clock of that request's start
+
+
+@dataclass(frozen=True)
+class RemoteUse:
+    """Every live gateway's use of one model's current backend, summed."""
+
+    in_flight: int = 0
+    queued: int = 0
+    last_used: float = 0.0  # wall clock
+    keep_alive: float | None = None
+    keep_alive_at: float = 0.0
+
+
+NOBODY = RemoteUse()
+
+
+@dataclass
+class _Gateway:
+    seq: int
+    seen: float  # monotonic
+    models: dict[str, ModelUse]
+    holds: list[tuple[int, str, str]] = field(default_factory=list)  # (seq it waits past, model, handle)
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 31:
+        raise BadRequest(f"{what} must be a count")
+    return value
+
+
+def _seconds(value: Any, what: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+        raise BadRequest(f"{what} must be a number")
+    return float(value)
+
+
+def parse_models(value: Any) -> dict[str, ModelUse]:
+    """A report's ``models`` object, checked: the controller never trusts a shape it did not make."""
+    if not isinstance(value, dict) or len(value) > MAX_MODELS_PER_REPORT:
+        raise BadRequest("models must be an object of at most 10000 models")
+    models: dict[str, ModelUse] = {}
+    for name, use in value.items():
+        if not isinstance(use, dict):
+            raise BadRequest("each model's use must be an object")
+        backends = use.get("in_flight", {})
+        if not isinstance(backends, dict) or len(backends) > MAX_BACKENDS_PER_MODEL:
+            raise BadRequest("in_flight must be an object of backends")
+        keep_alive = use.get("keep_alive")
+        models[str(name)] = ModelUse(
+            in_flight={str(handle): _count(n, "in_flight") for handle, n in backends.items()},
+            queued=_count(use.get("queued", 0), "queued"),
+            last_used=_seconds(use.get("last_used", 0.0), "last_used"),
+            keep_alive=None if keep_alive is None else _seconds(keep_alive, "keep_alive"),
+            keep_alive_at=_seconds(use.get("keep_alive_at", 0.0), "keep_alive_at"),
+        )
+    return models
+
+
+class GatewayReports:
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._gateways: dict[str, _Gateway] = {}
+
+    def report(self, gateway: str, seq: int, models: dict[str, ModelUse]) -> None:
+        """``gateway``'s counts now; its holds older than this report are in its counts."""
+        known = self._gateways.get(gateway)
+        if known is not None and seq <= known.seq:
+            known.seen = self._clock()  # a late or repeated report: alive, but its counts are older
+            return
+        holds = [hold for hold in known.holds if hold[0] >= seq] if known else []
+        self._gateways[gateway] = _Gateway(seq, self._clock(), models, holds)
+
+    def hold(self, gateway: str, seq: int, model: str, handle: str) -> None:
+        """A backend was handed to ``gateway`` for a request it will count in its first report after ``seq``."""
+        known = self._gateways.get(gateway)
+        if known is None:
+            known = self._gateways[gateway] = _Gateway(-1, self._clock(), {})
+        known.seen = self._clock()
+        known.holds.append((seq, model, handle))
+
+    def prune(self) -> bool:
+        """Forget gateways silent for the TTL; True when one was forgotten."""
+        now = self._clock()
+        silent = [name for name, gateway in self._gateways.items() if now - gateway.seen > self.ttl]
+        for name in silent:
+            del self._gateways[name]
+        return bool(silent)
+
+    def live(self) -> int:
+        return len(self._gateways)
+
+    def use(self, model: str, handle: str | None) -> RemoteUse:
+        """Every live gateway's use of ``model``; in-flight counts only on ``handle`` (its current backend)."""
+        in_flight = queued = 0
+        last_used = keep_alive_at = 0.0
+        keep_alive: float | None = None
+        for gateway in self._gateways.values():
+            in_flight += sum(1 for _, name, held in gateway.holds if name == model and held == handle)
+            use = gateway.models.get(model)
+            if use is None:
+                continue
+            if handle is not None:
+                in_flight += use.in_flight.get(handle, 0)
+            queued += use.queued
+            last_used = max(last_used, use.last_used)
+            if use.keep_alive_at > keep_alive_at:
+                keep_alive, keep_alive_at = use.keep_alive, use.keep_alive_at
+        if not (in_flight or queued or last_used):
+            return NOBODY
+        return RemoteUse(in_flight, queued, last_used, keep_alive, keep_alive_at)
+
+    def per_model(self) -> dict[str, int]:
+        """In-flight requests per model across the gateways (the control API's view)."""
+        totals: dict[str, int] = defaultdict(int)
+        for gateway in self._gateways.values():
+            for name, use in gateway.models.items():
+                totals[name] += sum(use.in_flight.values())
+        return dict(totals)

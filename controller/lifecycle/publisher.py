@@ -1,0 +1,117 @@
+"""The controller's side of the directory protocol: the published directory and the gateways' reports.
+
+Gateways follow the directory by long polls (``changes``): the first answer is a snapshot of every model; later
+answers hold only the models whose entry changed since the revision the gateway has, and the names removed.
+An ``epoch`` names this controller's run: a gateway that saw another epoch (the controller restarted) is sent a
+snapshot again. The directory is computed again on every lifecycle event (a state change, a drain) and every
+``interval`` seconds (a model file added or removed), and a revision is spent only when an entry really changed.
+The request counters of a model (in flight, queued) are left out of that comparison: they change all the time and
+the gateways count their own.
+
+The same loop forgets gateways silent past their TTL and hands the models the reports (``Supervisor.take_reports``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from typing import Any
+
+from common.background import cancel_and_wait
+from controller.lifecycle.gateways import GatewayReports
+from controller.lifecycle.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT = 30.0  # the longest a long poll is held (well inside any proxy's idle timeout)
+
+
+def _comparable(entry: dict[str, Any]) -> str:
+    live = {k: v for k, v in entry["info"]["live"].items() if k not in ("in_flight", "queued")}
+    return json.dumps({**entry, "info": {**entry["info"], "live": live}}, sort_keys=True)
+
+
+class DirectoryPublisher:
+    def __init__(self, supervisor: Supervisor, reports: GatewayReports, interval: float = 2.0) -> None:
+        self.supervisor = supervisor
+        self.reports = reports
+        self.interval = interval
+        self.epoch = uuid.uuid4().hex
+        self.revision = 0
+        self._entries: dict[str, tuple[int, dict[str, Any], str]] = {}  # name → (revision, wire entry, comparable)
+        self._removed: dict[str, int] = {}  # name → the revision that removed it
+        self._changed = asyncio.Condition()
+        self._nudged = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.published = asyncio.Event()  # set once the first directory is computed
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="directory-publisher")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+
+    def nudge(self, _event: object = None) -> None:
+        """Something changed (a bus event): compute the directory again soon."""
+        self._nudged.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._nudged.clear()
+            try:
+                if self.reports.prune():
+                    log.info("a gateway stopped reporting; its requests no longer hold any backend")
+                self.supervisor.take_reports(self.reports)
+                await self.refresh()
+            except Exception:  # a bug must not stop the gateways' directory: log it, try again
+                log.exception("computing the directory failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval / 2):
+                    await self._nudged.wait()
+
+    async def refresh(self) -> None:
+        entries = {e.info.name: e.to_wire() for e in await self.supervisor.directory()}
+        changed = False
+        for name, wire in entries.items():
+            self._removed.pop(name, None)
+            comparable = _comparable(wire)
+            known = self._entries.get(name)
+            if known is None or known[2] != comparable:
+                changed = True
+                self._entries[name] = (self.revision + 1, wire, comparable)
+            else:
+                self._entries[name] = (known[0], wire, comparable)  # fresh counters, same revision
+        for name in [name for name in self._entries if name not in entries]:
+            del self._entries[name]
+            self._removed[name] = self.revision + 1
+            changed = True
+        if changed:
+            self.revision += 1
+            async with self._changed:
+                self._changed.notify_all()
+        self.published.set()
+
+    def take_report(self, gateway: str, seq: int, models: Any) -> None:
+        self.reports.report(gateway, seq, models)
+        self.supervisor.take_reports(self.reports)
+
+    async def changes(self, epoch: str | None, after: int, wait: float) -> dict[str, Any]:
+        """The entries changed since revision ``after`` of ``epoch``, waiting up to ``wait`` seconds for one."""
+        await self.published.wait()
+        full = epoch != self.epoch or after > self.revision or after <= 0
+        if not full and after == self.revision and wait > 0:
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(wait, MAX_WAIT)):
+                        await self._changed.wait_for(lambda: self.revision != after)
+        since = 0 if full else after
+        return {
+            "epoch": self.epoch,
+            "revision": self.revision,
+            "full": full,
+            "models": [wire for revision, wire, _ in self._entries.values() if revision > since],
+            "removed": [] if full else [name for name, revision in self._removed.items() if revision > since],
+        }

@@ -1,0 +1,103 @@
+"""A gateway process: the data plane apart from the controller (``serve``'s workers, ``llamacontroller gateway``).
+
+It answers the Ollama, OpenAI/Anthropic and native routes itself — authentication against the shared store,
+with its short cache; rate limits counted in the shared store; a backend from its copy of the directory
+(``proxy/remote.py``) — and passes every other request to the controller (``proxy/control.py``), which
+authenticates those itself. It holds no state of its own that a restart would lose.
+
+Its request metrics go to Prometheus' multiprocess files when ``PROMETHEUS_MULTIPROC_DIR`` is set (``serve``
+sets it for its workers; the controller's ``/metrics`` adds them up), else they stay in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from common.asgi import Receive, Scope, Send
+from common.background import cancel_and_wait
+from common.peers import TrustedProxies
+from common.upstream import Timeouts, Upstream
+from controller.auth.asgi import AuthMiddleware
+from controller.auth.authenticate import Authenticator
+from controller.config import Config
+from controller.store import make_store
+from proxy.access import AccessLog
+from proxy.app import Gateway
+from proxy.control import ControlProxy
+from proxy.measure import GatewayMetrics
+from proxy.remote import RemoteDirectory
+
+log = logging.getLogger(__name__)
+
+
+async def _no_fallback(scope: Scope, receive: Receive, send: Send) -> None:
+    raise AssertionError("the gateway process routes what is not the gateway's before the gateway")
+
+
+class GatewayProcess:
+    """The ASGI app of one gateway process (its lifespan included)."""
+
+    def __init__(self, config: Config, controller: str, secret: str) -> None:
+        self.config = config
+        self.store, self.ephemeral = make_store(config)
+        self.auth = Authenticator.from_config(config, self.store, self.ephemeral)
+        gateway = config.gateway
+        self.directory = RemoteDirectory(
+            controller, secret, report_interval=gateway.report_interval, load_wait=gateway.load_wait
+        )
+        upstream = config.upstream
+        timeouts = Timeouts(
+            connect=upstream.connect_timeout,
+            write=upstream.write_timeout,
+            response=upstream.response_timeout,
+            stall=upstream.stall_timeout,
+        )
+        self.peers = TrustedProxies(config.server.trusted_proxies)
+        max_body = config.server.max_body_bytes
+        self.gateway = Gateway(self.directory, _no_fallback, max_body, Upstream(timeouts), gateway.unsupported_tools)
+        self.control = ControlProxy(controller, self.peers, max_body)
+        self.registry = CollectorRegistry(auto_describe=True)
+        authenticated = AuthMiddleware(self.gateway, self.auth)
+        self.front = AccessLog(authenticated, GatewayMetrics(self.registry), self.peers)
+        self._resolving: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http" and self.gateway.handles(scope["path"]):
+            await self.front(scope, receive, send)
+        else:
+            await self.control(scope, receive, send)
+
+    async def start(self) -> None:
+        await self.store.open()
+        self._resolving = asyncio.create_task(self.peers.keep_resolved(), name="trusted-proxies")
+        self.directory.start()
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._resolving)
+        await self.directory.close()
+        await self.gateway.close()
+        await self.control.close()
+        await self.auth.close()
+        await self.ephemeral.close()
+        await self.store.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:  # the process cannot serve: say why, and let uvicorn end it
+                    log.exception("the gateway could not start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

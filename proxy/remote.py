@@ -1,0 +1,353 @@
+"""The directory as a gateway process sees it: a copy of the controller's, followed over HTTP.
+
+The copy answers what a request needs alone — names and aliases, the caller's allow-list, a ready backend that
+is not draining and runs with what the request needs — so a request for a loaded model never waits on the
+controller, and keeps being served while no controller answers (a restart, a failover). Only what the copy
+cannot decide goes to the controller: a load, a restart with other flags, a refusal that names a limit, a name
+the copy does not know. While no controller answers, such a request waits up to ``load_wait`` seconds for one,
+then gets 503 with Retry-After (``ControllerAway``).
+
+The gateway counts its requests per backend and reports them every ``report_interval`` seconds; the controller
+stops a draining backend once every live gateway reports it idle. The protocol: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import notes
+from common.background import cancel_and_wait
+from common.directory import Allowed, DirectoryEntry, Lease, ModelInfo, forbidden
+from common.errors import ControllerAway, LlamaControllerError, ModelNotFound, UpstreamError, error_from_wire
+from common.names import canonical
+from common.upstream import Timeouts, Upstream, bearer
+from common.wire import INTERNAL_PREFIX
+
+log = logging.getLogger(__name__)
+
+POLL_WAIT = 25  # seconds a directory long poll may be held by the controller
+RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0)  # between tries to reach a controller that does not answer
+RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
+CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
+
+
+class Unreachable(Exception):
+    """No controller answered (refused, reset, timed out): the gateway goes on with its copy."""
+
+
+@dataclass
+class _Use:
+    """This gateway's requests on one model (what its reports say)."""
+
+    in_flight: dict[str, int] = field(default_factory=dict)  # backend handle → requests
+    queued: int = 0
+    last_used: float = 0.0  # wall clock
+    keep_alive: float | None = None
+    keep_alive_at: float = 0.0
+    reported_idle: bool = False  # reported once with nothing running since its last request
+
+    def begin(self, handle: str, keep_alive: float | None) -> None:
+        self.in_flight[handle] = self.in_flight.get(handle, 0) + 1
+        self.last_used = self.keep_alive_at = time.time()
+        self.keep_alive = keep_alive
+        self.reported_idle = False
+
+    def end(self, handle: str) -> None:
+        left = self.in_flight.get(handle, 0) - 1
+        if left > 0:
+            self.in_flight[handle] = left
+        else:
+            self.in_flight.pop(handle, None)
+        self.last_used = time.time()
+        self.reported_idle = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_flight) or self.queued > 0
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "in_flight": dict(self.in_flight),
+            "queued": self.queued,
+            "last_used": self.last_used,
+            "keep_alive": self.keep_alive,
+            "keep_alive_at": self.keep_alive_at,
+        }
+
+
+class RemoteDirectory:
+    """A ModelDirectory over the controller's internal routes (``controller/api/internal.py``)."""
+
+    def __init__(
+        self,
+        controller: str,
+        secret: str,
+        *,
+        report_interval: float = 1.0,
+        load_wait: float = 30.0,
+        gateway_id: str | None = None,
+    ) -> None:
+        self.controller = controller.rstrip("/")
+        self._headers = {**bearer(secret), "content-type": "application/json"}
+        self.report_interval = report_interval
+        self.load_wait = load_wait
+        self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
+        self._client = Upstream(CONTROLLER_TIMEOUTS)  # its own pool: the backends' never waits on a long poll
+        self._entries: dict[str, DirectoryEntry] = {}  # catalog key → entry
+        self._names: dict[str, str] = {}  # canonical spelling (name or alias) → catalog key
+        self._epoch: str | None = None
+        self._revision = 0
+        self._use: dict[str, _Use] = {}  # catalog name → this gateway's use of it
+        self._seq = 0
+        self.synced = asyncio.Event()  # a first copy of the directory arrived
+        self.controller_answers = False  # the last exchange with the controller went through
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()  # set at each new copy: a load waiting for an absent controller looks again
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="directory-follow"),
+            asyncio.create_task(self._report_loop(), name="directory-report"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        await self._client.close()
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One exchange with the controller; its errors come back as the same classes (``error_from_wire``)."""
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            async with self._client.request(method, f"{self.controller}{path}", data, self._headers) as answer:
+                raw = await answer.read()
+                status = answer.status
+        except UpstreamError as exc:
+            self.controller_answers = False
+            raise Unreachable(exc.message) from exc
+        self.controller_answers = True
+        try:
+            value = json.loads(raw) if raw else {}
+        except ValueError:
+            value = {}
+        if status != 200:
+            if status in (502, 503, 504) and not isinstance(value, dict):
+                raise Unreachable(f"the controller answered {status}")
+            message = value.get("error", f"the controller answered {status}") if isinstance(value, dict) else ""
+            code = value.get("code", "internal_error") if isinstance(value, dict) else "internal_error"
+            raise error_from_wire(status, str(message), str(code))
+        return value
+
+    async def _follow(self) -> None:
+        failures = 0
+        while True:
+            query = f"epoch={self._epoch or ''}&after={self._revision}&wait={POLL_WAIT if self.synced.is_set() else 0}"
+            try:
+                changes = await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}")
+                self.apply(changes)
+                failures = 0
+            except (Unreachable, LlamaControllerError) as exc:
+                if failures == 0:
+                    log.warning(
+                        "the controller at %s does not answer (%s); serving from the last directory",
+                        self.controller,
+                        exc,
+                    )
+                delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
+                failures += 1
+                await asyncio.sleep(delay)
+
+    def apply(self, changes: dict[str, Any]) -> None:
+        """A directory answer: a snapshot (``full``) or the entries changed since our revision."""
+        entries = {} if changes["full"] else dict(self._entries)
+        for name in changes.get("removed", ()):
+            entries.pop(canonical(name), None)
+        for wire in changes["models"]:
+            entry = DirectoryEntry.from_wire(wire)
+            entries[canonical(entry.info.name)] = entry
+        names = {}
+        for key, entry in entries.items():
+            names[key] = key
+            for alias in entry.info.aliases:
+                names.setdefault(canonical(alias), key)
+        self._entries, self._names = entries, names
+        if changes["epoch"] != self._epoch and self._epoch is not None:
+            log.info("following a new controller run (its directory revision %d)", changes["revision"])
+        self._epoch, self._revision = changes["epoch"], changes["revision"]
+        self.synced.set()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.report_interval)
+            with contextlib.suppress(Unreachable, LlamaControllerError):
+                await self.report()
+
+    def report_body(self) -> dict[str, Any]:
+        """This gateway's counts: every model with requests, or used since the last report (its last use and
+        keep_alive); a model left out has nothing running here."""
+        self._seq += 1
+        models = {}
+        for name, use in list(self._use.items()):
+            if use.busy or not use.reported_idle:
+                models[name] = use.wire()
+                use.reported_idle = not use.busy
+            elif not use.busy:
+                del self._use[name]
+        return {"gateway": self.gateway_id, "seq": self._seq, "models": models}
+
+    async def report(self) -> None:
+        await self._call("POST", f"{INTERNAL_PREFIX}v1/report", self.report_body())
+
+    # ------------------------------------------------------------------ the ModelDirectory
+
+    async def _resolve(self, name: str, allowed: Allowed | None) -> DirectoryEntry | str:
+        """The entry (or, for a name only the controller knows yet, its catalog name) the caller may use."""
+        key = self._names.get(canonical(name))
+        if key is not None:
+            entry = self._entries[key]
+            if allowed is not None and not allowed(entry.info.name):
+                raise forbidden(name)
+            notes.note_model(entry.info.name)
+            return entry
+        if allowed is not None and not allowed(name):
+            raise forbidden(name)  # as the controller's rule: existence never leaks outside an allow-list
+        try:
+            found = str((await self._call("POST", f"{INTERNAL_PREFIX}v1/resolve", {"name": name}))["model"])
+        except Unreachable:
+            raise ModelNotFound(name) from None  # the copy is all there is to go by
+        if allowed is not None and not allowed(found):
+            raise forbidden(name)
+        notes.note_model(found)
+        return found
+
+    def _use_of(self, name: str) -> _Use:
+        use = self._use.get(name)
+        if use is None:
+            use = self._use[name] = _Use()
+        return use
+
+    @asynccontextmanager
+    async def lease(
+        self,
+        name: str,
+        *,
+        keep_alive: float | None = None,
+        embeddings: bool = False,
+        ctx_size: int | None = None,
+        num_predict: int | None = None,
+        allowed: Allowed | None = None,
+    ) -> AsyncIterator[Lease]:
+        found = await self._resolve(name, allowed)
+        model = found.info.name if isinstance(found, DirectoryEntry) else found
+        use = self._use_of(model)
+        use.queued += 1
+        try:
+            held = self._serving(model, embeddings, ctx_size, num_predict)
+            if held is None:
+                held = await self._ensure(model, keep_alive, embeddings, ctx_size, num_predict)
+            use.begin(held.handle, keep_alive)
+        finally:
+            use.queued -= 1
+        try:
+            yield held
+        finally:
+            use.end(held.handle)
+
+    def _serving(self, model: str, embeddings: bool, ctx_size: int | None, num_predict: int | None) -> Lease | None:
+        entry = self._entries.get(canonical(model))
+        ref = entry.serving(embeddings, ctx_size, num_predict) if entry is not None else None
+        if entry is None or ref is None:
+            return None
+        return Lease(model, ref.url, 0.0, api_key=ref.api_key, max_predict=entry.max_predict, handle=ref.handle)
+
+    async def _ensure(
+        self, model: str, keep_alive: float | None, embeddings: bool, ctx_size: int | None, num_predict: int | None
+    ) -> Lease:
+        """The controller loads the model (or restarts it with what the request needs); with no controller
+        answering, wait for one (or for a copy of the directory that serves the request) up to ``load_wait``."""
+        started = time.monotonic()
+        deadline = started + self.load_wait
+        body = {
+            "gateway": self.gateway_id,
+            "model": model,
+            "keep_alive": keep_alive,
+            "embeddings": embeddings,
+            "ctx_size": ctx_size,
+            "num_predict": num_predict,
+        }
+        tries = 0
+        while True:
+            try:
+                answer = await self._call("POST", f"{INTERNAL_PREFIX}v1/ensure", {**body, "seq": self._seq})
+            except Unreachable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ControllerAway(
+                        f"model '{model}' is not loaded and the controller is not answering; try again shortly",
+                        RETRY_AFTER,
+                    ) from None
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)])):
+                        await changed.wait()
+                tries += 1
+                held = self._serving(model, embeddings, ctx_size, num_predict)
+                if held is not None:
+                    return held
+                continue
+            return Lease(
+                str(answer["model"]),
+                str(answer["url"]),
+                time.monotonic() - started,
+                api_key=str(answer["api_key"]),
+                max_predict=answer["max_predict"],
+                handle=str(answer["handle"]),
+            )
+
+    async def unload(self, name: str, allowed: Allowed | None = None) -> None:
+        found = await self._resolve(name, allowed)
+        model = found.info.name if isinstance(found, DirectoryEntry) else found
+        try:
+            await self._call("POST", f"{INTERNAL_PREFIX}v1/unload", {"model": model})
+        except Unreachable:
+            raise ControllerAway("the controller is not answering; try the unload again shortly", RETRY_AFTER) from None
+
+    async def _copy(self) -> dict[str, DirectoryEntry]:
+        if not self.synced.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.load_wait):
+                    await self.synced.wait()
+            if not self.synced.is_set():
+                raise ControllerAway("the gateway has not reached the controller yet; try again shortly", RETRY_AFTER)
+        return self._entries
+
+    async def models(self, allowed: Allowed | None = None) -> Sequence[ModelInfo]:
+        entries = await self._copy()
+        infos = sorted((entry.info for entry in entries.values()), key=lambda info: info.name)
+        return [info for info in infos if allowed is None or allowed(info.name)]
+
+    async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
+        await self._copy()
+        found = await self._resolve(name, allowed)
+        if isinstance(found, DirectoryEntry):
+            return found.info
+        # The controller knows it and the copy not yet (a file added since): take a fresh snapshot at once.
+        with contextlib.suppress(Unreachable):
+            self.apply(await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?after=0&wait=0"))
+        entry = self._entries.get(canonical(found))
+        if entry is None:
+            raise ModelNotFound(name)
+        return entry.info

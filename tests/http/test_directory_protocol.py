@@ -1,0 +1,166 @@
+"""The data plane apart: gateway processes following the controller's directory (proxy/remote.py,
+controller/api/internal.py), over real sockets, with the scripted llama-server stand-in as every backend.
+
+The same with `serve`'s worker processes, the real llama-server and a controller killed by SIGKILL:
+tests/integration/test_data_plane.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.config import Config
+from controller.runtime.fake import FakeRuntime
+from controller.services import services_of
+from tests.support.harness import fake_config
+from tests.support.server import RunningApp, running_app, running_gateway
+from tests.support.standin import StandIn
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+@dataclass
+class World:
+    config: Config
+    controller: RunningApp
+    runtime: FakeRuntime
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[StandIn]:
+    async with StandIn() as running:
+        yield running
+
+
+def split_config(tmp_path: Path, tiny_model: Path, **gateway: Any) -> Config:
+    settings = {"report_interval": "0.1s", "report_ttl": "1s", "load_wait": "1s", **gateway}
+    return fake_config(tmp_path, tiny_model, {"tiny": {}, "other": {}}, gateway=settings)
+
+
+@pytest.fixture
+async def world(tmp_path: Path, tiny_model: Path, standin: StandIn) -> AsyncIterator[World]:
+    config = split_config(tmp_path, tiny_model)
+    runtime = FakeRuntime(backend_url=standin.url)
+    async with running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app:
+        yield World(config, app, runtime)
+
+
+def state(world: World, model: str = "tiny") -> str:
+    return services_of(world.controller.app).supervisor.view(model).state
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_gateway_loads_on_demand_then_serves_from_its_copy(world: World) -> None:
+    async with running_gateway(world.controller, world.config) as gateway:
+        reply = await gateway.client.post("/api/chat", json=CHAT)
+        assert reply.status_code == 200 and reply.json()["message"]["content"] == "echo: hi"
+        assert state(world) == "ready"
+        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        for _ in range(3):
+            assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
+        assert services_of(world.controller.app).supervisor.view("tiny").starts == 1
+        tags = (await gateway.client.get("/api/tags")).json()
+        assert {m["name"] for m in tags["models"]} == {"tiny:latest", "other:latest"}
+        ps = (await gateway.client.get("/api/ps")).json()
+        assert [m["name"] for m in ps["models"]] == ["tiny:latest"]
+
+
+async def test_ready_models_are_served_while_no_controller_answers(world: World) -> None:
+    async with running_gateway(world.controller, world.config) as gateway:
+        assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
+        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        # The controller goes away: its address refuses from now on (port 1 on loopback refuses at once).
+        gateway.process.directory.controller = gateway.process.control.controller = "http://127.0.0.1:1"
+        for _ in range(5):
+            reply = await gateway.client.post("/api/chat", json=CHAT)
+            assert reply.status_code == 200, reply.text
+        began = time.monotonic()
+        reply = await gateway.client.post("/api/chat", json={**CHAT, "model": "other"})
+        assert reply.status_code == 503 and "controller is not answering" in reply.json()["error"]
+        assert reply.headers["retry-after"] == "5"
+        assert time.monotonic() - began >= 0.9  # gateway.load_wait: 1s
+        control = await gateway.client.get("/control/v1/models")
+        assert control.status_code == 503 and control.headers["retry-after"] == "5"
+        assert "controller is not answering" in control.json()["error"]
+
+
+async def test_a_drain_waits_for_every_gateways_requests(world: World) -> None:
+    async with (
+        running_gateway(world.controller, world.config) as first,
+        running_gateway(world.controller, world.config) as second,
+    ):
+        assert (await first.client.post("/api/chat", json=CHAT)).status_code == 200
+        await until(lambda: second.process.directory._serving("tiny", False, None, None) is not None)
+        async with first.process.directory.lease("tiny") as held:  # a long stream on the first gateway
+            await first.process.directory.report()
+            unload = asyncio.create_task(world.controller.client.post("/control/v1/models/tiny/unload"))
+            # The second gateway's copy says draining: it sends the backend nothing new.
+            await until(lambda: second.process.directory._serving("tiny", False, None, None) is None)
+            entry = second.process.directory._entries["tiny:latest"]
+            assert entry.backends[0].draining and entry.backends[0].handle == held.handle
+            await asyncio.sleep(0.5)  # five reports later, the first gateway still has it in flight
+            assert state(world) == "ready" and not unload.done()
+        assert (await unload).status_code == 200
+        assert state(world) == "stopped"
+
+
+async def test_a_silent_gateway_stops_holding_a_backend_after_its_ttl(world: World) -> None:
+    async with running_gateway(world.controller, world.config) as first:
+        assert (await first.client.post("/api/chat", json=CHAT)).status_code == 200
+        directory = first.process.directory
+        async with directory.lease("tiny"):
+            await directory.report()
+            for task in directory._tasks:  # the gateway is killed: it never reports again
+                task.cancel()
+            began = time.monotonic()
+            reply = await world.controller.client.post("/control/v1/models/tiny/unload")
+            assert reply.status_code == 200
+            waited = time.monotonic() - began
+        assert 0.8 <= waited < 5  # gateway.report_ttl: 1s
+
+
+async def test_the_drain_timeout_bounds_the_wait(tmp_path: Path, tiny_model: Path, standin: StandIn) -> None:
+    config = split_config(tmp_path, tiny_model, drain_timeout="0.5s")
+    runtime = FakeRuntime(backend_url=standin.url)
+    async with (
+        running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app,
+        running_gateway(app, config) as gateway,
+    ):
+        assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
+        async with gateway.process.directory.lease("tiny"):  # a stream that never ends
+            began = time.monotonic()
+            assert (await app.client.post("/control/v1/models/tiny/unload")).status_code == 200
+            assert 0.4 <= time.monotonic() - began < 5
+
+
+async def test_keep_alive_zero_through_a_gateway_unloads_after_the_request(world: World) -> None:
+    async with running_gateway(world.controller, world.config) as gateway:
+        reply = await gateway.client.post("/api/chat", json={**CHAT, "keep_alive": 0})
+        assert reply.status_code == 200, reply.text
+        await until(lambda: state(world) == "stopped", timeout=5)
+
+
+async def test_the_internal_routes_need_the_secret_and_are_refused_by_gateways(world: World) -> None:
+    async with running_gateway(world.controller, world.config) as gateway:
+        direct = await world.controller.client.get("/internal/v1/directory")
+        assert direct.status_code == 401
+        forged = await world.controller.client.get(
+            "/internal/v1/directory", headers={"Authorization": "Bearer " + "0" * 64}
+        )
+        assert forged.status_code == 401
+        through = await gateway.client.get("/internal/v1/directory")
+        assert through.status_code == 404
+        assert (await gateway.client.post("/internal/v1/report", json={})).status_code == 404
