@@ -5,7 +5,8 @@ contract test suite runs against both (tests/store/). Secrets never reach the st
 are kept as SHA-256 digests of their high-entropy secrets, passwords as argon2 hashes.
 
 Ephemeral state — rate-limit buckets, login-failure counters, one-time nonces — lives in an ``Ephemeral``
-next to the store: in-process for SQLite (a single process), shared counters in Redis for replicas.
+next to the store, shared by every process that uses it: a SQLite file beside the store's for the processes of
+one host, Redis for replicas.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class Store(Protocol):
 
 
 class Ephemeral(Protocol):
-    """Short-lived counters that must be shared by replicas when there are several."""
+    """Short-lived counters, shared by every process and replica: a limit kept per process would multiply."""
 
     async def take(self, key: str, per_minute: int) -> float:
         """Token bucket (capacity ``per_minute``, refilled continuously): 0 if allowed, else seconds to wait."""

@@ -7,6 +7,7 @@ import base64
 import hmac
 import json
 import logging
+import sqlite3
 import stat
 import sys
 import threading
@@ -29,7 +30,7 @@ from controller.config import validate_config
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from controller.store.base import TokenRecord
-from controller.store.ephemeral import InProcessEphemeral
+from controller.store.ephemeral_sqlite import SqliteEphemeral
 from tests.support.harness import fake_app, fake_config
 
 
@@ -517,7 +518,10 @@ async def test_security_sign_in_with_an_impossible_name_stores_nothing(world: Wo
         web = await world.client.post("/ui/login", form={"username": username, "password": "whatever-password"})
         assert web.status_code == 200 and "Wrong user name or password." in await web.get_data(as_text=True)
     assert await store.list_audit(1000) == before, "nothing audited for a name no account can have"
-    assert isinstance(ephemeral, InProcessEphemeral) and not ephemeral._failures, "nothing counted either"
+    assert isinstance(ephemeral, SqliteEphemeral)
+    await ephemeral.failures("")  # opens the counters' file, if nothing has yet
+    with sqlite3.connect(ephemeral.path) as db:
+        assert db.execute("SELECT count(*) FROM failures").fetchone()[0] == 0, "nothing counted either"
     for _ in range(3):  # a possible name is still counted and throttled as before
         await login(world, "alice", "wrong-password")
     assert (await login(world, "alice", "alice-password")).status_code == 429

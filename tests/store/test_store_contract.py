@@ -1,9 +1,11 @@
-"""One contract, two stores: the same tests against a real SQLite file and a real redis-server."""
+"""One contract, two stores: the same tests against a real SQLite file and a real redis-server (with, for SQLite,
+the counters in their own SQLite file)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from controller.store.base import (
     TokenRecord,
     User,
 )
-from controller.store.ephemeral import InProcessEphemeral
+from controller.store.ephemeral_sqlite import SqliteEphemeral, ephemeral_path
 from controller.store.redis import RedisEphemeral, RedisStore
 from controller.store.sqlite import MIGRATIONS, SqliteStore
 from tests.support.redis_server import redis_server
@@ -40,7 +42,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, Ephemeral]]:
     if request.param == "sqlite":
         store: Store = SqliteStore(tmp_path / "store.db")
-        ephemeral: Ephemeral = InProcessEphemeral()
+        ephemeral: Ephemeral = SqliteEphemeral(ephemeral_path(tmp_path / "store.db"))
     else:
         url = request.getfixturevalue("redis_url")
         redis.Redis.from_url(url).flushdb()
@@ -48,6 +50,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         store, ephemeral = redis_store, RedisEphemeral(redis_store)
     await store.open()
     yield store, ephemeral
+    await ephemeral.close()
     await store.close()
 
 
@@ -179,8 +182,6 @@ async def test_store_sqlite_migrations_are_versioned_and_reopen_keeps_data(tmp_p
     await reopened.open()
     assert await reopened.get_user("alice") is not None
     await reopened.close()
-    import sqlite3
-
     with sqlite3.connect(tmp_path / "s.db") as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -209,8 +210,6 @@ async def test_store_sqlite_files_are_private_from_the_first_write(tmp_path: Pat
 
 async def test_store_sqlite_upgrade_from_version_1_keeps_users(tmp_path: Path) -> None:
     """A store written before user allow-lists (version 1) opens, upgrades, and keeps its users."""
-    import sqlite3
-
     with sqlite3.connect(tmp_path / "old.db") as db:
         db.executescript(MIGRATIONS[0])
         db.execute("INSERT INTO users VALUES ('alice', 'h', 'admin', 0, 1.0)")
@@ -261,10 +260,13 @@ async def test_store_bounds_every_stored_field_by_size(backend: tuple[Store, Eph
         assert len(json.dumps(event.detail)) <= 2 * MAX_AUDIT_DETAIL
         assert event.actor.startswith("éé")
     if isinstance(store, SqliteStore):
-        size = sum(path.stat().st_size for path in tmp_path.glob("store.db*"))
+        size = sum(path.stat().st_size for path in tmp_path.glob("store*.db*"))  # the counters' file too
         assert size < 1_000_000, f"{size} bytes for 5 events with 4 MB of text each"
-        for table in (ephemeral._failures, ephemeral._buckets, ephemeral._nonces):  # type: ignore[attr-defined]
-            assert table and max(len(key) for key in table) <= MAX_COUNTER_KEY
+        assert isinstance(ephemeral, SqliteEphemeral)
+        with sqlite3.connect(ephemeral.path) as db:
+            for table in ("failures", "buckets", "nonces"):
+                longest = db.execute(f"SELECT count(*), max(length(key)) FROM {table}").fetchone()
+                assert longest[0] == 5 and longest[1] <= MAX_COUNTER_KEY, table
     else:
         assert isinstance(store, RedisStore)
         keys = await store.client.keys("*")
@@ -289,8 +291,6 @@ async def test_store_user_names_ignore_case(backend: tuple[Store, Ephemeral]) ->
 async def test_store_sqlite_upgrade_keeps_names_that_differ_only_in_case(tmp_path: Path) -> None:
     """Names written before they ignored case: each keeps its exact spelling; another spelling reaches the
     lower-case one; no new one may join them."""
-    import sqlite3
-
     with sqlite3.connect(tmp_path / "old.db") as db:
         for script in MIGRATIONS[:2]:
             db.executescript(script)
