@@ -164,3 +164,23 @@ async def test_the_internal_routes_need_the_secret_and_are_refused_by_gateways(w
         through = await gateway.client.get("/internal/v1/directory")
         assert through.status_code == 404
         assert (await gateway.client.post("/internal/v1/report", json={})).status_code == 404
+
+
+async def test_a_tokens_rate_limit_is_one_limit_across_gateways(
+    tmp_path: Path, tiny_model: Path, standin: StandIn
+) -> None:
+    config = fake_config(tmp_path, tiny_model, {"tiny": {}}, auth={"enabled": True}, gateway={"report_interval": "0.1s"})
+    runtime = FakeRuntime(backend_url=standin.url)
+    async with (
+        running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app,
+        running_gateway(app, config) as first,
+        running_gateway(app, config) as second,
+    ):
+        made = await app.client.post("/control/v1/tokens", json={"name": "limited", "scopes": ["inference"], "rpm": 4})
+        assert made.status_code in (200, 201), made.text
+        limited = {"Authorization": f"Bearer {made.json()['token']}"}
+        statuses = []
+        for n in range(6):
+            gateway = (first, second)[n % 2]
+            statuses.append((await gateway.client.get("/api/tags", headers=limited)).status_code)
+        assert statuses == [200, 200, 200, 200, 429, 429]  # 4 per minute in all, not 4 per gateway
