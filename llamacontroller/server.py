@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -21,7 +22,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from common.address import Address
 from common.asgi import ASGIApp, compact_json
 from common.dialects import error_body
-from controller.api.sse import EventStreams
 from controller.config import Config
 from controller.services import services_of
 
@@ -114,18 +114,21 @@ class _Server(uvicorn.Server):
     """uvicorn, which ends the app's event streams when it begins to shut down: it waits for open answers before
     it stops the app, and an event stream never ends by itself."""
 
-    def __init__(self, config: uvicorn.Config, streams: EventStreams | None) -> None:
+    def __init__(self, config: uvicorn.Config, end_streams: Callable[[], None] | None) -> None:
         super().__init__(config)
-        self.streams = streams
+        self.end_streams = end_streams
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if self.streams is not None:
-            self.streams.close()
+        if self.end_streams is not None:
+            self.end_streams()
         await super().shutdown(sockets)
 
 
-def uvicorn_server(app: Quart | ASGIApp, config: Config) -> uvicorn.Server:
-    """uvicorn for the controller's app (a Quart app, whose event streams end at shutdown) or a gateway process's."""
+def uvicorn_server(
+    app: Quart | ASGIApp, config: Config, end_streams: Callable[[], None] | None = None
+) -> uvicorn.Server:
+    """uvicorn for the controller's app (a Quart app, whose event streams end at shutdown) or a gateway process's
+    (``end_streams``: what ends the streams it relays)."""
     settings = uvicorn.Config(
         app,
         loop="uvloop",
@@ -143,4 +146,4 @@ def uvicorn_server(app: Quart | ASGIApp, config: Config) -> uvicorn.Server:
         # is read only where it is used (common/peers.py).
         proxy_headers=False,
     )
-    return _Server(settings, services_of(app).streams if isinstance(app, Quart) else None)
+    return _Server(settings, services_of(app).streams.close if isinstance(app, Quart) else end_streams)

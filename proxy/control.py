@@ -10,11 +10,13 @@ answer is 503 with Retry-After, in the caller's dialect.
 
 from __future__ import annotations
 
+import asyncio
+
 from common.asgi import Receive, Scope, Send, run_until_disconnect, send_json
 from common.dialects import error_body
 from common.errors import PayloadTooLarge, UpstreamError
 from common.peers import TrustedProxies
-from common.upstream import Timeouts, Upstream
+from common.upstream import Timeouts, Upstream, UpstreamResponse
 from common.wire import INTERNAL_PREFIX
 
 # Not passed on: they describe this hop's connection, or are this hop's to set.
@@ -44,6 +46,12 @@ class ControlProxy:
         self.peers = peers
         self.max_body = max_body
         self.client = Upstream(TIMEOUTS)
+        self._ending = asyncio.Event()  # set when this process begins to stop: event streams end cleanly
+
+    def end_streams(self) -> None:
+        """The server begins to stop: end the relayed event streams (the page's, the control API's) as the
+        controller itself would, cleanly, instead of cutting them when the grace runs out."""
+        self._ending.set()
 
     async def close(self) -> None:
         await self.client.close()
@@ -88,6 +96,25 @@ class ControlProxy:
             headers["x-forwarded-for"] = client
         return headers
 
+    async def _relay_events(self, answer: UpstreamResponse, send: Send) -> None:
+        """An event stream, until the controller ends it or this process begins to stop."""
+        chunks = answer.iter_chunks()
+        ending = asyncio.ensure_future(self._ending.wait())
+        try:
+            while True:
+                piece = asyncio.ensure_future(anext(chunks))
+                await asyncio.wait({piece, ending}, return_when=asyncio.FIRST_COMPLETED)
+                if not piece.done():
+                    piece.cancel()
+                    return
+                try:
+                    chunk = piece.result()
+                except StopAsyncIteration:
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            ending.cancel()  # the answer's own end closes the connection to the controller
+
     async def _relay(self, scope: Scope, send: Send, body: bytes) -> None:
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
@@ -99,8 +126,11 @@ class ControlProxy:
                 headers = [(k, v) for k, v in answer.raw_headers if k.lower() not in _HOP_BACK]
                 await send({"type": "http.response.start", "status": answer.status, "headers": headers})
                 started = True
-                async for chunk in answer.iter_chunks():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if answer.headers.get("content-type", "").startswith("text/event-stream"):
+                    await self._relay_events(answer, send)
+                else:
+                    async for chunk in answer.iter_chunks():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except UpstreamError:
             if started:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -37,7 +38,13 @@ log = logging.getLogger(__name__)
 POLL_WAIT = 25  # seconds a directory long poll may be held by the controller
 RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0)  # between tries to reach a controller that does not answer
 RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
+MIN_REPORT_GAP = 0.05  # seconds between reports, however often models turn idle
 CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
+
+
+def wire_keep_alive(seconds: float | None) -> float | None:
+    """A keep_alive as JSON can carry it: forever is -1, as Ollama's clients write it (JSON has no infinity)."""
+    return -1 if seconds is not None and math.isinf(seconds) else seconds
 
 
 class Unreachable(Exception):
@@ -79,7 +86,7 @@ class _Use:
             "in_flight": dict(self.in_flight),
             "queued": self.queued,
             "last_used": self.last_used,
-            "keep_alive": self.keep_alive,
+            "keep_alive": wire_keep_alive(self.keep_alive),
             "keep_alive_at": self.keep_alive_at,
         }
 
@@ -112,6 +119,8 @@ class RemoteDirectory:
         self.controller_answers = False  # the last exchange with the controller went through
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()  # set at each new copy: a load waiting for an absent controller looks again
+        self._idle = asyncio.Event()  # a model's last request here ended: report before the interval is up
+        self._unreported = False  # a request ended here since the last report (its keep_alive, the expiry)
 
     # ------------------------------------------------------------------ running
 
@@ -181,6 +190,9 @@ class RemoteDirectory:
             names[key] = key
             for alias in entry.info.aliases:
                 names.setdefault(canonical(alias), key)
+        draining = {b.handle for e in entries.values() for b in e.backends if b.draining}
+        if draining - {b.handle for e in self._entries.values() for b in e.backends if b.draining}:
+            self._idle.set()  # a backend begins to drain: the controller waits for this gateway's next report
         self._entries, self._names = entries, names
         if changes["epoch"] != self._epoch and self._epoch is not None:
             log.info("following a new controller run (its directory revision %d)", changes["revision"])
@@ -191,9 +203,13 @@ class RemoteDirectory:
 
     async def _report_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.report_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.report_interval):
+                    await self._idle.wait()
+            self._idle.clear()
             with contextlib.suppress(Unreachable, LlamaControllerError):
                 await self.report()
+            await asyncio.sleep(min(self.report_interval, MIN_REPORT_GAP))  # many ends at once: one report
 
     def report_body(self) -> dict[str, Any]:
         """This gateway's counts: every model with requests, or used since the last report (its last use and
@@ -206,10 +222,28 @@ class RemoteDirectory:
                 use.reported_idle = not use.busy
             elif not use.busy:
                 del self._use[name]
-        return {"gateway": self.gateway_id, "seq": self._seq, "models": models}
+        return {
+            "gateway": self.gateway_id,
+            "seq": self._seq,
+            "epoch": self._epoch,
+            "revision": self._revision,
+            "models": models,
+        }
 
     async def report(self) -> None:
+        self._unreported = False
         await self._call("POST", f"{INTERNAL_PREFIX}v1/report", self.report_body())
+
+    async def _catch_up(self) -> None:
+        """Before answering what the models are (``/api/ps``): the controller has this gateway's last requests
+        (a keep_alive they set), and the copy has what the controller made of them. Reads the copy as it is
+        when no controller answers."""
+        if not self._unreported:
+            return
+        with contextlib.suppress(Unreachable, LlamaControllerError):
+            await self.report()
+            query = f"epoch={self._epoch or ''}&after={self._revision}&wait=0"
+            self.apply(await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}"))
 
     # ------------------------------------------------------------------ the ModelDirectory
 
@@ -265,6 +299,9 @@ class RemoteDirectory:
             yield held
         finally:
             use.end(held.handle)
+            self._unreported = True
+            if not use.busy:
+                self._idle.set()  # the controller hears at once that the model is idle here (its expiry starts)
 
     def _serving(self, model: str, embeddings: bool, ctx_size: int | None, num_predict: int | None) -> Lease | None:
         entry = self._entries.get(canonical(model))
@@ -283,7 +320,7 @@ class RemoteDirectory:
         body = {
             "gateway": self.gateway_id,
             "model": model,
-            "keep_alive": keep_alive,
+            "keep_alive": wire_keep_alive(keep_alive),
             "embeddings": embeddings,
             "ctx_size": ctx_size,
             "num_predict": num_predict,
@@ -326,6 +363,7 @@ class RemoteDirectory:
             raise ControllerAway("the controller is not answering; try the unload again shortly", RETRY_AFTER) from None
 
     async def _copy(self) -> dict[str, DirectoryEntry]:
+        await self._catch_up()
         if not self.synced.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.load_wait):

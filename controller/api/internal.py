@@ -11,7 +11,8 @@ so a client cannot reach them; a wrong or missing secret is a 401 all the same.
   request, loading the model if needed (concurrent callers join one load); the backend is held for the gateway
   until its first report after ``seq``.
 - ``POST unload {model}``: stop the model once the requests on it, in every gateway, have ended.
-- ``POST report {gateway, seq, models}``: a gateway's counts (lifecycle/gateways.py).
+- ``POST report {gateway, seq, epoch, revision, models}``: a gateway's counts, made from that directory revision
+  (lifecycle/gateways.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from quart import Blueprint, request
 
+from common.durations import parse_keep_alive
 from common.errors import BadRequest, Unauthenticated
 from common.wire import INTERNAL_PREFIX
 from controller.api.inputs import json_object, whole_number
@@ -90,7 +92,8 @@ async def resolve() -> dict[str, Any]:
 async def ensure() -> dict[str, Any]:
     body = await json_object()
     gateway, seq, model = _text(body, "gateway", MAX_GATEWAY_ID), _seq(body), _text(body, "model")
-    keep_alive = _optional_number(body, "keep_alive")
+    asked = _optional_number(body, "keep_alive")
+    keep_alive = None if asked is None else parse_keep_alive(asked)  # -1: forever
     embeddings = body.get("embeddings", False)
     if not isinstance(embeddings, bool):
         raise BadRequest("embeddings must be true or false")
@@ -127,5 +130,8 @@ async def unload() -> dict[str, Any]:
 async def report() -> dict[str, Any]:
     body = await json_object()
     gateway, seq = _text(body, "gateway", MAX_GATEWAY_ID), _seq(body)
-    services().publisher.take_report(gateway, seq, parse_models(body.get("models", {})))
+    epoch, revision = body.get("epoch") or "", body.get("revision", -1)
+    if not isinstance(epoch, str) or not isinstance(revision, int) or isinstance(revision, bool):
+        raise BadRequest("epoch must be a string and revision a whole number")
+    await services().publisher.take_report(gateway, seq, parse_models(body.get("models", {})), (epoch, revision))
     return {"status": "ok"}

@@ -6,9 +6,13 @@ the certificates and the local CA — lives in the data dir, so the CA (and the 
 restarts. Caddy logs into ``<data_dir>/caddy/caddy.log`` (rolled by Caddy); what the process prints before its
 logging starts, and a crash's last words, go to ``caddy.out``.
 
-Caddy never outlives the controller: the kernel kills it when the controller dies (even by SIGKILL), and a pid
-file lets the next controller stop one that a controller of this data dir left behind anyway. Two Caddys would
+Caddy never outlives the process that started it: the kernel kills it when that process dies (even by SIGKILL),
+and a pid file lets the next one stop a Caddy that a run of this data dir left behind anyway. Two Caddys would
 both listen on the edge's ports (Caddy sets SO_REUSEPORT), and the stale one would keep answering.
+
+Under ``serve``'s supervisor (gateway workers) that process is the supervisor, which outlives a controller that
+restarts; the controller then follows Caddy through its pid file (``CaddyWatch``) to report it and configure a
+restarted one at once.
 """
 
 from __future__ import annotations
@@ -202,6 +206,7 @@ class CaddyChild:
             "binary": os.path.realpath(self._binary),
             "controller_pid": os.getpid(),
             "controller_start_ticks": process_start_ticks(os.getpid()),
+            "restarts": self.restarts,
         }
         write_json_atomically(self.pid_path, record)
 
@@ -253,8 +258,8 @@ class CaddyChild:
             log.error("%s", reason)
             self._on_exit(reason)
             await asyncio.sleep(delay)
-            self._process = self._spawn()
             self.restarts += 1
+            self._process = self._spawn()
             log.info("restarted caddy (pid %d)", self._process.pid)
             self._on_restart()
 
@@ -276,3 +281,62 @@ class CaddyChild:
             record = self._read_record()
             if record is not None and record.get("pid") == process.pid:
                 self.pid_path.unlink(missing_ok=True)
+
+
+WATCH_INTERVAL = 0.25  # seconds between looks at the pid file and the process it names
+
+
+class CaddyWatch:
+    """The embedded Caddy as a controller sees it when ``serve``'s supervisor runs it: read from its pid file.
+
+    It tells ``on_exit`` when that Caddy dies (the supervisor starts another) and ``on_restart`` when another
+    one runs, which then gets the configuration at once; it never stops Caddy: the supervisor does."""
+
+    def __init__(self, home: Path, on_restart: Callable[[], None], on_exit: Callable[[str], None]) -> None:
+        self._home = home
+        self._on_restart = on_restart
+        self._on_exit = on_exit
+        self._record: dict[str, Any] = {}
+        self._alive = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self._home / "caddy.log"
+
+    @property
+    def pid(self) -> int | None:
+        pid = self._record.get("pid")
+        return pid if isinstance(pid, int) and self._alive else None
+
+    @property
+    def restarts(self) -> int:
+        restarts = self._record.get("restarts", 0)
+        return restarts if isinstance(restarts, int) else 0
+
+    def _look(self) -> None:
+        try:
+            record = json.loads((self._home / "caddy.pid").read_text())
+        except (OSError, ValueError):
+            record = {}
+        record = record if isinstance(record, dict) else {}
+        pid, ticks = record.get("pid"), record.get("start_ticks")
+        alive = isinstance(pid, int) and pid > 0 and process_start_ticks(pid) == ticks
+        new = alive and (not self._alive or pid != self._record.get("pid"))
+        if self._alive and not alive:
+            self._on_exit(f"caddy exited; serve starts it again (see {self.log_path})")
+        self._record, self._alive = record, alive
+        if new:
+            self._on_restart()
+
+    async def start(self) -> None:
+        self._look()
+        self._task = asyncio.create_task(self._watch(), name="caddy-watch")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            self._look()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        await cancel_and_wait(self._task)

@@ -9,7 +9,7 @@ from typing import Any
 
 from controller.config import Config
 from controller.edge.admin import CaddyAdmin
-from controller.edge.child import CaddyChild, find_caddy
+from controller.edge.child import CaddyChild, CaddyWatch, find_caddy
 from controller.edge.render import EdgeSettings
 from controller.edge.sync import EdgeStatus, EdgeSync
 from controller.events import EdgeChanged
@@ -71,12 +71,14 @@ class Edge:
         self.url = https_url(config)
         admin = CaddyAdmin(admin_address(config))
         self.sync = EdgeSync(settings, admin, publish, config.edge.reconcile_interval)
-        self.child: CaddyChild | None = None
+        self.child: CaddyChild | CaddyWatch | None = None
         if config.edge.supervise and spawn_caddy:
             binary = find_caddy(config.edge.binary)
             self.child = CaddyChild(
                 binary, caddy_home(config), settings.admin_listen, self.sync.changed, self.sync.down
             )
+        elif config.edge.supervise:
+            self.child = CaddyWatch(caddy_home(config), self.sync.changed, self.sync.down)
 
     @property
     def status(self) -> EdgeStatus:

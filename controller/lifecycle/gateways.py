@@ -1,7 +1,9 @@
 """What the gateway processes report: their in-flight requests per backend, queues and last use (bookkeeping).
 
 Each gateway reports every second (``POST /internal/v1/report``); a report replaces that gateway's previous one.
-A gateway silent for ``ttl`` seconds no longer counts: a killed gateway cannot hold a backend forever. An
+A gateway silent for ``ttl`` seconds no longer counts: a killed gateway cannot hold a backend forever. Each report
+names the directory revision the gateway had applied: a drain ends only once every live gateway has reported from
+a revision that shows the backend draining (``behind``), so a request a gateway began before it knew is counted. An
 ``ensure`` that hands a gateway a backend leaves a *hold* on it until that gateway's next report, which counts
 the request itself: without it a backend with ``keep_alive 0`` could stop before the request reached it.
 Times on the wire are wall-clock seconds (the processes may be on other hosts); the counts are plain ints.
@@ -15,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.durations import parse_keep_alive
 from common.errors import BadRequest
 
 MAX_MODELS_PER_REPORT = 10_000
@@ -41,6 +44,8 @@ class RemoteUse:
     last_used: float = 0.0  # wall clock
     keep_alive: float | None = None
     keep_alive_at: float = 0.0
+    behind: int = 0  # live gateways whose last report is older than the drain they were asked to see
+    gateways: int = 0  # live gateways (a drain that begins waits for each of them to see it)
 
 
 NOBODY = RemoteUse()
@@ -51,6 +56,7 @@ class _Gateway:
     seq: int
     seen: float  # monotonic
     models: dict[str, ModelUse]
+    revision: tuple[str, int] = ("", -1)  # (epoch, revision) of the directory its last report was made from
     holds: list[tuple[int, str, str]] = field(default_factory=list)  # (seq it waits past, model, handle)
 
 
@@ -82,7 +88,7 @@ def parse_models(value: Any) -> dict[str, ModelUse]:
             in_flight={str(handle): _count(n, "in_flight") for handle, n in backends.items()},
             queued=_count(use.get("queued", 0), "queued"),
             last_used=_seconds(use.get("last_used", 0.0), "last_used"),
-            keep_alive=None if keep_alive is None else _seconds(keep_alive, "keep_alive"),
+            keep_alive=None if keep_alive is None else parse_keep_alive(_seconds(keep_alive, "keep_alive")),
             keep_alive_at=_seconds(use.get("keep_alive_at", 0.0), "keep_alive_at"),
         )
     return models
@@ -94,14 +100,15 @@ class GatewayReports:
         self._clock = clock
         self._gateways: dict[str, _Gateway] = {}
 
-    def report(self, gateway: str, seq: int, models: dict[str, ModelUse]) -> None:
-        """``gateway``'s counts now; its holds older than this report are in its counts."""
+    def report(self, gateway: str, seq: int, models: dict[str, ModelUse], revision: tuple[str, int] = ("", -1)) -> None:
+        """``gateway``'s counts now, made from directory ``revision``; its holds older than this report are in
+        its counts."""
         known = self._gateways.get(gateway)
         if known is not None and seq <= known.seq:
             known.seen = self._clock()  # a late or repeated report: alive, but its counts are older
             return
         holds = [hold for hold in known.holds if hold[0] >= seq] if known else []
-        self._gateways[gateway] = _Gateway(seq, self._clock(), models, holds)
+        self._gateways[gateway] = _Gateway(seq, self._clock(), models, revision, holds)
 
     def hold(self, gateway: str, seq: int, model: str, handle: str) -> None:
         """A backend was handed to ``gateway`` for a request it will count in its first report after ``seq``."""
@@ -122,12 +129,16 @@ class GatewayReports:
     def live(self) -> int:
         return len(self._gateways)
 
-    def use(self, model: str, handle: str | None) -> RemoteUse:
-        """Every live gateway's use of ``model``; in-flight counts only on ``handle`` (its current backend)."""
-        in_flight = queued = 0
+    def use(self, model: str, handle: str | None, drain: tuple[str, int] | None = None) -> RemoteUse:
+        """Every live gateway's use of ``model``; in-flight counts only on ``handle`` (its current backend).
+        ``drain``: the (epoch, revision) that published the backend draining; a gateway whose last report was made
+        from an older one is ``behind``."""
+        in_flight = queued = behind = 0
         last_used = keep_alive_at = 0.0
         keep_alive: float | None = None
         for gateway in self._gateways.values():
+            if drain is not None and (gateway.revision[0] != drain[0] or gateway.revision[1] < drain[1]):
+                behind += 1
             in_flight += sum(1 for _, name, held in gateway.holds if name == model and held == handle)
             use = gateway.models.get(model)
             if use is None:
@@ -138,9 +149,9 @@ class GatewayReports:
             last_used = max(last_used, use.last_used)
             if use.keep_alive_at > keep_alive_at:
                 keep_alive, keep_alive_at = use.keep_alive, use.keep_alive_at
-        if not (in_flight or queued or last_used):
+        if not self._gateways:
             return NOBODY
-        return RemoteUse(in_flight, queued, last_used, keep_alive, keep_alive_at)
+        return RemoteUse(in_flight, queued, last_used, keep_alive, keep_alive_at, behind, len(self._gateways))
 
     def per_model(self) -> dict[str, int]:
         """In-flight requests per model across the gateways (the control API's view)."""

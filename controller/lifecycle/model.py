@@ -609,19 +609,24 @@ class ManagedModel:
             return None
         if self._drain_since is None:
             self._drain_since = now
+            # The gateways cannot have seen it yet: each must report again (lifecycle/gateways.py, "behind").
+            self._usage.remote = replace(self._usage.remote, behind=self._usage.remote.gateways)
             self._publish(ModelDraining(model=self.name, in_flight=self.in_flight, time=time.time()))
         left = self._drain_since + self.policy.drain_timeout - now
         usage = self._usage
-        if left <= 0 and usage.remote_counts and usage.remote_in_flight:
+        waiting = usage.remote_in_flight or usage.remote.behind
+        if left <= 0 and usage.remote_counts and waiting:
             log.warning(
-                "model %s: %d requests in the gateways still run on %s after the drain timeout (%gs); stopping it",
+                "model %s: %d requests in the gateways still run on %s (%d gateways not heard from) after the drain "
+                "timeout (%gs); stopping it",
                 self.name,
                 usage.remote_in_flight,
+                usage.remote.behind,
                 self._backend.handle if self._backend else "?",
                 self.policy.drain_timeout,
             )
             usage.remote_counts = False
-        return max(left, 0.0) if usage.remote_counts and usage.remote_in_flight else None
+        return max(left, 0.0) if usage.remote_counts and waiting else None
 
     async def _keep_keep_alive(self, backend: Backend, seconds: float) -> None:
         """Keep the keep_alive in force with the backend, so that a controller that adopts it after a restart

@@ -3,8 +3,9 @@
 Gateways follow the directory by long polls (``changes``): the first answer is a snapshot of every model; later
 answers hold only the models whose entry changed since the revision the gateway has, and the names removed.
 An ``epoch`` names this controller's run: a gateway that saw another epoch (the controller restarted) is sent a
-snapshot again. The directory is computed again on every lifecycle event (a state change, a drain) and every
-``interval`` seconds (a model file added or removed), and a revision is spent only when an entry really changed.
+snapshot again. The directory is computed again on every lifecycle event (a state change, a drain), after every
+report, and every second; the models folder is looked at again every ``interval`` seconds (a model file added or
+removed). A revision is spent only when an entry really changed.
 The request counters of a model (in flight, queued) are left out of that comparison: they change all the time and
 the gateways count their own.
 
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -35,7 +37,7 @@ def _comparable(entry: dict[str, Any]) -> str:
 
 
 class DirectoryPublisher:
-    def __init__(self, supervisor: Supervisor, reports: GatewayReports, interval: float = 2.0) -> None:
+    def __init__(self, supervisor: Supervisor, reports: GatewayReports, interval: float = 5.0) -> None:
         self.supervisor = supervisor
         self.reports = reports
         self.interval = interval
@@ -43,9 +45,11 @@ class DirectoryPublisher:
         self.revision = 0
         self._entries: dict[str, tuple[int, dict[str, Any], str]] = {}  # name → (revision, wire entry, comparable)
         self._removed: dict[str, int] = {}  # name → the revision that removed it
+        self.drains: dict[str, tuple[str, int]] = {}  # name → (epoch, revision) that published it draining
         self._changed = asyncio.Condition()
         self._nudged = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._scanned = 0.0  # monotonic: the last look at the models folder
         self.published = asyncio.Event()  # set once the first directory is computed
 
     def start(self) -> None:
@@ -64,16 +68,19 @@ class DirectoryPublisher:
             try:
                 if self.reports.prune():
                     log.info("a gateway stopped reporting; its requests no longer hold any backend")
-                self.supervisor.take_reports(self.reports)
-                await self.refresh()
+                self.supervisor.take_reports(self.reports, self.drains)
+                rescan = time.monotonic() - self._scanned >= self.interval
+                await self.refresh(rescan)
+                if rescan:
+                    self._scanned = time.monotonic()
             except Exception:  # a bug must not stop the gateways' directory: log it, try again
                 log.exception("computing the directory failed")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval / 2):
+                async with asyncio.timeout(1.0):  # the gateways' TTL is counted on this clock
                     await self._nudged.wait()
 
-    async def refresh(self) -> None:
-        entries = {e.info.name: e.to_wire() for e in await self.supervisor.directory()}
+    async def refresh(self, rescan: bool = False) -> None:
+        entries = {e.info.name: e.to_wire() for e in await self.supervisor.directory(rescan)}
         changed = False
         for name, wire in entries.items():
             self._removed.pop(name, None)
@@ -92,11 +99,24 @@ class DirectoryPublisher:
             self.revision += 1
             async with self._changed:
                 self._changed.notify_all()
+        self._note_drains(entries)
         self.published.set()
 
-    def take_report(self, gateway: str, seq: int, models: Any) -> None:
-        self.reports.report(gateway, seq, models)
-        self.supervisor.take_reports(self.reports)
+    def _note_drains(self, entries: dict[str, dict[str, Any]]) -> None:
+        """The revision at which each draining model was first published draining (what gateways must have seen)."""
+        for name, wire in entries.items():
+            if any(backend["draining"] for backend in wire["backends"]):
+                self.drains.setdefault(name, (self.epoch, self._entries[name][0]))
+            else:
+                self.drains.pop(name, None)
+        for name in [name for name in self.drains if name not in entries]:
+            del self.drains[name]
+
+    async def take_report(self, gateway: str, seq: int, models: Any, revision: tuple[str, int]) -> None:
+        """A gateway's counts; the directory reflects them (an expiry set, a drain ended) when this returns."""
+        self.reports.report(gateway, seq, models, revision)
+        self.supervisor.take_reports(self.reports, self.drains)
+        await self.refresh()
 
     async def changes(self, epoch: str | None, after: int, wait: float) -> dict[str, Any]:
         """The entries changed since revision ``after`` of ``epoch``, waiting up to ``wait`` seconds for one."""

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
 from contextlib import asynccontextmanager
 
 from common import notes
@@ -44,6 +44,7 @@ from controller.runtime.logs import LogBook
 log = logging.getLogger(__name__)
 
 
+NOT_PUBLISHED = ("", 1 << 62)  # a drain the gateways cannot have seen yet: every live one is behind it
 SETTLING_POLL = 0.25  # seconds between looks at a settling model whose load may fail without a signal
 
 
@@ -429,10 +430,12 @@ class Supervisor:
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         return self.info(await self.resolve(name, allowed))
 
-    async def directory(self) -> list[DirectoryEntry]:
-        """Every model as the gateway processes see it: its info, its backend and the limits they apply."""
+    async def directory(self, rescan: bool = True) -> list[DirectoryEntry]:
+        """Every model as the gateway processes see it: its info, its backend and the limits they apply;
+        ``rescan``: look at the models folder again (new, changed and removed files) first."""
         entries = []
-        for info in await self.models():
+        infos = await self.models() if rescan else [self.info(entry) for entry in self.catalog.entries()]
+        for info in infos:
             entry = self.catalog.get(canonical(info.name))
             profile = self._profiles.get(entry.key) if entry else None
             model = self._models.get(entry.key) if entry else None
@@ -452,12 +455,16 @@ class Supervisor:
             )
         return entries
 
-    def take_reports(self, reports: GatewayReports) -> None:
-        """Hand each model what the gateway processes report about its current backend."""
+    def take_reports(self, reports: GatewayReports, drains: Mapping[str, tuple[str, int]]) -> None:
+        """Hand each model what the gateway processes report about its current backend. ``drains``: per model,
+        the directory (epoch, revision) that published it draining; one draining and not published yet waits for
+        every gateway."""
         for key, model in self._models.items():
             entry = self.catalog.get(key)
+            name = entry.name if entry else key
             backend = model.backend
-            model.remote_use(reports.use(entry.name if entry else key, backend.handle if backend else None))
+            drain = drains.get(name, NOT_PUBLISHED) if model.draining else None
+            model.remote_use(reports.use(name, backend.handle if backend else None, drain))
 
     def ready_backends(self) -> list[tuple[str, Backend]]:
         """(catalog name, backend) of every ready model, key included: for scraping the backends' /metrics."""

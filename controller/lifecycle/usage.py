@@ -54,7 +54,8 @@ class Usage:
 
     @property
     def drained(self) -> bool:
-        return self.in_flight == 0 and self.remote_in_flight == 0
+        remote = self.remote_in_flight == 0 and (self.remote.behind == 0 or not self.remote_counts)
+        return self.in_flight == 0 and remote
 
     @property
     def waiting(self) -> int:

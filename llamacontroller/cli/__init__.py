@@ -165,7 +165,7 @@ def _serve_role(config: Config, args: argparse.Namespace) -> int:
         from llamacontroller.gateway import GatewayProcess
 
         process = GatewayProcess(config, args.controller_url, internal_secret(config.secrets_dir))
-        uvicorn_server(process, config).run(sockets=[sock])
+        uvicorn_server(process, config, process.control.end_streams).run(sockets=[sock])
         return 0
     from llamacontroller.app import create_app
     from llamacontroller.supervise import GATEWAY_METRICS_ENV

@@ -169,7 +169,8 @@ async def test_the_internal_routes_need_the_secret_and_are_refused_by_gateways(w
 async def test_a_tokens_rate_limit_is_one_limit_across_gateways(
     tmp_path: Path, tiny_model: Path, standin: StandIn
 ) -> None:
-    config = fake_config(tmp_path, tiny_model, {"tiny": {}}, auth={"enabled": True}, gateway={"report_interval": "0.1s"})
+    gateway = {"report_interval": "0.1s"}
+    config = fake_config(tmp_path, tiny_model, {"tiny": {}}, auth={"enabled": True}, gateway=gateway)
     runtime = FakeRuntime(backend_url=standin.url)
     async with (
         running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app,

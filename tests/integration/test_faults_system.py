@@ -133,8 +133,9 @@ def test_faults_model_file_deleted_while_loaded(
         assert served.http.post("/api/chat", json=CHAT).status_code == 200  # mapped in memory: still served
         assert served.http.post("/control/v1/models/a/unload").status_code == 200
 
+        # The catalog has seen the file go (the directory the gateways follow rescans it): refused before a start.
         gone = served.http.post("/api/chat", json=CHAT)
-        assert gone.status_code == 502 and "(No such file or directory)" in gone.json()["error"], gone.text
+        assert gone.status_code == 400 and "file not found" in gone.json()["error"], gone.text
         openai = served.http.post("/v1/chat/completions", json={"model": "a", "messages": CHAT["messages"]})
         assert openai.status_code == gone.status_code and openai.json()["error"]["message"]
         assert httpx.get(f"{served.url}/healthz").status_code == 200

@@ -298,7 +298,7 @@ async def running_gateway(controller: RunningApp, config: Config) -> AsyncIterat
     listen = f"127.0.0.1:{free_port()}"
     process = GatewayProcess(config, controller.url, internal_secret(config.secrets_dir))
     sock = bind(listen)
-    server = uvicorn_server(process, config)
+    server = uvicorn_server(process, config, process.control.end_streams)
     server.config.loop = "none"
     task = asyncio.create_task(server.serve(sockets=[sock]))
     async with httpx.AsyncClient(base_url=f"http://{listen}", timeout=60, headers=bearer(controller.token)) as client:
