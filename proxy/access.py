@@ -56,6 +56,7 @@ class AccessLog:
         self.app = app
         self.metrics = metrics
         self.peers = peers
+        self._probe_answers: dict[str, int | None] = {}  # each probe's last status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,10 +76,16 @@ class AccessLog:
                 self.metrics.observe(route, timing.model, timing.status, timing, ended)
             self._log(scope, method, rid, timing, ended)
 
+    def _probe_level(self, path: str, status: int | None) -> int:
+        """A health probe (kubelet asks every 5 s) is news when it fails for the first time since it last
+        answered otherwise: one that passes, or fails again as it did (a standby waiting to lead), is not."""
+        repeated = self._probe_answers.get(path) == status
+        self._probe_answers[path] = status
+        return logging.DEBUG if status == 200 or repeated else logging.INFO
+
     def _log(self, scope: Scope, method: str, rid: str, timing: notes.RequestTiming, ended: float) -> None:
         path: str = scope["path"]
-        # A health probe that passes (kubelet asks every 5 s) is news only when debugging.
-        level = logging.DEBUG if timing.status == 200 and path in _PROBES else logging.INFO
+        level = self._probe_level(path, timing.status) if path in _PROBES else logging.INFO
         if not access_log.isEnabledFor(level):
             return
         access_log.log(
