@@ -127,10 +127,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    from controller.services import services_of
     from llamacontroller.app import create_app
 
-    # uvicorn handles SIGINT/SIGTERM: a graceful stop runs the app's shutdown, which stops every backend.
-    uvicorn_server(create_app(config, on_ready=_announce), config).run(sockets=[sock])
+    # uvicorn handles SIGINT/SIGTERM: a graceful stop runs the app's shutdown, which stops every backend. The app
+    # may end itself (a leader that lost its lease): then with the status it asked for.
+    app = create_app(config, on_ready=_announce)
+    uvicorn_server(app, config).run(sockets=[sock])
+    ending = services_of(app).ending
+    if ending.code is not None:
+        print(f"error: {ending.reason}", file=sys.stderr)
+        return ending.code
     return 0
 
 
