@@ -159,6 +159,12 @@ class ModelStopping(Unavailable):
     code = "model_stopping"
 
 
+class NotLeader(Unavailable):
+    """Another controller leads (leader election): this one acts on no backend."""
+
+    code = "not_leader"
+
+
 class DockerUnavailable(Unavailable):
     code = "docker_unavailable"
 

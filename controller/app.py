@@ -38,18 +38,21 @@ from controller.catalog.entries import Catalog
 from controller.config import Config
 from controller.edge.edge import Edge
 from controller.events import Event
+from controller.leadership import make_leadership
+from controller.leadership.fence import FencedRuntime
+from controller.leadership.office import Office
 from controller.lifecycle.gateways import GatewayReports
 from controller.lifecycle.health import HttpProbe
 from controller.lifecycle.model import Probe
 from controller.lifecycle.publisher import DirectoryPublisher
 from controller.lifecycle.supervisor import Supervisor
-from controller.metrics import ControllerMetrics
+from controller.metrics import ControllerMetrics, LeaderState
 from controller.observability import EventBus
 from controller.runtime import make_runtime
 from controller.runtime.base import Runtime
 from controller.runtime.keys import BackendKeys
 from controller.runtime.logs import LogBook
-from controller.services import Services
+from controller.services import Ending, Services
 from controller.settings import find_llama_server, supported_flags
 from controller.store import make_store
 
@@ -92,17 +95,20 @@ def build_services(
         events.publish(event)
 
     http_probe = HttpProbe(upstream)
+    leadership = make_leadership(config)
     supervisor = Supervisor(
         config,
-        runtime,
+        FencedRuntime(runtime, lambda: leadership.leading),  # only the leader acts on the runtime
         Catalog(config),
         logbook,
         probe or http_probe,
         publish,
         keys=BackendKeys.from_secrets_dir(config.secrets_dir),
         key_check=None if probe else http_probe.key_accepted,  # a test's stand-in probe knows no keys
+        standby=True,  # admits nothing until the lifespan starts it, as the leader
     )
     counted = ControllerMetrics(registry, supervisor)
+    registry.register(LeaderState(lambda: leadership.leading))
     publisher = DirectoryPublisher(supervisor, GatewayReports(config.gateway.report_ttl))
     edge = Edge(config, events.publish, spawn_caddy=not caddy_apart) if config.edge.enabled else None
     if edge is not None:
@@ -126,6 +132,8 @@ def build_services(
         find_binary=find_binary,
         publisher=publisher,
         internal_secret=internal_secret(config.secrets_dir),
+        leadership=leadership,
+        ending=Ending(),
     )
 
 
@@ -164,23 +172,20 @@ async def _serving(services: Services) -> AsyncIterator[None]:
         except BackendStartFailed as exc:
             log.error("%s", exc.message)
     await services.store.open()
-    await _first_admin(services)
     pid_file = write_pid_file(config.data_dir / "run" / CONTROLLER_PID_FILE)
     resolving = asyncio.create_task(services.peers.keep_resolved(), name="trusted-proxies")
+    office = Office(services, lambda: _take_office(services))
     try:
-        await services.supervisor.start()
-        services.publisher.start()
-        if services.edge is not None:
-            await services.edge.start()
-        count = len(services.supervisor.catalog.entries())
-        log.info("LlamaController %s ready: %d model(s) in the catalog", __version__, count)
+        await office.begin()  # leads at once (always, without leader election), or stands by and campaigns
         yield
     finally:
+        await office.end()
         await cancel_and_wait(resolving)
         await services.publisher.close()
         if services.edge is not None:
             await services.edge.close()
         await services.supervisor.close()
+        await services.leadership.release()  # after the supervisor: the next leader starts once this one stopped
         await services.upstream.close()  # the probes' pool (and, embedded, the gateway's)
         await services.auth.close()
         await services.ephemeral.close()
@@ -196,6 +201,17 @@ def write_pid_file(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(f"{os.getpid()}\n")
     return path
+
+
+async def _take_office(services: Services) -> None:
+    """What the leader alone does: the first admin (in the shared store), adoption of what runs, the edge."""
+    await _first_admin(services)
+    await services.supervisor.start()
+    services.publisher.start()  # the gateways follow the leader's directory
+    if services.edge is not None:
+        await services.edge.start()
+    count = len(services.supervisor.catalog.entries())
+    log.info("LlamaController %s ready: %d model(s) in the catalog", __version__, count)
 
 
 async def _first_admin(services: Services) -> None:

@@ -205,6 +205,7 @@ def _check_cross_fields(config: Config) -> None:
             f"(server.listen is {config.server.listen})"
         )
     problems += _edge_problems(config)
+    problems += _election_problems(config)
     pinned = [name for name, model in config.models.items() if model.pinned]
     if len(pinned) > config.scheduling.max_loaded_models:
         problems.append(
@@ -213,6 +214,22 @@ def _check_cross_fields(config: Config) -> None:
         )
     if problems:
         raise ConfigError("invalid config", problems)
+
+
+def _election_problems(config: Config) -> list[str]:
+    """Each kind of election uses what the shape already has: the store's Redis, the runtime's cluster."""
+    kind = config.server.leader_election.kind
+    if kind == "redis" and config.store.kind != "redis":
+        return [
+            "server.leader_election: kind redis takes its lock in store.redis_url; set store.kind redis "
+            "(controllers that share a leader share a store)"
+        ]
+    if kind == "kubernetes" and config.runtime.kind != "kubernetes":
+        return [
+            "server.leader_election: kind kubernetes keeps its Lease in the kubernetes runtime's namespace; "
+            "set runtime.kind kubernetes, or use kind redis"
+        ]
+    return []
 
 
 def _edge_problems(config: Config) -> list[str]:

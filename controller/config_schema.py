@@ -85,6 +85,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LeaderElectionConfig(_Strict):
+    """Which of several controllers acts on the runtime (controller/leadership/): none (one controller), a lock in
+    the store's Redis, or a Kubernetes Lease in the runtime's namespace. The others wait, not ready."""
+
+    kind: Literal["none", "redis", "kubernetes"] = "none"
+    name: str = Field(
+        default="llamacontroller", pattern=r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"
+    )  # the Lease, the key
+    # A dead leader's lease ends at most lease_duration after its last renewal; a standby looks every
+    # renew_interval (and just as it ends): 10s and 2s take over within 12s, adoption included well under 15s.
+    lease_duration: Period = 10.0
+    renew_interval: Period = 2.0
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> LeaderElectionConfig:
+        if self.renew_interval * 2 > self.lease_duration:
+            raise ValueError(
+                "renew_interval must be at most half of lease_duration: a leader that misses one renewal must "
+                "still have time to try again before it gives up"
+            )
+        return self
+
+
 class ServerConfig(_Strict):
     listen: str = "127.0.0.1:11434"
     data_dir: Path = Path("~/.local/share/llamacontroller")
@@ -93,6 +116,7 @@ class ServerConfig(_Strict):
     # Peers whose X-Forwarded-For names the client (the edge): addresses, networks, host names. The embedded
     # edge reaches the app over loopback.
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    leader_election: LeaderElectionConfig = Field(default_factory=LeaderElectionConfig)
 
     @field_validator("listen")
     @classmethod

@@ -108,9 +108,34 @@ class EdgeChanged(_Wire):
         return {"type": self.type, "state": self.state, "error": self.error, "time": self.time}
 
 
-Event = ModelStateChanged | ModelStopFailed | ModelDraining | EdgeChanged
+@dataclass(frozen=True)
+class LeadershipChanged(_Wire):
+    """This controller took the lead (``leading``) or lost it (``lost``, with the reason) under leader election;
+    ``term`` is the fencing token of the term, ``holder`` this controller's identity in the lease."""
+
+    type: ClassVar[str] = "leadership"
+
+    state: str
+    term: int | None
+    holder: str
+    error: str | None
+    time: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "state": self.state,
+            "term": self.term,
+            "holder": self.holder,
+            "error": self.error,
+            "time": self.time,
+        }
+
+
+Event = ModelStateChanged | ModelStopFailed | ModelDraining | EdgeChanged | LeadershipChanged
 
 
 def event_model(event: Event) -> str:
-    """The model an event is about, "" for one about no model (the edge): what a model allow-list is asked."""
+    """The model an event is about, "" for one about no model (the edge, leadership): what a model allow-list is
+    asked."""
     return event.model if isinstance(event, ModelStateChanged | ModelStopFailed | ModelDraining) else ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -154,6 +154,21 @@ class LiveModels(Collector):
             if live.state == State.READY and live.expires_at is not None:
                 expires.add_metric([info.name], max(0.0, live.expires_at - now))
         yield from (state, in_flight, queued, failures, expires, last_load)
+
+
+class LeaderState(Collector):
+    """``llamacontroller_leader``: 1 while this controller leads (and may act on the runtime), 0 while it stands
+    by or after it lost the lead; read when Prometheus scrapes. Without leader election it leads once started."""
+
+    def __init__(self, leading: Callable[[], bool]) -> None:
+        self._leading = leading
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "llamacontroller_leader", "1 while this controller leads (acts on the runtime), 0 while it stands by"
+        )
+        gauge.add_metric([], 1.0 if self._leading() else 0.0)
+        yield gauge
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from controller.auth.authenticate import Authenticator
     from controller.config import Config
     from controller.edge.edge import Edge
+    from controller.leadership import Leadership
     from controller.lifecycle.publisher import DirectoryPublisher
     from controller.lifecycle.supervisor import Supervisor
     from controller.metrics import ControllerMetrics
@@ -30,6 +31,22 @@ if TYPE_CHECKING:
     from controller.store.base import Ephemeral, Store
 
 SERVICES_KEY = "llamacontroller.services"
+
+
+@dataclass
+class Ending:
+    """How the control plane asks the server around it to end the process, and with which exit status: the server
+    (llamacontroller/server.py) sets ``stop``; under a test client there is none, and the request is only kept."""
+
+    code: int | None = None
+    reason: str | None = None
+    stop: Callable[[int], None] | None = None
+
+    def request(self, code: int, reason: str) -> None:
+        if self.code is None:
+            self.code, self.reason = code, reason
+        if self.stop is not None:
+            self.stop(code)
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,8 @@ class Services:
     find_binary: Callable[[], str]  # the llama-server binary (process runtime)
     publisher: DirectoryPublisher  # the directory the gateway processes follow, and their reports
     internal_secret: str  # what the gateway processes show on the internal routes
+    leadership: Leadership  # whether this controller leads (server.leader_election); only the leader acts
+    ending: Ending  # how to end the process (after the lead is lost)
 
     def install(self, app: Quart) -> None:
         app.extensions[SERVICES_KEY] = self

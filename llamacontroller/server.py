@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -110,18 +111,33 @@ def bounded_httptools(max_head: int) -> type[asyncio.Protocol]:
     return type("BoundedHttpTools", (_BoundedHead,), {"max_head": max_head})
 
 
+# After the app asked to end (the lead lost), how long past the graceful shutdown's own bound the process may
+# take before it is ended on the spot: its backends are the next leader's, nothing here must hold it.
+ENDING_BACKSTOP = 15.0
+
+
 class _Server(uvicorn.Server):
     """uvicorn, which ends the app's event streams when it begins to shut down: it waits for open answers before
-    it stops the app, and an event stream never ends by itself."""
+    it stops the app, and an event stream never ends by itself. The app may ask it to end (``Ending``): a graceful
+    shutdown, with the process ended outright if that outlasts its bound."""
 
     def __init__(self, config: uvicorn.Config, end_streams: Callable[[], None] | None) -> None:
         super().__init__(config)
         self.end_streams = end_streams
+        self._backstop: asyncio.TimerHandle | None = None
+
+    def end(self, code: int) -> None:
+        self.should_exit = True
+        if self._backstop is None:
+            bound = (self.config.timeout_graceful_shutdown or 0) + ENDING_BACKSTOP
+            self._backstop = asyncio.get_running_loop().call_later(bound, os._exit, code)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.end_streams is not None:
             self.end_streams()
         await super().shutdown(sockets)
+        if self._backstop is not None:  # ended in time
+            self._backstop.cancel()
 
 
 def uvicorn_server(
@@ -146,4 +162,9 @@ def uvicorn_server(
         # is read only where it is used (common/peers.py).
         proxy_headers=False,
     )
-    return _Server(settings, services_of(app).streams.close if isinstance(app, Quart) else end_streams)
+    if isinstance(app, Quart):
+        services = services_of(app)
+        server = _Server(settings, services.streams.close)
+        services.ending.stop = server.end
+        return server
+    return _Server(settings, end_streams)

@@ -57,6 +57,7 @@ class AccessLog:
         self.app = app
         self.metrics = metrics
         self.peers = peers
+        self._probe_answers: dict[str, int | None] = {}  # each probe's last status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,12 +77,20 @@ class AccessLog:
                 self.metrics.observe(route, timing.model, timing.status, timing, ended)
             self._log(scope, method, rid, timing, ended)
 
+    def _probe_level(self, path: str, status: int | None) -> int:
+        """A health probe (kubelet asks every 5 s) is news when it fails for the first time since it last
+        answered otherwise: one that passes, or fails again as it did (a standby waiting to lead), is not."""
+        repeated = self._probe_answers.get(path) == status
+        self._probe_answers[path] = status
+        return logging.DEBUG if status == 200 or repeated else logging.INFO
+
     def _log(self, scope: Scope, method: str, rid: str, timing: notes.RequestTiming, ended: float) -> None:
         path: str = scope["path"]
-        # A health probe that passes (kubelet asks every 5 s), a gateway's report (every second): news only when
-        # debugging.
-        routine = path in _PROBES or path.startswith(INTERNAL_PREFIX)
-        level = logging.DEBUG if timing.status == 200 and routine else logging.INFO
+        if path in _PROBES:
+            level = self._probe_level(path, timing.status)
+        else:  # a gateway's report (every second) is news only when debugging
+            routine = timing.status == 200 and path.startswith(INTERNAL_PREFIX)
+            level = logging.DEBUG if routine else logging.INFO
         if not access_log.isEnabledFor(level):
             return
         access_log.log(

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 POLL_WAIT = 25  # seconds a directory long poll may be held by the controller
 RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0)  # between tries to reach a controller that does not answer
 RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
+# A controller that cannot act for us yet (a standby, one still adopting, one stopping): as if none answered.
+AWAY_CODES = frozenset({"not_leader", "unavailable", "shutting_down"})
 MIN_REPORT_GAP = 0.05  # seconds between reports, however often models turn idle
 CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
 
@@ -151,7 +153,8 @@ class RemoteDirectory:
         except ValueError:
             value = {}
         if status != 200:
-            if status in (502, 503, 504) and not isinstance(value, dict):
+            if status in (502, 503, 504) and (not isinstance(value, dict) or value.get("code") in AWAY_CODES):
+                self.controller_answers = False
                 raise Unreachable(f"the controller answered {status}")
             message = value.get("error", f"the controller answered {status}") if isinstance(value, dict) else ""
             code = value.get("code", "internal_error") if isinstance(value, dict) else "internal_error"

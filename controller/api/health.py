@@ -1,6 +1,7 @@
 """Operator probes: ``/healthz`` (the process answers) and ``/readyz`` (the controller can serve).
 
-Readiness is the controller's own: start-up and adoption done, the store the one opened. The edge (Caddy) is a
+Readiness is the controller's own: leading (leader election: a standby is not ready, so that a Service sends
+control traffic to the leader), start-up and adoption done, the store the one opened. The edge (Caddy) is a
 separate program with its own probes; its state is reported here (in ``/readyz``'s answer and as
 ``llamacontroller_edge_state``) but never fails readiness: in Kubernetes ``/readyz`` is the controller's
 readiness probe, and an edge problem would take the control plane, the one thing that can report and repair
@@ -32,11 +33,16 @@ async def healthz() -> dict[str, Any]:
 
 @blueprint.get("/readyz")
 async def readyz() -> tuple[dict[str, Any], int]:
-    """200 once start-up and adoption are done and the store is the one opened; with the edge enabled, the
-    answer also says how the edge is (``"edge": {"state", "error"}``), whatever it is."""
+    """200 once this controller leads, start-up and adoption are done and the store is the one opened; with the
+    edge enabled, the answer also says how the edge is (``"edge": {"state", "error"}``), whatever it is."""
     supervisor: Supervisor = services().supervisor
     edge = services().edge
+    leadership = services().leadership
     shown = {"edge": {"state": edge.status.state, "error": edge.status.error}} if edge is not None else {}
+    if leadership.lost.is_set():
+        return {"status": "lost leadership", "error": f"lost the lead: {leadership.reason}; ending", **shown}, 503
+    if not leadership.leading:  # so a Service sends control traffic to the leader only
+        return {"status": "standby", "error": "standby: another controller leads", **shown}, 503
     if not supervisor.ready:
         return {"status": "starting", **shown}, 503
     problem = await services().store.problem()

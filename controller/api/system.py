@@ -1,4 +1,5 @@
-"""``GET /control/v1/system``: what runs here — versions, runtime, store, the edge, the llama-server build."""
+"""``GET /control/v1/system``: what runs here — versions, runtime, store, the edge, leadership, the llama-server
+build."""
 
 from __future__ import annotations
 
@@ -31,11 +32,18 @@ async def llama_server_facts(config: Config) -> dict[str, Any]:
 async def system() -> dict[str, Any]:
     config: Config = services().config
     edge = services().edge
+    leadership = services().leadership
     return {
         "version": __version__,
         "runtime": config.runtime.kind,
         "store": config.store.kind,
         "listen": config.server.listen,
         "edge": edge.public() if edge is not None else {"enabled": False},
+        "leadership": {
+            "kind": leadership.kind,
+            "leading": leadership.leading,
+            "term": leadership.fencing_token,
+            "identity": leadership.identity,
+        },
         "llama_server": await llama_server_facts(config),
     }

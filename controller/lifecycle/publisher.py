@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from common.background import cancel_and_wait
+from common.errors import Unavailable
 from controller.lifecycle.gateways import GatewayReports
 from controller.lifecycle.supervisor import Supervisor
 
@@ -120,7 +121,8 @@ class DirectoryPublisher:
 
     async def changes(self, epoch: str | None, after: int, wait: float) -> dict[str, Any]:
         """The entries changed since revision ``after`` of ``epoch``, waiting up to ``wait`` seconds for one."""
-        await self.published.wait()
+        if not self.published.is_set():  # a standby, or a leader still adopting: the gateways ask again
+            raise Unavailable("this controller publishes no directory yet (starting, or standing by)")
         full = epoch != self.epoch or after > self.revision or after <= 0
         if not full and after == self.revision and wait > 0:
             async with self._changed:

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from common import notes
 from common.background import Background, cancel_and_wait
 from common.directory import Allowed, BackendRef, DirectoryEntry, Lease, LiveState, ModelInfo, forbidden
-from common.errors import LlamaControllerError, ModelNotFound, NoCapacity, ShuttingDown
+from common.errors import LlamaControllerError, ModelNotFound, NoCapacity, NotLeader, ShuttingDown
 from common.names import canonical
 from controller.catalog.entries import Catalog, CatalogEntry
 from controller.catalog.profile import ModelProfile, build_profile
@@ -71,6 +71,7 @@ class Supervisor:
         *,
         keys: BackendKeys | None = None,
         key_check: Probe | None = None,
+        standby: bool = False,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -93,6 +94,10 @@ class Supervisor:
         self._resync = asyncio.Event()  # the runtime's watch was lost and is back: a pass now
         self._suspects: frozenset[str] = frozenset()  # own backends in nobody's books at the last pass
         self._passing: asyncio.Task[None] | None = None
+        # A standby's supervisor (leader election) admits nothing until start(), which it reaches only once its
+        # controller leads; abandon() (the lease lost) makes it admit nothing again and keep every backend.
+        self._acting = not standby
+        self._abandoned = False
         self.ready = False
 
     def set_flags(self, flags: Collection[str]) -> None:
@@ -107,6 +112,7 @@ class Supervisor:
         from then on compare what runs with the books on a slow timer and after each resync of the runtime."""
         await self.catalog.refresh()
         await self.reconcile()
+        self._acting = True
         for entry in self.catalog.entries():
             if entry.config and entry.config.pinned and not entry.error:
                 self._background.spawn(self.load(entry.name), f"preload:{entry.name}")
@@ -199,12 +205,26 @@ class Supervisor:
             return "it does not accept the API key derived for it (was identity.key replaced?)"
         return None
 
+    def abandon(self) -> None:
+        """This controller no longer leads: admit nothing, compare nothing, and leave every backend running at
+        close for the next leader to adopt (the runtime refuses this controller's calls already)."""
+        self._acting = False
+        self._abandoned = True
+        if self._passing is not None:
+            self._passing.cancel()
+
+    def _require_acting(self) -> None:
+        if not self._acting:
+            if self._abandoned:
+                raise NotLeader("this controller no longer leads: it is ending, another one takes over")
+            raise NotLeader("standby: another controller leads (control requests go to the leader)")
+
     async def close(self) -> None:
-        """Stop every backend (unless configured to survive for adoption) and every owner task."""
+        """Stop every backend (unless configured to survive for adoption, or abandoned) and every owner task."""
         self._closing = True
         await cancel_and_wait(self._passing)
         self._background.cancel()
-        keep = self.config.runtime.keep_backends_on_exit
+        keep = self.config.runtime.keep_backends_on_exit or self._abandoned
         await asyncio.gather(*(model.close(stop_backend=not keep) for model in self._models.values()))
         await self._background.drain()
         await self.runtime.close()
@@ -273,6 +293,7 @@ class Supervisor:
         async with self._admission:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
+            self._require_acting()
             if model.holds_slot and not exclusive:
                 return True
             if not may_evict and model.name in self._evicting:
@@ -356,6 +377,7 @@ class Supervisor:
         """Hold a ready backend for ``name`` for the duration of the block (see ModelDirectory)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
+        self._require_acting()
         started = time.monotonic()
         entry = await self.resolve(name, allowed)
         entry.require_loadable()
@@ -385,6 +407,7 @@ class Supervisor:
         return await self.model(model_name)
 
     async def unload(self, name: str, allowed: Allowed | None = None) -> None:
+        self._require_acting()
         entry = await self.resolve(name, allowed)
         model = self._models.get(entry.key)
         if model is not None:

@@ -14,16 +14,17 @@ from typing import Any, Literal
 import httpx
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
 from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Pod, PodLog, Secret, Service
 from lightkube.types import CascadeType, PatchType
 
 from common.errors import BackendStartFailed, KubernetesUnavailable
 from controller.runtime.logs import LineSplitter
 
-Kind = Literal["Deployment", "Service", "Pod", "Secret"]
+Kind = Literal["Deployment", "Service", "Pod", "Secret", "Lease"]
 TIMEOUT = httpx.Timeout(10.0)
 FOLLOW_TIMEOUT = httpx.Timeout(10.0, read=None)  # connect, write and pool bounded; reads wait for the next line
-_KINDS: dict[str, Any] = {"Deployment": Deployment, "Service": Service, "Pod": Pod, "Secret": Secret}
+_KINDS: dict[str, Any] = {"Deployment": Deployment, "Service": Service, "Pod": Pod, "Secret": Secret, "Lease": Lease}
 
 
 class KubeApi:
@@ -63,6 +64,25 @@ class KubeApi:
         listing = self._client.list(_KINDS[kind], labels=labels)
         items = [_plain(item) async for item in listing]
         return items, str(listing.resourceVersion)
+
+    async def create_new(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Create; None when an object of that name exists already (409)."""
+        try:
+            return await self.create(body)
+        except ApiError as exc:
+            if exc.status.code == 409:
+                return None
+            raise
+
+    async def replace(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Write the whole object (PUT) over the version ``metadata.resourceVersion`` names; None when it changed
+        since (409) or is gone (404): optimistic concurrency, the leader election's one rule."""
+        try:
+            return _plain(await self._client.replace(_KINDS[body["kind"]].from_dict(body)))
+        except ApiError as exc:
+            if exc.status.code in (404, 409):
+                return None
+            raise
 
     async def patch(self, kind: Kind, name: str, body: dict[str, Any]) -> None:
         """A JSON merge patch (RFC 7386): what ``body`` names is set, the rest left as it is."""
@@ -129,7 +149,7 @@ def kube_errors(action: str) -> Iterator[None]:
         if code in (401, 403):
             raise KubernetesUnavailable(
                 f"{action}: the Kubernetes API refused ({code}): {message}. The controller's service account "
-                "needs the Role the Helm chart creates (deployments, services, pods, pods/log, events, secrets)"
+                "needs the Role the Helm chart creates (deployments, services, pods, pods/log, events, secrets, leases)"
             ) from exc
         raise BackendStartFailed(f"{action}: the Kubernetes API refused ({code}): {message}") from exc
     except (httpx.HTTPError, OSError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,17 +147,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  processes: a controller, {workers} gateway worker(s), the edge", flush=True)
         return supervise(config, _child_args(args), sock, workers)
     from llamacontroller.app import create_app
+
+    # uvicorn handles SIGINT/SIGTERM: a graceful stop runs the app's shutdown, which stops every backend. The app
+    # may end itself (a leader that lost its lease): then with the status it asked for.
+    return _run_controller(create_app(config, on_ready=_announce), config, sock)
+
+
+def _run_controller(app: Quart, config: Config, sock: socket.socket) -> int:
+    """Serve the controller's app until it stops; the app may end itself (a leader that lost its lease): then
+    with the status it asked for."""
+    from controller.services import services_of
     from llamacontroller.server import uvicorn_server
 
-    # uvicorn handles SIGINT/SIGTERM: a graceful stop runs the app's shutdown, which stops every backend.
-    uvicorn_server(create_app(config, on_ready=_announce), config).run(sockets=[sock])
+    uvicorn_server(app, config).run(sockets=[sock])
+    ending = services_of(app).ending
+    if ending.code is not None:
+        print(f"error: {ending.reason}", file=sys.stderr)
+        return ending.code
     return 0
 
 
 def _serve_role(config: Config, args: argparse.Namespace) -> int:
     """One of the processes ``serve`` supervises (llamacontroller/supervise.py), on the socket it inherited."""
-    import socket
-
     from llamacontroller.server import uvicorn_server
 
     sock = socket.socket(fileno=args.fd)
@@ -172,8 +184,7 @@ def _serve_role(config: Config, args: argparse.Namespace) -> int:
 
     metrics = os.environ.get(GATEWAY_METRICS_ENV)
     app = create_app(config, on_ready=_announce, caddy_apart=True, gateway_metrics=Path(metrics) if metrics else None)
-    uvicorn_server(app, config).run(sockets=[sock])
-    return 0
+    return _run_controller(app, config, sock)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ CASES: dict[str, list[str]] = {
         "--set", "models.existingClaim=", "--set", "models.hostPath=/srv/models",
         "--set", "networkPolicy.enabled=false", "--set", "edge.persistence.enabled=false",
     ],
+    "two-controllers": ["--set", "controller.replicas=2"],
 }  # fmt: skip
 
 
@@ -137,6 +138,12 @@ def test_the_controller_config_it_renders_is_valid(
         assert config.runtime.kubernetes.gpu_count == 1 and config.scheduling.max_loaded_models == 4
         assert config.models["gemma3:27b"].kubernetes is not None
         assert config.edge.tls.mode == "acme" and config.edge.hostname == "llm.example.com"
+    election = config.server.leader_election
+    if case == "two-controllers":
+        assert (election.kind, election.name) == ("kubernetes", "llm-llamacontroller-controller")
+        assert config.runtime.keep_backends_on_exit is True  # a leader's shutdown leaves them to the next one
+    else:
+        assert election.kind == "none" and config.runtime.keep_backends_on_exit is False
     if case.startswith("nodeport"):
         assert config.edge.tls.mode == "files" and str(config.edge.tls.cert_file) == "/etc/llamacontroller/tls/tls.crt"
         assert config.runtime.kubernetes.models.host_path == "/srv/models"
@@ -157,11 +164,23 @@ def test_the_controller_may_do_only_what_the_runtime_needs_in_its_namespace(helm
         ("", "pods/log"),
         ("", "events"),
         ("", "secrets"),  # the backends' API keys: created and deleted by name, never listed or watched
+        ("coordination.k8s.io", "leases"),  # leader election: one Lease, by name
     }
     [secrets] = [rule for rule in role["rules"] if rule["resources"] == ["secrets"]]
     assert secrets["verbs"] == ["get", "create", "delete"]
+    [leases] = [rule for rule in role["rules"] if rule["resources"] == ["leases"]]
+    assert leases["verbs"] == ["get", "create", "update"]  # what KubernetesLeadership calls: no list, no watch
     [controller] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-controller")]
     assert controller["spec"]["replicas"] == 1 and controller["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_two_controllers_elect_a_leader_and_are_replaced_together(helm: str) -> None:
+    """A standby is never ready (its /readyz is 503): a rolling update would wait for it forever."""
+    objects = documents(render(helm, "two-controllers"))
+    [controller] = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-controller")]
+    assert controller["spec"]["replicas"] == 2 and controller["spec"]["strategy"] == {"type": "Recreate"}
+    probe = controller["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
 
 
 @pytest.mark.parametrize(
@@ -173,6 +192,7 @@ def test_the_controller_may_do_only_what_the_runtime_needs_in_its_namespace(helm
         (["--set", "redis.enabled=false"], "set redis.externalUrl"),
         (["--set", "edge.service.type=Ingress"], "/edge/service/type"),
         (["--set", "backends.gpuCount=-1"], "/backends/gpuCount"),
+        (["--set", "controller.replicas=0"], "/controller/replicas"),
     ],
 )
 def test_wrong_values_are_refused_with_what_to_do(helm: str, values: list[str], message: str) -> None:

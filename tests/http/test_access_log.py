@@ -10,13 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
+from common.asgi import Message, Receive, Scope, Send
+from common.peers import TrustedProxies
 from controller.auth.admin import Administration
 from controller.observability import configure_logging
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
+from proxy.access import AccessLog
+from proxy.measure import GatewayMetrics
 from tests.support.harness import fake_app, fake_config
 
 
@@ -79,6 +84,32 @@ async def test_access_log_passing_health_probes_are_debug_lines(world: World) ->
     world.caplog.set_level(logging.DEBUG, logger="llamacontroller.access")
     assert (await world.client.get("/readyz")).status_code == 200
     assert " status=200 " in world.line("GET /readyz ")
+
+
+async def test_access_log_a_probe_failing_as_before_is_a_debug_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A standby answers /readyz 503 for as long as another controller leads: its first failing answer is news,
+    the next ones alike are not; a change is news again."""
+    answers = iter([503, 503, 503, 200, 503])
+
+    async def probed(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": next(answers), "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    logged = AccessLog(probed, GatewayMetrics(CollectorRegistry()), TrustedProxies([]))
+    caplog.set_level(logging.INFO, logger="llamacontroller.access")
+    for _ in range(5):
+        scope = {"type": "http", "method": "GET", "path": "/readyz", "headers": [], "client": ("10.0.0.1", 1)}
+        await logged(scope, _nothing_received, _dropped)
+    statuses = [record.getMessage().split(" status=")[1].split()[0] for record in caplog.records]
+    assert statuses == ["503", "503"]  # the first failure, and the first after it passed again
+
+
+async def _nothing_received() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _dropped(message: Message) -> None:
+    return None
 
 
 async def test_access_log_names_the_model_of_a_failed_request(world: World) -> None:

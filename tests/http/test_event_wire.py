@@ -10,7 +10,7 @@ from pathlib import Path
 
 from quart.testing import connections
 
-from controller.events import EdgeChanged, Event, ModelStateChanged, ModelStopFailed
+from controller.events import EdgeChanged, Event, LeadershipChanged, ModelStateChanged, ModelStopFailed
 from controller.runtime.fake import FakeRuntime
 from controller.services import services_of
 from tests.support.harness import fake_app, fake_config
@@ -44,6 +44,16 @@ WIRE: list[tuple[Event, str]] = [
     (
         EdgeChanged("ok", None, 1700000004.0),
         '{"type": "edge", "state": "ok", "error": null, "time": 1700000004.0}',
+    ),
+    (
+        LeadershipChanged("leading", 7, "host-12-ab12cd34", None, 1700000005.0),
+        '{"type": "leadership", "state": "leading", "term": 7, "holder": "host-12-ab12cd34", "error": null, '
+        '"time": 1700000005.0}',
+    ),
+    (
+        LeadershipChanged("lost", 7, "host-12-ab12cd34", "another controller holds the lease", 1700000006.0),
+        '{"type": "leadership", "state": "lost", "term": 7, "holder": "host-12-ab12cd34", '
+        '"error": "another controller holds the lease", "time": 1700000006.0}',
     ),
 ]
 

@@ -25,6 +25,7 @@ from tests.support.standin import StandIn
 class World:
     app: Quart
     client: Client
+    runtime: FakeRuntime
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ async def world(tmp_path: Path, tiny_model: Path) -> AsyncIterator[World]:
             service: Administration = services_of(app).admin
             await service.add_user("root", "root-password", "admin", "tests")
             await service.add_user("bob", "bob-password", "user", "tests", ("a",))
-            yield World(app, app.test_client())
+            yield World(app, app.test_client(), runtime)
 
 
 async def sign_in(world: World, user: str, password: str) -> str:
@@ -105,8 +106,7 @@ async def test_web_dashboard_lists_models_and_loads_without_javascript(world: Wo
 
 
 async def test_web_a_failed_load_without_javascript_says_why_on_the_dashboard(world: World) -> None:
-    runtime = services_of(world.app).supervisor.runtime
-    runtime.behaviours["b:latest"] = FakeBehaviour(fail_start="llama-server exited with code 1")
+    world.runtime.behaviours["b:latest"] = FakeBehaviour(fail_start="llama-server exited with code 1")
     csrf = await sign_in(world, "root", "root-password")
     failed = await world.client.post("/ui/models/b/load", form={"csrf_token": csrf})
     page = await failed.get_data(as_text=True)

@@ -1,8 +1,9 @@
 """An emulated Kubernetes cluster for the kubernetes runtime's tests: no real API server can run here.
 
-It speaks the API's JSON over real HTTP on 127.0.0.1 (create, get, list with label selectors, delete with
-grace periods, watch streams with resource versions and 410 Gone, pod logs) for Deployments, Services,
-Secrets and Pods, and plays the parts of the rest of a cluster just enough to exercise the runtime:
+It speaks the API's JSON over real HTTP on 127.0.0.1 (create, get, list with label selectors, replace with the
+resourceVersion precondition (409 Conflict), merge patch, delete with grace periods, watch streams with resource
+versions and 410 Gone, pod logs) for Deployments, Services, Secrets, Pods and Leases (the leader election's), and
+plays the parts of the rest of a cluster just enough to exercise the runtime:
 
 - the deployment controller makes one Pod per Deployment, and deleting the Deployment deletes it;
 - the scheduler places it on one of ``nodes`` nodes, or marks it Unschedulable when it asks for more
@@ -54,7 +55,9 @@ ROUTES = {  # (api prefix, plural) → kind
     ("api/v1", "services"): "Service",
     ("api/v1", "secrets"): "Secret",
     ("apis/apps/v1", "deployments"): "Deployment",
+    ("apis/coordination.k8s.io/v1", "leases"): "Lease",
 }
+GROUPS = {"Deployment": "apps", "Lease": "coordination.k8s.io"}  # the API group each kind's messages name
 GPU = "nvidia.com/gpu"
 STARTUP_SECONDS = 600  # the longest a real container is given to answer /health
 
@@ -266,6 +269,25 @@ class Cluster:
         if kind == "Deployment" and body["spec"].get("replicas", 1) > 0:
             threading.Thread(target=self._make_pod, args=(created,), daemon=True).start()
         return 201, created
+
+    def replace(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A PUT: the whole object, refused with 409 when ``metadata.resourceVersion`` names an older version."""
+        found = self.get(kind, namespace, name)
+        if found is None:
+            return 404, status(404, "NotFound", f'{kind.lower()}s "{name}" not found')
+        metadata = body.setdefault("metadata", {})
+        wanted = metadata.get("resourceVersion")
+        if wanted and wanted != found["metadata"]["resourceVersion"]:
+            plural = f"{kind.lower()}s.{GROUPS[kind]}" if kind in GROUPS else f"{kind.lower()}s"
+            message = (
+                f'Operation cannot be fulfilled on {plural} "{name}": the object has been modified; please apply '
+                "your changes to the latest version and try again"
+            )
+            return 409, status(409, "Conflict", message)
+        before = found["metadata"]
+        metadata.update({key: before[key] for key in ("uid", "creationTimestamp", "generation") if key in before})
+        metadata.update(name=name, namespace=namespace)
+        return 200, self._commit(kind, "MODIFIED", body)
 
     def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A JSON merge patch (RFC 7386), the only kind the runtime sends."""
@@ -546,6 +568,9 @@ class Cluster:
             def do_PATCH(self) -> None:
                 cluster._serve(self, "PATCH")
 
+            def do_PUT(self) -> None:
+                cluster._serve(self, "PUT")
+
         return Handler
 
     def _serve(self, request: BaseHTTPRequestHandler, method: str) -> None:
@@ -570,6 +595,8 @@ class Cluster:
             self._send(request, *self.create(kind, namespace, body))
         elif method == "PATCH" and name is not None and sub is None:
             self._send(request, *self.patch(kind, namespace, name, body))
+        elif method == "PUT" and name is not None and sub is None:
+            self._send(request, *self.replace(kind, namespace, name, body))
         elif method == "DELETE" and name is not None:
             grace = query.get("gracePeriodSeconds", body.get("gracePeriodSeconds"))
             self._send(request, *self.delete(kind, namespace, name, None if grace is None else int(grace)))

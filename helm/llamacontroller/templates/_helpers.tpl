@@ -83,10 +83,17 @@ capabilities:
 {{- $edge := dict "enabled" true "supervise" false "admin" (printf "%s-edge-admin:2019" $name) "admin_listen" "0.0.0.0:2019" "app" (printf "%s-controller:11434" $name) "listen" "0.0.0.0:443" "tls" $tls -}}
 {{- if .Values.edge.httpRedirect }}{{ $_ := set $edge "http_redirect" "0.0.0.0:80" }}{{ end -}}
 {{- with .Values.edge.hostname }}{{ $_ := set $edge "hostname" . }}{{ end -}}
+{{- $server := dict "listen" "0.0.0.0:11434" "data_dir" "/data" "trusted_proxies" (list (printf "%s-edge-pods" $name)) -}}
+{{- $runtime := dict "kind" "kubernetes" "stop_timeout" 20 "kubernetes" $kubernetes -}}
+{{- if ge (int .Values.controller.replicas) 2 -}}
+{{- /* a leader and standbys: the Lease elects the leader; a leader that shuts down leaves its backends to the next */ -}}
+{{- $_ := set $server "leader_election" (dict "kind" "kubernetes" "name" (printf "%s-controller" $name)) -}}
+{{- $_ := set $runtime "keep_backends_on_exit" true -}}
+{{- end -}}
 {{- $config := dict
-  "server" (dict "listen" "0.0.0.0:11434" "data_dir" "/data" "trusted_proxies" (list (printf "%s-edge-pods" $name)))
+  "server" $server
   "models_dir" "/models"
-  "runtime" (dict "kind" "kubernetes" "stop_timeout" 20 "kubernetes" $kubernetes)
+  "runtime" $runtime
   "store" (dict "kind" "redis" "redis_url" $redisUrl)
   "auth" (dict "secrets_dir" "/etc/llamacontroller/secrets")
   "edge" $edge
