@@ -17,7 +17,7 @@ from typing import Any
 from passlib.exc import PasswordSizeError
 from passlib.hash import argon2
 
-from common.errors import BadRequest
+from common.errors import BadRequest, ConfigError
 
 TOKEN_PREFIX = "lc_"  # noqa: S105 - a visible prefix, not a secret
 _TOKEN = re.compile(r"lc_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -146,13 +146,19 @@ INTERNAL_SECRET_ENV = "LLAMACONTROLLER_INTERNAL_SECRET"  # noqa: S105 - the vari
 INTERNAL_SECRET_FILE = "internal.key"  # noqa: S105 - a file name
 
 
-def internal_secret(secrets_dir: Path) -> str:
+def internal_secret(secrets_dir: Path, create: bool = True) -> str:
     """The secret the controller and its gateway processes share (the directory protocol): the environment's
     (compose's .env, a Kubernetes Secret) when set, else a key file made once in the secrets folder, which the
-    processes of one host share."""
+    processes of one host share. A gateway run apart (``create`` false) never makes one: it would be its own."""
     given = os.environ.get(INTERNAL_SECRET_ENV, "")
     if given:
         if len(given) < 32:
-            raise RuntimeError(f"{INTERNAL_SECRET_ENV} is too short: use at least 32 random characters")
+            raise ConfigError(f"{INTERNAL_SECRET_ENV} is too short: use at least 32 random characters")
         return given
-    return load_or_create_key(secrets_dir / INTERNAL_SECRET_FILE).hex()
+    path = secrets_dir / INTERNAL_SECRET_FILE
+    if not create and not path.exists():
+        raise ConfigError(
+            f"no shared secret for the controller's internal routes: set {INTERNAL_SECRET_ENV} to the controller's, "
+            f"or give this gateway the controller's secrets folder ({path})"
+        )
+    return load_or_create_key(path).hex()

@@ -1,4 +1,4 @@
-"""``llamacontroller serve | user ... | token ... | edge ca|render | config check``."""
+"""``llamacontroller serve | gateway | user ... | token ... | edge ca|render | config check``."""
 
 from __future__ import annotations
 
@@ -167,6 +167,34 @@ def _run_controller(app: Quart, config: Config, sock: socket.socket) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """A gateway process apart (a compose service, a Kubernetes Deployment) following the controller at
+    ``gateway.controller``: stateless, so any number may run behind the edge."""
+    from controller.auth.secrets import internal_secret
+    from controller.observability import configure_logging
+    from llamacontroller.gateway import GatewayProcess
+    from llamacontroller.server import bind, uvicorn_server
+
+    configure_logging(args.log_level)
+    try:
+        config = _apply_overrides(load_config(_config_path(args.config)), args)
+        controller = args.controller or config.gateway.controller
+        if controller is None:
+            raise ConfigError("a gateway run apart needs the controller's URL: gateway.controller or --controller")
+        secret = internal_secret(config.secrets_dir, create=False)
+        sock = bind(config.server.listen)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot listen on {config.server.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"LlamaController gateway {__version__} on http://{config.server.listen}, following {controller}", flush=True)
+    process = GatewayProcess(config, controller, secret)
+    uvicorn_server(process, config, process.control.end_streams).run(sockets=[sock])
+    return 0
+
+
 def _serve_role(config: Config, args: argparse.Namespace) -> int:
     """One of the processes ``serve`` supervises (llamacontroller/supervise.py), on the socket it inherited."""
     from llamacontroller.server import uvicorn_server
@@ -228,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--controller-url", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
+
+    gateway = commands.add_parser("gateway", help="run a gateway process apart, following the controller")
+    gateway.add_argument("--config", help=f"YAML config file (default: ${ENV_CONFIG_PATH})")
+    gateway.add_argument("--listen", help="host:port to listen on (default: server.listen)")
+    gateway.add_argument("--controller", help="the controller's URL (default: gateway.controller)")
+    gateway.add_argument("--data-dir", help="where the SQLite store and the secrets are (default: the config's)")
+    gateway.add_argument("--log-level", type=_log_level, default=os.environ.get("LLAMACONTROLLER_LOG_LEVEL", "INFO"))
+    gateway.set_defaults(func=cmd_gateway, models_dir=None)
 
     add_admin_commands(commands)
     add_edge_commands(commands)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 
+from controller.runtime.process import free_port
 from tests.support.server import ServeProcess, backend_processes, bearer, real_config, serve_subprocess
 
 Models = Callable[..., dict[str, dict[str, Any]]]
@@ -139,3 +142,49 @@ def test_a_deliberate_stop_leaves_nothing_behind(tmp_path: Path, tiny_models: Mo
         assert served.process.wait(60) == 0
     assert backend_processes(Path(models["a"]["path"])) == []
     assert not [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def test_a_gateway_apart_serves_while_its_controller_is_away(tmp_path: Path, tiny_models: Models) -> None:
+    """`llamacontroller gateway` beside a one-process controller (gateway.workers 0): the controller is killed,
+    the gateway serves the loaded model on; a request that needs a load waits for it, then gets 503 with
+    Retry-After; the next controller adopts the backend and the gateway follows it."""
+    models = tiny_models("a", "b")
+    settings = {"workers": 0, "load_wait": "1s"}
+    config = real_config(tmp_path, models, gateway=settings, scheduling={"max_loaded_models": 2})
+    gateway_listen = f"127.0.0.1:{free_port()}"
+    with serve_subprocess(config, tmp_path, "first") as first:
+        assert first.http.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+        log = (tmp_path / "gateway.log").open("w")
+        command = ["gateway", "--config", str(first.config_path), "--listen", gateway_listen, "--controller", first.url]
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "llamacontroller", *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            apart = httpx.Client(base_url=f"http://{gateway_listen}", headers=bearer(first.token), timeout=60)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if apart.get("/api/ps").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
+                time.sleep(0.1)
+            backend = [p.pid for p in backend_processes(Path(models["a"]["path"]))]
+            first.process.send_signal(signal.SIGKILL)
+            first.process.wait()
+            for _ in range(5):
+                assert apart.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+            away = apart.post("/v1/chat/completions", json={"model": "b", **CHAT})
+            assert away.status_code == 503 and away.headers["retry-after"] == "5", away.text
+            assert "controller is not answering" in away.json()["error"]["message"]
+            with serve_subprocess(config, tmp_path, "second"):
+                assert apart.post("/v1/chat/completions", json={"model": "b", **CHAT}).status_code == 200
+                assert [p.pid for p in backend_processes(Path(models["a"]["path"]))] == backend
+            apart.close()
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            assert gateway.wait(30) in (0, -signal.SIGTERM)  # uvicorn ends by raising the signal again
+            log.close()
