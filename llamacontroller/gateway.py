@@ -58,7 +58,7 @@ class GatewayProcess:
         self.peers = TrustedProxies(config.server.trusted_proxies)
         max_body = config.server.max_body_bytes
         self.gateway = Gateway(self.directory, _no_fallback, max_body, Upstream(timeouts), gateway.unsupported_tools)
-        self.control = ControlProxy(controller, self.peers, max_body)
+        self.control = ControlProxy(controller, self.peers, max_body, self.directory.flush)
         self.registry = CollectorRegistry(auto_describe=True)
         authenticated = AuthMiddleware(self.gateway, self.auth)
         self.front = AccessLog(authenticated, GatewayMetrics(self.registry), self.peers)

@@ -28,8 +28,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.upstream import Timeouts, Upstream
@@ -37,12 +38,16 @@ from controller.auth.secrets import internal_secret
 from controller.config import Config
 from controller.edge.child import CaddyChild, find_caddy
 from controller.edge.edge import caddy_home, edge_settings
+from controller.leadership.office import EXIT_LEADERSHIP_LOST, EXIT_TAKE_OVER_FAILED
 from controller.runtime.process import dying_with_parent
 
 log = logging.getLogger("llamacontroller.serve")
 
 RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # between restarts of a child that keeps dying
 HEALTHY_AFTER = 30.0  # a child that ran this long starts its backoff again from the first delay
+# A controller that ends with one of these is not started again: the whole of serve ends with its status, for
+# whatever runs serve (systemd, a kubelet) to decide — a config that cannot load, a lead lost or not taken.
+FINAL_STATUSES = frozenset({2, EXIT_LEADERSHIP_LOST, EXIT_TAKE_OVER_FAILED})
 CONTROLLER_START_WAIT = 120.0  # for the controller's first answer before the gateways start anyway
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # where prometheus_client keeps a process's samples in files
 GATEWAY_METRICS_ENV = "LLAMACONTROLLER_GATEWAY_METRICS_DIR"  # tells the controller where to add them up
@@ -106,6 +111,8 @@ class ServeSupervisor:
         self.stopping = asyncio.Event()
         self.children: list[Child] = []
         self.caddy: CaddyChild | None = None
+        self._cleanup: list[Callable[[], None]] = []
+        self.status = 0
 
     def _argv(self, role: str, fd: int, *more: str) -> list[str]:
         return [
@@ -121,17 +128,19 @@ class ServeSupervisor:
             *more,
         ]
 
-    def _metrics_dir(self) -> Path:
-        folder = self.config.data_dir / "run" / "gateway-metrics"
-        shutil.rmtree(folder, ignore_errors=True)  # samples of a previous run's processes: not this run's
-        folder.mkdir(parents=True, mode=0o700)
-        return folder
+    @staticmethod
+    def _metrics_dir() -> Path:
+        """Where the gateways keep their metrics (memory-mapped files): in memory (/dev/shm) where there is one,
+        never on the data dir's disk — a full disk turns a write into a mapped file into SIGBUS."""
+        memory = Path("/dev/shm")  # noqa: S108 - a private folder (0700) made by mkdtemp
+        return Path(tempfile.mkdtemp(prefix="llamacontroller-metrics-", dir=memory if memory.is_dir() else None))
 
     async def run(self, public: socket.socket) -> int:
         internal_secret(self.config.secrets_dir)  # made once here, before the children race to make it
         control = _loopback_socket()
         controller_url = f"http://127.0.0.1:{control.getsockname()[1]}"
         metrics = self._metrics_dir()
+        self._cleanup.append(lambda: shutil.rmtree(metrics, ignore_errors=True))
         env = dict(os.environ)
         env.pop(METRICS_ENV, None)
         controller = Child(
@@ -172,7 +181,9 @@ class ServeSupervisor:
             if self.caddy is not None:
                 await self.caddy.stop()
             control.close()
-        return 0
+            for cleanup in self._cleanup:
+                cleanup()
+        return self.status
 
     async def _start_caddy(self) -> None:
         edge = self.config.edge
@@ -205,6 +216,11 @@ class ServeSupervisor:
         while True:
             code = await child.wait()
             if self.stopping.is_set():
+                return
+            if child.name == "controller" and code in FINAL_STATUSES:
+                log.error("the controller ended with status %d; stopping serve with it", code)
+                self.status = code
+                self.stopping.set()
                 return
             delay = child.next_delay()
             log.error(

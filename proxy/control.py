@@ -11,6 +11,7 @@ answer is 503 with Retry-After, in the caller's dialect.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from common.asgi import Receive, Scope, Send, run_until_disconnect, send_json
 from common.dialects import error_body
@@ -41,8 +42,17 @@ TIMEOUTS = Timeouts(connect=2.0, write=30.0, response=300.0, stall=300.0)
 
 
 class ControlProxy:
-    def __init__(self, controller: str, peers: TrustedProxies, max_body: int) -> None:
+    def __init__(
+        self,
+        controller: str,
+        peers: TrustedProxies,
+        max_body: int,
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``before``: what runs before a request is passed on (the gateway's unreported requests reported, so
+        that the controller's answer includes them: a keep_alive this client just set, say)."""
         self.controller = controller.rstrip("/")
+        self.before = before
         self.peers = peers
         self.max_body = max_body
         self.client = Upstream(TIMEOUTS)
@@ -66,6 +76,8 @@ class ControlProxy:
         except PayloadTooLarge as exc:
             await send_json(send, exc.status, error_body(path, exc.status, exc.message, exc.code))
             return
+        if self.before is not None:
+            await self.before()
         await run_until_disconnect(receive, self._relay(scope, send, body))
 
     async def _body(self, receive: Receive) -> bytes:

@@ -123,6 +123,7 @@ class RemoteDirectory:
         self._changed = asyncio.Event()  # set at each new copy: a load waiting for an absent controller looks again
         self._idle = asyncio.Event()  # a model's last request here ended: report before the interval is up
         self._unreported = False  # a request ended here since the last report (its keep_alive, the expiry)
+        self._reporting = asyncio.Lock()  # one report at a time, in the order of their seq
 
     # ------------------------------------------------------------------ running
 
@@ -234,17 +235,27 @@ class RemoteDirectory:
         }
 
     async def report(self) -> None:
-        self._unreported = False
-        await self._call("POST", f"{INTERNAL_PREFIX}v1/report", self.report_body())
+        async with self._reporting:
+            self._unreported = False
+            await self._call("POST", f"{INTERNAL_PREFIX}v1/report", self.report_body())
+
+    async def flush(self) -> None:
+        """Report now if a request ended here since the last report, and let a report on its way land first (no
+        controller answering: nothing to do)."""
+        async with self._reporting:
+            pass
+        if self._unreported:
+            with contextlib.suppress(Unreachable, LlamaControllerError):
+                await self.report()
 
     async def _catch_up(self) -> None:
         """Before answering what the models are (``/api/ps``): the controller has this gateway's last requests
         (a keep_alive they set), and the copy has what the controller made of them. Reads the copy as it is
         when no controller answers."""
-        if not self._unreported:
+        if not (self._unreported or self._reporting.locked()):
             return
         with contextlib.suppress(Unreachable, LlamaControllerError):
-            await self.report()
+            await self.flush()
             query = f"epoch={self._epoch or ''}&after={self._revision}&wait=0"
             self.apply(await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}"))
 

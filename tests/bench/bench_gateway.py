@@ -5,8 +5,9 @@
    baseline is not penalised by the client). Both the OpenAI passthrough and the Ollama translation.
 2. Streaming throughput: 4 concurrent streams, tokens/s through the gateway vs direct.
 
-The controller runs as its own process (`llamacontroller serve`), like in production. Run with
-``make bench`` or ``python -m tests.bench.bench_gateway [--requests 500] [--gemma]``.
+The controller runs as its own process (`llamacontroller serve`), like in production; ``--workers 0,1`` compares the
+gateway inside the controller's process with one gateway worker process. Run with ``make bench`` or
+``python -m tests.bench.bench_gateway [--requests 500] [--gemma] [--workers 0,1]``.
 """
 
 from __future__ import annotations
@@ -219,7 +220,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--gemma", action="store_true", help="also measure streaming on Gemma 3 270M")
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="gateway.workers, or several separated by commas to compare them in one run (0: the gateway in the "
+        "controller's process)",
+    )
     args = parser.parse_args()
+    for workers in args.workers.split(","):
+        print(f"\n=== gateway.workers: {workers}")
+        measure(args, int(workers) if workers.isdigit() else workers)
+
+
+def measure(args: argparse.Namespace, workers: int | str) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         models: dict[str, Any] = {"tiny": {"path": str(write_tiny_model(root / "tiny.gguf"))}}
@@ -234,6 +247,7 @@ def main() -> None:
             "models_dir": str(root / "none"),
             "defaults": {"max_concurrent": 4, "keep_alive": -1, "ctx_size": 2048},
             "scheduling": {"max_loaded_models": 2},
+            "gateway": {"workers": workers},
             "models": models,
         }
         with serve_subprocess(config, root) as served:

@@ -77,19 +77,41 @@ class Controller:
         self._sampler = threading.Thread(target=self._sample, args=(self.process.pid,), daemon=True)
         self._sampler.start()
 
-    def cpu_seconds(self) -> float:
-        """CPU time the controller process has used so far (user + system)."""
+    def processes(self) -> list[psutil.Process]:
+        """`serve` and its controller and gateway processes (not the backends, nor Caddy)."""
         assert self.process is not None
-        times = psutil.Process(self.process.pid).cpu_times()
-        return float(times.user + times.system)
+        top = psutil.Process(self.process.pid)
+        found = [top]
+        for child in top.children(recursive=True):
+            try:
+                if "llamacontroller" in child.cmdline():
+                    found.append(child)
+            except psutil.Error:
+                continue
+        return found
+
+    def cpu_seconds(self) -> float:
+        """CPU time `serve`'s own processes have used so far (user + system): the controller and the gateways."""
+        total = 0.0
+        for process in self.processes():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
 
     def _sample(self, pid: int) -> None:
-        try:
-            process = psutil.Process(pid)
-            while not self._stop_sampling.wait(0.1):
-                self.peak_rss = max(self.peak_rss, process.memory_info().rss)
-        except psutil.Error:
-            return  # it ended
+        while not self._stop_sampling.wait(0.1):
+            rss = 0
+            for process in self.processes():
+                try:
+                    rss += process.memory_info().rss
+                except psutil.Error:
+                    continue
+            if self.process is None or self.process.poll() is not None:
+                return  # it ended
+            self.peak_rss = max(self.peak_rss, rss)
 
     def stop(self, kill: bool = False) -> None:
         process = self.process

@@ -51,12 +51,16 @@ SLOWEST = [0.0]  # the longest any one answer took, over a run
 ROUNDS = 3
 
 
+WORKERS: int | str = "auto"  # gateway.workers of every run (--workers)
+
+
 def base_config(root: Path, models: dict[str, dict[str, Any]], **sections: Any) -> dict[str, Any]:
     return {
         "server": {"data_dir": str(root / "data"), "listen": f"127.0.0.1:{free_port()}"},
         "edge": {"enabled": False},
         "models_dir": str(root / "none"),
         "defaults": {"keep_alive": "30m"},
+        "gateway": {"workers": WORKERS},
         "models": models,
         **sections,
     }
@@ -92,7 +96,7 @@ async def stream_rows(controller: Controller, model: str, count: int, words: int
     direct_rate = sum(r.tokens for r in runs["direct"][0]) / runs["direct"][1]
     direct_first = median([r.first_token for r in runs["direct"][0] if r.first_token is not None])
     print(f"\n{model}: {count} concurrent streams of {words} tokens (median of {ROUNDS} interleaved rounds)")
-    heads = ("errors", "tokens/s", "ratio", "first p50", "first p99", "added p50", "ctl CPU/token")
+    heads = ("errors", "tokens/s", "ratio", "first p50", "first p99", "added p50", "CPU/token")
     print(f"{'path':<28}{heads[0]:>7}{heads[1]:>10}{heads[2]:>8}" + "".join(f"{h:>14}" for h in heads[3:]))
     for label, (results, seconds) in runs.items():
         errors = sum(not r.ok for r in results)
@@ -413,7 +417,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="run", help=f"any of {', '.join(RUNS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="smaller and shorter (a smoke test of the runs)")
+    parser.add_argument("--workers", default="auto", help="gateway.workers: auto, or 0 (one process) to 64")
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = int(args.workers) if args.workers.isdigit() else args.workers
     unknown = [run for run in args.runs if run not in RUNS]
     if unknown:
         parser.error(f"unknown run(s): {', '.join(unknown)}; choose from {', '.join(RUNS)}")
@@ -421,6 +428,7 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     memory = psutil.virtual_memory().total / 2**30
     print(f"machine: {psutil.cpu_count()} CPUs ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}")
+    print(f"gateway.workers: {WORKERS}")
     random.seed(1)
     for name in args.runs:
         with tempfile.TemporaryDirectory(prefix=f"load-{name}-") as folder:
