@@ -229,7 +229,9 @@ class KubernetesConfig(PodSettings):
 class RuntimeConfig(_Strict):
     kind: Literal["process", "docker", "kubernetes"] = "process"
     stop_timeout: Seconds = 10.0
-    keep_backends_on_exit: bool = False
+    # auto: the runtime tells a restart (keep them for the next controller) from a teardown (stop them): see
+    # Runtime.torn_down; true: always keep; false: always stop.
+    keep_backends_on_exit: bool | Literal["auto"] = "auto"
     # How often what runs is compared with the books (and after every reconnect of the runtime's watch).
     reconcile_interval: Period = 30.0
     docker: DockerConfig = Field(default_factory=DockerConfig)

@@ -16,7 +16,7 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
-from common.asgi import Receive, Scope, Send
+from common.asgi import Receive, Scope, Send, send_json
 from common.background import cancel_and_wait
 from common.peers import TrustedProxies
 from common.upstream import Timeouts, Upstream
@@ -67,6 +67,9 @@ class GatewayProcess:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif scope["type"] == "http" and scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
+            # This process answers: the edge's and the kubelet's probe of a gateway, whatever the controller does.
+            await send_json(send, 200, {"status": "ok"})
         elif scope["type"] == "http" and self.gateway.handles(scope["path"]):
             await self.front(scope, receive, send)
         else:

@@ -31,6 +31,7 @@ an answer from the app that broke off (502).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -85,14 +86,50 @@ def _json_response(status: int, body: dict[str, Any], extra: dict[str, list[str]
     return {"handler": "static_response", "status_code": status, "headers": headers, "body": json.dumps(body)}
 
 
+REPLICAS_REFRESH = "2s"  # how often the edge looks up the gateway replicas' addresses again
+
+
+def _replicated(address: Address) -> bool:
+    """A service name (compose's ``gateway``, a Kubernetes Service): it may stand for several replicas."""
+    if address.host == "localhost":
+        return False
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        return True
+    return False
+
+
 def streaming_proxy(dial: str) -> dict[str, Any]:
-    """A reverse proxy for LLM traffic: answers flushed as they come, no time limit on a long generation."""
-    return {
+    """A reverse proxy for LLM traffic: answers flushed as they come, no time limit on a long generation.
+
+    To a service name, every address it resolves to is an upstream (looked up again every few seconds), the
+    least busy taken first; a replica that cannot be reached is left out for a while, and a request whose
+    connection failed — before anything was sent — is tried on another (Caddy retries dial errors only)."""
+    proxy: dict[str, Any] = {
         "handler": "reverse_proxy",
-        "upstreams": [{"dial": dial}],
         "flush_interval": -1,
         "transport": {"protocol": "http", "dial_timeout": "5s", "keep_alive": {"idle_timeout": "30s"}},
         "headers": {"response": {"delete": ["Via"]}},
+    }
+    address = Address.parse(dial)
+    if not _replicated(address):
+        return {**proxy, "upstreams": [{"dial": dial}]}
+    return {
+        **proxy,
+        "dynamic_upstreams": {
+            "source": "a",
+            "name": address.host,
+            "port": str(address.port),
+            "refresh": REPLICAS_REFRESH,
+        },
+        "load_balancing": {
+            "selection_policy": {"policy": "least_conn"},
+            "retries": 2,
+            "try_duration": "5s",
+            "try_interval": "100ms",
+        },
+        "health_checks": {"passive": {"fail_duration": "10s", "max_fails": 1}},
     }
 
 

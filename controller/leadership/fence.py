@@ -44,6 +44,9 @@ class FencedRuntime:
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         return await self.inner.wait_exit(backend)
 
+    async def torn_down(self) -> bool:
+        return await self.inner.torn_down()
+
     def on_resync(self, callback: Callable[[], None]) -> None:
         self.inner.on_resync(callback)
 

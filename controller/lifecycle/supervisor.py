@@ -219,12 +219,24 @@ class Supervisor:
                 raise NotLeader("this controller no longer leads: it is ending, another one takes over")
             raise NotLeader("standby: another controller leads (control requests go to the leader)")
 
+    async def _keep_on_exit(self) -> bool:
+        setting = self.config.runtime.keep_backends_on_exit
+        if setting != "auto":
+            return setting
+        try:
+            torn_down = await self.runtime.torn_down()
+        except Exception as exc:  # the engine does not answer: stopping is what leaves nothing behind
+            log.warning("cannot tell a restart from a teardown (%s); stopping the backends", exc)
+            return False
+        log.info("%s: %s its backends", "teardown" if torn_down else "restart", "stopping" if torn_down else "keeping")
+        return not torn_down
+
     async def close(self) -> None:
         """Stop every backend (unless configured to survive for adoption, or abandoned) and every owner task."""
         self._closing = True
         await cancel_and_wait(self._passing)
         self._background.cancel()
-        keep = self.config.runtime.keep_backends_on_exit or self._abandoned
+        keep = self._abandoned or await self._keep_on_exit()
         await asyncio.gather(*(model.close(stop_backend=not keep) for model in self._models.values()))
         await self._background.drain()
         await self.runtime.close()

@@ -214,5 +214,10 @@ class Runtime(Protocol):
     def logs(self, model: str) -> AsyncIterator[bytes]:
         """The whole log of ``model``'s backends (this run and earlier ones, as far as kept), for download."""
 
+    async def torn_down(self) -> bool:
+        """Asked as the controller stops (``runtime.keep_backends_on_exit: auto``): is the deployment being taken
+        down, so that its backends go with it, or is only this controller restarting, so that they stay for the
+        next one to adopt? (docs/deployment.md, "What survives what")"""
+
     async def close(self) -> None:
         """Release the runtime's own resources (not the backends)."""

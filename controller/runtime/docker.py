@@ -74,6 +74,9 @@ CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 BUILTIN_NETWORKS = frozenset({"bridge", "host", "none"})
 # Processes and threads in one backend container: llama-server runs a thread per core and per HTTP slot.
 PIDS_LIMIT = 4096
+COMPOSE_PROJECT = "com.docker.compose.project"  # the labels compose puts on its services' containers
+COMPOSE_SERVICE = "com.docker.compose.service"
+GATEWAY_SERVICE = "gateway"  # compose.yaml's gateway service: it depends on the controller
 
 
 class DockerRuntime:
@@ -448,6 +451,26 @@ class DockerRuntime:
 
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self._log_dir / f"{model}.log")
+
+    async def torn_down(self) -> bool:
+        """In compose, the gateway service depends on the controller, so ``docker compose down`` (or ``stop``)
+        stops the gateways first: a controller stopping while none of its project's gateways runs is a teardown;
+        while they run (``docker compose restart controller``, an upgrade of the controller alone), a restart.
+        Outside compose (``serve`` with the docker runtime, stopped by its operator), a teardown."""
+
+        def decide() -> bool:
+            engine = self._engine()
+            try:
+                me = engine.containers.get(socket.gethostname())  # a container's host name is its id
+            except docker.errors.NotFound:
+                return True
+            project = (me.labels or {}).get(COMPOSE_PROJECT)
+            if project is None:
+                return True
+            wanted = [f"{COMPOSE_PROJECT}={project}", f"{COMPOSE_SERVICE}={GATEWAY_SERVICE}"]
+            return not engine.containers.list(filters={"label": wanted, "status": "running"})
+
+        return await self._call("telling a restart from a teardown", decide)
 
     async def close(self) -> None:
         await self._exits.close()  # exits still draining are answered now: shutdown waits for no log line

@@ -47,6 +47,7 @@ class FakeRuntime:
     leftovers: list[Backend] = field(default_factory=list)  # what list_managed reports at start
     name: str = "fake"
     backend_url: str | None = None  # where requests go (a scripted stand-in); default: a refusing port
+    tearing_down: bool = True  # what torn_down answers (keep_backends_on_exit: auto)
 
     def __post_init__(self) -> None:
         self.starts: list[LaunchSpec] = []
@@ -121,6 +122,9 @@ class FakeRuntime:
         for spec in self.starts:
             if spec.model == model:
                 yield f"started {spec.model} with {' '.join(spec.args)}\n".encode()
+
+    async def torn_down(self) -> bool:
+        return self.tearing_down
 
     async def close(self) -> None:
         return None

@@ -345,6 +345,13 @@ class KubernetesRuntime:
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self._log_dir / f"{model}.log")
 
+    async def torn_down(self) -> bool:
+        """With an owner (runtime.kubernetes.owner_deployment, as the chart sets), no: a pod stops for a rollout,
+        an eviction, a moved node, and when the release goes the per-model objects go with their owner, the
+        controller's Deployment (the cluster's garbage collector). Without one nothing else would remove them:
+        a stop is a teardown."""
+        return self._settings.owner_deployment is None
+
     async def close(self) -> None:
         for name in list(self._patience):
             self._cancel_patience(name)

@@ -409,6 +409,11 @@ class ProcessRuntime:
     def logs(self, model: str) -> AsyncIterator[bytes]:
         return read_log(self.log_path(model))
 
+    async def torn_down(self) -> bool:
+        """Yes: a controller that stops is stopped by its operator (``serve`` stopping). One that restarts under
+        ``serve`` died without stopping, and its backends stayed for the next one."""
+        return True
+
     async def close(self) -> None:
         for handle in list(self._tails):
             tail = self._tails.pop(handle)

@@ -1,7 +1,8 @@
 """compose.yaml for real: brought up on the local engine with the images built here, the real `ollama` client
-over HTTPS through the edge service with a token made the documented way (`docker compose exec controller
-llamacontroller token create`), Gemma 3 270M in a model container, a controller that is killed and comes
-back adopting its model (not duplicating it), and a teardown that leaves nothing behind.
+over HTTPS through the edge and the gateway services with a token made the documented way (`docker compose exec
+controller llamacontroller token create`), Gemma 3 270M in a model container, a controller that is killed (the
+gateway serves the loaded model meanwhile) and comes back adopting its model (not duplicating it), a controller
+restarted (its model container kept), and a teardown that leaves nothing behind.
 
 The compose v2 plugin cannot be installed on these machines; Debian's docker-compose 1.29 reads the same
 Compose Specification file (scripts/system-deps.sh installs it). The file has no v1-only keys."""
@@ -197,20 +198,34 @@ def test_compose_controller_killed_comes_back_and_adopts_its_model(
     assert loaded.status_code == 200, loaded.text
     before = model_containers(engine, project)
     assert len(before) == 1
+    # A bounded reply: the question is whether the backend answers, not how long Gemma talks on a busy CPU.
+    chat = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Hi"}], "stream": False}
+    chat["options"] = {"num_predict": 8}
     project.run("kill", "controller")  # SIGKILL: its model container keeps running
-    meanwhile = httpx.post(f"{project.url}/api/chat", json={"model": "gemma3-270m"}, headers=headers, verify=trust)
-    assert meanwhile.status_code == 503, "the edge answers for an app it cannot reach"
-    assert "not reachable" in meanwhile.json()["error"], "in the Ollama client's shape"
+    meanwhile = httpx.post(f"{project.url}/api/chat", json=chat, headers=headers, verify=trust, timeout=300)
+    assert meanwhile.status_code == 200, "the gateway serves the loaded model without the controller"
+    control = httpx.get(f"{project.url}/control/v1/models", headers=headers, verify=trust)
+    assert control.status_code == 503 and "controller is not answering" in control.json()["error"]
     project.run("up", "-d", "controller")
     wait_until(
         lambda: httpx.get(f"{project.url}/api/ps", headers=headers, verify=trust).json().get("models"), 90, "adoption"
     )
     assert model_containers(engine, project) == before, "adopted, not started again"
-    # A bounded reply: the question is whether the adopted backend answers, not how long Gemma talks on a busy CPU.
-    chat = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Hi"}], "stream": False}
-    chat["options"] = {"num_predict": 8}
     reply = httpx.post(f"{project.url}/api/chat", json=chat, headers=headers, verify=trust, timeout=300)
     assert reply.status_code == 200 and model_containers(engine, project) == before
+
+    # A restart (SIGTERM) while the gateway runs is not a teardown: the model container stays for the next one.
+    project.run("restart", "controller")
+    wait_until(
+        lambda: httpx.get(f"{project.url}/control/v1/models/gemma3-270m", headers=headers, verify=trust).json()[
+            "adopted"
+        ],
+        90,
+        "adoption after a restart",
+    )
+    assert model_containers(engine, project) == before, "kept through the restart, then adopted"
+    reply = httpx.post(f"{project.url}/api/chat", json=chat, headers=headers, verify=trust, timeout=300)
+    assert reply.status_code == 200
 
 
 def test_compose_model_containers_reach_neither_the_edge_nor_the_store_and_logs_rotate(
@@ -237,14 +252,16 @@ def test_compose_model_containers_reach_neither_the_edge_nor_the_store_and_logs_
     assert networks(service("edge")) == {f"{project.name}_edge"}
     assert networks(service("redis")) == {f"{project.name}_store"}
     assert networks(service("controller")) == {project.name, f"{project.name}_edge", f"{project.name}_store"}
-    for name in ("edge", "controller", "redis"):  # and each one's log is rotated
+    assert networks(service("gateway")) == {project.name, f"{project.name}_edge", f"{project.name}_store"}
+    for name in ("edge", "controller", "gateway", "redis"):  # and each one's log is rotated
         logging = service(name).attrs["HostConfig"]["LogConfig"]
         assert logging == {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}}, (name, logging)
 
 
 def test_compose_down_leaves_nothing_behind(project: Project, engine: docker.DockerClient) -> None:
-    """Last in this module: `down` stops the controller (which removes its model containers), then the
-    services and the network; the named volumes stay until `down -v`."""
+    """Last in this module: `down` stops the gateway, then the controller — which, its gateways gone, takes it for
+    a teardown and removes its model containers —, then the services and the network; the named volumes stay
+    until `down -v`."""
     project.run("down")
     label = f"com.docker.compose.project={project.name}"
     assert engine.containers.list(all=True, filters={"label": label}) == []

@@ -68,7 +68,9 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 
 def without_randomness(text: str) -> str:
-    return re.sub(r"^(  (?:identity\.key|session\.key|redis-password): ).*$", r"\1<random>", text, flags=re.M)
+    return re.sub(
+        r"^(  (?:identity\.key|session\.key|internal\.key|redis-password): ).*$", r"\1<random>", text, flags=re.M
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -142,8 +144,12 @@ def test_the_controller_config_it_renders_is_valid(
     if case == "two-controllers":
         assert (election.kind, election.name) == ("kubernetes", "llm-llamacontroller-controller")
         assert config.runtime.keep_backends_on_exit is True  # a leader's shutdown leaves them to the next one
-    else:
-        assert election.kind == "none" and config.runtime.keep_backends_on_exit is False
+    else:  # auto: the kubernetes runtime keeps them through a pod's restart; the uninstall removes them
+        assert election.kind == "none" and config.runtime.keep_backends_on_exit == "auto"
+    # The data plane is the gateway Deployment: the edge sends every request to it, it follows the controller.
+    assert config.edge.app == "llm-llamacontroller-gateway:11434"
+    assert config.gateway.workers == 0 and config.gateway.controller == "http://llm-llamacontroller-controller:11434"
+    assert "llm-llamacontroller-gateway-pods" in config.server.trusted_proxies
     if case.startswith("nodeport"):
         assert config.edge.tls.mode == "files" and str(config.edge.tls.cert_file) == "/etc/llamacontroller/tls/tls.crt"
         assert config.runtime.kubernetes.models.host_path == "/srv/models"

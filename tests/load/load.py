@@ -44,6 +44,7 @@ from tests.load.common import (
     stop_backends,
 )
 from tests.load.store import store_run
+from tests.support.server import backend_headers
 from tests.support.tinymodel import write_tiny_model
 
 RSS_LIMIT = 200 * 2**20
@@ -69,6 +70,9 @@ def base_config(root: Path, models: dict[str, dict[str, Any]], **sections: Any) 
 async def stream_rows(controller: Controller, model: str, count: int, words: int) -> None:
     backend = httpx.post(f"{controller.url}/control/v1/models/{model}/load", headers=controller.headers, timeout=120)
     direct_url = backend.json()["backend_url"]
+    # Straight to the backend with its own key (a real llama-server refuses any other), through the gateway with
+    # the client's token.
+    direct_headers = backend_headers(controller.config["server"]["data_dir"], backend.json()["name"])
     text = " ".join(f"w{i}" for i in range(words))
     openai = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": words, "stream": True}
     ollama = {**openai, "options": {"num_predict": words}}
@@ -77,16 +81,16 @@ async def stream_rows(controller: Controller, model: str, count: int, words: int
     # the client itself spent 10 s of CPU per round, and the gateway looked four times slower than it is.
     limits = httpx.Limits(max_connections=count + 50, max_keepalive_connections=0)
     paths = (
-        ("direct", f"{direct_url}/v1/chat/completions", openai, False),
-        ("gateway /v1 (SSE)", f"{controller.url}/v1/chat/completions", openai, False),
-        ("gateway /api/chat (NDJSON)", f"{controller.url}/api/chat", ollama, True),
+        ("direct", f"{direct_url}/v1/chat/completions", openai, False, direct_headers),
+        ("gateway /v1 (SSE)", f"{controller.url}/v1/chat/completions", openai, False, controller.headers),
+        ("gateway /api/chat (NDJSON)", f"{controller.url}/api/chat", ollama, True, controller.headers),
     )
     rounds: dict[str, list[tuple[list[StreamResult], float]]] = {label: [] for label, *_ in paths}
     cpu: dict[str, list[float]] = {label: [] for label, *_ in paths}  # the controller's CPU seconds per token
     for _ in range(ROUNDS):  # interleaved, the median round counts: one noisy moment does not decide
-        for label, url, body, is_ollama in paths:
+        for label, url, body, is_ollama, headers in paths:
             # A new client each time, so no round inherits another's connections.
-            async with httpx.AsyncClient(limits=limits, timeout=600, headers=controller.headers) as client:
+            async with httpx.AsyncClient(limits=limits, timeout=600, headers=headers) as client:
                 cpu_before = controller.cpu_seconds()
                 results, seconds = await many(client, url, body, is_ollama, count)
                 tokens = sum(r.tokens for r in results)

@@ -259,3 +259,16 @@ async def test_supervisor_a_clients_keep_alive_survives_adoption(
     else:
         assert view.expires_at is not None and view.expires_at > time.time() + 1800  # not the default 300 s
     await second.close()
+
+
+@pytest.mark.parametrize(("tearing_down", "kept"), [(True, False), (False, True)])
+async def test_supervisor_keeps_backends_through_a_restart_not_a_teardown(
+    tmp_path: Path, tiny_model: Path, tearing_down: bool, kept: bool
+) -> None:
+    """keep_backends_on_exit: auto (the default) asks the runtime whether the deployment is being taken down."""
+    supervisor, runtime = fake_supervisor(config(tmp_path, tiny_model))
+    runtime.tearing_down = tearing_down
+    await supervisor.start()
+    await supervisor.load("a")
+    await supervisor.close()
+    assert bool(runtime.alive("a:latest")) is kept

@@ -80,10 +80,10 @@ capabilities:
 {{- else if eq .Values.edge.tls.mode "acme" -}}
 {{- $_ := set $tls "email" .Values.edge.tls.email -}}
 {{- end -}}
-{{- $edge := dict "enabled" true "supervise" false "admin" (printf "%s-edge-admin:2019" $name) "admin_listen" "0.0.0.0:2019" "app" (printf "%s-controller:11434" $name) "listen" "0.0.0.0:443" "tls" $tls -}}
+{{- $edge := dict "enabled" true "supervise" false "admin" (printf "%s-edge-admin:2019" $name) "admin_listen" "0.0.0.0:2019" "app" (printf "%s-gateway:11434" $name) "listen" "0.0.0.0:443" "tls" $tls -}}
 {{- if .Values.edge.httpRedirect }}{{ $_ := set $edge "http_redirect" "0.0.0.0:80" }}{{ end -}}
 {{- with .Values.edge.hostname }}{{ $_ := set $edge "hostname" . }}{{ end -}}
-{{- $server := dict "listen" "0.0.0.0:11434" "data_dir" "/data" "trusted_proxies" (list (printf "%s-edge-pods" $name)) -}}
+{{- $server := dict "listen" "0.0.0.0:11434" "data_dir" "/data" "trusted_proxies" (list (printf "%s-edge-pods" $name) (printf "%s-gateway-pods" $name)) -}}
 {{- $runtime := dict "kind" "kubernetes" "stop_timeout" 20 "kubernetes" $kubernetes -}}
 {{- if ge (int .Values.controller.replicas) 2 -}}
 {{- /* a leader and standbys: the Lease elects the leader; a leader that shuts down leaves its backends to the next */ -}}
@@ -97,6 +97,7 @@ capabilities:
   "store" (dict "kind" "redis" "redis_url" $redisUrl)
   "auth" (dict "secrets_dir" "/etc/llamacontroller/secrets")
   "edge" $edge
+  "gateway" (dict "workers" 0 "controller" (printf "http://%s-controller:11434" $name))
   "models" .Values.models.catalog
 -}}
 {{- toYaml (mustMergeOverwrite $config (deepCopy .Values.config)) -}}
