@@ -155,6 +155,9 @@ class DirectoryEntry:
     backends: tuple[BackendRef, ...] = ()
     max_predict: int | None = None  # the model's max_predict (a request's is lowered to it)
     refuse_over_limit: bool = False  # a request above max_predict is refused, which only the controller says
+    # The model's bound on requests at once, running and waiting (max_concurrent + queue_depth), shared out over
+    # the live gateways: each takes its part (at least 1); past it a request is refused with 503 (QueueFull).
+    admits: int | None = None
 
     def serving(self, embeddings: bool, ctx_size: int | None, num_predict: int | None) -> BackendRef | None:
         """A ready backend this request may use as it is, or None when only the controller can decide (a load,
@@ -186,4 +189,5 @@ class DirectoryEntry:
             backends=tuple(BackendRef(**backend) for backend in data["backends"]),
             max_predict=data["max_predict"],
             refuse_over_limit=data["refuse_over_limit"],
+            admits=data.get("admits"),
         )

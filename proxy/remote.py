@@ -28,7 +28,14 @@ from typing import Any
 from common import notes
 from common.background import cancel_and_wait
 from common.directory import Allowed, DirectoryEntry, Lease, ModelInfo, forbidden
-from common.errors import ControllerAway, LlamaControllerError, ModelNotFound, UpstreamError, error_from_wire
+from common.errors import (
+    ControllerAway,
+    LlamaControllerError,
+    ModelNotFound,
+    QueueFull,
+    UpstreamError,
+    error_from_wire,
+)
 from common.names import canonical
 from common.upstream import Timeouts, Upstream, bearer
 from common.wire import INTERNAL_PREFIX
@@ -82,6 +89,11 @@ class _Use:
     @property
     def busy(self) -> bool:
         return bool(self.in_flight) or self.queued > 0
+
+    @property
+    def total(self) -> int:
+        """Requests running or waiting here."""
+        return sum(self.in_flight.values()) + self.queued
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -301,6 +313,12 @@ class RemoteDirectory:
         found = await self._resolve(name, allowed)
         model = found.info.name if isinstance(found, DirectoryEntry) else found
         use = self._use_of(model)
+        entry = self._entries.get(canonical(model))
+        if entry is not None and entry.admits is not None and use.total >= entry.admits:
+            raise QueueFull(
+                f"server busy: model '{model}' has {use.total} requests running or queued in this gateway (its "
+                f"part of max_concurrent + queue_depth over the gateways: {entry.admits}); try again later"
+            )
         use.queued += 1
         try:
             held = self._serving(model, embeddings, ctx_size, num_predict)

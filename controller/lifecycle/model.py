@@ -589,7 +589,8 @@ class ManagedModel:
         expired = idle and usage.expires_at is not None and now >= usage.expires_at
         if drained and self._goal is Goal.STOP:
             await self._stop_backend()
-            self._finish_stop()
+            if self._goal is Goal.STOP:  # a shutdown that came meanwhile is _close_now's to finish
+                self._finish_stop()
             return
         if drained and self._restart_pending():
             await self._stop_backend()  # restart with the new flags; the goal stays "run"

@@ -81,7 +81,8 @@ class DirectoryPublisher:
                     await self._nudged.wait()
 
     async def refresh(self, rescan: bool = False) -> None:
-        entries = {e.info.name: e.to_wire() for e in await self.supervisor.directory(rescan)}
+        directory = await self.supervisor.directory(rescan, gateways=self.reports.live())
+        entries = {entry.info.name: entry.to_wire() for entry in directory}
         changed = False
         for name, wire in entries.items():
             self._removed.pop(name, None)

@@ -30,7 +30,7 @@ from common.errors import LlamaControllerError, ModelNotFound, NoCapacity, NotLe
 from common.names import canonical
 from controller.catalog.entries import Catalog, CatalogEntry
 from controller.catalog.profile import ModelProfile, build_profile
-from controller.catalog.requirements import NOTHING_SPECIAL, Requirements
+from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
 from controller.config import Config
 from controller.lifecycle.gateways import GatewayReports
 from controller.lifecycle.model import ManagedModel, Probe, Publish
@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 
 NOT_PUBLISHED = ("", 1 << 62)  # a drain the gateways cannot have seen yet: every live one is behind it
 SETTLING_POLL = 0.25  # seconds between looks at a settling model whose load may fail without a signal
+
+
+def admits(policy: ModelPolicy, gateways: int) -> int:
+    """One gateway's part of a model's bound on requests at once (running and queued), at least one: N gateways
+    together admit what one process would, not N times it (rounded up)."""
+    bound = policy.max_concurrent + policy.queue_depth
+    return max(1, -(-bound // max(1, gateways)))
 
 
 async def wait_for_progress(models: list[ManagedModel]) -> None:
@@ -465,9 +472,10 @@ class Supervisor:
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         return self.info(await self.resolve(name, allowed))
 
-    async def directory(self, rescan: bool = True) -> list[DirectoryEntry]:
-        """Every model as the gateway processes see it: its info, its backend and the limits they apply;
-        ``rescan``: look at the models folder again (new, changed and removed files) first."""
+    async def directory(self, rescan: bool = True, gateways: int = 1) -> list[DirectoryEntry]:
+        """Every model as the gateway processes see it: its info, its backend and the limits they apply (the
+        bound on requests at once shared out over ``gateways``); ``rescan``: look at the models folder again
+        (new, changed and removed files) first."""
         entries = []
         infos = await self.models() if rescan else [self.info(entry) for entry in self.catalog.entries()]
         for info in infos:
@@ -486,6 +494,7 @@ class Supervisor:
                     backends,
                     max_predict=profile.max_predict if profile else None,
                     refuse_over_limit=bool(profile and profile.refuse_over_limit),
+                    admits=admits(profile.policy, gateways) if profile else None,
                 )
             )
         return entries

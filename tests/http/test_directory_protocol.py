@@ -185,3 +185,25 @@ async def test_a_tokens_rate_limit_is_one_limit_across_gateways(
             gateway = (first, second)[n % 2]
             statuses.append((await gateway.client.get("/api/tags", headers=limited)).status_code)
         assert statuses == [200, 200, 200, 200, 429, 429]  # 4 per minute in all, not 4 per gateway
+
+
+async def test_a_models_bound_on_requests_holds_through_a_gateway(
+    tmp_path: Path, tiny_model: Path, standin: StandIn
+) -> None:
+    """max_concurrent + queue_depth, shared out over the live gateways: one gateway admits the whole bound."""
+    gateway_settings = {"report_interval": "0.1s"}
+    config = fake_config(
+        tmp_path, tiny_model, {"tiny": {"max_concurrent": 1, "queue_depth": 1}}, gateway=gateway_settings
+    )
+    runtime = FakeRuntime(backend_url=standin.url)
+    async with (
+        running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app,
+        running_gateway(app, config) as gateway,
+    ):
+        assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
+        directory = gateway.process.directory
+        await until(lambda: (entry := directory._entries.get("tiny:latest")) is not None and entry.admits == 2)
+        async with directory.lease("tiny"), directory.lease("tiny"):
+            refused = await gateway.client.post("/api/chat", json=CHAT)
+            assert refused.status_code == 503 and "queue" in refused.json()["error"]
+        assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200

@@ -21,7 +21,7 @@ from controller.events import Event, LeadershipChanged
 from controller.leadership.office import EXIT_LEADERSHIP_LOST
 from controller.lifecycle.state import State
 from controller.runtime.base import Backend, ExitInfo, LaunchSpec
-from controller.runtime.fake import FakeRuntime
+from controller.runtime.fake import FakeBehaviour, FakeRuntime
 from controller.services import services_of
 from llamacontroller.app import create_app
 from tests.support.harness import fake_config
@@ -61,6 +61,9 @@ class View:
     async def wait_exit(self, backend: Backend) -> ExitInfo:
         return await self.engine.wait_exit(backend)
 
+    async def torn_down(self) -> bool:
+        return False  # a restart: what one controller leaves, the next adopts
+
     def on_resync(self, callback: Callable[[], None]) -> None:
         return None
 
@@ -82,15 +85,16 @@ class Controller:
 
 
 @pytest.fixture
-def make(tmp_path: Path, tiny_model: Path, redis_url: str) -> Callable[[str, FakeRuntime], Controller]:
-    def controller(name: str, engine: FakeRuntime) -> Controller:
+def make(tmp_path: Path, tiny_model: Path, redis_url: str) -> Callable[..., Controller]:
+    def controller(name: str, engine: FakeRuntime, models: tuple[str, ...] = ("a",)) -> Controller:
         config = fake_config(
             tmp_path,  # one models folder: the same files, so the same backends, for both
             tiny_model,
-            {"a": {}},
+            {model: {} for model in models},
             server={"data_dir": str(tmp_path / name), "leader_election": {"kind": "redis"}},
             store={"kind": "redis", "redis_url": redis_url},
             auth={"enabled": False, "secrets_dir": str(tmp_path / "secrets")},  # shared, as the shapes share them
+            scheduling={"max_loaded_models": len(models)},
         )
         view = View(engine)
         app = create_app(config, runtime=view, probe=engine.probe, binary=lambda: "/bin/llama-server")
@@ -162,3 +166,38 @@ async def _leadership_event(events: asyncio.Queue[Event]) -> LeadershipChanged:
             event = await events.get()
             if isinstance(event, LeadershipChanged):
                 return event
+
+
+async def test_a_leader_that_dies_mid_load_and_mid_drain_leaves_one_backend_of_each_model(
+    make: Callable[..., Controller],
+) -> None:
+    """The leader dies while ``b`` loads and while ``a`` drains (unloaded with a request still on it): the one that
+    takes over finds each backend and adopts it; nothing is started twice, and the dead leader stops nothing."""
+    engine = FakeRuntime(behaviours={"b:latest": FakeBehaviour(ready_after=3.0)})
+    first, second = make("one", engine, ("a", "b")), make("two", engine, ("a", "b"))
+    # The dead leader's shutdown gives up its refused stops in a few tries each: more than Quart's default 6 s.
+    async with first.app.test_app_class(first.app, shutdown_timeout=30):  # type: ignore[call-arg]
+        one = services_of(first.app)
+        assert (await first.app.test_client().post("/control/v1/models/a/load")).status_code == 200
+        async with second.app.test_app(), one.supervisor.lease("a") as held:
+            loading = asyncio.create_task(first.app.test_client().post("/control/v1/models/b/load"))
+            unloading = asyncio.create_task(first.app.test_client().post("/control/v1/models/a/unload"))
+            await asyncio.sleep(1.0)  # b is starting; a drains, waiting for the request held on it
+            assert one.supervisor.view("a").state == State.READY and not unloading.done() and not loading.done()
+            await cancel_and_wait(one.leadership.renewal)  # dies: renews nothing, releases nothing
+            async with asyncio.timeout(TAKEOVER_ALLOWED):
+                while (await second.get("/readyz"))[0] != 200:
+                    await asyncio.sleep(0.05)
+            two = services_of(second.app)
+            async with asyncio.timeout(10):
+                while two.supervisor.view("b").state != State.READY:
+                    await asyncio.sleep(0.05)
+            assert two.supervisor.view("a").state == State.READY
+            assert two.supervisor.view("a").handle == held.handle, "the drained backend is adopted, not replaced"
+            models = sorted(running.spec.model for running in engine.running.values())
+            assert models == ["a:latest", "b:latest"], "one backend of each model, whatever the dead leader was doing"
+            assert [spec.model for spec in engine.starts] == ["a:latest", "b:latest"], "nothing started twice"
+            assert "start" not in second.view.calls and engine.stops == []
+            for task in (loading, unloading):  # the dead leader's clients: their answers no longer matter here
+                await cancel_and_wait(task)
+    assert "stop" not in first.view.calls, "a leader that lost its lease acts on nothing"

@@ -55,7 +55,8 @@ class Controller:
     folder: Path
     token: str = ""
     process: subprocess.Popen[bytes] | None = None
-    peak_rss: int = 0
+    peak_rss: int = 0  # of the largest of serve's processes
+    peak_total_rss: int = 0  # of all of them together
     _sampler: threading.Thread | None = None
     _stop_sampling: threading.Event = field(default_factory=threading.Event)
 
@@ -102,16 +103,18 @@ class Controller:
         return total
 
     def _sample(self, pid: int) -> None:
+        """The largest process's peak (the bound is per process: the controller, a gateway) and all of them."""
         while not self._stop_sampling.wait(0.1):
-            rss = 0
+            sizes = []
             for process in self.processes():
                 try:
-                    rss += process.memory_info().rss
+                    sizes.append(process.memory_info().rss)
                 except psutil.Error:
                     continue
             if self.process is None or self.process.poll() is not None:
                 return  # it ended
-            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_rss = max(self.peak_rss, max(sizes, default=0))
+            self.peak_total_rss = max(self.peak_total_rss, sum(sizes))
 
     def stop(self, kill: bool = False) -> None:
         process = self.process

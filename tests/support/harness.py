@@ -13,6 +13,7 @@ from controller.config import Config, validate_config
 from controller.events import Event
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.fake import FakeRuntime
+from controller.runtime.process import free_port
 from controller.runtime.logs import LogBook
 from llamacontroller.app import create_app
 
@@ -28,7 +29,8 @@ def fake_config(tmp_path: Path, tiny_model: Path, models: dict[str, dict[str, An
             shutil.copy(tiny_model, target)
         resolved[name] = {"path": str(target), **settings}
     raw: dict[str, Any] = {
-        "server": {"data_dir": str(tmp_path / "data")},
+        # A port of its own: tests that serve the app on a socket (running_app) may run beside other such runs.
+        "server": {"data_dir": str(tmp_path / "data"), "listen": f"127.0.0.1:{free_port()}"},
         "models_dir": str(tmp_path / "empty-models-dir"),
         "models": resolved,
         # These tests are about the lifecycle and the gateway; tests/http/test_security.py is about auth.
