@@ -123,7 +123,8 @@ class DirectoryPublisher:
         """The entries changed since revision ``after`` of ``epoch``, waiting up to ``wait`` seconds for one."""
         if not self.published.is_set():  # a standby, or a leader still adopting: the gateways ask again
             raise Unavailable("this controller publishes no directory yet (starting, or standing by)")
-        full = epoch != self.epoch or after > self.revision or after <= 0
+        # A gateway that has this epoch's revision 0 holds its (empty) snapshot: it waits like any other.
+        full = epoch != self.epoch or after > self.revision
         if not full and after == self.revision and wait > 0:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):

@@ -185,3 +185,25 @@ async def test_a_tokens_rate_limit_is_one_limit_across_gateways(
             gateway = (first, second)[n % 2]
             statuses.append((await gateway.client.get("/api/tags", headers=limited)).status_code)
         assert statuses == [200, 200, 200, 200, 429, 429]  # 4 per minute in all, not 4 per gateway
+
+
+async def test_an_empty_directory_is_waited_on_like_any_other(tmp_path: Path, tiny_model: Path) -> None:
+    # No model at all: the directory stays at revision 0, and a gateway's long poll must still be held.
+    config = fake_config(tmp_path, tiny_model, {}, gateway={"report_interval": "1s"})
+    runtime = FakeRuntime()
+    async with (
+        running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app,
+        running_gateway(app, config) as gateway,
+    ):
+        directory = gateway.process.directory
+        calls = 0
+        real = directory._call
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await real(*args, **kwargs)
+
+        directory._call = counted
+        await asyncio.sleep(1.0)
+        assert calls < 10
