@@ -187,6 +187,18 @@ async def test_a_tokens_rate_limit_is_one_limit_across_gateways(
         assert statuses == [200, 200, 200, 200, 429, 429]  # 4 per minute in all, not 4 per gateway
 
 
+async def test_an_idle_model_spends_no_revisions(world: World) -> None:
+    # Its expiry, as the directory shows it, is the same each time it is computed: nothing to send the gateways.
+    async with running_gateway(world.controller, world.config) as gateway:
+        assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
+        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        await asyncio.sleep(0.5)
+        publisher = services_of(world.controller.app).publisher
+        before = publisher.revision
+        await asyncio.sleep(2.5)
+        assert publisher.revision == before
+
+
 async def test_an_empty_directory_is_waited_on_like_any_other(tmp_path: Path, tiny_model: Path) -> None:
     # No model at all: the directory stays at revision 0, and a gateway's long poll must still be held.
     config = fake_config(tmp_path, tiny_model, {}, gateway={"report_interval": "1s"})
