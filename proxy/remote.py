@@ -275,7 +275,10 @@ class RemoteDirectory:
         try:
             found = str((await self._call("POST", f"{INTERNAL_PREFIX}v1/resolve", {"name": name}))["model"])
         except Unreachable:
-            raise ModelNotFound(name) from None  # the copy is all there is to go by
+            if self.synced.is_set():
+                raise ModelNotFound(name) from None  # the copy is all there is to go by
+            await self._synced()  # no copy yet: nothing says the name is unknown; wait for one (else 503)
+            return await self._resolve(name, allowed)
         if allowed is not None and not allowed(found):
             raise forbidden(name)
         notes.note_model(found)
@@ -376,14 +379,18 @@ class RemoteDirectory:
         except Unreachable:
             raise ControllerAway("the controller is not answering; try the unload again shortly", RETRY_AFTER) from None
 
-    async def _copy(self) -> dict[str, DirectoryEntry]:
-        await self._catch_up()
+    async def _synced(self) -> None:
+        """A first copy of the directory, waited for up to ``load_wait``; else ControllerAway (503)."""
         if not self.synced.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.load_wait):
                     await self.synced.wait()
             if not self.synced.is_set():
                 raise ControllerAway("the gateway has not reached the controller yet; try again shortly", RETRY_AFTER)
+
+    async def _copy(self) -> dict[str, DirectoryEntry]:
+        await self._catch_up()
+        await self._synced()
         return self._entries
 
     async def models(self, allowed: Allowed | None = None) -> Sequence[ModelInfo]:

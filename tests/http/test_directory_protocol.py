@@ -219,3 +219,26 @@ async def test_an_empty_directory_is_waited_on_like_any_other(tmp_path: Path, ti
         directory._call = counted
         await asyncio.sleep(1.0)
         assert calls < 10
+
+
+async def test_a_gateway_without_a_copy_answers_503_not_404(tmp_path: Path, tiny_model: Path) -> None:
+    # A gateway started while its controller is away (a failover, a controller still starting): its copy is empty,
+    # so no name can be known to be missing. Ollama's clients read a 404 as "pull the model".
+    import httpx
+
+    from controller.auth.secrets import internal_secret
+    from llamacontroller.gateway import GatewayProcess
+
+    config = split_config(tmp_path, tiny_model)
+    process = GatewayProcess(config, "http://127.0.0.1:1", internal_secret(config.secrets_dir))
+    await process.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=process), base_url="http://gw") as client:
+            ollama = await client.post("/api/chat", json=CHAT)
+            assert ollama.status_code == 503, ollama.text
+            assert ollama.headers["retry-after"] == "5" and isinstance(ollama.json()["error"], str)
+            openai = await client.post("/v1/chat/completions", json={**CHAT, "model": "other"})
+            assert openai.status_code == 503, openai.text
+            assert openai.headers["retry-after"] == "5" and "message" in openai.json()["error"]
+    finally:
+        await process.stop()
