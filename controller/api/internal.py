@@ -59,8 +59,10 @@ def _optional_number(body: dict[str, Any], key: str) -> float | None:
 
 
 def _optional_count(body: dict[str, Any], key: str) -> int | None:
+    """A request's num_ctx or num_predict: any count an Ollama option may hold (proxy/ollama/options.py takes
+    up to 2**63), which the model's limits then clamp or refuse as for a request the controller serves."""
     value = _optional_number(body, key)
-    if value is not None and (value != int(value) or not 0 <= value < 1 << 31):
+    if value is not None and (value != int(value) or not 0 <= value <= 1 << 63):
         raise BadRequest(f"{key} must be a whole number")
     return None if value is None else int(value)
 

@@ -242,3 +242,14 @@ async def test_a_gateway_without_a_copy_answers_503_not_404(tmp_path: Path, tiny
             assert openai.headers["retry-after"] == "5" and "message" in openai.json()["error"]
     finally:
         await process.stop()
+
+
+async def test_a_huge_num_ctx_through_a_gateway_is_answered_as_by_the_controller(world: World) -> None:
+    # Ollama's options take any 64-bit integer; the model's context caps it (or over_limit: refuse names it).
+    huge = {**CHAT, "options": {"num_ctx": 2**40, "num_predict": 2**40}}
+    direct = await world.controller.client.post("/api/chat", json=huge)
+    assert direct.status_code == 200, direct.text
+    await world.controller.client.post("/control/v1/models/tiny/unload")
+    async with running_gateway(world.controller, world.config) as gateway:
+        reply = await gateway.client.post("/api/chat", json=huge)
+        assert reply.status_code == 200, reply.text
