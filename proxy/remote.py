@@ -42,6 +42,10 @@ RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
 AWAY_CODES = frozenset({"not_leader", "unavailable", "shutting_down"})
 MIN_REPORT_GAP = 0.05  # seconds between reports, however often models turn idle
 CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
+# The whole of an exchange that does not wait for a load or a drain (a report, a resolve, a look at the directory:
+# a long poll gets its wait on top): a controller that accepts and never answers (stopped, its node gone without a
+# reset) is taken as away, not waited on for the hour a load may take.
+EXCHANGE_TIMEOUT = 10.0
 
 
 def wire_keep_alive(seconds: float | None) -> float | None:
@@ -138,16 +142,25 @@ class RemoteDirectory:
             await cancel_and_wait(task)
         await self._client.close()
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One exchange with the controller; its errors come back as the same classes (``error_from_wire``)."""
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, wait: float | None = 0.0
+    ) -> Any:
+        """One exchange with the controller; its errors come back as the same classes (``error_from_wire``).
+        ``wait``: the seconds the controller may take on purpose (a long poll), on top of ``EXCHANGE_TIMEOUT``;
+        None for an exchange without a bound (a load, a drain)."""
         data = None if body is None else json.dumps(body).encode()
+        bound = None if wait is None else EXCHANGE_TIMEOUT + wait
         try:
-            async with self._client.request(method, f"{self.controller}{path}", data, self._headers) as answer:
-                raw = await answer.read()
-                status = answer.status
+            async with asyncio.timeout(bound):
+                async with self._client.request(method, f"{self.controller}{path}", data, self._headers) as answer:
+                    raw = await answer.read()
+                    status = answer.status
         except UpstreamError as exc:
             self.controller_answers = False
             raise Unreachable(exc.message) from exc
+        except TimeoutError as exc:
+            self.controller_answers = False
+            raise Unreachable(f"the controller did not answer within {bound:g}s") from exc
         self.controller_answers = True
         try:
             value = json.loads(raw) if raw else {}
@@ -165,9 +178,10 @@ class RemoteDirectory:
     async def _follow(self) -> None:
         failures = 0
         while True:
-            query = f"epoch={self._epoch or ''}&after={self._revision}&wait={POLL_WAIT if self.synced.is_set() else 0}"
+            wait = POLL_WAIT if self.synced.is_set() else 0
+            query = f"epoch={self._epoch or ''}&after={self._revision}&wait={wait}"
             try:
-                changes = await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}")
+                changes = await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}", wait=wait)
                 self.apply(changes)
                 failures = 0
             except (Unreachable, LlamaControllerError) as exc:
@@ -345,7 +359,7 @@ class RemoteDirectory:
         tries = 0
         while True:
             try:
-                answer = await self._call("POST", f"{INTERNAL_PREFIX}v1/ensure", {**body, "seq": self._seq})
+                answer = await self._call("POST", f"{INTERNAL_PREFIX}v1/ensure", {**body, "seq": self._seq}, wait=None)
             except Unreachable:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -375,7 +389,7 @@ class RemoteDirectory:
         found = await self._resolve(name, allowed)
         model = found.info.name if isinstance(found, DirectoryEntry) else found
         try:
-            await self._call("POST", f"{INTERNAL_PREFIX}v1/unload", {"model": model})
+            await self._call("POST", f"{INTERNAL_PREFIX}v1/unload", {"model": model}, wait=None)
         except Unreachable:
             raise ControllerAway("the controller is not answering; try the unload again shortly", RETRY_AFTER) from None
 

@@ -253,3 +253,38 @@ async def test_a_huge_num_ctx_through_a_gateway_is_answered_as_by_the_controller
     async with running_gateway(world.controller, world.config) as gateway:
         reply = await gateway.client.post("/api/chat", json=huge)
         assert reply.status_code == 200, reply.text
+
+
+async def test_a_controller_that_accepts_and_never_answers_does_not_hold_a_gateway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A controller stopped mid-way (SIGSTOP, a node gone without a reset, a wedged event loop): its connections
+    # stay open. A report or a look at the directory gives up as if it had refused, and what waits on a report (the
+    # control API's requests, /api/ps) is not held behind it.
+    import proxy.remote as remote
+    from proxy.remote import RemoteDirectory, Unreachable
+
+    monkeypatch.setattr(remote, "EXCHANGE_TIMEOUT", 0.3)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    directory = RemoteDirectory(f"http://127.0.0.1:{port}", "s" * 64, report_interval=0.1, load_wait=0.5)
+    try:
+        directory.start()
+        began = time.monotonic()
+        with pytest.raises(Unreachable):
+            await asyncio.wait_for(directory.report(), 5)
+        directory._unreported = True
+        await asyncio.wait_for(directory.flush(), 5)
+        assert time.monotonic() - began < 3
+        await asyncio.sleep(0.5)
+        assert not directory.controller_answers
+    finally:
+        await directory.close()
+        for writer in held:
+            writer.close()
+        server.close()
