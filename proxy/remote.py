@@ -197,6 +197,8 @@ class RemoteDirectory:
 
     def apply(self, changes: dict[str, Any]) -> None:
         """A directory answer: a snapshot (``full``) or the entries changed since our revision."""
+        if changes["epoch"] == self._epoch and changes["revision"] < self._revision:
+            return  # made before the answer applied last (two exchanges were in flight): older than the copy
         entries = {} if changes["full"] else dict(self._entries)
         for name in changes.get("removed", ()):
             entries.pop(canonical(name), None)
