@@ -166,6 +166,32 @@ async def test_the_internal_routes_need_the_secret_and_are_refused_by_gateways(w
         assert (await gateway.client.post("/internal/v1/report", json={})).status_code == 404
 
 
+async def raw_status(url: str, method: str, target: str, headers: dict[str, str]) -> int:
+    """The status of one request sent as written (an HTTP client would tidy the target)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{head}\r\n".encode())
+    await writer.drain()
+    status = (await reader.read()).split(b" ", 2)[1]
+    writer.close()
+    return int(status)
+
+
+@pytest.mark.parametrize(
+    "target", ["//internal/v1/directory", "///internal/v1/directory", "/%2Finternal/v1/directory", "//internal"]
+)
+async def test_no_spelling_of_an_internal_path_passes_a_gateway(world: World, target: str) -> None:
+    # Shown even the deployment's secret, a gateway passes no internal route on: they are the controller's own.
+    from controller.auth.secrets import internal_secret
+
+    secret = {"Authorization": f"Bearer {internal_secret(world.config.secrets_dir)}"}
+    assert await raw_status(world.controller.url, "GET", "/internal/v1/directory", secret) == 200
+    async with running_gateway(world.controller, world.config) as gateway:
+        for method in ("GET", "HEAD"):
+            assert await raw_status(gateway.url, method, target, secret) == 404, (method, target)
+
+
 async def test_a_tokens_rate_limit_is_one_limit_across_gateways(
     tmp_path: Path, tiny_model: Path, standin: StandIn
 ) -> None:
