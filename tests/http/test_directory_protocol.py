@@ -314,3 +314,23 @@ async def test_a_controller_that_accepts_and_never_answers_does_not_hold_a_gatew
         for writer in held:
             writer.close()
         server.close()
+
+
+async def test_a_websocket_upgrade_at_a_gateway_is_refused_not_an_error(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing speaks WebSocket here; any client may ask for it, on any path the gateway passes to the controller.
+    upgrade = (
+        b"GET /control/v1/events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with running_gateway(world.controller, world.config) as gateway:
+        host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(upgrade)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(200), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 403"), answer
+        await asyncio.sleep(0.1)
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
