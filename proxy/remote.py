@@ -40,6 +40,7 @@ RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0)  # between tries to reach a controller that
 RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
 # A controller that cannot act for us yet (a standby, one still adopting, one stopping): as if none answered.
 AWAY_CODES = frozenset({"not_leader", "unavailable", "shutting_down"})
+LEAVE_WAIT = 2.0  # seconds a stopping gateway gives its last report (leaving) to land
 MIN_REPORT_GAP = 0.05  # seconds between reports, however often models turn idle
 CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
 # The whole of an exchange that does not wait for a load or a drain (a report, a resolve, a look at the directory:
@@ -138,8 +139,14 @@ class RemoteDirectory:
         ]
 
     async def close(self) -> None:
+        """Stop following; tell the controller this gateway leaves (its requests have ended), so that a drain does
+        not wait ``report_ttl`` for it to fall silent."""
         for task in self._tasks:
             await cancel_and_wait(task)
+        if self._tasks and self.synced.is_set():
+            with contextlib.suppress(Unreachable, LlamaControllerError, TimeoutError):
+                async with asyncio.timeout(LEAVE_WAIT), self._reporting:
+                    await self._call("POST", f"{INTERNAL_PREFIX}v1/report", {**self.report_body(), "leaving": True})
         await self._client.close()
 
     async def _call(

@@ -113,9 +113,14 @@ class DirectoryPublisher:
         for name in [name for name in self.drains if name not in entries]:
             del self.drains[name]
 
-    async def take_report(self, gateway: str, seq: int, models: Any, revision: tuple[str, int]) -> None:
-        """A gateway's counts; the directory reflects them (an expiry set, a drain ended) when this returns."""
+    async def take_report(
+        self, gateway: str, seq: int, models: Any, revision: tuple[str, int], leaving: bool = False
+    ) -> None:
+        """A gateway's counts; the directory reflects them (an expiry set, a drain ended) when this returns.
+        ``leaving``: its last report, as it stops: it is forgotten at once."""
         self.reports.report(gateway, seq, models, revision)
+        if leaving:
+            self.reports.forget(gateway)
         self.supervisor.take_reports(self.reports, self.drains)
         await self.refresh()
 

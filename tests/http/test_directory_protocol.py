@@ -334,3 +334,19 @@ async def test_a_websocket_upgrade_at_a_gateway_is_refused_not_an_error(
         assert answer.startswith(b"HTTP/1.1 403"), answer
         await asyncio.sleep(0.1)
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_gateway_that_stops_deliberately_holds_no_drain(
+    tmp_path: Path, tiny_model: Path, standin: StandIn
+) -> None:
+    # A gateway stopped on purpose (serve's restart of a worker, a rolling update, a scale-down) says so as it ends:
+    # a drain that begins just after it does not wait for it to fall silent for gateway.report_ttl.
+    config = split_config(tmp_path, tiny_model, report_ttl="5s")
+    runtime = FakeRuntime(backend_url=standin.url)
+    async with running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app:
+        async with running_gateway(app, config) as gateway:
+            assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
+            await gateway.process.directory.report()
+        began = time.monotonic()
+        assert (await app.client.post("/control/v1/models/tiny/unload")).status_code == 200
+        assert time.monotonic() - began < 2
