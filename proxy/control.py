@@ -36,7 +36,8 @@ _HOP = frozenset(
         b"x-forwarded-for",
     }
 )
-_HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"})
+# ``date``: this process's server writes its own, and a second one is a malformed answer (a singleton field).
+_HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade", b"date"})
 RETRY_AFTER = b"5"
 _SLASHES = re.compile(r"/{2,}")
 # An event stream is silent between heartbeats; a page waits on a slow query: generous, but bounded.

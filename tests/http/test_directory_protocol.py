@@ -350,3 +350,10 @@ async def test_a_gateway_that_stops_deliberately_holds_no_drain(
         began = time.monotonic()
         assert (await app.client.post("/control/v1/models/tiny/unload")).status_code == 200
         assert time.monotonic() - began < 2
+
+
+async def test_an_answer_relayed_from_the_controller_has_one_date(world: World) -> None:
+    async with running_gateway(world.controller, world.config) as gateway:
+        for path in ("/control/v1/models", "/readyz", "/ui/login"):
+            reply = await gateway.client.get(path)
+            assert len(reply.headers.get_list("date")) == 1, (path, reply.headers)
