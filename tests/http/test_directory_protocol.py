@@ -357,3 +357,23 @@ async def test_an_answer_relayed_from_the_controller_has_one_date(world: World) 
         for path in ("/control/v1/models", "/readyz", "/ui/login"):
             reply = await gateway.client.get(path)
             assert len(reply.headers.get_list("date")) == 1, (path, reply.headers)
+
+
+async def test_a_controller_that_stops_ends_the_gateways_long_polls_at_once(
+    tmp_path: Path, tiny_model: Path, standin: StandIn
+) -> None:
+    # A restart, an upgrade, a lead handed over: the gateways' held polls must not hold the controller's stop for its
+    # graceful bound (runtime.stop_timeout), then be cut with a 500.
+    config = split_config(tmp_path, tiny_model)
+    runtime = FakeRuntime(backend_url=standin.url)
+    controller = running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server")
+    app = await controller.__aenter__()
+    gateway = running_gateway(app, config)
+    await gateway.__aenter__()
+    try:
+        await asyncio.sleep(0.5)  # the gateway's long poll is held by the controller now
+        began = time.monotonic()
+        await controller.__aexit__(None, None, None)
+        assert time.monotonic() - began < 3
+    finally:
+        await gateway.__aexit__(None, None, None)
