@@ -359,6 +359,42 @@ async def test_an_answer_relayed_from_the_controller_has_one_date(world: World) 
             assert len(reply.headers.get_list("date")) == 1, (path, reply.headers)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a controller that starts acts on an adopted backend before the gateways have reported to it: it does "
+    "not know of their requests in flight (keep_alive 0 adopted expires at once; an unload or an eviction likewise)",
+)
+async def test_a_restarted_controller_does_not_stop_an_adopted_backend_under_a_gateways_request(
+    tmp_path: Path, tiny_model: Path, standin: StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from controller.runtime.process import free_port
+
+    monkeypatch.setenv("LLAMACONTROLLER_INTERNAL_SECRET", "s" * 40)  # the next controller's is the same
+    config = split_config(tmp_path, tiny_model)
+    first_runtime = FakeRuntime(backend_url=standin.url)
+    options = {"probe": first_runtime.probe, "binary": lambda: "/bin/llama-server"}
+    async with (
+        running_app(config, runtime=first_runtime, **options) as first,
+        running_gateway(first, config) as gateway,
+    ):
+        assert (await gateway.client.post("/api/chat", json={**CHAT, "keep_alive": "1h"})).status_code == 200
+        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        ((handle, running),) = first_runtime.running.items()
+        # What the first controller leaves: the backend, with the keep_alive of the last request it heard of (0).
+        left = replace(running.backend, labels={**running.backend.labels, "keep_alive": "0.0"})
+        async with gateway.process.directory.lease("tiny") as held:  # a long stream on the gateway, meanwhile
+            assert held.handle == handle
+            listen = f"127.0.0.1:{free_port()}"
+            next_config = config.model_copy(update={"server": config.server.model_copy(update={"listen": listen})})
+            runtime = FakeRuntime(backend_url=standin.url, leftovers=[left])
+            gateway.process.directory.controller = gateway.process.control.controller = f"http://{listen}"
+            async with running_app(next_config, runtime=runtime, probe=runtime.probe, binary=options["binary"]):
+                await asyncio.sleep(1.0)
+                assert handle not in runtime.stops, "the adopted backend was stopped under the gateway's request"
+
+
 async def test_a_controller_that_stops_ends_the_gateways_long_polls_at_once(
     tmp_path: Path, tiny_model: Path, standin: StandIn
 ) -> None:
