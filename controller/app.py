@@ -109,7 +109,8 @@ def build_services(
     )
     counted = ControllerMetrics(registry, supervisor)
     registry.register(LeaderState(lambda: leadership.leading))
-    publisher = DirectoryPublisher(supervisor, GatewayReports(config.gateway.report_ttl))
+    streams = EventStreams()
+    publisher = DirectoryPublisher(supervisor, GatewayReports(config.gateway.report_ttl), ending=streams.closing)
     edge = Edge(config, events.publish, spawn_caddy=not caddy_apart) if config.edge.enabled else None
     if edge is not None:
         registry.register(health.EdgeState(edge))
@@ -127,7 +128,7 @@ def build_services(
         registry=registry,
         upstream=upstream,
         peers=TrustedProxies(config.server.trusted_proxies),
-        streams=EventStreams(),
+        streams=streams,
         edge=edge,
         find_binary=find_binary,
         publisher=publisher,

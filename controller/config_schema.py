@@ -359,8 +359,13 @@ class GatewayConfig(_Strict):
     @field_validator("controller")
     @classmethod
     def _controller_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"https?://[^/?#\s]+/?", value):
-            raise ValueError("must be the controller's base URL, such as http://controller:11434")
+        # Plain HTTP only: a gateway speaks no TLS, and an https:// URL sent the shared secret in the clear (to
+        # port 80 when none was named). The controller's port stays inside the deployment.
+        if value is not None and not re.fullmatch(r"http://[^/?#\s]+/?", value):
+            raise ValueError(
+                "must be the controller's base URL over plain HTTP, such as http://controller:11434 "
+                "(the gateways speak no TLS: keep the controller's port inside the deployment)"
+            )
         return value.rstrip("/") if value else None
 
     @property

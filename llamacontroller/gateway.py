@@ -72,6 +72,10 @@ class GatewayProcess:
             await send_json(send, 200, {"status": "ok"})
         elif scope["type"] == "http" and self.gateway.handles(scope["path"]):
             await self.front(scope, receive, send)
+        elif scope["type"] == "websocket":
+            # Nothing here or in the controller speaks WebSocket: closed before it is accepted (uvicorn answers
+            # 403), never relayed as if it were an HTTP request.
+            await send({"type": "websocket.close", "code": 1008})
         else:
             await self.control(scope, receive, send)
 

@@ -11,6 +11,7 @@ answer is 503 with Retry-After, in the caller's dialect.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 
 from common.asgi import Receive, Scope, Send, run_until_disconnect, send_json
@@ -35,10 +36,19 @@ _HOP = frozenset(
         b"x-forwarded-for",
     }
 )
-_HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"})
+# ``date``: this process's server writes its own, and a second one is a malformed answer (a singleton field).
+_HOP_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade", b"date"})
 RETRY_AFTER = b"5"
+_SLASHES = re.compile(r"/{2,}")
 # An event stream is silent between heartbeats; a page waits on a slow query: generous, but bounded.
 TIMEOUTS = Timeouts(connect=2.0, write=30.0, response=300.0, stall=300.0)
+
+
+def _internal(path: str) -> bool:
+    """Whether ``path`` is an internal route however it is spelt: the controller's router reads ``//internal/…``
+    (and ``/%2Finternal/…``, decoded) as ``/internal/…``."""
+    merged = _SLASHES.sub("/", path)
+    return merged.startswith(INTERNAL_PREFIX) or merged == INTERNAL_PREFIX.rstrip("/")
 
 
 class ControlProxy:
@@ -68,7 +78,7 @@ class ControlProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if path.startswith(INTERNAL_PREFIX):
+        if _internal(path):
             await send_json(send, 404, error_body(path, 404, f"no such endpoint: {path}", "not_found"))
             return
         try:

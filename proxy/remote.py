@@ -47,8 +47,13 @@ RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0)  # between tries to reach a controller that
 RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
 # A controller that cannot act for us yet (a standby, one still adopting, one stopping): as if none answered.
 AWAY_CODES = frozenset({"not_leader", "unavailable", "shutting_down"})
+LEAVE_WAIT = 2.0  # seconds a stopping gateway gives its last report (leaving) to land
 MIN_REPORT_GAP = 0.05  # seconds between reports, however often models turn idle
 CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
+# The whole of an exchange that does not wait for a load or a drain (a report, a resolve, a look at the directory:
+# a long poll gets its wait on top): a controller that accepts and never answers (stopped, its node gone without a
+# reset) is taken as away, not waited on for the hour a load may take.
+EXCHANGE_TIMEOUT = 10.0
 
 
 def wire_keep_alive(seconds: float | None) -> float | None:
@@ -146,20 +151,35 @@ class RemoteDirectory:
         ]
 
     async def close(self) -> None:
+        """Stop following; tell the controller this gateway leaves (its requests have ended), so that a drain does
+        not wait ``report_ttl`` for it to fall silent."""
         for task in self._tasks:
             await cancel_and_wait(task)
+        if self._tasks and self.synced.is_set():
+            with contextlib.suppress(Unreachable, LlamaControllerError, TimeoutError):
+                async with asyncio.timeout(LEAVE_WAIT), self._reporting:
+                    await self._call("POST", f"{INTERNAL_PREFIX}v1/report", {**self.report_body(), "leaving": True})
         await self._client.close()
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One exchange with the controller; its errors come back as the same classes (``error_from_wire``)."""
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, wait: float | None = 0.0
+    ) -> Any:
+        """One exchange with the controller; its errors come back as the same classes (``error_from_wire``).
+        ``wait``: the seconds the controller may take on purpose (a long poll), on top of ``EXCHANGE_TIMEOUT``;
+        None for an exchange without a bound (a load, a drain)."""
         data = None if body is None else json.dumps(body).encode()
+        bound = None if wait is None else EXCHANGE_TIMEOUT + wait
         try:
-            async with self._client.request(method, f"{self.controller}{path}", data, self._headers) as answer:
-                raw = await answer.read()
-                status = answer.status
+            async with asyncio.timeout(bound):
+                async with self._client.request(method, f"{self.controller}{path}", data, self._headers) as answer:
+                    raw = await answer.read()
+                    status = answer.status
         except UpstreamError as exc:
             self.controller_answers = False
             raise Unreachable(exc.message) from exc
+        except TimeoutError as exc:
+            self.controller_answers = False
+            raise Unreachable(f"the controller did not answer within {bound:g}s") from exc
         self.controller_answers = True
         try:
             value = json.loads(raw) if raw else {}
@@ -177,9 +197,10 @@ class RemoteDirectory:
     async def _follow(self) -> None:
         failures = 0
         while True:
-            query = f"epoch={self._epoch or ''}&after={self._revision}&wait={POLL_WAIT if self.synced.is_set() else 0}"
+            wait = POLL_WAIT if self.synced.is_set() else 0
+            query = f"epoch={self._epoch or ''}&after={self._revision}&wait={wait}"
             try:
-                changes = await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}")
+                changes = await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}", wait=wait)
                 self.apply(changes)
                 failures = 0
             except (Unreachable, LlamaControllerError) as exc:
@@ -195,6 +216,8 @@ class RemoteDirectory:
 
     def apply(self, changes: dict[str, Any]) -> None:
         """A directory answer: a snapshot (``full``) or the entries changed since our revision."""
+        if changes["epoch"] == self._epoch and changes["revision"] < self._revision:
+            return  # made before the answer applied last (two exchanges were in flight): older than the copy
         entries = {} if changes["full"] else dict(self._entries)
         for name in changes.get("removed", ()):
             entries.pop(canonical(name), None)
@@ -287,7 +310,10 @@ class RemoteDirectory:
         try:
             found = str((await self._call("POST", f"{INTERNAL_PREFIX}v1/resolve", {"name": name}))["model"])
         except Unreachable:
-            raise ModelNotFound(name) from None  # the copy is all there is to go by
+            if self.synced.is_set():
+                raise ModelNotFound(name) from None  # the copy is all there is to go by
+            await self._synced()  # no copy yet: nothing says the name is unknown; wait for one (else 503)
+            return await self._resolve(name, allowed)
         if allowed is not None and not allowed(found):
             raise forbidden(name)
         notes.note_model(found)
@@ -360,7 +386,7 @@ class RemoteDirectory:
         tries = 0
         while True:
             try:
-                answer = await self._call("POST", f"{INTERNAL_PREFIX}v1/ensure", {**body, "seq": self._seq})
+                answer = await self._call("POST", f"{INTERNAL_PREFIX}v1/ensure", {**body, "seq": self._seq}, wait=None)
             except Unreachable:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -390,18 +416,22 @@ class RemoteDirectory:
         found = await self._resolve(name, allowed)
         model = found.info.name if isinstance(found, DirectoryEntry) else found
         try:
-            await self._call("POST", f"{INTERNAL_PREFIX}v1/unload", {"model": model})
+            await self._call("POST", f"{INTERNAL_PREFIX}v1/unload", {"model": model}, wait=None)
         except Unreachable:
             raise ControllerAway("the controller is not answering; try the unload again shortly", RETRY_AFTER) from None
 
-    async def _copy(self) -> dict[str, DirectoryEntry]:
-        await self._catch_up()
+    async def _synced(self) -> None:
+        """A first copy of the directory, waited for up to ``load_wait``; else ControllerAway (503)."""
         if not self.synced.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.load_wait):
                     await self.synced.wait()
             if not self.synced.is_set():
                 raise ControllerAway("the gateway has not reached the controller yet; try again shortly", RETRY_AFTER)
+
+    async def _copy(self) -> dict[str, DirectoryEntry]:
+        await self._catch_up()
+        await self._synced()
         return self._entries
 
     async def models(self, allowed: Allowed | None = None) -> Sequence[ModelInfo]:

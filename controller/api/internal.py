@@ -11,8 +11,8 @@ so a client cannot reach them; a wrong or missing secret is a 401 all the same.
   request, loading the model if needed (concurrent callers join one load); the backend is held for the gateway
   until its first report after ``seq``.
 - ``POST unload {model}``: stop the model once the requests on it, in every gateway, have ended.
-- ``POST report {gateway, seq, epoch, revision, models}``: a gateway's counts, made from that directory revision
-  (lifecycle/gateways.py).
+- ``POST report {gateway, seq, epoch, revision, models, leaving}``: a gateway's counts, made from that directory
+  revision (lifecycle/gateways.py); ``leaving``: its last, as it stops (forgotten at once, not after its TTL).
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ def _optional_number(body: dict[str, Any], key: str) -> float | None:
 
 
 def _optional_count(body: dict[str, Any], key: str) -> int | None:
+    """A request's num_ctx or num_predict: any count an Ollama option may hold (proxy/ollama/options.py takes
+    up to 2**63), which the model's limits then clamp or refuse as for a request the controller serves."""
     value = _optional_number(body, key)
-    if value is not None and (value != int(value) or not 0 <= value < 1 << 31):
+    if value is not None and (value != int(value) or not 0 <= value <= 1 << 63):
         raise BadRequest(f"{key} must be a whole number")
     return None if value is None else int(value)
 
@@ -133,5 +135,9 @@ async def report() -> dict[str, Any]:
     epoch, revision = body.get("epoch") or "", body.get("revision", -1)
     if not isinstance(epoch, str) or not isinstance(revision, int) or isinstance(revision, bool):
         raise BadRequest("epoch must be a string and revision a whole number")
-    await services().publisher.take_report(gateway, seq, parse_models(body.get("models", {})), (epoch, revision))
+    leaving = body.get("leaving", False)
+    if not isinstance(leaving, bool):
+        raise BadRequest("leaving must be true or false")
+    models = parse_models(body.get("models", {}))
+    await services().publisher.take_report(gateway, seq, models, (epoch, revision), leaving)
     return {"status": "ok"}

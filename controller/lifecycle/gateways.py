@@ -118,6 +118,10 @@ class GatewayReports:
         known.seen = self._clock()
         known.holds.append((seq, model, handle))
 
+    def forget(self, gateway: str) -> None:
+        """``gateway`` stops on purpose (its requests have ended): it no longer counts, without waiting its TTL."""
+        self._gateways.pop(gateway, None)
+
     def prune(self) -> bool:
         """Forget gateways silent for the TTL; True when one was forgotten."""
         now = self._clock()

@@ -38,10 +38,19 @@ def _comparable(entry: dict[str, Any]) -> str:
 
 
 class DirectoryPublisher:
-    def __init__(self, supervisor: Supervisor, reports: GatewayReports, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        reports: GatewayReports,
+        interval: float = 5.0,
+        ending: asyncio.Event | None = None,
+    ) -> None:
+        """``ending``: set when the server begins to stop; the long polls held then are answered at once (the
+        server waits for open answers before it stops, and would cut them, late, with a 500)."""
         self.supervisor = supervisor
         self.reports = reports
         self.interval = interval
+        self.ending = ending or asyncio.Event()
         self.epoch = uuid.uuid4().hex
         self.revision = 0
         self._entries: dict[str, tuple[int, dict[str, Any], str]] = {}  # name → (revision, wire entry, comparable)
@@ -114,22 +123,35 @@ class DirectoryPublisher:
         for name in [name for name in self.drains if name not in entries]:
             del self.drains[name]
 
-    async def take_report(self, gateway: str, seq: int, models: Any, revision: tuple[str, int]) -> None:
-        """A gateway's counts; the directory reflects them (an expiry set, a drain ended) when this returns."""
+    async def take_report(
+        self, gateway: str, seq: int, models: Any, revision: tuple[str, int], leaving: bool = False
+    ) -> None:
+        """A gateway's counts; the directory reflects them (an expiry set, a drain ended) when this returns.
+        ``leaving``: its last report, as it stops: it is forgotten at once."""
         self.reports.report(gateway, seq, models, revision)
+        if leaving:
+            self.reports.forget(gateway)
         self.supervisor.take_reports(self.reports, self.drains)
         await self.refresh()
+
+    async def _change_after(self, revision: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.revision != revision)
 
     async def changes(self, epoch: str | None, after: int, wait: float) -> dict[str, Any]:
         """The entries changed since revision ``after`` of ``epoch``, waiting up to ``wait`` seconds for one."""
         if not self.published.is_set():  # a standby, or a leader still adopting: the gateways ask again
             raise Unavailable("this controller publishes no directory yet (starting, or standing by)")
-        full = epoch != self.epoch or after > self.revision or after <= 0
-        if not full and after == self.revision and wait > 0:
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(wait, MAX_WAIT)):
-                        await self._changed.wait_for(lambda: self.revision != after)
+        # A gateway that has this epoch's revision 0 holds its (empty) snapshot: it waits like any other.
+        full = epoch != self.epoch or after > self.revision
+        if not full and after == self.revision and wait > 0 and not self.ending.is_set():
+            changed = asyncio.ensure_future(self._change_after(after))
+            ending = asyncio.ensure_future(self.ending.wait())
+            try:
+                await asyncio.wait({changed, ending}, timeout=min(wait, MAX_WAIT), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                ending.cancel()
         since = 0 if full else after
         return {
             "epoch": self.epoch,

@@ -47,6 +47,7 @@ class Usage:
         self._slots = asyncio.Semaphore(policy.max_concurrent)
         self.remote: RemoteUse = NOBODY
         self.remote_counts = True  # False once a drain has waited for the gateways past its timeout
+        self._wall: tuple[float, float] | None = None  # (expires_at, its wall clock) as first worked out
 
     @property
     def remote_in_flight(self) -> int:
@@ -141,4 +142,8 @@ class Usage:
         """The expiry as wall-clock seconds since the epoch, for the APIs."""
         if self.expires_at is None:
             return None
-        return time.time() + (self.expires_at - time.monotonic())
+        # Worked out once per expiry: read again, the two clocks' difference drifts in the last digits, and
+        # the directory would publish a new revision of an idle model every second.
+        if self._wall is None or self._wall[0] != self.expires_at:
+            self._wall = (self.expires_at, time.time() + (self.expires_at - time.monotonic()))
+        return self._wall[1]

@@ -178,7 +178,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     try:
         config = _apply_overrides(load_config(_config_path(args.config)), args)
-        controller = args.controller or config.gateway.controller
+        if args.controller:  # checked as the config's own gateway.controller is
+            config = config.model_copy(
+                update={"gateway": config.gateway.model_copy(update={"controller": args.controller})}
+            )
+            validate_config(config.model_dump(mode="python"))
+        controller = config.gateway.controller
         if controller is None:
             raise ConfigError("a gateway run apart needs the controller's URL: gateway.controller or --controller")
         secret = internal_secret(config.secrets_dir, create=False)

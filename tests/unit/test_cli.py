@@ -120,3 +120,12 @@ def test_cli_user_first_password_reads_the_kept_one_until_it_is_changed(
     assert main(["user", "add", "admin", "--admin", "--data-dir", str(data)]) == 0
     assert main(["user", "passwd", "admin", "--data-dir", str(data)]) == 0
     assert not (data / "initial-admin-password").exists()
+
+
+def test_cli_gateway_refuses_a_controller_url_it_cannot_speak(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    args = ["gateway", "--data-dir", str(tmp_path), "--listen", listen, "--controller", "https://controller.example"]
+    assert main(args) == 2
+    assert "gateway.controller" in capsys.readouterr().err

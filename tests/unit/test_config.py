@@ -241,3 +241,12 @@ def test_config_merge_keys_may_still_be_overridden() -> None:
 
     merged = load_yaml("a: &c {k: 1, j: 3}\nb:\n  <<: *c\n  k: 2\n", "t")
     assert merged == {"a": {"k": 1, "j": 3}, "b": {"k": 2, "j": 3}}
+
+
+@pytest.mark.parametrize("url", ["https://controller.example", "https://controller:11434", "ftp://controller:11434"])
+def test_config_the_gateways_controller_is_reached_over_plain_http_only(url: str) -> None:
+    # A gateway speaks plain HTTP: an https:// URL would send the shared secret in the clear (to port 80).
+    assert any(found.startswith("gateway.controller:") for found in problems({"gateway": {"controller": url}}))
+    assert validate_config({"gateway": {"controller": "http://controller:11434/"}}).gateway.controller == (
+        "http://controller:11434"
+    )
