@@ -208,7 +208,7 @@ async def _take_office(services: Services) -> None:
     """What the leader alone does: the first admin (in the shared store), adoption of what runs, the edge."""
     await _first_admin(services)
     await services.supervisor.start()
-    services.publisher.start()  # the gateways follow the leader's directory
+    await services.publisher.start()  # the gateways follow the leader's directory
     if services.edge is not None:
         await services.edge.start()
     count = len(services.supervisor.catalog.entries())

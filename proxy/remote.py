@@ -48,6 +48,7 @@ RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
 # A controller that cannot act for us yet (a standby, one still adopting, one stopping): as if none answered.
 AWAY_CODES = frozenset({"not_leader", "unavailable", "shutting_down"})
 LEAVE_WAIT = 2.0  # seconds a stopping gateway gives its last report (leaving) to land
+ENSURE_TRIES = 3  # asks for a backend that does not drain, before the last answer is taken as it is
 MIN_REPORT_GAP = 0.05  # seconds between reports, however often models turn idle
 CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
 # The whole of an exchange that does not wait for a load or a drain (a report, a resolve, a look at the directory:
@@ -348,8 +349,13 @@ class RemoteDirectory:
         use.queued += 1
         try:
             held = self._serving(model, embeddings, ctx_size, num_predict)
-            if held is None:
+            for _ in range(ENSURE_TRIES):
+                if held is not None and not self._draining(held.handle):
+                    break
+                # The controller's answer may predate a drain this copy already shows (its hold was given up with
+                # a report made before the answer came): ask again rather than send to a backend about to stop.
                 held = await self._ensure(model, keep_alive, embeddings, ctx_size, num_predict)
+            assert held is not None
             use.begin(held.handle, keep_alive)
         finally:
             use.queued -= 1
@@ -360,6 +366,9 @@ class RemoteDirectory:
             self._unreported = True
             if not use.busy:
                 self._idle.set()  # the controller hears at once that the model is idle here (its expiry starts)
+
+    def _draining(self, handle: str) -> bool:
+        return any(ref.handle == handle and ref.draining for entry in self._entries.values() for ref in entry.backends)
 
     def _serving(self, model: str, embeddings: bool, ctx_size: int | None, num_predict: int | None) -> Lease | None:
         entry = self._entries.get(canonical(model))

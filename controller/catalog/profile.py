@@ -157,6 +157,8 @@ def _policy(entry: CatalogEntry, config: Config) -> ModelPolicy:
         queue_depth=int(pick(model.queue_depth if model else None, defaults.queue_depth)),
         pinned=bool(model and model.pinned),
         drain_timeout=config.gateway.drain_timeout,
+        # Gateways reconnect within a second and report within an interval: two, and a second's margin.
+        adoption_settle=2 * config.gateway.report_interval + 1.0,
     )
 
 

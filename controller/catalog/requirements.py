@@ -69,6 +69,7 @@ class ModelPolicy:
     queue_depth: int = 512
     pinned: bool = False
     drain_timeout: float = 300.0  # how long a stop waits for the gateway processes' requests on the backend
+    adoption_settle: float = 3.0  # an adopted backend stops no sooner than this after its adoption (see model.py)
 
 
 NOTHING_SPECIAL = Requirements()  # a plain request: chat or completion with the configured context

@@ -584,7 +584,8 @@ class ManagedModel:
             await self._keep_keep_alive(self._backend, usage.keep_alive)
         now = time.monotonic()
         drain_left = self._drain_left(now)
-        drained = usage.drained
+        settling = self._adoption_settling(now) if self.draining else 0.0
+        drained = usage.drained and settling <= 0
         idle = drained and usage.waiting == 0 and not self.policy.pinned and self._goal is Goal.RUN
         expired = idle and usage.expires_at is not None and now >= usage.expires_at
         if drained and self._goal is Goal.STOP:
@@ -599,8 +600,19 @@ class ManagedModel:
             log.info("model %s: keep_alive expired", self.name)
             self._goal = Goal.STOP
             return
-        timeout = (usage.expires_at - now) if idle and usage.expires_at is not None else drain_left
+        timeout = (
+            (usage.expires_at - now) if idle and usage.expires_at is not None else (drain_left or settling or None)
+        )
         await self._sleep(timeout, self._gone)
+
+    def _adoption_settling(self, now: float) -> float:
+        """Seconds left before an adopted backend may stop: the gateways that sent it requests while no controller
+        answered report them to this one within a couple of report intervals (policy.adoption_settle); until then
+        a drain cannot know they are there."""
+        backend = self._backend
+        if backend is None or not backend.adopted:
+            return 0.0
+        return max(0.0, self._ready_since + self.policy.adoption_settle - now)
 
     def _drain_left(self, now: float) -> float | None:
         """While draining: announce it once, and give up waiting for the gateways' requests after the drain

@@ -62,7 +62,10 @@ class DirectoryPublisher:
         self._scanned = 0.0  # monotonic: the last look at the models folder
         self.published = asyncio.Event()  # set once the first directory is computed
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """The first directory computed (so that a controller that reads ready has one to give), then the loop."""
+        with contextlib.suppress(Exception):  # the loop logs it and tries again
+            await self.refresh(rescan=False)
         self._task = asyncio.create_task(self._run(), name="directory-publisher")
 
     async def close(self) -> None:

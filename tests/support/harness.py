@@ -13,8 +13,8 @@ from controller.config import Config, validate_config
 from controller.events import Event
 from controller.lifecycle.supervisor import Supervisor
 from controller.runtime.fake import FakeRuntime
-from controller.runtime.process import free_port
 from controller.runtime.logs import LogBook
+from controller.runtime.process import free_port
 from llamacontroller.app import create_app
 
 
