@@ -51,6 +51,7 @@ FINAL_STATUSES = frozenset({2, EXIT_LEADERSHIP_LOST, EXIT_TAKE_OVER_FAILED})
 CONTROLLER_START_WAIT = 120.0  # for the controller's first answer before the gateways start anyway
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # where prometheus_client keeps a process's samples in files
 GATEWAY_METRICS_ENV = "LLAMACONTROLLER_GATEWAY_METRICS_DIR"  # tells the controller where to add them up
+METRICS_PREFIX = "llamacontroller-metrics-"  # then the supervisor's pid: <prefix><pid>-<random>
 
 
 class Child:
@@ -131,9 +132,16 @@ class ServeSupervisor:
     @staticmethod
     def _metrics_dir() -> Path:
         """Where the gateways keep their metrics (memory-mapped files): in memory (/dev/shm) where there is one,
-        never on the data dir's disk — a full disk turns a write into a mapped file into SIGBUS."""
-        memory = Path("/dev/shm")  # noqa: S108 - a private folder (0700) made by mkdtemp
-        return Path(tempfile.mkdtemp(prefix="llamacontroller-metrics-", dir=memory if memory.is_dir() else None))
+        never on the data dir's disk — a full disk turns a write into a mapped file into SIGBUS. Named after this
+        supervisor's pid, so that the folders of supervisors that were killed (and could not remove theirs) are
+        removed by the next one."""
+        memory = Path("/dev/shm")  # noqa: S108 - private folders (0700) made by mkdtemp
+        parent = memory if memory.is_dir() else Path(tempfile.gettempdir())
+        for folder in parent.glob(f"{METRICS_PREFIX}*"):
+            owner = folder.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists() and folder.stat().st_uid == os.getuid():
+                shutil.rmtree(folder, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=parent))
 
     async def run(self, public: socket.socket) -> int:
         internal_secret(self.config.secrets_dir)  # made once here, before the children race to make it

@@ -34,6 +34,7 @@ from common.errors import (
     ModelNotFound,
     QueueFull,
     UpstreamError,
+    UpstreamTimeout,
     error_from_wire,
 )
 from common.names import canonical
@@ -177,7 +178,10 @@ class RemoteDirectory:
                     status = answer.status
         except UpstreamError as exc:
             self.controller_answers = False
-            raise Unreachable(exc.message) from exc
+            # Not the upstream client's words, which speak of a model's backend.
+            cause = exc.__cause__
+            why = "no answer in time" if isinstance(exc, UpstreamTimeout) else type(cause or exc).__name__
+            raise Unreachable(why) from exc
         except TimeoutError as exc:
             self.controller_answers = False
             raise Unreachable(f"the controller did not answer within {bound:g}s") from exc
