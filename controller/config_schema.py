@@ -346,8 +346,16 @@ class GatewayConfig(_Strict):
     report_ttl: Period = 10.0  # a gateway silent this long no longer holds a backend
     drain_timeout: Seconds = 300.0  # a stopping backend waits this long at most for the gateways' requests on it
     load_wait: Seconds = 30.0  # with no controller answering, a request that needs a load waits this long (then 503)
+    # A gateway run apart: host:port where it serves its own request metrics (GET /metrics, the metrics scope), for
+    # Prometheus to scrape each replica; /metrics on its main port is the controller's. Unset: none.
+    metrics_listen: str | None = None
 
-    _blank = field_validator("controller", mode="before")(lambda value: value or None)
+    _blank = field_validator("controller", "metrics_listen", mode="before")(lambda value: value or None)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value, "0.0.0.0:9464")
 
     @field_validator("workers")
     @classmethod

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from common.asgi import Receive, Scope, Send, send_json
+from common.address import Address
+from common.asgi import Receive, Scope, Send, send_json, send_response
 from common.background import cancel_and_wait
 from common.peers import TrustedProxies
 from common.upstream import Timeouts, Upstream
@@ -62,11 +63,17 @@ class GatewayProcess:
         self.registry = CollectorRegistry(auto_describe=True)
         authenticated = AuthMiddleware(self.gateway, self.auth)
         self.front = AccessLog(authenticated, GatewayMetrics(self.registry), self.peers)
+        # Its own metrics, on a port of their own (a gateway run apart): the main port's /metrics is the controller's.
+        metrics = config.gateway.metrics_listen
+        self.metrics_port = Address.parse(metrics).port if metrics else None
+        self.metrics = AuthMiddleware(self._own_metrics, self.auth)
         self._resolving: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif self.metrics_port is not None and (scope.get("server") or ("", 0))[1] == self.metrics_port:
+            await self.metrics(scope, receive, send)
         elif scope["type"] == "http" and scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
             # This process answers: the edge's and the kubelet's probe of a gateway, whatever the controller does.
             await send_json(send, 200, {"status": "ok"})
@@ -78,6 +85,13 @@ class GatewayProcess:
             await send({"type": "websocket.close", "code": 1008})
         else:
             await self.control(scope, receive, send)
+
+    async def _own_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
+            await send_json(send, 404, {"error": "this port serves GET /metrics only"})
+            return
+        body = generate_latest(self.registry)
+        await send_response(send, 200, body, CONTENT_TYPE_LATEST.encode())
 
     async def start(self) -> None:
         await self.store.open()

@@ -187,16 +187,18 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         if controller is None:
             raise ConfigError("a gateway run apart needs the controller's URL: gateway.controller or --controller")
         secret = internal_secret(config.secrets_dir, create=False)
-        sock = bind(config.server.listen)
+        sockets = [bind(config.server.listen)]
+        if config.gateway.metrics_listen:
+            sockets.append(bind(config.gateway.metrics_listen))
     except ConfigError as exc:
         _print_config_error(exc)
         return 2
     except OSError as exc:
-        print(f"error: cannot listen on {config.server.listen}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"LlamaController gateway {__version__} on http://{config.server.listen}, following {controller}", flush=True)
     process = GatewayProcess(config, controller, secret)
-    uvicorn_server(process, config, process.control.end_streams).run(sockets=[sock])
+    uvicorn_server(process, config, process.control.end_streams).run(sockets=sockets)
     return 0
 
 

@@ -149,6 +149,7 @@ def test_the_controller_config_it_renders_is_valid(
     # The data plane is the gateway Deployment: the edge sends every request to it, it follows the controller.
     assert config.edge.app == "llm-llamacontroller-gateway:11434"
     assert config.gateway.workers == 0 and config.gateway.controller == "http://llm-llamacontroller-controller:11434"
+    assert config.gateway.metrics_listen == "0.0.0.0:9464"  # each gateway replica's own request metrics
     assert "llm-llamacontroller-gateway-pods" in config.server.trusted_proxies
     if case.startswith("nodeport"):
         assert config.edge.tls.mode == "files" and str(config.edge.tls.cert_file) == "/etc/llamacontroller/tls/tls.crt"

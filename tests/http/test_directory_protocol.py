@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from controller.config import Config
@@ -410,18 +411,34 @@ async def test_a_controller_that_stops_ends_the_gateways_long_polls_at_once(
         await gateway.__aexit__(None, None, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a gateway run apart (compose, the chart) keeps its request metrics in a registry nothing serves: its "
-    "/metrics is the controller's, whose own gateway serves no client",
-)
-async def test_a_gateway_apart_has_its_request_metrics_scraped(world: World) -> None:
-    async with running_gateway(world.controller, world.config) as gateway:
+async def test_a_gateway_apart_has_its_request_metrics_scraped(
+    tmp_path: Path, tiny_model: Path, standin: StandIn
+) -> None:
+    # Its own /metrics on gateway.metrics_listen (one scrape target per replica), with the metrics scope as anywhere.
+    from controller.runtime.process import free_port
+
+    metrics_listen = f"127.0.0.1:{free_port()}"
+    gateway_settings = {"report_interval": "0.1s", "metrics_listen": metrics_listen}
+    config = fake_config(tmp_path, tiny_model, {"tiny": {}}, auth={"enabled": True}, gateway=gateway_settings)
+    runtime = FakeRuntime(backend_url=standin.url)
+    async with (
+        running_app(config, runtime=runtime, probe=runtime.probe, binary=lambda: "/bin/llama-server") as app,
+        running_gateway(app, config) as gateway,
+    ):
         for _ in range(3):
             assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
-        metrics = (await gateway.client.get("/metrics")).text
+        own = f"http://{metrics_listen}/metrics"
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(own)).status_code == 401
+            metrics = (await client.get(own, headers=app.client.headers)).text
+            assert (
+                await client.get(f"http://{metrics_listen}/api/tags", headers=app.client.headers)
+            ).status_code == 404
         served = [line for line in metrics.splitlines() if line.startswith("llamacontroller_requests_total{")]
         assert any('endpoint="chat"' in line and line.endswith(" 3.0") for line in served), served
+        # The main port's /metrics stays the controller's (its own gateway served none of these requests).
+        controllers = (await gateway.client.get("/metrics")).text
+        assert "llamacontroller_model_state{" in controllers
 
 
 async def test_a_models_bound_on_requests_holds_through_a_gateway(

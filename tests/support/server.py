@@ -298,9 +298,12 @@ async def running_gateway(controller: RunningApp, config: Config) -> AsyncIterat
     listen = f"127.0.0.1:{free_port()}"
     process = GatewayProcess(config, controller.url, internal_secret(config.secrets_dir))
     sock = bind(listen)
+    sockets = [sock]
+    if config.gateway.metrics_listen:
+        sockets.append(bind(config.gateway.metrics_listen))
     server = uvicorn_server(process, config, process.control.end_streams)
     server.config.loop = "none"
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    task = asyncio.create_task(server.serve(sockets=sockets))
     async with httpx.AsyncClient(base_url=f"http://{listen}", timeout=60, headers=bearer(controller.token)) as client:
         deadline = time.monotonic() + 20
         while not (server.started and process.directory.synced.is_set()):
@@ -313,4 +316,5 @@ async def running_gateway(controller: RunningApp, config: Config) -> AsyncIterat
         finally:
             if not task.done():
                 await running.stop()
-            sock.close()
+            for each in sockets:
+                each.close()

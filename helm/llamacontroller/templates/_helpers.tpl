@@ -97,7 +97,7 @@ capabilities:
   "store" (dict "kind" "redis" "redis_url" $redisUrl)
   "auth" (dict "secrets_dir" "/etc/llamacontroller/secrets")
   "edge" $edge
-  "gateway" (dict "workers" 0 "controller" (printf "http://%s-controller:11434" $name))
+  "gateway" (dict "workers" 0 "controller" (printf "http://%s-controller:11434" $name) "metrics_listen" "0.0.0.0:9464")
   "models" .Values.models.catalog
 -}}
 {{- toYaml (mustMergeOverwrite $config (deepCopy .Values.config)) -}}
