@@ -50,7 +50,7 @@ RETRY_AFTER = 5.0  # what a 503 tells a client while no controller answers
 AWAY_CODES = frozenset({"not_leader", "unavailable", "shutting_down"})
 LEAVE_WAIT = 2.0  # seconds a stopping gateway gives its last report (leaving) to land
 ENSURE_TRIES = 3  # asks for a backend that does not drain, before the last answer is taken as it is
-MIN_REPORT_GAP = 0.05  # seconds between reports, however often models turn idle
+MIN_REPORT_GAP = 0.25  # seconds between reports, however often models turn idle: each costs the controller a look
 CONTROLLER_TIMEOUTS = Timeouts(connect=2.0, write=10.0, response=3600.0, stall=3600.0)  # a load may take long
 # The whole of an exchange that does not wait for a load or a drain (a report, a resolve, a look at the directory:
 # a long poll gets its wait on top): a controller that accepts and never answers (stopped, its node gone without a
