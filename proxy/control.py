@@ -78,7 +78,7 @@ class ControlProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if _internal(path):
+        if _internal(path) or not path.startswith("/"):  # `OPTIONS *` and the like name no resource of ours
             await send_json(send, 404, error_body(path, 404, f"no such endpoint: {path}", "not_found"))
             return
         try:

@@ -461,3 +461,10 @@ async def test_a_models_bound_on_requests_holds_through_a_gateway(
             refused = await gateway.client.post("/api/chat", json=CHAT)
             assert refused.status_code == 503 and "queue" in refused.json()["error"]
         assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
+
+
+async def test_a_request_for_no_path_is_a_404_not_a_controller_away(world: World) -> None:
+    # `OPTIONS *` (and a `GET *`) names the server, no resource: the controller is there, and nothing is wrong with it.
+    async with running_gateway(world.controller, world.config) as gateway:
+        for method in ("OPTIONS", "GET"):
+            assert await raw_status(gateway.url, method, "*", {}) == 404, method
