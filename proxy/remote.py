@@ -199,13 +199,17 @@ class RemoteDirectory:
             raise error_from_wire(status, str(message), str(code))
         return value
 
+    def _directory(self, wait: int, after: int | None = None) -> str:
+        """The path that asks for the directory's changes since ``after`` (default: this copy's revision)."""
+        after = self._revision if after is None else after
+        return f"{INTERNAL_PREFIX}v1/directory?epoch={self._epoch or ''}&after={after}&wait={wait}"
+
     async def _follow(self) -> None:
         failures = 0
         while True:
             wait = POLL_WAIT if self.synced.is_set() else 0
-            query = f"epoch={self._epoch or ''}&after={self._revision}&wait={wait}"
             try:
-                changes = await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}", wait=wait)
+                changes = await self._call("GET", self._directory(wait), wait=wait)
                 self.apply(changes)
                 failures = 0
             except (Unreachable, LlamaControllerError) as exc:
@@ -264,7 +268,7 @@ class RemoteDirectory:
             if use.busy or not use.reported_idle:
                 models[name] = use.wire()
                 use.reported_idle = not use.busy
-            elif not use.busy:
+            else:  # idle, and said so once: nothing more to say of it
                 del self._use[name]
         return {
             "gateway": self.gateway_id,
@@ -296,20 +300,20 @@ class RemoteDirectory:
             return
         with contextlib.suppress(Unreachable, LlamaControllerError):
             await self.flush()
-            query = f"epoch={self._epoch or ''}&after={self._revision}&wait=0"
-            self.apply(await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?{query}"))
+            self.apply(await self._call("GET", self._directory(0)))
 
     # ------------------------------------------------------------------ the ModelDirectory
 
-    async def _resolve(self, name: str, allowed: Allowed | None) -> DirectoryEntry | str:
-        """The entry (or, for a name only the controller knows yet, its catalog name) the caller may use."""
+    async def _resolve(self, name: str, allowed: Allowed | None) -> str:
+        """The catalog's name of the model the caller may use: from the copy, else (a name only the controller
+        knows yet) from the controller."""
         key = self._names.get(canonical(name))
         if key is not None:
-            entry = self._entries[key]
-            if allowed is not None and not allowed(entry.info.name):
+            model = self._entries[key].info.name
+            if allowed is not None and not allowed(model):
                 raise forbidden(name)
-            notes.note_model(entry.info.name)
-            return entry
+            notes.note_model(model)
+            return model
         if allowed is not None and not allowed(name):
             raise forbidden(name)  # as the controller's rule: existence never leaks outside an allow-list
         try:
@@ -341,10 +345,10 @@ class RemoteDirectory:
         num_predict: int | None = None,
         allowed: Allowed | None = None,
     ) -> AsyncIterator[Lease]:
-        found = await self._resolve(name, allowed)
-        model = found.info.name if isinstance(found, DirectoryEntry) else found
+        model = await self._resolve(name, allowed)
+        key = canonical(model)
         use = self._use_of(model)
-        entry = self._entries.get(canonical(model))
+        entry = self._entries.get(key)
         if entry is not None and entry.admits is not None and use.total >= entry.admits:
             raise QueueFull(
                 f"server busy: model '{model}' has {use.total} requests running or queued in this gateway (its "
@@ -352,14 +356,9 @@ class RemoteDirectory:
             )
         use.queued += 1
         try:
-            held = self._serving(model, embeddings, ctx_size, num_predict)
-            for _ in range(ENSURE_TRIES):
-                if held is not None and not self._draining(held.handle):
-                    break
-                # The controller's answer may predate a drain this copy already shows (its hold was given up with
-                # a report made before the answer came): ask again rather than send to a backend about to stop.
-                held = await self._ensure(model, keep_alive, embeddings, ctx_size, num_predict)
-            assert held is not None
+            held = self._serving(key, embeddings, ctx_size, num_predict)  # never a draining backend
+            if held is None:
+                held = await self._ensure_undrained(model, keep_alive, embeddings, ctx_size, num_predict)
             use.begin(held.handle, keep_alive)
         finally:
             use.queued -= 1
@@ -374,12 +373,26 @@ class RemoteDirectory:
     def _draining(self, handle: str) -> bool:
         return any(ref.handle == handle and ref.draining for entry in self._entries.values() for ref in entry.backends)
 
-    def _serving(self, model: str, embeddings: bool, ctx_size: int | None, num_predict: int | None) -> Lease | None:
-        entry = self._entries.get(canonical(model))
+    def _serving(self, key: str, embeddings: bool, ctx_size: int | None, num_predict: int | None) -> Lease | None:
+        """A lease on a ready backend of the model whose catalog key is ``key``, from the copy alone."""
+        entry = self._entries.get(key)
         ref = entry.serving(embeddings, ctx_size, num_predict) if entry is not None else None
         if entry is None or ref is None:
             return None
-        return Lease(model, ref.url, 0.0, api_key=ref.api_key, max_predict=entry.max_predict, handle=ref.handle)
+        name = entry.info.name
+        return Lease(name, ref.url, 0.0, api_key=ref.api_key, max_predict=entry.max_predict, handle=ref.handle)
+
+    async def _ensure_undrained(
+        self, model: str, keep_alive: float | None, embeddings: bool, ctx_size: int | None, num_predict: int | None
+    ) -> Lease:
+        """``_ensure``, asked again while the copy shows the backend it handed out draining: the controller's answer
+        may predate a drain this copy already shows (its hold was given up with a report made before the answer
+        came). The last answer is taken as it is."""
+        for _ in range(ENSURE_TRIES - 1):
+            held = await self._ensure(model, keep_alive, embeddings, ctx_size, num_predict)
+            if not self._draining(held.handle):
+                return held
+        return await self._ensure(model, keep_alive, embeddings, ctx_size, num_predict)
 
     async def _ensure(
         self, model: str, keep_alive: float | None, embeddings: bool, ctx_size: int | None, num_predict: int | None
@@ -412,7 +425,7 @@ class RemoteDirectory:
                     async with asyncio.timeout(min(left, RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)])):
                         await changed.wait()
                 tries += 1
-                held = self._serving(model, embeddings, ctx_size, num_predict)
+                held = self._serving(canonical(model), embeddings, ctx_size, num_predict)
                 if held is not None:
                     return held
                 continue
@@ -426,8 +439,7 @@ class RemoteDirectory:
             )
 
     async def unload(self, name: str, allowed: Allowed | None = None) -> None:
-        found = await self._resolve(name, allowed)
-        model = found.info.name if isinstance(found, DirectoryEntry) else found
+        model = await self._resolve(name, allowed)
         try:
             await self._call("POST", f"{INTERNAL_PREFIX}v1/unload", {"model": model}, wait=None)
         except Unreachable:
@@ -454,13 +466,12 @@ class RemoteDirectory:
 
     async def model(self, name: str, allowed: Allowed | None = None) -> ModelInfo:
         await self._copy()
-        found = await self._resolve(name, allowed)
-        if isinstance(found, DirectoryEntry):
-            return found.info
-        # The controller knows it and the copy not yet (a file added since): take a fresh snapshot at once.
-        with contextlib.suppress(Unreachable):
-            self.apply(await self._call("GET", f"{INTERNAL_PREFIX}v1/directory?after=0&wait=0"))
-        entry = self._entries.get(canonical(found))
+        key = canonical(await self._resolve(name, allowed))
+        if key not in self._entries:
+            # The controller knows it and the copy not yet (a file added since): take a fresh snapshot at once.
+            with contextlib.suppress(Unreachable):
+                self.apply(await self._call("GET", self._directory(0, after=0)))
+        entry = self._entries.get(key)
         if entry is None:
             raise ModelNotFound(name)
         return entry.info

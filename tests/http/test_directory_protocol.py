@@ -69,7 +69,7 @@ async def test_a_gateway_loads_on_demand_then_serves_from_its_copy(world: World)
         reply = await gateway.client.post("/api/chat", json=CHAT)
         assert reply.status_code == 200 and reply.json()["message"]["content"] == "echo: hi"
         assert state(world) == "ready"
-        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        await until(lambda: gateway.process.directory._serving("tiny:latest", False, None, None) is not None)
         for _ in range(3):
             assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
         assert services_of(world.controller.app).supervisor.view("tiny").starts == 1
@@ -82,7 +82,7 @@ async def test_a_gateway_loads_on_demand_then_serves_from_its_copy(world: World)
 async def test_ready_models_are_served_while_no_controller_answers(world: World) -> None:
     async with running_gateway(world.controller, world.config) as gateway:
         assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
-        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        await until(lambda: gateway.process.directory._serving("tiny:latest", False, None, None) is not None)
         # The controller goes away: its address refuses from now on (port 1 on loopback refuses at once).
         gateway.process.directory.controller = gateway.process.control.controller = "http://127.0.0.1:1"
         for _ in range(5):
@@ -104,12 +104,12 @@ async def test_a_drain_waits_for_every_gateways_requests(world: World) -> None:
         running_gateway(world.controller, world.config) as second,
     ):
         assert (await first.client.post("/api/chat", json=CHAT)).status_code == 200
-        await until(lambda: second.process.directory._serving("tiny", False, None, None) is not None)
+        await until(lambda: second.process.directory._serving("tiny:latest", False, None, None) is not None)
         async with first.process.directory.lease("tiny") as held:  # a long stream on the first gateway
             await first.process.directory.report()
             unload = asyncio.create_task(world.controller.client.post("/control/v1/models/tiny/unload"))
             # The second gateway's copy says draining: it sends the backend nothing new.
-            await until(lambda: second.process.directory._serving("tiny", False, None, None) is None)
+            await until(lambda: second.process.directory._serving("tiny:latest", False, None, None) is None)
             entry = second.process.directory._entries["tiny:latest"]
             assert entry.backends[0].draining and entry.backends[0].handle == held.handle
             await asyncio.sleep(0.5)  # five reports later, the first gateway still has it in flight
@@ -218,7 +218,7 @@ async def test_an_idle_model_spends_no_revisions(world: World) -> None:
     # Its expiry, as the directory shows it, is the same each time it is computed: nothing to send the gateways.
     async with running_gateway(world.controller, world.config) as gateway:
         assert (await gateway.client.post("/api/chat", json=CHAT)).status_code == 200
-        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        await until(lambda: gateway.process.directory._serving("tiny:latest", False, None, None) is not None)
         await asyncio.sleep(0.5)
         publisher = services_of(world.controller.app).publisher
         before = publisher.revision
@@ -376,7 +376,7 @@ async def test_a_restarted_controller_does_not_stop_an_adopted_backend_under_a_g
         running_gateway(first, config) as gateway,
     ):
         assert (await gateway.client.post("/api/chat", json={**CHAT, "keep_alive": "1h"})).status_code == 200
-        await until(lambda: gateway.process.directory._serving("tiny", False, None, None) is not None)
+        await until(lambda: gateway.process.directory._serving("tiny:latest", False, None, None) is not None)
         ((handle, running),) = first_runtime.running.items()
         # What the first controller leaves: the backend, with the keep_alive of the last request it heard of (0).
         left = replace(running.backend, labels={**running.backend.labels, "keep_alive": "0.0"})
