@@ -24,7 +24,7 @@ from common.background import cancel_and_wait
 from common.dialects import control_error, describe
 from common.errors import BackendStartFailed, LlamaControllerError
 from common.peers import TrustedProxies
-from common.upstream import Timeouts, Upstream
+from common.upstream import Upstream
 from controller import __version__, web
 from controller.api import admin, health, internal, metrics, models, system
 from controller.api.sse import EventStreams
@@ -76,13 +76,7 @@ def build_services(
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     find_binary = binary or cache(lambda: find_llama_server(config.llama_server.binary))
     runtime = runtime or make_runtime(config, logbook, find_binary)
-    timeouts = Timeouts(
-        connect=config.upstream.connect_timeout,
-        write=config.upstream.write_timeout,
-        response=config.upstream.response_timeout,
-        stall=config.upstream.stall_timeout,
-    )
-    upstream = Upstream(timeouts)
+    upstream = Upstream(config.upstream.timeouts)
     registry = CollectorRegistry(auto_describe=True)  # one per app: tests build many apps in one process
     counted: ControllerMetrics | None = None
     publisher: DirectoryPublisher | None = None

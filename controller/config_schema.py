@@ -17,6 +17,7 @@ from common.address import Address, AddressError
 from common.durations import DurationError, parse_go_duration, parse_keep_alive
 from common.errors import InvalidModelName
 from common.names import canonical, validate_model_name
+from common.upstream import Timeouts
 
 
 def _seconds(value: object) -> object:
@@ -389,6 +390,16 @@ class UpstreamConfig(_Strict):
     # To the first byte of an answer: a non-streamed generation answers only when it is done.
     response_timeout: Seconds = 600.0
     stall_timeout: Seconds = 600.0  # no byte from a backend for this long in the middle of an answer: it ends
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """The upstream client's, for the gateway's connections to backends (and the controller's probes)."""
+        return Timeouts(
+            connect=self.connect_timeout,
+            write=self.write_timeout,
+            response=self.response_timeout,
+            stall=self.stall_timeout,
+        )
 
 
 def _host_port(value: str, example: str) -> str:

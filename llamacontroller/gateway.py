@@ -20,7 +20,7 @@ from common.address import Address
 from common.asgi import Receive, Scope, Send, send_json, send_response
 from common.background import cancel_and_wait
 from common.peers import TrustedProxies
-from common.upstream import Timeouts, Upstream
+from common.upstream import Upstream
 from controller.auth.asgi import AuthMiddleware
 from controller.auth.authenticate import Authenticator
 from controller.config import Config
@@ -49,16 +49,11 @@ class GatewayProcess:
         self.directory = RemoteDirectory(
             controller, secret, report_interval=gateway.report_interval, load_wait=gateway.load_wait
         )
-        upstream = config.upstream
-        timeouts = Timeouts(
-            connect=upstream.connect_timeout,
-            write=upstream.write_timeout,
-            response=upstream.response_timeout,
-            stall=upstream.stall_timeout,
-        )
         self.peers = TrustedProxies(config.server.trusted_proxies)
         max_body = config.server.max_body_bytes
-        self.gateway = Gateway(self.directory, _no_fallback, max_body, Upstream(timeouts), gateway.unsupported_tools)
+        self.gateway = Gateway(
+            self.directory, _no_fallback, max_body, Upstream(config.upstream.timeouts), gateway.unsupported_tools
+        )
         self.control = ControlProxy(controller, self.peers, max_body, self.directory.flush)
         self.registry = CollectorRegistry(auto_describe=True)
         authenticated = AuthMiddleware(self.gateway, self.auth)

@@ -27,7 +27,6 @@ from common import notes
 from common.background import Background, cancel_and_wait
 from common.directory import Allowed, BackendRef, DirectoryEntry, Lease, LiveState, ModelInfo, forbidden
 from common.errors import LlamaControllerError, ModelNotFound, NoCapacity, NotLeader, ShuttingDown
-from common.names import canonical
 from controller.catalog.entries import Catalog, CatalogEntry
 from controller.catalog.profile import ModelProfile, build_profile
 from controller.catalog.requirements import NOTHING_SPECIAL, ModelPolicy, Requirements
@@ -476,28 +475,26 @@ class Supervisor:
         """Every model as the gateway processes see it: its info, its backend and the limits they apply (the
         bound on requests at once shared out over ``gateways``); ``rescan``: look at the models folder again
         (new, changed and removed files) first."""
-        entries = []
-        infos = await self.models() if rescan else [self.info(entry) for entry in self.catalog.entries()]
-        for info in infos:
-            entry = self.catalog.get(canonical(info.name))
-            profile = self._profiles.get(entry.key) if entry else None
-            model = self._models.get(entry.key) if entry else None
+        published = []
+        for entry in await self.catalog.refresh() if rescan else self.catalog.entries():
+            profile = self.profile(entry)
+            model = self._models.get(entry.key)
             backends: tuple[BackendRef, ...] = ()
             if model is not None and model.backend is not None and model.state is State.READY:
                 backend, running = model.backend, model.requirements
-                ctx = profile.context_size(running) if profile else running.ctx_size
+                ctx = profile.context_size(running)
                 ref = BackendRef(backend.handle, backend.url, backend.api_key, running.embeddings, ctx, model.draining)
                 backends = (ref,)
-            entries.append(
+            published.append(
                 DirectoryEntry(
-                    info,
+                    self.info(entry),
                     backends,
-                    max_predict=profile.max_predict if profile else None,
-                    refuse_over_limit=bool(profile and profile.refuse_over_limit),
-                    admits=admits(profile.policy, gateways) if profile else None,
+                    max_predict=profile.max_predict,
+                    refuse_over_limit=profile.refuse_over_limit,
+                    admits=admits(profile.policy, gateways),
                 )
             )
-        return entries
+        return published
 
     def take_reports(self, reports: GatewayReports, drains: Mapping[str, tuple[str, int]]) -> None:
         """Hand each model what the gateway processes report about its current backend. ``drains``: per model,
