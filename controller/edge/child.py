@@ -46,6 +46,17 @@ HEALTHY_AFTER = 30.0  # a Caddy that ran this long was healthy: its next restart
 OUTPUT_ROTATE_BYTES = 2**20  # caddy.out moves to caddy.out.1 at a start past this size
 STALE_STOP_WAIT = 5.0
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
+PID_FILE = "caddy.pid"  # in Caddy's home: who runs it (pid, start time, binary, its starter, restarts)
+LOG_FILE = "caddy.log"
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A Caddy's pid file, or None when there is none or it cannot be read."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _packaged_caddy() -> str | None:
@@ -111,7 +122,7 @@ class CaddyChild:
 
     @property
     def log_path(self) -> Path:
-        return self._home / "caddy.log"
+        return self._home / LOG_FILE
 
     @property
     def output_path(self) -> Path:
@@ -119,7 +130,7 @@ class CaddyChild:
 
     @property
     def pid_path(self) -> Path:
-        return self._home / "caddy.pid"
+        return self._home / PID_FILE
 
     @property
     def bootstrap_path(self) -> Path:
@@ -149,11 +160,7 @@ class CaddyChild:
         return self.bootstrap_path
 
     def _read_record(self) -> dict[str, Any] | None:
-        try:
-            record = json.loads(self.pid_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
+        return read_record(self.pid_path)
 
     def _is_recorded_caddy(self, record: dict[str, Any]) -> bool:
         """Whether the process in ``record`` is still the Caddy it names: same start time (not a reused pid),
@@ -302,7 +309,7 @@ class CaddyWatch:
 
     @property
     def log_path(self) -> Path:
-        return self._home / "caddy.log"
+        return self._home / LOG_FILE
 
     @property
     def pid(self) -> int | None:
@@ -315,11 +322,7 @@ class CaddyWatch:
         return restarts if isinstance(restarts, int) else 0
 
     def _look(self) -> None:
-        try:
-            record = json.loads((self._home / "caddy.pid").read_text())
-        except (OSError, ValueError):
-            record = {}
-        record = record if isinstance(record, dict) else {}
+        record = read_record(self._home / PID_FILE) or {}
         pid, ticks = record.get("pid"), record.get("start_ticks")
         alive = isinstance(pid, int) and pid > 0 and process_start_ticks(pid) == ticks
         new = alive and (not self._alive or pid != self._record.get("pid"))
