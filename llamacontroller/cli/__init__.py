@@ -172,8 +172,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     ``gateway.controller``: stateless, so any number may run behind the edge."""
     from controller.auth.secrets import internal_secret
     from controller.observability import configure_logging
-    from llamacontroller.gateway import GatewayProcess
-    from llamacontroller.server import bind, uvicorn_server
+    from llamacontroller.server import bind
 
     configure_logging(args.log_level)
     try:
@@ -197,6 +196,14 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"LlamaController gateway {__version__} on http://{config.server.listen}, following {controller}", flush=True)
+    return _run_gateway(config, controller, secret, sockets)
+
+
+def _run_gateway(config: Config, controller: str, secret: str, sockets: list[socket.socket]) -> int:
+    """Serve a gateway process (``gateway``, or one of ``serve``'s workers) until it stops."""
+    from llamacontroller.gateway import GatewayProcess
+    from llamacontroller.server import uvicorn_server
+
     process = GatewayProcess(config, controller, secret)
     uvicorn_server(process, config, process.control.end_streams).run(sockets=sockets)
     return 0
@@ -204,16 +211,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def _serve_role(config: Config, args: argparse.Namespace) -> int:
     """One of the processes ``serve`` supervises (llamacontroller/supervise.py), on the socket it inherited."""
-    from llamacontroller.server import uvicorn_server
-
     sock = socket.socket(fileno=args.fd)
     if args.role == "gateway":
         from controller.auth.secrets import internal_secret
-        from llamacontroller.gateway import GatewayProcess
 
-        process = GatewayProcess(config, args.controller_url, internal_secret(config.secrets_dir))
-        uvicorn_server(process, config, process.control.end_streams).run(sockets=[sock])
-        return 0
+        return _run_gateway(config, args.controller_url, internal_secret(config.secrets_dir), [sock])
     from llamacontroller.app import create_app
     from llamacontroller.supervise import GATEWAY_METRICS_ENV
 
