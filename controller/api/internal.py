@@ -26,7 +26,7 @@ from common.errors import BadRequest, Unauthenticated
 from common.wire import INTERNAL_PREFIX
 from controller.api.inputs import json_object, whole_number
 from controller.auth.secrets import same
-from controller.lifecycle.gateways import parse_models
+from controller.lifecycle.gateways import checked_count, checked_number, parse_models
 from controller.services import services
 
 blueprint = Blueprint("internal", __name__, url_prefix=f"{INTERNAL_PREFIX}v1")
@@ -51,11 +51,7 @@ def _text(body: dict[str, Any], key: str, limit: int = 256) -> str:
 
 def _optional_number(body: dict[str, Any], key: str) -> float | None:
     value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise BadRequest(f"{key} must be a number")
-    return float(value)
+    return None if value is None else checked_number(value, key)
 
 
 def _optional_count(body: dict[str, Any], key: str) -> int | None:
@@ -68,10 +64,7 @@ def _optional_count(body: dict[str, Any], key: str) -> int | None:
 
 
 def _seq(body: dict[str, Any]) -> int:
-    seq = body.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 1 << 62:
-        raise BadRequest("seq must be a whole number")
-    return seq
+    return checked_count(body.get("seq"), "seq", below=1 << 62)
 
 
 @blueprint.get("/directory")

@@ -60,13 +60,15 @@ class _Gateway:
     holds: list[tuple[int, str, str]] = field(default_factory=list)  # (seq it waits past, model, handle)
 
 
-def _count(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 31:
-        raise BadRequest(f"{what} must be a count")
+def checked_count(value: Any, what: str, below: int = 1 << 31) -> int:
+    """``value`` from a gateway's body if it is a whole number from 0 to ``below`` (not included)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < below:
+        raise BadRequest(f"{what} must be a whole number")
     return value
 
 
-def _seconds(value: Any, what: str) -> float:
+def checked_number(value: Any, what: str) -> float:
+    """``value`` from a gateway's body if it is a number (a bool is not one)."""
     if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
         raise BadRequest(f"{what} must be a number")
     return float(value)
@@ -85,11 +87,11 @@ def parse_models(value: Any) -> dict[str, ModelUse]:
             raise BadRequest("in_flight must be an object of backends")
         keep_alive = use.get("keep_alive")
         models[str(name)] = ModelUse(
-            in_flight={str(handle): _count(n, "in_flight") for handle, n in backends.items()},
-            queued=_count(use.get("queued", 0), "queued"),
-            last_used=_seconds(use.get("last_used", 0.0), "last_used"),
-            keep_alive=None if keep_alive is None else parse_keep_alive(_seconds(keep_alive, "keep_alive")),
-            keep_alive_at=_seconds(use.get("keep_alive_at", 0.0), "keep_alive_at"),
+            in_flight={str(handle): checked_count(n, "in_flight") for handle, n in backends.items()},
+            queued=checked_count(use.get("queued", 0), "queued"),
+            last_used=checked_number(use.get("last_used", 0.0), "last_used"),
+            keep_alive=None if keep_alive is None else parse_keep_alive(checked_number(keep_alive, "keep_alive")),
+            keep_alive_at=checked_number(use.get("keep_alive_at", 0.0), "keep_alive_at"),
         )
     return models
 
