@@ -600,9 +600,10 @@ class ManagedModel:
             log.info("model %s: keep_alive expired", self.name)
             self._goal = Goal.STOP
             return
-        timeout = (
-            (usage.expires_at - now) if idle and usage.expires_at is not None else (drain_left or settling or None)
-        )
+        # Idle: until the expiry. Draining: until the drain timeout or the adoption's settling time, whichever
+        # comes first (each report wakes it besides).
+        waits = [seconds for seconds in (drain_left, settling) if seconds]
+        timeout = (usage.expires_at - now) if idle and usage.expires_at is not None else min(waits, default=None)
         await self._sleep(timeout, self._gone)
 
     def _adoption_settling(self, now: float) -> float:
