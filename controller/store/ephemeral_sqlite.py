@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from common.errors import Unavailable
 from controller.store.base import counter_key
+from controller.store.sqlite import connect_private
 
 T = TypeVar("T")
 
@@ -52,15 +53,8 @@ def ephemeral_path(store_path: Path) -> Path:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # 0600 before SQLite opens it, as the store's: the -wal and -shm files take the database file's mode.
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    path.chmod(0o600)
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)  # transactions are explicit
+    db = connect_private(path)
     try:
-        db.execute("PRAGMA busy_timeout=5000")  # first: switching to WAL may wait for another process
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # no fsync per commit: a crash may lose the last counts, no more
         db.execute("BEGIN IMMEDIATE")
         with db:
             if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:  # disposable: start afresh

@@ -120,6 +120,25 @@ def _user(row: sqlite3.Row) -> User:
     )
 
 
+def connect_private(path: Path) -> sqlite3.Connection:
+    """A connection to the SQLite file at ``path``, made readable by its owner alone, in WAL mode (the processes of
+    one host share it: the controller, the gateways, the CLI), in autocommit (transactions are explicit)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the database file's mode, and the
+    # store's hold password hashes (made 0644 under a 0755 data dir, they were readable by all).
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")  # first: another process may be writing, or switching to WAL
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # no fsync per commit: a crash may lose the last commit, no more
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class SqliteStore:
     kind = "sqlite"
 
@@ -148,17 +167,9 @@ class SqliteStore:
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Made 0600 before SQLite opens it: SQLite gives the -wal and -shm files the database file's mode,
-            # and they hold password hashes too (made 0644 under a 0755 data dir, they were readable by all).
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            self.path.chmod(0o600)
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db = connect_private(self.path)
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")  # the CLI and the server may write at the same time
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 db.execute("BEGIN IMMEDIATE")
